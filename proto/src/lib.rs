@@ -1,0 +1,16 @@
+//! The `kubenft.v1` API shared by the controller and the agent: generated message and service
+//! types, the descriptor set that reflection serves, and the content versions that make two
+//! controller replicas interchangeable.
+#![forbid(unsafe_code)]
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("kubenft.v1");
+
+    /// Encoded `FileDescriptorSet` of every kubenft.v1 file, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kubenft_descriptor");
+}
+
+mod version;
+
+pub use version::{resource_version, system_version};
