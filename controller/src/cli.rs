@@ -1,0 +1,144 @@
+//! Command line (DESIGN.md §3). Invalid values are refused at start with the flag's name.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+use crate::model::parse_cidr;
+use crate::plan::NodePortAddresses;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceArg {
+    Kube,
+    Dir(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubenft-controller",
+    version,
+    about = "Computes each node's Service rules and streams them to the kubenft agents"
+)]
+pub struct Args {
+    /// Where objects come from: `kube` (in-cluster config or KUBECONFIG) or `dir:PATH` (a directory of YAML manifests).
+    #[arg(long, default_value = "kube", value_parser = parse_source)]
+    pub source: SourceArg,
+    /// Address of the gRPC server (rule stream, inspection, health, reflection).
+    #[arg(long, default_value = "0.0.0.0:9650")]
+    pub grpc_listen: SocketAddr,
+    /// Address of the HTTP server (/healthz, /livez, /readyz, /metrics).
+    #[arg(long, default_value = "0.0.0.0:9651")]
+    pub http_listen: SocketAddr,
+    /// Pod address range (repeatable): traffic from it is "from a pod".
+    #[arg(long = "cluster-cidr", value_parser = parse_cidr_arg)]
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Service address range (repeatable): unallocated addresses in it are dropped.
+    #[arg(long = "service-cidr", value_parser = parse_cidr_arg)]
+    pub service_cidrs: Vec<IpNet>,
+    /// Masquerade all traffic to ClusterIPs.
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// Node addresses that serve NodePorts: `primary` (each node's InternalIP), `all`, or CIDR[,CIDR...].
+    #[arg(long, default_value = "primary", value_parser = parse_node_port_addresses)]
+    pub node_port_addresses: NodePortAddresses,
+    /// Allowed NodePort range (the API server's --service-node-port-range).
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    pub node_port_range: RangeInclusive<u16>,
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_source(s: &str) -> Result<SourceArg, String> {
+    match s {
+        "kube" => Ok(SourceArg::Kube),
+        _ => match s.strip_prefix("dir:") {
+            Some(path) if !path.is_empty() => Ok(SourceArg::Dir(PathBuf::from(path))),
+            _ => Err("expected `kube` or `dir:PATH`".into()),
+        },
+    }
+}
+
+fn parse_cidr_arg(s: &str) -> Result<IpNet, String> {
+    parse_cidr(s).ok_or_else(|| format!("{s:?} is not a CIDR (like 10.244.0.0/16)"))
+}
+
+fn parse_node_port_addresses(s: &str) -> Result<NodePortAddresses, String> {
+    match s {
+        "primary" => Ok(NodePortAddresses::Primary),
+        "all" => Ok(NodePortAddresses::All),
+        _ => s
+            .split(',')
+            .map(parse_cidr_arg)
+            .collect::<Result<Vec<_>, _>>()
+            .map(NodePortAddresses::Cidrs),
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let err = || format!("{s:?} is not a port range LOW-HIGH within 1-65535");
+    let (lo, hi) = s.split_once('-').ok_or_else(err)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+    if lo == 0 || lo > hi {
+        return Err(err());
+    }
+    Ok(lo..=hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_flags() {
+        let a = Args::try_parse_from([
+            "kubenft-controller",
+            "--source",
+            "dir:/tmp/m",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--cluster-cidr",
+            "fd00:244::/48",
+            "--node-port-addresses",
+            "192.168.50.0/24,fd00:50::/64",
+            "--node-port-range",
+            "30000-30100",
+            "--masquerade-all",
+        ])
+        .unwrap();
+        assert_eq!(a.source, SourceArg::Dir("/tmp/m".into()));
+        assert_eq!(a.cluster_cidrs.len(), 2);
+        assert!(matches!(a.node_port_addresses, NodePortAddresses::Cidrs(ref c) if c.len() == 2));
+        assert_eq!(a.node_port_range, 30000..=30100);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for args in [
+            vec!["--source", "etcd"],
+            vec!["--cluster-cidr", "10.0.0.0/40"],
+            vec!["--node-port-range", "5-1"],
+            vec!["--grpc-listen", "nowhere"],
+            vec!["--no-such-flag"],
+        ] {
+            let flag = args[0];
+            let err = Args::try_parse_from(
+                std::iter::once("kubenft-controller").chain(args.iter().copied()),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! `/healthz`, `/livez`, `/readyz` and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+struct AppState {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn router(hub: Arc<Hub>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState { hub, metrics })
+}
+
+/// Ready once the source has delivered its first complete view.
+async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.hub.synced() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n")
+    }
+}
+
+async fn metrics_text(State(s): State<AppState>) -> ([(&'static str, &'static str); 1], String) {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

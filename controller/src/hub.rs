@@ -1,0 +1,237 @@
+//! The hub: the one owner of every node's desired rule set and sync status.
+//!
+//! ```text
+//!  source ──Inputs──▶ Hub::set_inputs ──Catalog──▶ per node: watch::Sender<Arc<NodeRuleSet>>
+//!                                                        │
+//!  agent stream ──attach(node, addresses)──▶ watch::Receiver ──▶ stream task diffs & sends
+//!  stream task ──acked / nacked / detached──▶ NodeStatus (inspection, metrics)
+//! ```
+//!
+//! Desired state is level-triggered: a stream task only ever looks at the latest rule set, so
+//! a slow agent gets one merged change, never a backlog.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::model::Rejection;
+use crate::plan::{Catalog, ClusterPolicy, Inputs, NodeFacts, NodeRuleSet};
+
+/// Sync status of one node, as inspection shows it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeStatus {
+    pub streams: u32,
+    pub agent_version: String,
+    pub agent_addresses: Vec<IpAddr>,
+    pub acked_version: String,
+    pub last_nack_version: String,
+    pub last_nack_error: String,
+    /// The last change sent was refused and nothing newer was acknowledged since.
+    pub nacked: bool,
+    /// Since when the desired rule set differs from what the agent acknowledged.
+    pub pending_since: Option<Instant>,
+}
+
+struct NodeEntry {
+    facts: NodeFacts,
+    desired: watch::Sender<Arc<NodeRuleSet>>,
+    status: NodeStatus,
+}
+
+struct State {
+    catalog: Arc<Catalog>,
+    nodes: BTreeMap<String, NodeEntry>,
+    /// The source has delivered its first complete view.
+    synced: bool,
+}
+
+/// Shared by the source task, every agent stream and the inspection service.
+pub struct Hub {
+    policy: Arc<ClusterPolicy>,
+    state: Mutex<State>,
+}
+
+impl Hub {
+    pub fn new(policy: ClusterPolicy) -> Self {
+        let policy = Arc::new(policy);
+        Hub {
+            state: Mutex::new(State {
+                catalog: Arc::new(Catalog {
+                    policy: policy.clone(),
+                    ..Default::default()
+                }),
+                nodes: BTreeMap::new(),
+                synced: false,
+            }),
+            policy,
+        }
+    }
+
+    /// Replans every node from new inputs.
+    pub fn set_inputs(&self, inputs: &Inputs) {
+        let catalog = Arc::new(Catalog::build(self.policy.clone(), inputs));
+        let mut state = self.state.lock();
+        state.synced = true;
+        state.catalog = catalog.clone();
+        // Nodes known from Node objects, plus nodes with a connected agent.
+        for name in catalog.nodes.keys() {
+            state
+                .nodes
+                .entry(name.clone())
+                .or_insert_with(|| NodeEntry::new(name));
+        }
+        state
+            .nodes
+            .retain(|name, e| e.status.streams > 0 || catalog.nodes.contains_key(name));
+        for entry in state.nodes.values_mut() {
+            entry.replan(&catalog);
+        }
+    }
+
+    /// Whether the source has delivered a complete view (before that, nothing is served: a cold
+    /// cache must never push an empty rule set).
+    pub fn synced(&self) -> bool {
+        self.state.lock().synced
+    }
+
+    /// An agent stream for `node` opened. Returns the node's desired rule set channel.
+    pub fn attach(
+        &self,
+        node: &str,
+        addresses: Vec<IpAddr>,
+        agent_version: String,
+    ) -> watch::Receiver<Arc<NodeRuleSet>> {
+        let mut state = self.state.lock();
+        let catalog = state.catalog.clone();
+        let entry = state
+            .nodes
+            .entry(node.to_owned())
+            .or_insert_with(|| NodeEntry::new(node));
+        entry.status.streams += 1;
+        entry.status.agent_version = agent_version;
+        entry.status.agent_addresses = addresses.clone();
+        if entry.facts.agent_addresses != addresses {
+            entry.facts.agent_addresses = addresses;
+        }
+        entry.replan(&catalog);
+        entry.desired.subscribe()
+    }
+
+    pub fn detach(&self, node: &str) {
+        let mut state = self.state.lock();
+        let known = state.catalog.nodes.contains_key(node);
+        if let Some(entry) = state.nodes.get_mut(node) {
+            entry.status.streams = entry.status.streams.saturating_sub(1);
+            if entry.status.streams == 0 && !known {
+                state.nodes.remove(node);
+            }
+        }
+    }
+
+    /// A change was sent (something differs from what the agent has).
+    pub fn sent(&self, node: &str) {
+        if let Some(e) = self.state.lock().nodes.get_mut(node) {
+            e.status.pending_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// The agent holds `version`.
+    pub fn acked(&self, node: &str, version: &str) {
+        if let Some(e) = self.state.lock().nodes.get_mut(node) {
+            e.status.acked_version = version.to_owned();
+            e.status.nacked = false;
+            if e.desired.borrow().system_version == version {
+                e.status.pending_since = None;
+            }
+        }
+    }
+
+    pub fn nacked(&self, node: &str, version: &str, error: &str) {
+        if let Some(e) = self.state.lock().nodes.get_mut(node) {
+            e.status.last_nack_version = version.to_owned();
+            e.status.last_nack_error = error.to_owned();
+            e.status.nacked = true;
+        }
+    }
+
+    /// Every node with its desired version and status.
+    pub fn statuses(&self) -> Vec<(String, Arc<NodeRuleSet>, NodeStatus)> {
+        let state = self.state.lock();
+        state
+            .nodes
+            .iter()
+            .map(|(name, e)| (name.clone(), e.desired.borrow().clone(), e.status.clone()))
+            .collect()
+    }
+
+    /// The desired rule set of a node: from its entry, or computed on the spot for a node the
+    /// controller has not seen (so operators can ask "what would node X get").
+    pub fn rules_for(&self, node: &str) -> Arc<NodeRuleSet> {
+        let state = self.state.lock();
+        match state.nodes.get(node) {
+            Some(e) => e.desired.borrow().clone(),
+            None => Arc::new(state.catalog.rules_for(&NodeFacts {
+                name: node.to_owned(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// The facts the hub holds for a node (for explanations).
+    pub fn facts(&self, node: &str) -> NodeFacts {
+        let state = self.state.lock();
+        state
+            .nodes
+            .get(node)
+            .map(|e| e.facts.clone())
+            .unwrap_or_else(|| NodeFacts {
+                name: node.to_owned(),
+                ..Default::default()
+            })
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.state.lock().catalog.clone()
+    }
+
+    pub fn rejections(&self) -> Vec<Rejection> {
+        self.state.lock().catalog.rejections.clone()
+    }
+}
+
+impl NodeEntry {
+    fn new(name: &str) -> Self {
+        let (desired, _) = watch::channel(Arc::new(NodeRuleSet::default()));
+        NodeEntry {
+            facts: NodeFacts {
+                name: name.to_owned(),
+                ..Default::default()
+            },
+            desired,
+            status: NodeStatus::default(),
+        }
+    }
+
+    /// Recomputes this node's rule set; subscribers are woken only if its version changed.
+    fn replan(&mut self, catalog: &Catalog) {
+        let rules = catalog.rules_for(&self.facts);
+        self.desired.send_if_modified(|current| {
+            if current.system_version == rules.system_version {
+                false
+            } else {
+                *current = Arc::new(rules);
+                true
+            }
+        });
+        let desired = self.desired.borrow().system_version.clone();
+        if desired != self.status.acked_version && self.status.streams > 0 {
+            self.status.pending_since.get_or_insert_with(Instant::now);
+        } else if desired == self.status.acked_version {
+            self.status.pending_since = None;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! `kubenft.v1.ControllerInspect`: what every node should have, what it has acknowledged, and why.
+
+use std::sync::Arc;
+
+use kubenft_proto::v1::{
+    GetNodeRulesRequest, GetServiceRequest, ListNodesRequest, ListNodesResponse,
+    ListRejectedRequest, ListRejectedResponse, NodeRuleSet, NodeStatus, ObjectError, Resource,
+    ServiceView, SyncState, controller_inspect_server::ControllerInspect, resource,
+};
+use tonic::{Request, Response, Status};
+
+use crate::hub::Hub;
+use crate::model::{ObjectName, Rejection};
+
+pub struct InspectService {
+    hub: Arc<Hub>,
+}
+
+impl InspectService {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        InspectService { hub }
+    }
+}
+
+fn object_error(r: &Rejection) -> ObjectError {
+    ObjectError {
+        kind: r.kind.to_owned(),
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        field: r.field.clone(),
+        message: r.message.clone(),
+    }
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{field} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerInspect for InspectService {
+    async fn list_nodes(
+        &self,
+        _: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let nodes = self
+            .hub
+            .statuses()
+            .into_iter()
+            .map(|(name, desired, s)| {
+                let connected = s.streams > 0;
+                let synced = s.acked_version == desired.system_version;
+                let state = match (connected, s.nacked, synced) {
+                    (false, _, _) => SyncState::NotConnected,
+                    (true, true, _) => SyncState::Nacked,
+                    (true, false, true) => SyncState::Synced,
+                    (true, false, false) => SyncState::Pending,
+                };
+                NodeStatus {
+                    name,
+                    connected,
+                    state: state as i32,
+                    desired_version: desired.system_version.clone(),
+                    acked_version: s.acked_version,
+                    last_nack_version: s.last_nack_version,
+                    last_nack_error: s.last_nack_error,
+                    lag_ms: s.pending_since.map_or(0, |t| {
+                        u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+                    }),
+                    resources: u32::try_from(desired.resources.len()).unwrap_or(u32::MAX),
+                    agent_version: s.agent_version,
+                    agent_addresses: s.agent_addresses.iter().map(ToString::to_string).collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn get_node_rules(
+        &self,
+        request: Request<GetNodeRulesRequest>,
+    ) -> Result<Response<NodeRuleSet>, Status> {
+        let node = required(&request.get_ref().node, "node")?;
+        let rules = self.hub.rules_for(node);
+        Ok(Response::new(NodeRuleSet {
+            node: node.to_owned(),
+            system_version: rules.system_version.clone(),
+            resources: rules
+                .resources
+                .values()
+                .map(|r| Resource::clone(r))
+                .collect(),
+        }))
+    }
+
+    async fn get_service(
+        &self,
+        request: Request<GetServiceRequest>,
+    ) -> Result<Response<ServiceView>, Status> {
+        let req = request.into_inner();
+        let node = required(&req.node, "node")?;
+        let name = required(&req.name, "name")?;
+        let namespace = if req.namespace.is_empty() {
+            "default"
+        } else {
+            req.namespace.as_str()
+        };
+        let rules = self.hub.rules_for(node);
+        let resources: Vec<Resource> = rules
+            .resources
+            .values()
+            .filter(|r| {
+                matches!(&r.kind, Some(resource::Kind::ServicePort(p)) if p.namespace == namespace && p.service == name)
+            })
+            .map(|r| Resource::clone(r))
+            .collect();
+        let errors: Vec<ObjectError> = self
+            .hub
+            .rejections()
+            .iter()
+            .filter(|r| r.namespace == namespace && r.name == name && r.kind == "Service")
+            .map(object_error)
+            .collect();
+        let id = ObjectName {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let notes = self.hub.catalog().explain(&self.hub.facts(node), &id);
+        if resources.is_empty() && errors.is_empty() && notes.is_empty() {
+            return Err(Status::not_found(format!("no Service {namespace}/{name}")));
+        }
+        Ok(Response::new(ServiceView {
+            node: node.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            resources,
+            errors,
+            notes,
+        }))
+    }
+
+    async fn list_rejected(
+        &self,
+        _: Request<ListRejectedRequest>,
+    ) -> Result<Response<ListRejectedResponse>, Status> {
+        let errors = self.hub.rejections().iter().map(object_error).collect();
+        Ok(Response::new(ListRejectedResponse { errors }))
+    }
+}

@@ -1,0 +1,189 @@
+//! kubenft-controller: watches Services, EndpointSlices and Nodes, computes for every node the
+//! rule set it must enforce, and streams it to that node's agent.
+//!
+//! ```text
+//!  source (dir: / kube) ─▶ model (validate) ─▶ plan::Catalog ─▶ hub (per-node desired state)
+//!                                                                 │
+//!                          stream (one task per agent) ◀──────────┘──▶ inspect (grpcurl)
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod http;
+pub mod hub;
+pub mod inspect;
+pub mod metrics;
+pub mod model;
+pub mod plan;
+pub mod select;
+pub mod source;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kubenft_proto::v1::controller_inspect_server::ControllerInspectServer;
+use kubenft_proto::v1::rule_stream_server::RuleStreamServer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::plan::{ClusterPolicy, Inputs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the kube source is not available in this build yet; use --source dir:PATH")]
+    KubeSourceUnavailable,
+    #[error("cannot serve gRPC on {addr}: {source}")]
+    Grpc {
+        addr: SocketAddr,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Everything `run` needs.
+pub struct Config {
+    pub source: cli::SourceArg,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub policy: ClusterPolicy,
+}
+
+impl From<&cli::Args> for Config {
+    fn from(a: &cli::Args) -> Self {
+        Config {
+            source: a.source.clone(),
+            grpc_listen: a.grpc_listen,
+            http_listen: a.http_listen,
+            policy: ClusterPolicy {
+                cluster_cidrs: a.cluster_cidrs.clone(),
+                service_cidrs: a.service_cidrs.clone(),
+                masquerade_all: a.masquerade_all,
+                node_port_addresses: a.node_port_addresses.clone(),
+                limits: model::Limits {
+                    node_port_range: a.node_port_range.clone(),
+                },
+            },
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` is cancelled, then drains agent streams.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let limits = config.policy.limits.clone();
+    let hub = Arc::new(Hub::new(config.policy));
+    let metrics = Arc::new(Metrics::new());
+    let (inputs_tx, inputs_rx) = watch::channel::<Option<Arc<Inputs>>>(None);
+
+    let source_task = match config.source {
+        cli::SourceArg::Dir(dir) => {
+            tokio::spawn(source::run_dir(dir, limits, inputs_tx, shutdown.clone()))
+        }
+        cli::SourceArg::Kube => return Err(Error::KubeSourceUnavailable),
+    };
+    let planner_task = tokio::spawn(plan_on_change(
+        inputs_rx,
+        hub.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let http = http::serve(
+        config.http_listen,
+        http::router(hub.clone(), metrics.clone()),
+        shutdown.clone(),
+    );
+    let grpc = serve_grpc(config.grpc_listen, hub, metrics, shutdown.clone());
+    info!(grpc = %config.grpc_listen, http = %config.http_listen, "controller started");
+    let result = tokio::select! {
+        r = grpc => r,
+        r = http => r.map_err(|source| Error::Http { addr: config.http_listen, source }),
+    };
+    shutdown.cancel();
+    let _ = tokio::join!(source_task, planner_task);
+    result
+}
+
+/// Feeds each new view of the cluster to the hub.
+async fn plan_on_change(
+    mut rx: watch::Receiver<Option<Arc<Inputs>>>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let inputs = rx.borrow_and_update().clone();
+        if let Some(inputs) = inputs {
+            let started = std::time::Instant::now();
+            hub.set_inputs(&inputs);
+            metrics.source_updates.inc();
+            metrics
+                .rejected_objects
+                .set(i64::try_from(inputs.rejections.len()).unwrap_or(i64::MAX));
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "planned every node"
+            );
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn serve_grpc(
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RuleStreamServer<stream::RuleStreamService>>()
+        .await;
+    health_reporter
+        .set_serving::<ControllerInspectServer<inspect::InspectService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kubenft_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kubenft_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let streams = RuleStreamServer::new(stream::RuleStreamService::new(
+        hub.clone(),
+        metrics,
+        shutdown.clone(),
+    ));
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(streams)
+        .add_service(ControllerInspectServer::new(inspect::InspectService::new(
+            hub,
+        )))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_shutdown(addr, shutdown.cancelled_owned())
+        .await;
+    result.map_err(|source| {
+        error!(%addr, error = %source, "gRPC server failed");
+        Error::Grpc { addr, source }
+    })
+}

@@ -1,0 +1,839 @@
+//! Validated, Kubernetes-independent views of Services, EndpointSlices and Nodes.
+//!
+//! Everything the planner reads comes through here: each Kubernetes object is checked once and
+//! turned into a small typed value in which addresses are `IpAddr`, ports are non-zero `u16`
+//! and policies are enums. An object that cannot be proxied correctly is refused as a whole with
+//! a [`Rejection`] naming the object and the field, so no user-controlled string ever reaches
+//! the agents unparsed.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU16;
+use std::ops::RangeInclusive;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kubenft_proto::v1::{IpFamily, Protocol};
+
+/// The label that hands a Service to another proxy (kube-proxy ignores such Services).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label that marks a Service as headless for proxies.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The node label carrying its zone, for topology hints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Why an object (or one of its fields) was refused.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rejection {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(
+        kind: &'static str,
+        meta: &ObjectName,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Rejection {
+            kind,
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}/{}",
+            self.kind,
+            clip(&self.namespace),
+            clip(&self.name)
+        )?;
+        if !self.field.is_empty() {
+            write!(f, " field {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Shortens a user-controlled string for messages: a 100 KB name must not make a 100 KB log line.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &s[..end], s.len())
+}
+
+/// Namespace and name as given (possibly invalid: only for messages until validated).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a Service is exposed beyond its ClusterIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortModel {
+    /// Port name; matched against EndpointSlice port names (targetPort is never read).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: NonZeroU16,
+    pub node_port: Option<NonZeroU16>,
+    /// Index in `spec.ports`, for messages.
+    pub index: usize,
+}
+
+/// Which endpoints a traffic policy may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// A Service kubenft proxies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceModel {
+    pub id: ObjectName,
+    pub service_type: ServiceType,
+    /// ClusterIPs, at most one per family, primary family first.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortModel>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` whose ipMode is VIP or unset.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    /// ClientIP session affinity timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    pub health_check_node_port: Option<NonZeroU16>,
+    /// RFC 3339 creation time, to decide which of two conflicting Services keeps an address.
+    pub created: String,
+}
+
+impl ServiceModel {
+    /// Whether externalTrafficPolicy applies (NodePort, LoadBalancer, externalIPs).
+    pub fn externally_accessible(&self) -> bool {
+        self.service_type != ServiceType::ClusterIp
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+}
+
+/// What became of a Service object.
+#[derive(Debug)]
+pub enum ServiceOutcome {
+    Proxied(ServiceModel),
+    /// Not for us (headless, ExternalName, another proxy's); says why.
+    Ignored(String),
+    Rejected(Rejection),
+}
+
+/// Endpoint conditions as EndpointSlices define them (nil ready/serving mean true).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointModel {
+    pub ip: IpAddr,
+    pub conditions: Conditions,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// Topology hints (None: no hints of that kind).
+    pub zone_hints: Option<BTreeSet<String>>,
+    pub node_hints: Option<BTreeSet<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: NonZeroU16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceModel {
+    pub id: ObjectName,
+    /// The Service this slice belongs to (same namespace).
+    pub service: String,
+    pub family: IpFamily,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointModel>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeModel {
+    pub name: String,
+    /// InternalIP addresses, at most one per family, in the order given.
+    pub internal_ips: Vec<IpAddr>,
+    pub zone: Option<String>,
+}
+
+/// The cluster-wide limits that validation enforces.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub node_port_range: RangeInclusive<u16>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            node_port_range: 30000..=32767,
+        }
+    }
+}
+
+/// The family of an address.
+pub fn family_of(ip: &IpAddr) -> IpFamily {
+    match ip {
+        IpAddr::V4(_) => IpFamily::Ipv4,
+        IpAddr::V6(_) => IpFamily::Ipv6,
+    }
+}
+
+/// Parses an IP literal. Legacy IPv4 literals with leading zeros ("010.000.001.002") are read as
+/// decimal, as upstream does for objects created before validation tightened.
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    parse_legacy_ipv4(s).map(IpAddr::V4)
+}
+
+fn parse_legacy_ipv4(s: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
+}
+
+/// Parses a CIDR, accepting legacy leading zeros in IPv4 and trimming whitespace; the result is
+/// normalised to its network address.
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    let (addr, len) = s.split_once('/')?;
+    let ip = parse_ip(addr)?;
+    let len: u8 = len
+        .trim_start_matches('0')
+        .parse()
+        .or_else(|_| {
+            if len.bytes().all(|b| b == b'0') && !len.is_empty() {
+                Ok(0)
+            } else {
+                Err(())
+            }
+        })
+        .ok()?;
+    IpNet::new(ip, len).ok().map(|n| n.trunc())
+}
+
+/// DNS-1123 label: what namespaces, Service names and port names must be.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// DNS-1123 subdomain: what EndpointSlice and Node names must be.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+fn parse_protocol(p: Option<&str>) -> Option<Protocol> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+fn port_number(value: i32) -> Option<NonZeroU16> {
+    u16::try_from(value).ok().and_then(NonZeroU16::new)
+}
+
+fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
+    ObjectName {
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+fn check_name(kind: &'static str, id: &ObjectName, subdomain: bool) -> Result<(), Rejection> {
+    if !is_dns_label(&id.namespace) {
+        return Err(Rejection::new(
+            kind,
+            id,
+            "metadata.namespace",
+            "must be a DNS-1123 label (lowercase alphanumerics and '-', at most 63 characters)",
+        ));
+    }
+    let ok = if subdomain {
+        is_dns_subdomain(&id.name)
+    } else {
+        is_dns_label(&id.name)
+    };
+    if !ok {
+        let rule = if subdomain {
+            "a DNS-1123 subdomain (at most 253 characters)"
+        } else {
+            "a DNS-1123 label (lowercase alphanumerics and '-', at most 63 characters)"
+        };
+        return Err(Rejection::new(
+            kind,
+            id,
+            "metadata.name",
+            format!("must be {rule}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a Service and turns it into what the planner needs.
+pub fn service(svc: &Service, limits: &Limits) -> ServiceOutcome {
+    let id = object_name(&svc.metadata);
+    let reject = |field: String, message: String| {
+        ServiceOutcome::Rejected(Rejection::new("Service", &id, field, message))
+    };
+    if let Err(r) = check_name("Service", &id, false) {
+        return ServiceOutcome::Rejected(r);
+    }
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return ServiceOutcome::Ignored(format!(
+            "labelled {SERVICE_PROXY_NAME_LABEL}: served by another proxy"
+        ));
+    }
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return ServiceOutcome::Ignored(format!("labelled {HEADLESS_LABEL}"));
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return reject("spec".into(), "missing".into());
+    };
+    let service_type = match spec.type_.as_deref().unwrap_or("ClusterIP") {
+        "ClusterIP" => ServiceType::ClusterIp,
+        "NodePort" => ServiceType::NodePort,
+        "LoadBalancer" => ServiceType::LoadBalancer,
+        "ExternalName" => {
+            return ServiceOutcome::Ignored("type ExternalName has no proxy rules".into());
+        }
+        other => {
+            return reject(
+                "spec.type".into(),
+                format!("unknown type {:?}", clip(other)),
+            );
+        }
+    };
+
+    // ClusterIPs: `clusterIPs` wins when present; `clusterIP` is its first element.
+    let raw_ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (_, Some(ip)) => vec![ip.clone()],
+        _ => Vec::new(),
+    };
+    if raw_ips.first().is_some_and(|ip| ip == "None") {
+        return ServiceOutcome::Ignored("headless (clusterIP None)".into());
+    }
+    if raw_ips.is_empty() || raw_ips[0].is_empty() {
+        return reject(
+            "spec.clusterIP".into(),
+            "missing: a proxied Service needs a ClusterIP".into(),
+        );
+    }
+    let mut cluster_ips = Vec::new();
+    for (i, raw) in raw_ips.iter().enumerate() {
+        let field = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".to_owned()
+        };
+        let Some(ip) = parse_ip(raw) else {
+            return reject(field, format!("{:?} is not a valid IP address", clip(raw)));
+        };
+        if cluster_ips
+            .iter()
+            .any(|c: &IpAddr| family_of(c) == family_of(&ip))
+        {
+            return reject(field, "two ClusterIPs of the same family".into());
+        }
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return reject(field, format!("{ip} cannot be a ClusterIP"));
+        }
+        cluster_ips.push(ip);
+    }
+
+    let mut ports = Vec::new();
+    let wants_node_ports = service_type != ServiceType::ClusterIp;
+    for (index, p) in spec.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("spec.ports[{index}].{f}");
+        let name = p.name.clone().unwrap_or_default();
+        if !name.is_empty() && !is_dns_label(&name) {
+            return reject(field("name"), "must be a DNS-1123 label".into());
+        }
+        let Some(protocol) = parse_protocol(p.protocol.as_deref()) else {
+            return reject(
+                field("protocol"),
+                format!(
+                    "{:?} is not TCP, UDP or SCTP",
+                    clip(p.protocol.as_deref().unwrap_or(""))
+                ),
+            );
+        };
+        let Some(port) = port_number(p.port) else {
+            return reject(field("port"), format!("{} is outside 1-65535", p.port));
+        };
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(np) if !wants_node_ports => {
+                // The API server clears nodePorts of ClusterIP Services; a manifest may still carry one.
+                let _ = np;
+                None
+            }
+            Some(np) => match u16::try_from(np)
+                .ok()
+                .filter(|n| limits.node_port_range.contains(n))
+            {
+                Some(n) => NonZeroU16::new(n),
+                None => {
+                    return reject(
+                        field("nodePort"),
+                        format!(
+                            "{np} is outside the node port range {}-{}",
+                            limits.node_port_range.start(),
+                            limits.node_port_range.end()
+                        ),
+                    );
+                }
+            },
+        };
+        if ports
+            .iter()
+            .any(|q: &ServicePortModel| q.name == name && q.protocol == protocol)
+        {
+            return reject(
+                field("name"),
+                format!("duplicate port name {name:?} for the same protocol"),
+            );
+        }
+        ports.push(ServicePortModel {
+            name,
+            protocol,
+            port,
+            node_port,
+            index,
+        });
+    }
+    if ports.is_empty() {
+        return reject(
+            "spec.ports".into(),
+            "a proxied Service needs at least one port".into(),
+        );
+    }
+
+    let mut external_ips = Vec::new();
+    for (i, raw) in spec.external_ips.iter().flatten().enumerate() {
+        match parse_ip(raw) {
+            Some(ip) if !ip.is_unspecified() && !ip.is_loopback() => external_ips.push(ip),
+            _ => {
+                return reject(
+                    format!("spec.externalIPs[{i}]"),
+                    format!("{:?} is not a usable IP address", clip(raw)),
+                );
+            }
+        }
+    }
+    let mut load_balancer_ips = Vec::new();
+    if service_type == ServiceType::LoadBalancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            let Some(raw) = ing.ip.as_deref() else {
+                continue;
+            };
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            match parse_ip(raw) {
+                Some(ip) if !ip.is_unspecified() && !ip.is_loopback() => load_balancer_ips.push(ip),
+                _ => {
+                    return reject(
+                        format!("status.loadBalancer.ingress[{i}].ip"),
+                        format!("{:?} is not a usable IP address", clip(raw)),
+                    );
+                }
+            }
+        }
+    }
+    let mut load_balancer_source_ranges = Vec::new();
+    for (i, raw) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match parse_cidr(raw) {
+            Some(net) => load_balancer_source_ranges.push(net),
+            None => {
+                return reject(
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{:?} is not a CIDR", clip(raw)),
+                );
+            }
+        }
+    }
+    external_ips.sort();
+    external_ips.dedup();
+    load_balancer_ips.sort();
+    load_balancer_ips.dedup();
+    load_balancer_source_ranges.sort();
+    load_balancer_source_ranges.dedup();
+
+    let policy = |field: &str, value: Option<&str>| match value {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(Rejection::new(
+            "Service",
+            &id,
+            field,
+            format!("{:?} is not Cluster or Local", clip(other)),
+        )),
+    };
+    let external_policy = match policy(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    ) {
+        Ok(p) => p,
+        Err(r) => return ServiceOutcome::Rejected(r),
+    };
+    let internal_policy = match policy(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    ) {
+        Ok(p) => p,
+        Err(r) => return ServiceOutcome::Rejected(r),
+    };
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(10800);
+            match u32::try_from(t).ok().filter(|t| (1..=86400).contains(t)) {
+                Some(t) => Some(t),
+                None => {
+                    return reject(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!("{t} is outside 1-86400"),
+                    );
+                }
+            }
+        }
+        Some(other) => {
+            return reject(
+                "spec.sessionAffinity".into(),
+                format!("{:?} is not None or ClientIP", clip(other)),
+            );
+        }
+    };
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p)
+            if service_type == ServiceType::LoadBalancer
+                && external_policy == TrafficPolicy::Local =>
+        {
+            match port_number(p) {
+                Some(p) => Some(p),
+                None => {
+                    return reject(
+                        "spec.healthCheckNodePort".into(),
+                        format!("{p} is outside 1-65535"),
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
+    let created = svc
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| format!("{:?}", t.0))
+        .unwrap_or_default();
+
+    ServiceOutcome::Proxied(ServiceModel {
+        id,
+        service_type,
+        cluster_ips,
+        ports,
+        external_ips,
+        load_balancer_ips,
+        load_balancer_source_ranges,
+        external_policy,
+        internal_policy,
+        affinity_timeout,
+        health_check_node_port,
+        created,
+    })
+}
+
+/// Checks an EndpointSlice. Individual endpoints with unusable addresses are dropped with a
+/// rejection each; the rest of the slice stays in use.
+pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(SliceModel, Vec<Rejection>), Rejection> {
+    let id = object_name(&slice.metadata);
+    let reject =
+        |field: &str, message: String| Rejection::new("EndpointSlice", &id, field, message);
+    check_name("EndpointSlice", &id, true)?;
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned()
+        .ok_or_else(|| {
+            reject(
+                "metadata.labels",
+                format!("missing label {SERVICE_NAME_LABEL}"),
+            )
+        })?;
+    if !is_dns_label(&service) {
+        return Err(reject(
+            &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+            "must be a Service name (DNS-1123 label)".into(),
+        ));
+    }
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::Ipv4,
+        "IPv6" => IpFamily::Ipv6,
+        "FQDN" => return Err(reject("addressType", "FQDN slices are not proxied".into())),
+        other => {
+            return Err(reject(
+                "addressType",
+                format!("{:?} is not IPv4 or IPv6", clip(other)),
+            ));
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let name = p.name.clone().unwrap_or_default();
+        let protocol = parse_protocol(p.protocol.as_deref()).ok_or_else(|| {
+            reject(
+                &format!("ports[{i}].protocol"),
+                "not TCP, UDP or SCTP".into(),
+            )
+        })?;
+        let Some(raw) = p.port else {
+            // A nil port means "all ports" and is only valid for headless use.
+            continue;
+        };
+        let port = port_number(raw).ok_or_else(|| {
+            reject(
+                &format!("ports[{i}].port"),
+                format!("{raw} is outside 1-65535"),
+            )
+        })?;
+        ports.push(SlicePort {
+            name,
+            protocol,
+            port,
+        });
+    }
+    let mut problems = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let Some(raw) = ep.addresses.first() else {
+            problems.push(reject(&format!("endpoints[{i}].addresses"), "empty".into()));
+            continue;
+        };
+        let ip = match parse_ip(raw) {
+            Some(ip) if family_of(&ip) == family && !ip.is_unspecified() && !ip.is_multicast() => {
+                ip
+            }
+            _ => {
+                problems.push(reject(
+                    &format!("endpoints[{i}].addresses[0]"),
+                    format!(
+                        "{:?} is not a usable {} address",
+                        clip(raw),
+                        family.as_str_name()
+                    ),
+                ));
+                continue;
+            }
+        };
+        let cond = ep.conditions.as_ref();
+        let conditions = Conditions {
+            ready: cond.and_then(|c| c.ready).unwrap_or(true),
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
+            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+        };
+        let hints = ep.hints.as_ref();
+        endpoints.push(EndpointModel {
+            ip,
+            conditions,
+            node_name: ep.node_name.clone(),
+            zone: ep.zone.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+        });
+    }
+    Ok((
+        SliceModel {
+            id,
+            service,
+            family,
+            ports,
+            endpoints,
+        },
+        problems,
+    ))
+}
+
+/// Checks a Node.
+pub fn node(node: &Node) -> Result<NodeModel, Rejection> {
+    let id = ObjectName {
+        namespace: String::new(),
+        name: node.metadata.name.clone().unwrap_or_default(),
+    };
+    if !is_dns_subdomain(&id.name) {
+        return Err(Rejection::new(
+            "Node",
+            &id,
+            "metadata.name",
+            "must be a DNS-1123 subdomain",
+        ));
+    }
+    let mut internal_ips: Vec<IpAddr> = Vec::new();
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in addresses.into_iter().flatten().enumerate() {
+        if a.type_ != "InternalIP" {
+            continue;
+        }
+        match parse_ip(&a.address) {
+            Some(ip) if !internal_ips.iter().any(|x| family_of(x) == family_of(&ip)) => {
+                internal_ips.push(ip)
+            }
+            Some(_) => {}
+            None => {
+                return Err(Rejection::new(
+                    "Node",
+                    &id,
+                    format!("status.addresses[{i}].address"),
+                    format!("{:?} is not an IP address", clip(&a.address)),
+                ));
+            }
+        }
+    }
+    Ok(NodeModel {
+        name: id.name,
+        internal_ips,
+        zone: node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_ipv4_is_decimal() {
+        assert_eq!(
+            parse_ip("172.30.0.041"),
+            Some("172.30.0.41".parse().unwrap())
+        );
+        assert_eq!(
+            parse_ip("010.000.001.002"),
+            Some("10.0.1.2".parse().unwrap())
+        );
+        assert_eq!(parse_ip("1.2.3"), None);
+        assert_eq!(parse_ip("1.2.3.256"), None);
+        assert_eq!(
+            parse_cidr(" 203.0.113.000/025 "),
+            Some("203.0.113.0/25".parse().unwrap())
+        );
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_dns_label("web-1"));
+        assert!(!is_dns_label("Web"));
+        assert!(!is_dns_label(&"a".repeat(64)));
+        assert!(is_dns_subdomain("web-abc.x"));
+        assert!(!is_dns_subdomain(&"a".repeat(100_000)));
+        let long = "x".repeat(100_000);
+        assert!(clip(&long).len() < 120);
+    }
+}

@@ -1,0 +1,573 @@
+//! Per-node planning: pure functions from validated objects to the rule set a node enforces.
+//!
+//! ```text
+//!  Inputs (services, slices, nodes) ──Catalog::build──▶ PortPlan per Service port and family
+//!                                                       (node-independent, conflicts resolved)
+//!  Catalog + NodeSite ──Catalog::rules_for──▶ NodeRuleSet: "node" + one resource per PortPlan
+//! ```
+//!
+//! The catalog is computed once per input change and shared by every node; a node's view only
+//! adds what differs per node (local endpoints, topology, node addresses).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use kubenft_proto::v1::{
+    Endpoint, IpFamily, NodeRules, Protocol, Resource, ServicePortRules, SessionAffinity, resource,
+};
+
+use crate::model::{
+    EndpointModel, Limits, NodeModel, ObjectName, Rejection, ServiceModel, ServicePortModel,
+    SliceModel, TrafficPolicy, family_of,
+};
+use crate::select::{self, Candidate, NodeSite, TopologyMode};
+
+/// Where NodePorts are served (`--node-port-addresses`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum NodePortAddresses {
+    /// The node's InternalIP of each family (kube-proxy nftables' default).
+    #[default]
+    Primary,
+    /// Every local address in these ranges (as the agent reports them).
+    Cidrs(Vec<IpNet>),
+    /// Every local address except loopback.
+    All,
+}
+
+/// Cluster-wide settings given on the controller's command line.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterPolicy {
+    pub cluster_cidrs: Vec<IpNet>,
+    pub service_cidrs: Vec<IpNet>,
+    pub masquerade_all: bool,
+    pub node_port_addresses: NodePortAddresses,
+    pub limits: Limits,
+}
+
+/// Everything read from the source, validated.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub services: BTreeMap<ObjectName, ServiceModel>,
+    pub slices: BTreeMap<ObjectName, SliceModel>,
+    pub nodes: BTreeMap<String, NodeModel>,
+    /// Objects (or parts of them) refused while reading.
+    pub rejections: Vec<Rejection>,
+    /// Services deliberately not proxied, and why.
+    pub ignored: BTreeMap<ObjectName, String>,
+}
+
+/// One endpoint of a Service port, before node-specific selection.
+#[derive(Clone, Debug)]
+pub struct PortCandidate {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub model: Arc<EndpointModel>,
+}
+
+impl Candidate for PortCandidate {
+    fn conditions(&self) -> crate::model::Conditions {
+        self.model.conditions
+    }
+    fn node_name(&self) -> Option<&str> {
+        self.model.node_name.as_deref()
+    }
+    fn has_zone_hints(&self) -> bool {
+        self.model
+            .zone_hints
+            .as_ref()
+            .is_some_and(|z| !z.is_empty())
+    }
+    fn hinted_for_zone(&self, zone: &str) -> bool {
+        self.model
+            .zone_hints
+            .as_ref()
+            .is_some_and(|z| z.contains(zone))
+    }
+    fn has_node_hints(&self) -> bool {
+        self.model
+            .node_hints
+            .as_ref()
+            .is_some_and(|n| !n.is_empty())
+    }
+    fn hinted_for_node(&self, node: &str) -> bool {
+        self.model
+            .node_hints
+            .as_ref()
+            .is_some_and(|n| n.contains(node))
+    }
+}
+
+/// One Service port in one IP family, with everything but the node-specific choices made.
+#[derive(Clone, Debug)]
+pub struct PortPlan {
+    pub name: String,
+    pub service: Arc<ServiceModel>,
+    pub port: ServicePortModel,
+    pub family: IpFamily,
+    pub cluster_ip: IpAddr,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub source_ranges: Vec<IpNet>,
+    /// Endpoints sorted by (ip, port), deduplicated.
+    pub candidates: Vec<PortCandidate>,
+}
+
+/// The node-independent part of planning.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub policy: Arc<ClusterPolicy>,
+    /// By resource name.
+    pub ports: BTreeMap<String, Arc<PortPlan>>,
+    /// Rejections from reading and from conflicts.
+    pub rejections: Vec<Rejection>,
+    pub ignored: BTreeMap<ObjectName, String>,
+    pub nodes: BTreeMap<String, NodeModel>,
+}
+
+/// The rule set of one node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeRuleSet {
+    pub node: String,
+    pub resources: BTreeMap<String, Arc<Resource>>,
+    pub system_version: String,
+}
+
+impl NodeRuleSet {
+    fn new(node: String, resources: BTreeMap<String, Arc<Resource>>) -> Self {
+        let system_version = kubenft_proto::system_version(
+            resources
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.version.as_str())),
+        );
+        NodeRuleSet {
+            node,
+            resources,
+            system_version,
+        }
+    }
+}
+
+/// What a node's view depends on besides the catalog.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub name: String,
+    /// Addresses the node's agent reported (for CIDR nodePortAddresses).
+    pub agent_addresses: Vec<IpAddr>,
+}
+
+pub fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+        Protocol::Tcp | Protocol::Unspecified => "tcp",
+    }
+}
+
+fn family_name(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::Ipv6 => "ipv6",
+        _ => "ipv4",
+    }
+}
+
+/// "<namespace>/<service>/<protocol>/<port name>/<family>".
+pub fn resource_name(svc: &ObjectName, port: &ServicePortModel, family: IpFamily) -> String {
+    format!(
+        "{}/{}/{}/{}/{}",
+        svc.namespace,
+        svc.name,
+        protocol_name(port.protocol),
+        port.name,
+        family_name(family)
+    )
+}
+
+/// The resource name of a node's own settings.
+pub const NODE_RESOURCE: &str = "node";
+
+/// A (address, protocol, port) or (NodePort, protocol) a Service port claims on every node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Claim {
+    Address(IpAddr, i32, u16),
+    NodePort(i32, u16),
+}
+
+impl Catalog {
+    /// Resolves every Service port against its EndpointSlices, per family. Two Services
+    /// claiming the same address and port (or NodePort): the older keeps it, the newer is refused.
+    pub fn build(policy: Arc<ClusterPolicy>, inputs: &Inputs) -> Catalog {
+        let mut rejections = inputs.rejections.clone();
+        let mut ports = BTreeMap::new();
+        let slices_by_service = index_slices(&inputs.slices);
+
+        let mut order: Vec<&ServiceModel> = inputs.services.values().collect();
+        order.sort_by(|a, b| (a.created.as_str(), &a.id).cmp(&(b.created.as_str(), &b.id)));
+        let mut claimed: BTreeMap<Claim, ObjectName> = BTreeMap::new();
+
+        for svc in order {
+            let plans = plan_service(
+                svc,
+                slices_by_service
+                    .get(&svc.id)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]),
+            );
+            match claim_all(svc, &plans, &mut claimed) {
+                Ok(()) => ports.extend(plans.into_iter().map(|p| (p.name.clone(), Arc::new(p)))),
+                Err(r) => rejections.push(r),
+            }
+        }
+        rejections.sort();
+        Catalog {
+            policy,
+            ports,
+            rejections,
+            ignored: inputs.ignored.clone(),
+            nodes: inputs.nodes.clone(),
+        }
+    }
+
+    /// The full rule set of one node.
+    pub fn rules_for(&self, facts: &NodeFacts) -> NodeRuleSet {
+        let node = self.nodes.get(&facts.name);
+        let site = NodeSite {
+            name: &facts.name,
+            zone: node.and_then(|n| n.zone.as_deref()),
+        };
+        let mut resources = BTreeMap::new();
+        let node_rules = node_rules(&self.policy, node, facts);
+        resources.insert(
+            NODE_RESOURCE.to_owned(),
+            Arc::new(Resource::versioned(
+                NODE_RESOURCE.to_owned(),
+                resource::Kind::Node(node_rules),
+            )),
+        );
+        for (name, plan) in &self.ports {
+            let rules = port_rules(plan, &site);
+            resources.insert(
+                name.clone(),
+                Arc::new(Resource::versioned(
+                    name.clone(),
+                    resource::Kind::ServicePort(rules),
+                )),
+            );
+        }
+        NodeRuleSet::new(facts.name.clone(), resources)
+    }
+
+    /// Human-readable reasons for how one node programs one Service.
+    pub fn explain(&self, facts: &NodeFacts, svc: &ObjectName) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(why) = self.ignored.get(svc) {
+            notes.push(format!("not proxied: {why}"));
+        }
+        let site = NodeSite {
+            name: &facts.name,
+            zone: self.nodes.get(&facts.name).and_then(|n| n.zone.as_deref()),
+        };
+        for plan in self.ports.values().filter(|p| &p.service.id == svc) {
+            notes.extend(explain_port(plan, &site));
+        }
+        notes
+    }
+}
+
+fn index_slices(
+    slices: &BTreeMap<ObjectName, SliceModel>,
+) -> BTreeMap<ObjectName, Vec<&SliceModel>> {
+    let mut by_service: BTreeMap<ObjectName, Vec<&SliceModel>> = BTreeMap::new();
+    for slice in slices.values() {
+        let svc = ObjectName {
+            namespace: slice.id.namespace.clone(),
+            name: slice.service.clone(),
+        };
+        by_service.entry(svc).or_default().push(slice);
+    }
+    by_service
+}
+
+fn claim_all(
+    svc: &ServiceModel,
+    plans: &[PortPlan],
+    claimed: &mut BTreeMap<Claim, ObjectName>,
+) -> Result<(), Rejection> {
+    let mut mine = Vec::new();
+    for plan in plans {
+        let proto = plan.port.protocol as i32;
+        let port = plan.port.port.get();
+        let addresses = std::iter::once(plan.cluster_ip)
+            .chain(plan.external_ips.iter().copied())
+            .chain(plan.load_balancer_ips.iter().copied());
+        for ip in addresses {
+            mine.push((
+                Claim::Address(ip, proto, port),
+                format!("spec.ports[{}].port", plan.port.index),
+                format!("{ip} port {port}"),
+            ));
+        }
+        if let Some(np) = plan.port.node_port {
+            mine.push((
+                Claim::NodePort(proto, np.get()),
+                format!("spec.ports[{}].nodePort", plan.port.index),
+                format!("nodePort {np}"),
+            ));
+        }
+    }
+    for (claim, field, what) in &mine {
+        if let Some(owner) = claimed.get(claim).filter(|o| **o != svc.id) {
+            return Err(Rejection {
+                kind: "Service",
+                namespace: svc.id.namespace.clone(),
+                name: svc.id.name.clone(),
+                field: field.clone(),
+                message: format!(
+                    "{what}/{} is already used by Service {}",
+                    protocol_name(plan_protocol(claim)).to_uppercase(),
+                    owner
+                ),
+            });
+        }
+    }
+    for (claim, _, _) in mine {
+        claimed.insert(claim, svc.id.clone());
+    }
+    Ok(())
+}
+
+fn plan_protocol(claim: &Claim) -> Protocol {
+    let raw = match claim {
+        Claim::Address(_, p, _) | Claim::NodePort(p, _) => *p,
+    };
+    Protocol::try_from(raw).unwrap_or(Protocol::Tcp)
+}
+
+/// Resolves each port of a Service in each of its families.
+fn plan_service(svc: &ServiceModel, slices: &[&SliceModel]) -> Vec<PortPlan> {
+    let service = Arc::new(svc.clone());
+    let mut plans = Vec::new();
+    for cluster_ip in &svc.cluster_ips {
+        let family = family_of(cluster_ip);
+        let of_family = |ips: &[IpAddr]| {
+            ips.iter()
+                .copied()
+                .filter(|ip| family_of(ip) == family)
+                .collect::<Vec<_>>()
+        };
+        for port in &svc.ports {
+            plans.push(PortPlan {
+                name: resource_name(&svc.id, port, family),
+                service: service.clone(),
+                port: port.clone(),
+                family,
+                cluster_ip: *cluster_ip,
+                external_ips: of_family(&svc.external_ips),
+                load_balancer_ips: of_family(&svc.load_balancer_ips),
+                source_ranges: svc
+                    .load_balancer_source_ranges
+                    .iter()
+                    .copied()
+                    .filter(|n| family_of(&n.addr()) == family)
+                    .collect(),
+                candidates: candidates(port, family, slices),
+            });
+        }
+    }
+    plans
+}
+
+/// The endpoints of one port: for each slice of the family, the slice port with the same name
+/// and protocol gives the target port (so one Service port may land on different ports).
+fn candidates(
+    port: &ServicePortModel,
+    family: IpFamily,
+    slices: &[&SliceModel],
+) -> Vec<PortCandidate> {
+    let mut out: BTreeMap<(IpAddr, u16), PortCandidate> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| s.family == family) {
+        let Some(sp) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            out.entry((ep.ip, sp.port.get()))
+                .or_insert_with(|| PortCandidate {
+                    ip: ep.ip,
+                    port: sp.port.get(),
+                    model: Arc::new(ep.clone()),
+                });
+        }
+    }
+    out.into_values().collect()
+}
+
+fn node_rules(policy: &ClusterPolicy, node: Option<&NodeModel>, facts: &NodeFacts) -> NodeRules {
+    let (node_port_ips, all) = match &policy.node_port_addresses {
+        NodePortAddresses::Primary => (
+            node.map(|n| n.internal_ips.clone()).unwrap_or_default(),
+            false,
+        ),
+        NodePortAddresses::All => (Vec::new(), true),
+        NodePortAddresses::Cidrs(cidrs) => {
+            let mut ips: BTreeSet<IpAddr> = facts
+                .agent_addresses
+                .iter()
+                .chain(node.map(|n| n.internal_ips.as_slice()).unwrap_or_default())
+                .copied()
+                .filter(|ip| !ip.is_loopback() && cidrs.iter().any(|c| c.contains(ip)))
+                .collect();
+            ips.retain(|ip| !ip.is_unspecified());
+            (ips.into_iter().collect(), false)
+        }
+    };
+    let mut node_port_ips: Vec<String> = node_port_ips
+        .iter()
+        .filter(|ip| !ip.is_loopback())
+        .map(IpAddr::to_string)
+        .collect();
+    node_port_ips.sort();
+    node_port_ips.dedup();
+    NodeRules {
+        node_name: facts.name.clone(),
+        cluster_cidrs: sorted_strings(&policy.cluster_cidrs),
+        service_cidrs: sorted_strings(&policy.service_cidrs),
+        node_port_ips,
+        node_port_all_addresses: all,
+        masquerade_all: policy.masquerade_all,
+    }
+}
+
+fn sorted_strings<T: ToString>(items: &[T]) -> Vec<String> {
+    let mut v: Vec<String> = items.iter().map(T::to_string).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn endpoint(c: &PortCandidate, site: &NodeSite<'_>) -> Endpoint {
+    Endpoint {
+        ip: c.ip.to_string(),
+        port: u32::from(c.port),
+        local: c.model.node_name.as_deref() == Some(site.name),
+        ready: c.model.conditions.ready,
+    }
+}
+
+/// One port as one node enforces it.
+pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>) -> ServicePortRules {
+    let svc = &plan.service;
+    let sel = select::categorize(&plan.candidates, site);
+    let pick = |idx: &[usize]| {
+        idx.iter()
+            .map(|&i| endpoint(&plan.candidates[i], site))
+            .collect::<Vec<_>>()
+    };
+    let local_ready = plan
+        .candidates
+        .iter()
+        .filter(|c| c.model.conditions.ready && c.model.node_name.as_deref() == Some(site.name))
+        .count();
+    let mut serving_ips: Vec<String> = plan
+        .candidates
+        .iter()
+        .filter(|c| c.model.conditions.serving)
+        .map(|c| c.ip.to_string())
+        .collect();
+    serving_ips.sort();
+    serving_ips.dedup();
+    ServicePortRules {
+        namespace: svc.id.namespace.clone(),
+        service: svc.id.name.clone(),
+        port_name: plan.port.name.clone(),
+        protocol: plan.port.protocol as i32,
+        family: plan.family as i32,
+        port: u32::from(plan.port.port.get()),
+        cluster_ip: plan.cluster_ip.to_string(),
+        node_port: plan.port.node_port.map_or(0, |p| u32::from(p.get())),
+        external_ips: plan.external_ips.iter().map(IpAddr::to_string).collect(),
+        load_balancer_ips: plan
+            .load_balancer_ips
+            .iter()
+            .map(IpAddr::to_string)
+            .collect(),
+        load_balancer_source_ranges: plan.source_ranges.iter().map(IpNet::to_string).collect(),
+        external_traffic_local: svc.externally_accessible()
+            && svc.external_policy == TrafficPolicy::Local,
+        internal_traffic_local: svc.internal_policy == TrafficPolicy::Local,
+        affinity: svc
+            .affinity_timeout
+            .map(|t| SessionAffinity { timeout_seconds: t }),
+        cluster_endpoints: pick(&sel.cluster),
+        local_endpoints: pick(&sel.local),
+        health_check_node_port: svc.health_check_node_port.map_or(0, |p| u32::from(p.get())),
+        local_ready_endpoints: u32::try_from(local_ready).unwrap_or(u32::MAX),
+        serving_ips,
+    }
+}
+
+fn explain_port(plan: &PortPlan, site: &NodeSite<'_>) -> Vec<String> {
+    let svc = &plan.service;
+    let sel = select::categorize(&plan.candidates, site);
+    let what = format!(
+        "port {:?} {}/{} ({})",
+        plan.port.name,
+        plan.port.port,
+        protocol_name(plan.port.protocol),
+        family_name(plan.family)
+    );
+    let mut notes = vec![format!(
+        "{what}: {} candidate endpoints, {} for cluster traffic, {} local",
+        plan.candidates.len(),
+        sel.cluster.len(),
+        sel.local.len()
+    )];
+    if sel.cluster.is_empty() {
+        notes.push(format!(
+            "{what}: no usable endpoints: connections are rejected"
+        ));
+    }
+    if sel.cluster_terminating {
+        notes.push(format!(
+            "{what}: no ready endpoints: falling back to serving, terminating ones"
+        ));
+    }
+    if sel.local_terminating {
+        notes.push(format!(
+            "{what}: no local ready endpoints: Local policies use local terminating ones"
+        ));
+    }
+    match sel.topology {
+        Some(TopologyMode::PreferSameZone) => {
+            notes.push(format!("{what}: topology hints: same zone only"))
+        }
+        Some(TopologyMode::PreferSameNode) => {
+            notes.push(format!("{what}: topology hints: same node only"))
+        }
+        _ => {}
+    }
+    if svc.internal_policy == TrafficPolicy::Local {
+        notes.push(format!(
+            "{what}: internalTrafficPolicy Local: ClusterIP traffic goes to local endpoints only{}",
+            if sel.local.is_empty() {
+                " (none here: dropped)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if svc.externally_accessible() && svc.external_policy == TrafficPolicy::Local {
+        notes.push(format!(
+            "{what}: externalTrafficPolicy Local: external clients reach local endpoints only, source kept{}; pods and the node itself reach all endpoints",
+            if sel.local.is_empty() { " (none here: dropped)" } else { "" }
+        ));
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,379 @@
+use std::net::IpAddr;
+use std::num::NonZeroU16;
+
+use kubenft_proto::v1::{IpFamily, Protocol, resource};
+
+use super::*;
+use crate::model::{Conditions, ServiceType, SlicePort};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn port(n: u16) -> NonZeroU16 {
+    NonZeroU16::new(n).unwrap()
+}
+
+fn svc(
+    name: &str,
+    cluster_ips: &[&str],
+    ports: &[(&str, Protocol, u16, Option<u16>)],
+) -> ServiceModel {
+    ServiceModel {
+        id: ObjectName {
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        service_type: if ports.iter().any(|p| p.3.is_some()) {
+            ServiceType::NodePort
+        } else {
+            ServiceType::ClusterIp
+        },
+        cluster_ips: cluster_ips.iter().map(|s| ip(s)).collect(),
+        ports: ports
+            .iter()
+            .enumerate()
+            .map(|(index, (n, p, num, np))| ServicePortModel {
+                name: (*n).into(),
+                protocol: *p,
+                port: port(*num),
+                node_port: np.map(port),
+                index,
+            })
+            .collect(),
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        affinity_timeout: None,
+        health_check_node_port: None,
+        created: format!("2026-01-01T00:00:0{}Z", name.len() % 10),
+    }
+}
+
+const READY: Conditions = Conditions {
+    ready: true,
+    serving: true,
+    terminating: false,
+};
+
+fn ep(addr: &str, node: &str, cond: Conditions) -> EndpointModel {
+    EndpointModel {
+        ip: ip(addr),
+        conditions: cond,
+        node_name: Some(node.into()),
+        zone: None,
+        zone_hints: None,
+        node_hints: None,
+    }
+}
+
+fn slice(
+    name: &str,
+    service: &str,
+    ports: &[(&str, Protocol, u16)],
+    endpoints: Vec<EndpointModel>,
+) -> SliceModel {
+    let family = family_of(&endpoints[0].ip);
+    SliceModel {
+        id: ObjectName {
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        service: service.into(),
+        family,
+        ports: ports
+            .iter()
+            .map(|(n, p, num)| SlicePort {
+                name: (*n).into(),
+                protocol: *p,
+                port: port(*num),
+            })
+            .collect(),
+        endpoints,
+    }
+}
+
+fn node(name: &str, ips: &[&str]) -> NodeModel {
+    NodeModel {
+        name: name.into(),
+        internal_ips: ips.iter().map(|s| ip(s)).collect(),
+        zone: None,
+    }
+}
+
+fn inputs(services: Vec<ServiceModel>, slices: Vec<SliceModel>) -> Inputs {
+    Inputs {
+        services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
+        slices: slices.into_iter().map(|s| (s.id.clone(), s)).collect(),
+        nodes: [
+            node("a", &["192.168.50.11", "fd00:50::11"]),
+            node("b", &["192.168.50.12"]),
+        ]
+        .into_iter()
+        .map(|n| (n.name.clone(), n))
+        .collect(),
+        ..Default::default()
+    }
+}
+
+fn facts(name: &str) -> NodeFacts {
+    NodeFacts {
+        name: name.into(),
+        agent_addresses: vec![],
+    }
+}
+
+fn catalog(policy: ClusterPolicy, inputs: &Inputs) -> Catalog {
+    Catalog::build(Arc::new(policy), inputs)
+}
+
+fn port_of<'a>(rules: &'a NodeRuleSet, name: &str) -> &'a ServicePortRules {
+    match rules.resources.get(name).and_then(|r| r.kind.as_ref()) {
+        Some(resource::Kind::ServicePort(p)) => p,
+        other => panic!(
+            "no port {name}: {other:?} in {:?}",
+            rules.resources.keys().collect::<Vec<_>>()
+        ),
+    }
+}
+
+fn node_of(rules: &NodeRuleSet) -> &NodeRules {
+    match rules
+        .resources
+        .get(NODE_RESOURCE)
+        .and_then(|r| r.kind.as_ref())
+    {
+        Some(resource::Kind::Node(n)) => n,
+        other => panic!("no node resource: {other:?}"),
+    }
+}
+
+fn endpoints(eps: &[Endpoint]) -> Vec<String> {
+    eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()
+}
+
+#[test]
+fn named_target_ports_resolve_per_endpoint_and_per_port() {
+    let web = svc(
+        "web",
+        &["10.96.0.10"],
+        &[
+            ("http", Protocol::Tcp, 80, None),
+            ("dns", Protocol::Udp, 53, None),
+        ],
+    );
+    let s1 = slice(
+        "web-1",
+        "web",
+        &[("http", Protocol::Tcp, 8080), ("dns", Protocol::Udp, 5353)],
+        vec![ep("10.244.1.10", "a", READY)],
+    );
+    let s2 = slice(
+        "web-2",
+        "web",
+        &[("http", Protocol::Tcp, 9090)],
+        vec![ep("10.244.2.10", "b", READY)],
+    );
+    let c = catalog(ClusterPolicy::default(), &inputs(vec![web], vec![s1, s2]));
+    let rules = c.rules_for(&facts("a"));
+    let http = port_of(&rules, "default/web/tcp/http/ipv4");
+    assert_eq!(
+        endpoints(&http.cluster_endpoints),
+        ["10.244.1.10:8080", "10.244.2.10:9090"]
+    );
+    assert_eq!(endpoints(&http.local_endpoints), ["10.244.1.10:8080"]);
+    assert!(http.cluster_endpoints[0].local && !http.cluster_endpoints[1].local);
+    let dns = port_of(&rules, "default/web/udp/dns/ipv4");
+    assert_eq!(endpoints(&dns.cluster_endpoints), ["10.244.1.10:5353"]);
+    assert_eq!(dns.protocol, Protocol::Udp as i32);
+    assert_eq!(dns.cluster_ip, "10.96.0.10");
+}
+
+#[test]
+fn node_ports_use_primary_addresses_by_default() {
+    let np = svc(
+        "np",
+        &["10.96.0.11"],
+        &[("http", Protocol::Tcp, 80, Some(30080))],
+    );
+    let c = catalog(ClusterPolicy::default(), &inputs(vec![np], vec![]));
+    let a = c.rules_for(&facts("a"));
+    assert_eq!(node_of(&a).node_port_ips, ["192.168.50.11", "fd00:50::11"]);
+    assert_eq!(port_of(&a, "default/np/tcp/http/ipv4").node_port, 30080);
+    // Unknown node: no NodePort addresses at all (never loopback).
+    let x = c.rules_for(&facts("x"));
+    assert!(node_of(&x).node_port_ips.is_empty());
+}
+
+#[test]
+fn node_port_cidrs_select_reported_addresses() {
+    let policy = ClusterPolicy {
+        node_port_addresses: NodePortAddresses::Cidrs(vec![
+            "192.168.60.0/24".parse().unwrap(),
+            "127.0.0.0/8".parse().unwrap(),
+        ]),
+        ..Default::default()
+    };
+    let c = catalog(policy, &inputs(vec![], vec![]));
+    let rules = c.rules_for(&NodeFacts {
+        name: "a".into(),
+        agent_addresses: vec![ip("192.168.60.5"), ip("127.0.0.1"), ip("192.168.50.11")],
+    });
+    assert_eq!(node_of(&rules).node_port_ips, ["192.168.60.5"]);
+}
+
+#[test]
+fn local_policies_get_this_nodes_endpoints() {
+    let mut web = svc(
+        "web",
+        &["10.96.0.10"],
+        &[("http", Protocol::Tcp, 80, Some(30081))],
+    );
+    web.external_policy = TrafficPolicy::Local;
+    let s = slice(
+        "web-1",
+        "web",
+        &[("http", Protocol::Tcp, 8080)],
+        vec![ep("10.244.1.10", "a", READY), ep("10.244.2.10", "b", READY)],
+    );
+    let c = catalog(ClusterPolicy::default(), &inputs(vec![web], vec![s]));
+    let a = c.rules_for(&facts("a"));
+    let b = c.rules_for(&facts("b"));
+    let pa = port_of(&a, "default/web/tcp/http/ipv4");
+    let pb = port_of(&b, "default/web/tcp/http/ipv4");
+    assert!(pa.external_traffic_local && !pa.internal_traffic_local);
+    assert_eq!(endpoints(&pa.local_endpoints), ["10.244.1.10:8080"]);
+    assert_eq!(endpoints(&pb.local_endpoints), ["10.244.2.10:8080"]);
+    assert_eq!(pa.cluster_endpoints.len(), 2);
+    assert_ne!(a.system_version, b.system_version);
+}
+
+#[test]
+fn dual_stack_services_get_one_resource_per_family() {
+    let web = svc(
+        "web",
+        &["10.96.0.10", "fd00:96::10"],
+        &[("http", Protocol::Tcp, 80, None)],
+    );
+    let v4 = slice(
+        "web-v4",
+        "web",
+        &[("http", Protocol::Tcp, 8080)],
+        vec![ep("10.244.1.10", "a", READY)],
+    );
+    let v6 = slice(
+        "web-v6",
+        "web",
+        &[("http", Protocol::Tcp, 8080)],
+        vec![ep("fd00:244:1::10", "a", READY)],
+    );
+    let c = catalog(ClusterPolicy::default(), &inputs(vec![web], vec![v4, v6]));
+    let a = c.rules_for(&facts("a"));
+    let p6 = port_of(&a, "default/web/tcp/http/ipv6");
+    assert_eq!(p6.family, IpFamily::Ipv6 as i32);
+    assert_eq!(endpoints(&p6.cluster_endpoints), ["fd00:244:1::10:8080"]);
+    assert_eq!(
+        endpoints(&port_of(&a, "default/web/tcp/http/ipv4").cluster_endpoints),
+        ["10.244.1.10:8080"]
+    );
+}
+
+#[test]
+fn the_newer_of_two_services_claiming_a_node_port_is_refused() {
+    let old = svc(
+        "aa",
+        &["10.96.0.1"],
+        &[("http", Protocol::Tcp, 80, Some(30080))],
+    );
+    let new = svc(
+        "bbb",
+        &["10.96.0.2"],
+        &[("http", Protocol::Tcp, 80, Some(30080))],
+    );
+    // Same port number but UDP does not conflict.
+    let udp = svc(
+        "cccc",
+        &["10.96.0.3"],
+        &[("dns", Protocol::Udp, 53, Some(30080))],
+    );
+    let c = catalog(
+        ClusterPolicy::default(),
+        &inputs(vec![old, new, udp], vec![]),
+    );
+    assert!(c.ports.contains_key("default/aa/tcp/http/ipv4"));
+    assert!(!c.ports.contains_key("default/bbb/tcp/http/ipv4"));
+    assert!(c.ports.contains_key("default/cccc/udp/dns/ipv4"));
+    let r = &c.rejections[0];
+    assert_eq!(
+        (r.name.as_str(), r.field.as_str()),
+        ("bbb", "spec.ports[0].nodePort")
+    );
+    assert!(
+        r.message.contains("already used by Service default/aa"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn versions_change_only_with_content() {
+    let web = svc("web", &["10.96.0.10"], &[("http", Protocol::Tcp, 80, None)]);
+    let other = svc(
+        "other",
+        &["10.96.0.20"],
+        &[("http", Protocol::Tcp, 80, None)],
+    );
+    let s = |ip_: &str| {
+        slice(
+            "web-1",
+            "web",
+            &[("http", Protocol::Tcp, 8080)],
+            vec![ep(ip_, "a", READY)],
+        )
+    };
+    let c1 = catalog(
+        ClusterPolicy::default(),
+        &inputs(vec![web.clone(), other.clone()], vec![s("10.244.1.10")]),
+    );
+    let c2 = catalog(
+        ClusterPolicy::default(),
+        &inputs(vec![web, other], vec![s("10.244.1.11")]),
+    );
+    let (r1, r2) = (c1.rules_for(&facts("b")), c2.rules_for(&facts("b")));
+    assert_eq!(
+        r1.resources["default/other/tcp/http/ipv4"].version,
+        r2.resources["default/other/tcp/http/ipv4"].version
+    );
+    assert_eq!(
+        r1.resources[NODE_RESOURCE].version,
+        r2.resources[NODE_RESOURCE].version
+    );
+    assert_ne!(
+        r1.resources["default/web/tcp/http/ipv4"].version,
+        r2.resources["default/web/tcp/http/ipv4"].version
+    );
+    assert_eq!(c1.rules_for(&facts("b")), r1, "planning is deterministic");
+}
+
+#[test]
+fn explanations_say_why() {
+    let mut web = svc("web", &["10.96.0.10"], &[("http", Protocol::Tcp, 80, None)]);
+    web.internal_policy = TrafficPolicy::Local;
+    let s = slice(
+        "web-1",
+        "web",
+        &[("http", Protocol::Tcp, 8080)],
+        vec![ep("10.244.2.10", "b", READY)],
+    );
+    let c = catalog(
+        ClusterPolicy::default(),
+        &inputs(vec![web.clone()], vec![s]),
+    );
+    let notes = c.explain(&facts("a"), &web.id).join("\n");
+    assert!(
+        notes.contains("internalTrafficPolicy Local") && notes.contains("none here: dropped"),
+        "{notes}"
+    );
+}

@@ -1,0 +1,439 @@
+//! Where Services, EndpointSlices and Nodes come from.
+//!
+//! Every source produces the same thing: the set of Kubernetes objects it currently sees, which
+//! [`objects_to_inputs`] validates into the planner's [`Inputs`]. `dir:PATH` reads a directory of
+//! YAML manifests and re-reads it whenever a file in it changes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::model::{self, Limits, ObjectName, Rejection, ServiceOutcome, clip};
+use crate::plan::Inputs;
+
+/// A manifest file larger than this is refused whole (it cannot be a sane set of objects).
+pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
+/// How often the directory is checked for changes.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The Kubernetes objects a source currently sees, plus what could not even be parsed.
+#[derive(Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+    pub rejections: Vec<Rejection>,
+}
+
+/// Validates objects into planner inputs. Invalid objects become rejections; duplicates keep
+/// the first one seen.
+pub fn objects_to_inputs(objects: Objects, limits: &Limits) -> Inputs {
+    let mut inputs = Inputs {
+        rejections: objects.rejections,
+        ..Default::default()
+    };
+    for svc in &objects.services {
+        match model::service(svc, limits) {
+            ServiceOutcome::Proxied(m) => {
+                if inputs.services.contains_key(&m.id) {
+                    inputs.rejections.push(duplicate("Service", &m.id));
+                } else {
+                    inputs.services.insert(m.id.clone(), m);
+                }
+            }
+            ServiceOutcome::Ignored(why) => {
+                let id = ObjectName {
+                    namespace: svc
+                        .metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                    name: svc.metadata.name.clone().unwrap_or_default(),
+                };
+                debug!(service = %clip(&id.to_string()), %why, "service not proxied");
+                inputs.ignored.insert(id, why);
+            }
+            ServiceOutcome::Rejected(r) => inputs.rejections.push(r),
+        }
+    }
+    for slice in &objects.slices {
+        match model::endpoint_slice(slice) {
+            Ok((m, problems)) => {
+                inputs.rejections.extend(problems);
+                if inputs.slices.contains_key(&m.id) {
+                    inputs.rejections.push(duplicate("EndpointSlice", &m.id));
+                } else {
+                    inputs.slices.insert(m.id.clone(), m);
+                }
+            }
+            Err(r) => inputs.rejections.push(r),
+        }
+    }
+    for node in &objects.nodes {
+        match model::node(node) {
+            Ok(m) => {
+                inputs.nodes.entry(m.name.clone()).or_insert(m);
+            }
+            Err(r) => inputs.rejections.push(r),
+        }
+    }
+    inputs.rejections.sort();
+    inputs
+}
+
+fn duplicate(kind: &'static str, id: &ObjectName) -> Rejection {
+    Rejection {
+        kind,
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        field: "metadata.name".into(),
+        message: "defined more than once; the first definition is used".into(),
+    }
+}
+
+/// Parses one manifest file's text (multi-document YAML, `kind: List` accepted).
+pub fn parse_manifest(file: &str, text: &str, objects: &mut Objects) {
+    let file_error = |message: String| Rejection {
+        kind: "File",
+        namespace: String::new(),
+        name: file.to_owned(),
+        field: String::new(),
+        message,
+    };
+    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            objects.rejections.push(file_error(format!(
+                "not valid YAML: {}",
+                clip_error(&e.to_string())
+            )));
+            return;
+        }
+    };
+    for (i, doc) in docs.into_iter().enumerate() {
+        add_document(file, i, doc, objects);
+    }
+}
+
+fn clip_error(s: &str) -> String {
+    // YAML errors quote the input; keep them readable.
+    let first: String = s.lines().take(6).collect::<Vec<_>>().join(" | ");
+    clip(&first)
+}
+
+fn add_document(file: &str, index: usize, doc: Value, objects: &mut Objects) {
+    if doc.is_null() {
+        return;
+    }
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let name = doc
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let namespace = doc
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_owned();
+    let reject = |kind: &'static str, message: String| Rejection {
+        kind,
+        namespace: namespace.clone(),
+        name: name.clone(),
+        field: String::new(),
+        message: format!("{file} document {index}: {message}"),
+    };
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = match doc.get("items") {
+                Some(Value::Array(items)) => items.clone(),
+                _ => Vec::new(),
+            };
+            for item in items {
+                add_document(file, index, item, objects);
+            }
+        }
+        ("v1", "Service") => match serde_json::from_value::<Service>(doc) {
+            Ok(svc) => objects.services.push(svc),
+            Err(e) => objects.rejections.push(reject(
+                "Service",
+                format!("malformed: {}", clip(&e.to_string())),
+            )),
+        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match serde_json::from_value::<EndpointSlice>(doc) {
+                Ok(s) => objects.slices.push(s),
+                Err(e) => objects.rejections.push(reject(
+                    "EndpointSlice",
+                    format!("malformed: {}", clip(&e.to_string())),
+                )),
+            }
+        }
+        ("v1", "Node") => match serde_json::from_value::<Node>(doc) {
+            Ok(n) => objects.nodes.push(n),
+            Err(e) => objects.rejections.push(reject(
+                "Node",
+                format!("malformed: {}", clip(&e.to_string())),
+            )),
+        },
+        _ => warn!(
+            file,
+            document = index,
+            api_version = %clip(&api_version),
+            kind = %clip(&kind),
+            "ignoring object of a kind kubenft does not read"
+        ),
+    }
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file of a directory.
+pub fn read_dir(dir: &Path) -> Objects {
+    let mut objects = Objects::default();
+    for path in manifest_files(dir) {
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = match std::fs::metadata(&path) {
+            Ok(m) if m.len() > MAX_FILE_BYTES => Err(format!(
+                "{} bytes is larger than the {MAX_FILE_BYTES} allowed",
+                m.len()
+            )),
+            _ => std::fs::read_to_string(&path).map_err(|e| format!("unreadable: {e}")),
+        };
+        match text {
+            Ok(text) => parse_manifest(&file, &text, &mut objects),
+            Err(message) => objects.rejections.push(Rejection {
+                kind: "File",
+                namespace: String::new(),
+                name: file,
+                field: String::new(),
+                message,
+            }),
+        }
+    }
+    objects
+}
+
+fn manifest_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// What identifies the directory's current content without reading it.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    manifest_files(dir)
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let mtime = meta.and_then(|m| m.modified().ok());
+            (p, len, mtime)
+        })
+        .collect()
+}
+
+/// Watches a directory and publishes validated inputs on every change. The first value is
+/// published before this returns control to the caller's loop, so a consumer can wait for
+/// "synced" by waiting for the first change.
+pub async fn run_dir(
+    dir: PathBuf,
+    limits: Limits,
+    tx: watch::Sender<Option<std::sync::Arc<Inputs>>>,
+    shutdown: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let current = fingerprint(&dir);
+        if last.as_ref() != Some(&current) {
+            let objects = read_dir(&dir);
+            let inputs = objects_to_inputs(objects, &limits);
+            info!(
+                dir = %dir.display(),
+                services = inputs.services.len(),
+                slices = inputs.slices.len(),
+                nodes = inputs.nodes.len(),
+                rejected = inputs.rejections.len(),
+                "read manifests"
+            );
+            for r in &inputs.rejections {
+                warn!(rejection = %r, "object refused");
+            }
+            tx.send_replace(Some(std::sync::Arc::new(inputs)));
+            last = Some(current);
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+    }
+}
+
+/// Counts rejections by kind, for metrics.
+pub fn rejections_by_kind(rejections: &[Rejection]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for r in rejections {
+        *counts.entry(r.kind).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.10]
+  conditions: {ready: true}
+  nodeName: a
+"#;
+
+    fn inputs(text: &str) -> Inputs {
+        let mut objects = Objects::default();
+        parse_manifest("test.yaml", text, &mut objects);
+        objects_to_inputs(objects, &Limits::default())
+    }
+
+    #[test]
+    fn reads_multi_document_files_and_lists() {
+        let i = inputs(GOOD);
+        assert_eq!(i.services.len(), 1);
+        assert_eq!(i.slices.len(), 1);
+        assert!(i.rejections.is_empty(), "{:?}", i.rejections);
+        let list = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Node","metadata":{"name":"a"},"status":{"addresses":[{"type":"InternalIP","address":"192.168.50.11"}]}}]}"#;
+        let i = inputs(list);
+        assert_eq!(
+            i.nodes["a"].internal_ips,
+            vec!["192.168.50.11".parse::<std::net::IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn bad_yaml_is_a_file_error_and_other_kinds_are_ignored() {
+        let i = inputs("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        assert_eq!(i.rejections.len(), 1);
+        assert_eq!(i.rejections[0].kind, "File");
+        assert!(
+            i.rejections[0].message.contains("not valid YAML"),
+            "{}",
+            i.rejections[0]
+        );
+        let i = inputs("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n");
+        assert!(i.rejections.is_empty() && i.services.is_empty());
+    }
+
+    #[test]
+    fn a_bad_service_leaves_the_others() {
+        let bad = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bad-np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, nodePort: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-ip}
+spec:
+  clusterIP: 10.96.0.300
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: bad-port}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{port: 70000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: 5}
+spec: {clusterIP: "x"}
+"#;
+        let i = inputs(&format!("{GOOD}\n---\n{bad}"));
+        assert_eq!(i.services.len(), 1, "{:?}", i.rejections);
+        let fields: Vec<(&str, &str)> = i
+            .rejections
+            .iter()
+            .map(|r| (r.name.as_str(), r.field.as_str()))
+            .collect();
+        assert!(
+            fields.contains(&("bad-np", "spec.ports[0].nodePort")),
+            "{fields:?}"
+        );
+        assert!(fields.contains(&("bad-ip", "spec.clusterIP")), "{fields:?}");
+        assert!(
+            fields.contains(&("bad-port", "spec.ports[0].port")),
+            "{fields:?}"
+        );
+        let np = i.rejections.iter().find(|r| r.name == "bad-np").unwrap();
+        assert!(
+            np.to_string()
+                .contains("outside the node port range 30000-32767"),
+            "{np}"
+        );
+    }
+
+    #[test]
+    fn hostile_names_are_refused_and_clipped() {
+        let name = "a".repeat(100_000);
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
+        );
+        let i = inputs(&text);
+        assert!(i.services.is_empty());
+        assert_eq!(i.rejections[0].field, "metadata.name");
+        assert!(i.rejections[0].to_string().len() < 400);
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: \"x; flush ruleset\"}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        assert_eq!(inputs(text).rejections[0].field, "metadata.name");
+    }
+}
