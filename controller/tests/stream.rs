@@ -1,0 +1,260 @@
+//! The rule stream's semantics against the real controller over a real socket, with a scripted
+//! agent: deltas only, ACK/NACK, one change in flight with coalescing, and a reconnecting
+//! current agent receiving nothing but a confirmation.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
+use kubenft_proto::v1::{
+    Ack, AgentMessage, Change, ControllerMessage, Hello, ListNodesRequest, Nack, ResourceVersion,
+    SyncState, agent_message, controller_inspect_client::ControllerInspectClient, controller_message,
+    rule_stream_client::RuleStreamClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
+    )
+}
+
+fn slice(service: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [{ip}]\n  nodeName: a\n"
+    )
+}
+
+/// Writes a manifest atomically (the controller must never see half a file).
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+struct Controller {
+    grpc: SocketAddr,
+    dir: tempdir::Dir,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Self {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("kubenft-stream-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Controller {
+    async fn start() -> Self {
+        let dir = tempdir::Dir::new();
+        write(&dir.0, "a.yaml", &format!("{}---\n{}", service("web", "10.96.0.10"), slice("web", "10.244.1.10")));
+        let grpc = free_port();
+        let config = Config {
+            source: SourceArg::Dir(dir.0.clone()),
+            grpc_listen: grpc,
+            http_listen: free_port(),
+            policy: ClusterPolicy::default(),
+        };
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            kubenft_controller::run(config, token).await.unwrap();
+        });
+        Controller { grpc, dir, shutdown, task }
+    }
+
+    async fn connect(&self, applied: Vec<ResourceVersion>) -> Agent {
+        let url = format!("http://{}", self.grpc);
+        let mut client = None;
+        for _ in 0..100 {
+            match RuleStreamClient::connect(url.clone()).await {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let mut client = client.expect("controller never listened");
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(AgentMessage {
+            message: Some(agent_message::Message::Hello(Hello {
+                node_name: "a".into(),
+                addresses: vec![],
+                applied,
+                agent_version: "test".into(),
+            })),
+        })
+        .await
+        .unwrap();
+        let inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        Agent { tx, inbound }
+    }
+
+    async fn node_state(&self) -> (SyncState, String) {
+        let mut c = ControllerInspectClient::connect(format!("http://{}", self.grpc)).await.unwrap();
+        let nodes = c.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+        let a = nodes.into_iter().find(|n| n.name == "a").expect("node a listed");
+        (SyncState::try_from(a.state).unwrap(), a.last_nack_error)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task).await.unwrap().unwrap();
+    }
+}
+
+struct Agent {
+    tx: mpsc::Sender<AgentMessage>,
+    inbound: Streaming<ControllerMessage>,
+}
+
+impl Agent {
+    async fn next(&mut self) -> Change {
+        let msg = tokio::time::timeout(WAIT, self.inbound.message())
+            .await
+            .expect("no change within 5 s")
+            .unwrap()
+            .expect("stream ended");
+        match msg.message {
+            Some(controller_message::Message::Change(c)) => c,
+            None => panic!("empty message"),
+        }
+    }
+
+    async fn nothing_for(&mut self, d: Duration) {
+        if let Ok(m) = tokio::time::timeout(d, self.inbound.message()).await {
+            panic!("expected silence, got {m:?}");
+        }
+    }
+
+    async fn ack(&self, c: &Change) {
+        self.tx
+            .send(AgentMessage {
+                message: Some(agent_message::Message::Ack(Ack { change_id: c.change_id })),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, c: &Change, error: &str) {
+        self.tx
+            .send(AgentMessage {
+                message: Some(agent_message::Message::Nack(Nack {
+                    change_id: c.change_id,
+                    error: error.into(),
+                })),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn names(c: &Change) -> Vec<&str> {
+    c.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+/// A new agent gets everything, then only what changes; changes made while one is in flight are
+/// merged into a single next change.
+#[tokio::test]
+async fn deltas_with_one_change_in_flight() {
+    let ctl = Controller::start().await;
+    let mut agent = ctl.connect(vec![]).await;
+    let full = agent.next().await;
+    assert_eq!(names(&full), ["default/web/tcp/http/ipv4", "node"]);
+    agent.ack(&full).await;
+
+    // Two edits while nothing is acked: the first goes out, the second waits and is merged.
+    write(&ctl.dir.0, "b.yaml", &service("api", "10.96.0.20"));
+    let first = agent.next().await;
+    assert_eq!(names(&first), ["default/api/tcp/http/ipv4"]);
+    write(&ctl.dir.0, "a.yaml", &format!("{}---\n{}", service("web", "10.96.0.10"), slice("web", "10.244.1.11")));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::remove_file(ctl.dir.0.join("b.yaml")).unwrap();
+    agent.nothing_for(Duration::from_millis(600)).await;
+    agent.ack(&first).await;
+    let merged = agent.next().await;
+    assert_eq!(names(&merged), ["default/web/tcp/http/ipv4"]);
+    assert_eq!(merged.removed, ["default/api/tcp/http/ipv4"]);
+    agent.ack(&merged).await;
+    agent.nothing_for(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ctl.node_state().await.0, SyncState::Synced);
+    ctl.stop().await;
+}
+
+/// An agent that reconnects holding the current state receives an empty confirmation only.
+#[tokio::test]
+async fn a_current_agent_gets_only_a_confirmation() {
+    let ctl = Controller::start().await;
+    let mut agent = ctl.connect(vec![]).await;
+    let full = agent.next().await;
+    agent.ack(&full).await;
+    let applied: Vec<ResourceVersion> = full.resources.iter().map(|r| r.name_version()).collect();
+    drop(agent);
+
+    let mut again = ctl.connect(applied).await;
+    let confirmation = again.next().await;
+    assert!(confirmation.resources.is_empty() && confirmation.removed.is_empty());
+    assert_eq!(confirmation.system_version, full.system_version);
+    again.ack(&confirmation).await;
+    again.nothing_for(Duration::from_millis(500)).await;
+
+    // An agent holding something stale gets just the difference.
+    drop(again);
+    let mut stale = ctl.connect(vec![ResourceVersion {
+        name: "default/gone/tcp/http/ipv4".into(),
+        version: "0".into(),
+    }])
+    .await;
+    let diff = stale.next().await;
+    assert_eq!(names(&diff), ["default/web/tcp/http/ipv4", "node"]);
+    assert_eq!(diff.removed, ["default/gone/tcp/http/ipv4"]);
+    ctl.stop().await;
+}
+
+/// A refused change is reported, not resent, and the next edit is sent as a fresh merged change.
+#[tokio::test]
+async fn a_nack_is_visible_and_not_retried_blindly() {
+    let ctl = Controller::start().await;
+    let mut agent = ctl.connect(vec![]).await;
+    let full = agent.next().await;
+    agent.nack(&full, "nft: Error: Could not process rule").await;
+    agent.nothing_for(Duration::from_millis(500)).await;
+    let (state, error) = ctl.node_state().await;
+    assert_eq!(state, SyncState::Nacked);
+    assert!(error.contains("Could not process rule"));
+
+    write(&ctl.dir.0, "b.yaml", &service("api", "10.96.0.20"));
+    let retry = agent.next().await;
+    assert_eq!(names(&retry), ["default/api/tcp/http/ipv4", "default/web/tcp/http/ipv4", "node"]);
+    agent.ack(&retry).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ctl.node_state().await.0, SyncState::Synced);
+    ctl.stop().await;
+}
