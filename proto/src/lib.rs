@@ -8,7 +8,8 @@ pub mod v1 {
     tonic::include_proto!("kubenft.v1");
 
     /// Encoded `FileDescriptorSet` of every kubenft.v1 file, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kubenft_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("kubenft_descriptor");
 }
 
 mod version;
