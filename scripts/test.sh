@@ -5,10 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-# Leftovers of a lab whose test process was SIGKILLed.
-for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^kn[0-9]+x[0-9]+-' || true); do
-  ip netns del "$ns" 2>/dev/null || true
-done
 
 cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-fail-fast "$@"
