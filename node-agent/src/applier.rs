@@ -1,0 +1,178 @@
+//! The one owner of the applied state's writes: plans each change, runs it through nft,
+//! commits and persists it, and records health, metrics and logs.
+//!
+//! Other tasks (inspection) only read the state, through the shared lock.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kubenft_proto::v1;
+use parking_lot::RwLock;
+
+use crate::apply;
+use crate::health::Health;
+use crate::metrics::{ChangeResult, Metrics};
+use crate::model::Family;
+use crate::nft::{Nft, TableName};
+use crate::state::{self, AppliedState};
+
+pub type SharedState = Arc<RwLock<AppliedState>>;
+
+pub struct Applier<N> {
+    nft: Arc<N>,
+    table: TableName,
+    state_dir: PathBuf,
+    state: SharedState,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl<N: Nft> Applier<N> {
+    pub fn new(
+        nft: Arc<N>,
+        table: TableName,
+        state_dir: PathBuf,
+        state: AppliedState,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        Applier {
+            nft,
+            table,
+            state_dir,
+            state: Arc::new(RwLock::new(state)),
+            metrics,
+            health,
+        }
+    }
+
+    pub fn state(&self) -> &SharedState {
+        &self.state
+    }
+
+    /// Applies one change; `Err` carries the NACK text (nft's stderr verbatim if nft refused).
+    pub async fn handle(&self, change: &v1::Change) -> Result<(), String> {
+        self.health.received();
+        let result = self.apply(change).await;
+        match &result {
+            Ok(()) => {
+                self.health.committed();
+                self.metrics.change(ChangeResult::ack);
+            }
+            Err(error) => {
+                self.metrics.change(ChangeResult::nack);
+                self.state.write().last_error = error.clone();
+            }
+        }
+        result
+    }
+
+    async fn apply(&self, change: &v1::Change) -> Result<(), String> {
+        if change.resources.is_empty() && change.removed.is_empty() {
+            tracing::debug!(
+                change_id = change.change_id,
+                "controller confirms we are current"
+            );
+            return Ok(());
+        }
+        let plan = apply::plan(&self.state.read(), change, &self.table).map_err(|e| {
+            tracing::error!(change_id = change.change_id, error = %e, "refusing change");
+            e.to_string()
+        })?;
+        let started = Instant::now();
+        if let Err(e) = self.nft.apply(&plan.tx).await {
+            self.metrics.sync_failed();
+            tracing::error!(change_id = change.change_id, error = %e, "nft refused the transaction");
+            return Err(e.to_string());
+        }
+        let elapsed = started.elapsed();
+        self.metrics
+            .synced(&plan.tx.families(), elapsed.as_secs_f64());
+        let (ops, full) = (plan.tx.element_ops(), plan.full);
+        let file = {
+            let mut state = self.state.write();
+            state.commit(plan);
+            state.to_file(&self.table)
+        };
+        tracing::info!(
+            change_id = change.change_id,
+            changed = change.resources.len(),
+            removed = change.removed.len(),
+            element_ops = ops,
+            full_reconcile = full,
+            generation = file.generation,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            "applied change"
+        );
+        self.persist(file).await;
+        Ok(())
+    }
+
+    /// Writes the state file. A failure only costs a full reconcile after a restart (the
+    /// file's generation will not match the table's), so it is logged, not fatal.
+    async fn persist(&self, file: state::StateFile) {
+        let dir = self.state_dir.clone();
+        let saved = tokio::task::spawn_blocking(move || state::save(&dir, &file)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not persist the applied state"),
+            Err(e) => tracing::warn!(error = %e, "persisting the applied state panicked"),
+        }
+    }
+}
+
+/// The state to start from: the state file if the kernel's tables carry its generation,
+/// otherwise "unknown" (report nothing applied; the first change is a full reconcile).
+pub async fn recover<N: Nft>(
+    nft: &N,
+    table: &TableName,
+    state_dir: &std::path::Path,
+) -> AppliedState {
+    let file = match state::load(state_dir) {
+        Ok(Some(file)) => file,
+        Ok(None) => {
+            tracing::info!("no state file: starting with a full reconcile");
+            return AppliedState::unknown(0);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable state file: starting with a full reconcile");
+            return AppliedState::unknown(0);
+        }
+    };
+    let mut kernel = Vec::new();
+    for f in Family::ALL {
+        match nft.generation(table, f).await {
+            Ok(g) => kernel.push(g),
+            Err(e) => {
+                tracing::warn!(error = %e, family = f.nft(), "cannot read the table's generation");
+                kernel.push(None);
+            }
+        }
+    }
+    let next = kernel
+        .iter()
+        .flatten()
+        .copied()
+        .chain([file.generation])
+        .max()
+        .unwrap_or(0);
+    if file.table != table.as_str() || kernel.iter().any(|g| *g != Some(file.generation)) {
+        tracing::info!(file = file.generation, kernel = ?kernel, "state file does not match the tables: starting with a full reconcile");
+        return AppliedState::unknown(next);
+    }
+    match AppliedState::adopt(file, table) {
+        Ok(state) => {
+            tracing::info!(
+                generation = state.generation(),
+                resources = state.resources().count(),
+                "adopted the applied state"
+            );
+            state
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot adopt the state file: starting with a full reconcile");
+            AppliedState::unknown(next)
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! From a Change to one nft transaction, by element-level diff against the applied state.
+//!
+//! Planning is pure and reads the applied state without changing it: the element changes are
+//! collected in an overlay, and only once nft has committed the transaction is the overlay
+//! written into the state ([`AppliedState::commit`]). A refused transaction therefore leaves
+//! the in-memory state exactly as it left the kernel: untouched. The work is proportional to
+//! the resources in the change, never to the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use kubenft_proto::v1;
+
+use crate::model::{self, Family, InvalidResource, NODE_RESOURCE, NodeConfig, Spec};
+use crate::nft::{Chain, Command, Element, ElementKey, SetId, TableName, Transaction};
+use crate::render::{self, FamilyContent};
+use crate::state::{Applied, AppliedState, Created, Entry, FamilyTable, StateFile};
+
+/// Why a change cannot be applied (before nft is even run).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidResource),
+    #[error("resource {0:?} appears more than once in the change")]
+    Duplicate(String),
+    #[error(
+        "resource {owner:?} wants element {wanted:?} in {set}, which another resource holds as {held:?}"
+    )]
+    Conflict {
+        owner: String,
+        set: SetId,
+        wanted: String,
+        held: String,
+    },
+}
+
+/// A planned change: the transaction to run, and what to record once it has committed.
+#[derive(Debug)]
+pub struct Plan {
+    pub tx: Transaction,
+    /// The transaction rewrites the whole table (the kernel state was unknown).
+    pub full: bool,
+    commit: Commit,
+}
+
+#[derive(Debug)]
+struct Commit {
+    upserts: Vec<Applied>,
+    removed: Vec<String>,
+    node: Option<NodeConfig>,
+    elements: [BTreeMap<ElementKey, Option<Entry>>; 2],
+    created: [Created; 2],
+    generation: u32,
+}
+
+/// Plans a change against the applied state.
+pub fn plan(
+    state: &AppliedState,
+    change: &v1::Change,
+    table: &TableName,
+) -> Result<Plan, PlanError> {
+    let upserts = validate(change)?;
+    let node = node_change(&upserts, &change.removed);
+    let mut overlays = Family::ALL.map(|f| Overlay::new(state.table(f)));
+    // Release everything the old versions held before taking what the new ones want, so an
+    // element moving between resources in one change is not a conflict.
+    let touched = upserts
+        .iter()
+        .map(|a| &a.resource.name)
+        .chain(&change.removed);
+    for name in touched {
+        if let Some(Spec::ServicePort(old)) = state.resources.get(name).map(|a| &a.spec) {
+            let overlay = &mut overlays[old.family as usize];
+            for element in render::service_elements(old) {
+                overlay.release(&element);
+            }
+        }
+    }
+    for applied in &upserts {
+        if let Spec::ServicePort(new) = &applied.spec {
+            let overlay = &mut overlays[new.family as usize];
+            for element in render::service_elements(new) {
+                overlay.retain(element, &applied.resource.name)?;
+            }
+        }
+    }
+    let generation = state.generation.wrapping_add(1);
+    let mut tx = Transaction::new(table.clone());
+    let full = !state.synced;
+    let created = if full {
+        full_transaction(&mut tx, state, node.as_ref(), &overlays, generation)
+    } else {
+        incremental_transaction(&mut tx, state, node.as_ref(), &overlays, generation)
+    };
+    Ok(Plan {
+        tx,
+        full,
+        commit: Commit {
+            upserts,
+            removed: change.removed.clone(),
+            node,
+            elements: overlays.map(|o| o.changes),
+            created,
+            generation,
+        },
+    })
+}
+
+fn validate(change: &v1::Change) -> Result<Vec<Applied>, PlanError> {
+    let mut names = BTreeSet::new();
+    let mut out = Vec::with_capacity(change.resources.len());
+    for res in &change.resources {
+        if !names.insert(res.name.as_str()) {
+            return Err(PlanError::Duplicate(res.name.clone()));
+        }
+        let spec = model::validate(res)?;
+        out.push(Applied {
+            resource: res.clone(),
+            spec,
+        });
+    }
+    if let Some(both) = change.removed.iter().find(|n| names.contains(n.as_str())) {
+        return Err(PlanError::Duplicate(both.clone()));
+    }
+    Ok(out)
+}
+
+/// The new node settings, if the change touches them (removal means defaults).
+fn node_change(upserts: &[Applied], removed: &[String]) -> Option<NodeConfig> {
+    let updated = upserts.iter().find_map(|a| match &a.spec {
+        Spec::Node(cfg) => Some(cfg.clone()),
+        Spec::ServicePort(_) => None,
+    });
+    updated.or_else(|| {
+        removed
+            .iter()
+            .any(|n| n == NODE_RESOURCE)
+            .then(NodeConfig::default)
+    })
+}
+
+/// The commands for an applied state whose kernel counterpart is known: element diffs, node
+/// settings if changed, new on-demand objects, the generation. Returns the new objects.
+fn incremental_transaction(
+    tx: &mut Transaction,
+    state: &AppliedState,
+    node: Option<&NodeConfig>,
+    overlays: &[Overlay<'_>; 2],
+    generation: u32,
+) -> [Created; 2] {
+    let diffs = overlays.each_ref().map(Overlay::diff);
+    for (f, (deletes, _)) in Family::ALL.into_iter().zip(&diffs) {
+        for key in deletes {
+            tx.push(f, Command::DeleteElement(*key));
+        }
+    }
+    if let Some(new) = node {
+        for f in Family::ALL {
+            node_commands(tx, f, &state.node, new);
+        }
+    }
+    let created = Family::ALL.map(|f| {
+        let (_, adds) = &diffs[f as usize];
+        let new = Created::needed_by(adds).minus(&state.table(f).chains);
+        create_commands(tx, f, &new);
+        new
+    });
+    for (f, (_, adds)) in Family::ALL.into_iter().zip(diffs) {
+        for element in adds {
+            tx.push(f, Command::AddElement(element));
+        }
+    }
+    for f in Family::ALL {
+        tx.push(f, Command::FlushSet(SetId::Generation));
+        tx.push(f, Command::AddElement(Element::Generation(generation)));
+    }
+    created
+}
+
+/// Creates endpoint slots, then the load-balancing chains that jump to them.
+fn create_commands(tx: &mut Transaction, f: Family, new: &Created) {
+    for slot in &new.slots {
+        for command in render::slot_commands(*slot, f) {
+            tx.push(f, command);
+        }
+    }
+    for lb in &new.lb_chains {
+        for command in render::lb_chain_commands(*lb) {
+            tx.push(f, command);
+        }
+    }
+}
+
+/// Rewrites the node sets and the constant chains whose rules depend on changed settings.
+fn node_commands(tx: &mut Transaction, f: Family, old: &NodeConfig, new: &NodeConfig) {
+    if render::node_elements(old, f) != render::node_elements(new, f) {
+        for set in SetId::NODE_SETS {
+            tx.push(f, Command::FlushSet(set));
+        }
+        for element in render::node_elements(new, f) {
+            tx.push(f, Command::AddElement(element));
+        }
+    }
+    for chain in Chain::CONSTANT {
+        let rules = render::chain_rules(chain, new, f);
+        if render::chain_rules(chain, old, f) != rules {
+            tx.push(f, Command::FlushChain(chain));
+            for rule in rules {
+                tx.push(f, Command::AddRule(chain, rule));
+            }
+        }
+    }
+}
+
+/// A full reconcile of both tables to the state after the change. Returns every on-demand
+/// object it (re)creates.
+fn full_transaction(
+    tx: &mut Transaction,
+    state: &AppliedState,
+    node: Option<&NodeConfig>,
+    overlays: &[Overlay<'_>; 2],
+    generation: u32,
+) -> [Created; 2] {
+    let node = node.unwrap_or(&state.node);
+    let mut created = [Created::default(), Created::default()];
+    for f in Family::ALL {
+        let merged = overlays[f as usize].merged();
+        created[f as usize] = Created::needed_by(merged.values().map(|e| &e.element));
+        let mut elements = merged.values().map(|e| &e.element);
+        render::full_reconcile(
+            tx,
+            FamilyContent {
+                family: f,
+                node,
+                elements: &mut elements,
+                generation,
+            },
+        );
+    }
+    created
+}
+
+/// Element changes over one family's mirror, not yet committed.
+struct Overlay<'a> {
+    base: &'a FamilyTable,
+    changes: BTreeMap<ElementKey, Option<Entry>>,
+}
+
+impl<'a> Overlay<'a> {
+    fn new(base: &'a FamilyTable) -> Self {
+        Overlay {
+            base,
+            changes: BTreeMap::new(),
+        }
+    }
+
+    fn current(&self, key: &ElementKey) -> Option<&Entry> {
+        match self.changes.get(key) {
+            Some(change) => change.as_ref(),
+            None => self.base.elements.get(key),
+        }
+    }
+
+    /// One resource stops wanting an element.
+    fn release(&mut self, element: &Element) {
+        let key = element.key();
+        let next = match self.current(&key) {
+            Some(entry) if entry.refs > 1 => Some(Entry {
+                element: entry.element,
+                refs: entry.refs - 1,
+            }),
+            Some(_) => None,
+            None => return,
+        };
+        self.changes.insert(key, next);
+    }
+
+    /// One resource wants an element; a different value under the same key is a conflict.
+    fn retain(&mut self, element: Element, owner: &str) -> Result<(), PlanError> {
+        let key = element.key();
+        let next = match self.current(&key) {
+            Some(entry) if entry.element == element => Entry {
+                element,
+                refs: entry.refs + 1,
+            },
+            Some(entry) => {
+                return Err(PlanError::Conflict {
+                    owner: owner.to_owned(),
+                    set: key.set(),
+                    wanted: element.to_string(),
+                    held: entry.element.to_string(),
+                });
+            }
+            None => Entry { element, refs: 1 },
+        };
+        self.changes.insert(key, Some(next));
+        Ok(())
+    }
+
+    /// Keys to delete (gone, or value changed) and elements to add (new, or value changed).
+    fn diff(&self) -> (Vec<ElementKey>, Vec<Element>) {
+        let mut deletes = Vec::new();
+        let mut adds = Vec::new();
+        for (key, new) in &self.changes {
+            let old = self.base.elements.get(key).map(|e| e.element);
+            let new = new.as_ref().map(|e| e.element);
+            if old == new {
+                continue;
+            }
+            if old.is_some() {
+                deletes.push(*key);
+            }
+            if let Some(element) = new {
+                adds.push(element);
+            }
+        }
+        (deletes, adds)
+    }
+
+    /// The whole table after the change (a full reconcile is O(table) anyway).
+    fn merged(&self) -> BTreeMap<ElementKey, Entry> {
+        let mut all = self.base.elements.clone();
+        for (key, change) in &self.changes {
+            match change {
+                Some(entry) => all.insert(*key, entry.clone()),
+                None => all.remove(key),
+            };
+        }
+        all
+    }
+}
+
+impl AppliedState {
+    /// Records a plan whose transaction has committed.
+    pub fn commit(&mut self, plan: Plan) {
+        let mut c = plan.commit;
+        for f in Family::ALL {
+            let table = &mut self.tables[f as usize];
+            for (key, change) in &c.elements[f as usize] {
+                match change {
+                    Some(entry) => table.elements.insert(*key, entry.clone()),
+                    None => table.elements.remove(key),
+                };
+            }
+            table
+                .chains
+                .extend(std::mem::take(&mut c.created[f as usize]));
+        }
+        for name in &c.removed {
+            self.resources.remove(name);
+        }
+        for applied in c.upserts {
+            self.resources
+                .insert(applied.resource.name.clone(), applied);
+        }
+        if let Some(node) = c.node {
+            self.node = node;
+        }
+        self.generation = c.generation;
+        self.synced = true;
+        self.last_error.clear();
+        self.last_applied = Some(SystemTime::now());
+    }
+
+    /// Rebuilds the state a state file describes, for a kernel whose tables hold its
+    /// generation.
+    pub fn adopt(file: StateFile, table: &TableName) -> Result<AppliedState, PlanError> {
+        let change = v1::Change {
+            resources: file.resources,
+            ..Default::default()
+        };
+        let mut state = AppliedState::unknown(file.generation.wrapping_sub(1));
+        let plan = plan(&state, &change, table)?;
+        state.commit(plan);
+        state.last_applied = None;
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests;

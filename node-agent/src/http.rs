@@ -1,0 +1,145 @@
+//! The HTTP endpoints: `/healthz` and `/livez` (kube-proxy's semantics and JSON), and
+//! `/metrics` and `/proxyMode` on the metrics address.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{Health, rfc3339};
+use crate::metrics::Metrics;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HealthBody {
+    last_updated: String,
+    current_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_eligible: Option<bool>,
+    healthy: bool,
+}
+
+/// The router of the health address.
+pub fn health_router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|State(h): State<Arc<Health>>| async move { health_reply(&h, true) }),
+        )
+        .route(
+            "/livez",
+            get(|State(h): State<Arc<Health>>| async move { health_reply(&h, false) }),
+        )
+        .with_state(health)
+}
+
+fn health_reply(health: &Health, with_node: bool) -> Response {
+    let status = health.status();
+    let now = SystemTime::now();
+    let body = HealthBody {
+        last_updated: status.last_updated.map(rfc3339).unwrap_or_default(),
+        current_time: rfc3339(now),
+        // The agent does not watch its Node object: it is always eligible.
+        node_eligible: with_node.then_some(true),
+        healthy: status.healthy,
+    };
+    let code = if status.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        serde_json::to_string(&body).expect("serializable"),
+    )
+        .into_response()
+}
+
+/// The router of the metrics address.
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }),
+        )
+        .route("/proxyMode", get(|| async { "nftables" }))
+        .with_state(metrics)
+}
+
+/// Serves a router until cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get_text(router: Router, path: &str) -> (u16, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, router, cancel.clone()));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        cancel.cancel();
+        server.await.unwrap().unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        (code, body)
+    }
+
+    #[tokio::test]
+    async fn healthz_and_livez() {
+        let health = Arc::new(Health::default());
+        health.committed();
+        let (code, body) = get_text(health_router(health.clone()), "/healthz").await;
+        assert_eq!(code, 200);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["healthy"], true);
+        assert_eq!(json["nodeEligible"], true);
+        assert!(json["lastUpdated"].as_str().unwrap().ends_with('Z'));
+        let (code, body) = get_text(health_router(health), "/livez").await;
+        assert_eq!(code, 200);
+        assert!(!body.contains("nodeEligible"));
+    }
+
+    #[tokio::test]
+    async fn proxy_mode_and_metrics() {
+        let metrics = Arc::new(Metrics::default());
+        let (code, body) = get_text(metrics_router(metrics.clone()), "/proxyMode").await;
+        assert_eq!((code, body.as_str()), (200, "nftables"));
+        let (code, body) = get_text(metrics_router(metrics), "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("kubenft_agent_controller_connected"));
+    }
+}

@@ -1,0 +1,109 @@
+//! The agent's own inspection gRPC server (`kubenft.v1.AgentInspect`), with `grpc.health.v1`
+//! and server reflection (v1 and v1alpha, so grpcurl 1.8 works).
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use kubenft_proto::v1::{
+    self,
+    agent_inspect_server::{AgentInspect, AgentInspectServer},
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::applier::SharedState;
+use crate::model::Family;
+use crate::nft::{Nft, TableName};
+
+pub struct Inspect<N> {
+    pub node: String,
+    pub table: TableName,
+    pub state: SharedState,
+    pub nft: Arc<N>,
+}
+
+#[tonic::async_trait]
+impl<N: Nft> AgentInspect for Inspect<N> {
+    async fn get_applied(
+        &self,
+        _: Request<v1::GetAppliedRequest>,
+    ) -> Result<Response<v1::AppliedState>, Status> {
+        let state = self.state.read();
+        Ok(Response::new(v1::AppliedState {
+            node: self.node.clone(),
+            system_version: state.system_version(),
+            resources: state.resources().cloned().collect(),
+            last_error: state.last_error.clone(),
+            last_applied_unix_ms: state
+                .last_applied
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }))
+    }
+
+    async fn get_nft_text(
+        &self,
+        request: Request<v1::GetNftTextRequest>,
+    ) -> Result<Response<v1::NftText>, Status> {
+        let text = if request.into_inner().live {
+            let mut text = String::new();
+            for f in Family::ALL {
+                let table = self
+                    .nft
+                    .list_table(&self.table, f)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                text.push_str(&table);
+            }
+            text
+        } else {
+            let state = self.state.read();
+            Family::ALL
+                .map(|f| state.table_text(&self.table, f))
+                .concat()
+        };
+        Ok(Response::new(v1::NftText { text }))
+    }
+}
+
+/// Serves inspection, health and reflection until cancelled.
+pub async fn serve<N: Nft>(
+    listener: TcpListener,
+    inspect: Inspect<N>,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<AgentInspectServer<Inspect<N>>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kubenft_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // The descriptor set also holds the controller's services: advertise only ours.
+            .with_service_name("kubenft.v1.AgentInspect")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(AgentInspectServer::new(inspect))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())
+        .await?;
+    Ok(())
+}
+
+/// Why the inspection server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}

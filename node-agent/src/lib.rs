@@ -1,0 +1,22 @@
+//! kubenft node agent: receives its node's rule set from the controller and enforces it with
+//! atomic nftables transactions on tables it owns.
+//!
+//! Flow: [`stream`] receives a Change → [`applier`] asks [`apply`] for a plan (element diff of
+//! [`render`]ed [`model`] resources against the [`state`] mirror) → [`nft`] runs it as one
+//! transaction → the state is committed and persisted. [`http`] and [`inspect`] report.
+#![forbid(unsafe_code)]
+
+pub mod addrs;
+pub mod agent;
+pub mod applier;
+pub mod apply;
+pub mod cli;
+pub mod health;
+pub mod http;
+pub mod inspect;
+pub mod metrics;
+pub mod model;
+pub mod nft;
+pub mod render;
+pub mod state;
+pub mod stream;

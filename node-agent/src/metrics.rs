@@ -1,0 +1,157 @@
+//! Prometheus metrics, named as kube-proxy names them so existing dashboards keep working.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family as MetricFamily;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::model::Family;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(clippy::upper_case_acronyms)]
+enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    ip_family: IpFamily,
+}
+
+/// How a change ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ChangeResult {
+    ack,
+    nack,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: ChangeResult,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: MetricFamily<FamilyLabels, Histogram>,
+    sync_failures: Counter,
+    last_sync: Gauge<f64, AtomicU64>,
+    changes: MetricFamily<ResultLabels, Counter>,
+    connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let sync_duration = MetricFamily::<FamilyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        let metrics = Metrics {
+            registry: Registry::default(),
+            sync_duration,
+            sync_failures: Counter::default(),
+            last_sync: Gauge::default(),
+            changes: MetricFamily::default(),
+            connected: Gauge::default(),
+        };
+        metrics.register()
+    }
+}
+
+impl Metrics {
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time taken to apply one change to nftables",
+            self.sync_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+            "nft transactions that were refused",
+            self.sync_failures.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "Unix time of the last committed transaction",
+            self.last_sync.clone(),
+        );
+        r.register(
+            "kubenft_agent_changes",
+            "Changes received from the controller, by outcome",
+            self.changes.clone(),
+        );
+        r.register(
+            "kubenft_agent_controller_connected",
+            "1 while a controller stream is open",
+            self.connected.clone(),
+        );
+        self
+    }
+
+    /// A committed transaction touching `families`.
+    pub fn synced(&self, families: &[Family], seconds: f64) {
+        for f in families {
+            let ip_family = match f {
+                Family::V4 => IpFamily::IPv4,
+                Family::V6 => IpFamily::IPv6,
+            };
+            self.sync_duration
+                .get_or_create(&FamilyLabels { ip_family })
+                .observe(seconds);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_sync.set(now.as_secs_f64());
+    }
+
+    pub fn sync_failed(&self) {
+        self.sync_failures.inc();
+    }
+
+    pub fn change(&self, result: ChangeResult) {
+        self.changes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.set(i64::from(connected));
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_kube_proxy_names() {
+        let m = Metrics::default();
+        m.synced(&[Family::V4], 0.01);
+        m.sync_failed();
+        m.change(ChangeResult::ack);
+        m.set_connected(true);
+        let text = m.encode();
+        for needle in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=",
+            "ip_family=\"IPv4\"",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 1",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
+            "kubenft_agent_changes_total{result=\"ack\"} 1",
+            "kubenft_agent_controller_connected 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The agent's typed view of the resources the controller sends.
+//!
+//! Everything that reaches nft text passes through here first: every address, CIDR, port and
+//! enum from the wire is parsed into a Rust type, so rendering never touches an unparsed string
+//! and a malformed resource is refused (NACKed) before any nft command is built.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroU16;
+
+use ipnet::IpNet;
+use kubenft_proto::v1::{self, resource};
+
+/// The name of the node-wide resource.
+pub const NODE_RESOURCE: &str = "node";
+
+/// An IP family: one nft table each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(addr: IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The nft family keyword (`ip`, `ip6`), also the payload protocol in rules.
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    /// The nft address data type.
+    pub fn addr_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+
+    /// The loopback range, excluded from "all local addresses" NodePort matching.
+    pub fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1",
+        }
+    }
+
+    /// Kubernetes' spelling, used in metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// A layer-4 protocol a Service port may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        })
+    }
+}
+
+/// A port number, 1 to 65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Port(NonZeroU16);
+
+impl Port {
+    pub fn new(port: u16) -> Option<Port> {
+        NonZeroU16::new(port).map(Port)
+    }
+
+    pub fn get(self) -> u16 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One backend of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: Port,
+    /// Runs on this node (its pod IP gets hairpin masquerade).
+    pub local: bool,
+}
+
+/// A validated `ServicePortRules`: one Service port in one family as this node enforces it.
+///
+/// `load_balancer_source_ranges`, affinity and the health-check node port are not enforced yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub family: Family,
+    pub protocol: Protocol,
+    pub port: Port,
+    pub cluster_ip: Option<IpAddr>,
+    pub node_port: Option<Port>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub external_traffic_local: bool,
+    pub internal_traffic_local: bool,
+    pub cluster_endpoints: Vec<Endpoint>,
+    pub local_endpoints: Vec<Endpoint>,
+}
+
+/// A validated `NodeRules`: the node-wide settings behind the constant chains and node sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub cluster_cidrs: Vec<IpNet>,
+    pub service_cidrs: Vec<IpNet>,
+    pub node_port_ips: Vec<IpAddr>,
+    pub node_port_all_addresses: bool,
+    pub masquerade_all: bool,
+}
+
+impl NodeConfig {
+    /// The cluster CIDRs of one family, merged so an interval set accepts them.
+    pub fn cluster_cidrs(&self, family: Family) -> Vec<IpNet> {
+        of_family(&self.cluster_cidrs, family)
+    }
+
+    /// The service CIDRs of one family, merged.
+    pub fn service_cidrs(&self, family: Family) -> Vec<IpNet> {
+        of_family(&self.service_cidrs, family)
+    }
+
+    /// The NodePort addresses of one family, sorted and without duplicates.
+    pub fn node_port_ips(&self, family: Family) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .node_port_ips
+            .iter()
+            .copied()
+            .filter(|ip| Family::of(*ip) == family)
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+}
+
+fn of_family(nets: &[IpNet], family: Family) -> Vec<IpNet> {
+    let nets: Vec<IpNet> = nets
+        .iter()
+        .copied()
+        .filter(|n| Family::of(n.addr()) == family)
+        .collect();
+    IpNet::aggregate(&nets)
+}
+
+/// What a resource describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Spec {
+    Node(NodeConfig),
+    ServicePort(ServicePort),
+}
+
+/// Why a resource from the controller was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("resource {resource:?}: {field}: {reason}")]
+pub struct InvalidResource {
+    pub resource: String,
+    pub field: String,
+    pub reason: String,
+}
+
+/// Parses and checks one resource.
+pub fn validate(res: &v1::Resource) -> Result<Spec, InvalidResource> {
+    let fail = |field: &str, reason: String| InvalidResource {
+        resource: res.name.clone(),
+        field: field.to_owned(),
+        reason,
+    };
+    match &res.kind {
+        None => Err(fail("kind", "missing".into())),
+        Some(resource::Kind::Node(node)) if res.name == NODE_RESOURCE => node_config(node)
+            .map(Spec::Node)
+            .map_err(|(f, r)| fail(&f, r)),
+        Some(resource::Kind::Node(_)) => Err(fail(
+            "name",
+            format!("node rules must be named {NODE_RESOURCE:?}"),
+        )),
+        Some(resource::Kind::ServicePort(_)) if res.name == NODE_RESOURCE => Err(fail(
+            "name",
+            format!("{NODE_RESOURCE:?} is reserved for node rules"),
+        )),
+        Some(resource::Kind::ServicePort(sp)) => service_port(sp)
+            .map(Spec::ServicePort)
+            .map_err(|(f, r)| fail(&f, r)),
+    }
+}
+
+/// A field path and the reason it was refused.
+type FieldError = (String, String);
+
+fn node_config(node: &v1::NodeRules) -> Result<NodeConfig, FieldError> {
+    Ok(NodeConfig {
+        cluster_cidrs: parse_all(&node.cluster_cidrs, "cluster_cidrs", parse_cidr)?,
+        service_cidrs: parse_all(&node.service_cidrs, "service_cidrs", parse_cidr)?,
+        node_port_ips: parse_all(&node.node_port_ips, "node_port_ips", parse_ip)?,
+        node_port_all_addresses: node.node_port_all_addresses,
+        masquerade_all: node.masquerade_all,
+    })
+}
+
+fn service_port(sp: &v1::ServicePortRules) -> Result<ServicePort, FieldError> {
+    let family = match v1::IpFamily::try_from(sp.family) {
+        Ok(v1::IpFamily::Ipv4) => Family::V4,
+        Ok(v1::IpFamily::Ipv6) => Family::V6,
+        _ => return Err(("family".into(), format!("invalid IP family {}", sp.family))),
+    };
+    let protocol = match v1::Protocol::try_from(sp.protocol) {
+        Ok(v1::Protocol::Tcp) => Protocol::Tcp,
+        Ok(v1::Protocol::Udp) => Protocol::Udp,
+        Ok(v1::Protocol::Sctp) => Protocol::Sctp,
+        _ => {
+            return Err((
+                "protocol".into(),
+                format!("invalid protocol {}", sp.protocol),
+            ));
+        }
+    };
+    let ip = |field: &str, text: &str| -> Result<IpAddr, FieldError> {
+        let addr = parse_ip(text).map_err(|r| (field.to_owned(), r))?;
+        if Family::of(addr) != family {
+            return Err((
+                field.to_owned(),
+                format!("{addr} is not of family {family:?}"),
+            ));
+        }
+        Ok(addr)
+    };
+    let ips = |field: &str, texts: &[String]| -> Result<Vec<IpAddr>, FieldError> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ip(&format!("{field}[{i}]"), t))
+            .collect()
+    };
+    let endpoints = |field: &str, eps: &[v1::Endpoint]| -> Result<Vec<Endpoint>, FieldError> {
+        eps.iter()
+            .enumerate()
+            .map(|(i, ep)| {
+                let field = format!("{field}[{i}]");
+                Ok(Endpoint {
+                    addr: ip(&format!("{field}.ip"), &ep.ip)?,
+                    port: parse_port(ep.port).map_err(|r| (format!("{field}.port"), r))?,
+                    local: ep.local,
+                })
+            })
+            .collect()
+    };
+    Ok(ServicePort {
+        family,
+        protocol,
+        port: parse_port(sp.port).map_err(|r| ("port".to_owned(), r))?,
+        cluster_ip: match sp.cluster_ip.as_str() {
+            "" => None,
+            text => Some(ip("cluster_ip", text)?),
+        },
+        node_port: match sp.node_port {
+            0 => None,
+            n => Some(parse_port(n).map_err(|r| ("node_port".to_owned(), r))?),
+        },
+        external_ips: ips("external_ips", &sp.external_ips)?,
+        load_balancer_ips: ips("load_balancer_ips", &sp.load_balancer_ips)?,
+        external_traffic_local: sp.external_traffic_local,
+        internal_traffic_local: sp.internal_traffic_local,
+        cluster_endpoints: endpoints("cluster_endpoints", &sp.cluster_endpoints)?,
+        local_endpoints: endpoints("local_endpoints", &sp.local_endpoints)?,
+    })
+}
+
+fn parse_all<T>(
+    texts: &[String],
+    field: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, FieldError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| parse(t).map_err(|r| (format!("{field}[{i}]"), r)))
+        .collect()
+}
+
+fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an IP address"))
+}
+
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a CIDR"))?;
+    Ok(net.trunc())
+}
+
+fn parse_port(port: u32) -> Result<Port, String> {
+    u16::try_from(port)
+        .ok()
+        .and_then(Port::new)
+        .ok_or_else(|| format!("{port} is not a port (1-65535)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port_resource(sp: v1::ServicePortRules) -> v1::Resource {
+        v1::Resource::versioned("ns/svc/tcp/http/v4".into(), resource::Kind::ServicePort(sp))
+    }
+
+    fn valid() -> v1::ServicePortRules {
+        v1::ServicePortRules {
+            protocol: v1::Protocol::Tcp as i32,
+            family: v1::IpFamily::Ipv4 as i32,
+            port: 80,
+            cluster_ip: "10.96.0.10".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_valid_port() {
+        let spec = validate(&port_resource(valid())).unwrap();
+        let Spec::ServicePort(sp) = spec else {
+            panic!()
+        };
+        assert_eq!(sp.cluster_ip, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(sp.node_port, None);
+    }
+
+    #[test]
+    fn refuses_bad_values_naming_the_field() {
+        let cases: Vec<(v1::ServicePortRules, &str)> = vec![
+            (v1::ServicePortRules { port: 0, ..valid() }, "port"),
+            (
+                v1::ServicePortRules {
+                    port: 70000,
+                    ..valid()
+                },
+                "port",
+            ),
+            (
+                v1::ServicePortRules {
+                    cluster_ip: "10.0.0.1; flush ruleset".into(),
+                    ..valid()
+                },
+                "cluster_ip",
+            ),
+            (
+                v1::ServicePortRules {
+                    cluster_ip: "fd00::1".into(),
+                    ..valid()
+                },
+                "cluster_ip",
+            ),
+            (
+                v1::ServicePortRules {
+                    protocol: 0,
+                    ..valid()
+                },
+                "protocol",
+            ),
+            (
+                v1::ServicePortRules {
+                    family: 9,
+                    ..valid()
+                },
+                "family",
+            ),
+            (
+                v1::ServicePortRules {
+                    cluster_endpoints: vec![v1::Endpoint {
+                        ip: "10.1.0.1".into(),
+                        port: 0,
+                        ..Default::default()
+                    }],
+                    ..valid()
+                },
+                "cluster_endpoints[0].port",
+            ),
+        ];
+        for (sp, field) in cases {
+            let err = validate(&port_resource(sp)).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn node_rules_must_be_named_node() {
+        let kind = resource::Kind::Node(v1::NodeRules::default());
+        assert!(validate(&v1::Resource::versioned("x".into(), kind.clone())).is_err());
+        assert!(validate(&v1::Resource::versioned(NODE_RESOURCE.into(), kind)).is_ok());
+    }
+
+    #[test]
+    fn cidrs_are_split_by_family_and_merged() {
+        let cfg = NodeConfig {
+            cluster_cidrs: ["10.0.0.0/16", "10.0.0.0/8", "fd00::/48"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg.cluster_cidrs(Family::V4),
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(cfg.cluster_cidrs(Family::V6).len(), 1);
+    }
+}

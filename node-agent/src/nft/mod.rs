@@ -1,0 +1,270 @@
+//! A typed nftables transaction builder and its runners.
+//!
+//! The agent writes nft *text* and pipes it to `nft -f -` (as knftables does): the nftables crate
+//! cannot express verdict maps and drops nft's error text (see ARCHITECTURE.md). To keep that
+//! text safe, it is only ever produced from the typed objects below: table, set, chain and
+//! element names are enums, values are parsed addresses, ports and protocols, and rules are
+//! built by [`crate::render`] alone. A [`Transaction`] renders with `Display`.
+
+mod exec;
+mod objects;
+
+pub use exec::{FakeNft, Nft, NftCli, NftError};
+pub use objects::{
+    AddrKey, Chain, Element, ElementKey, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
+    PortKey, Rule, Scope, SetId, Slot,
+};
+
+use std::fmt;
+
+use crate::model::Family;
+
+/// The name of the agent's tables (one per family).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TableName(String);
+
+/// A table name that nft would not take as a plain identifier.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid table name {0:?}: use 1-64 letters, digits, '_' or '-', starting with a letter")]
+pub struct InvalidTableName(String);
+
+impl TableName {
+    pub fn new(name: &str) -> Result<TableName, InvalidTableName> {
+        let mut chars = name.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if first_ok && rest_ok && name.len() <= 64 {
+            Ok(TableName(name.to_owned()))
+        } else {
+            Err(InvalidTableName(name.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TableName {
+    fn default() -> Self {
+        TableName("kubenft".into())
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for TableName {
+    type Err = InvalidTableName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TableName::new(s)
+    }
+}
+
+/// One nft command, applied to the agent's table of one family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    AddTable,
+    /// Only used by `--cleanup` (after an `AddTable`, so it works whether or not it exists).
+    DeleteTable,
+    AddSet(SetId),
+    FlushSet(SetId),
+    AddChain(Chain),
+    FlushChain(Chain),
+    AddRule(Chain, Rule),
+    AddElement(Element),
+    DeleteElement(ElementKey),
+}
+
+/// A command with the family of the table it applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub family: Family,
+    pub command: Command,
+}
+
+/// One atomic nft transaction: the kernel commits all of it or nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transaction {
+    table: TableName,
+    ops: Vec<Op>,
+}
+
+impl Transaction {
+    pub fn new(table: TableName) -> Transaction {
+        Transaction {
+            table,
+            ops: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, family: Family, command: Command) {
+        self.ops.push(Op { family, command });
+    }
+
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Element additions and deletions, the measure of a change's size.
+    pub fn element_ops(&self) -> usize {
+        self.ops
+            .iter()
+            .filter(|op| {
+                matches!(
+                    op.command,
+                    Command::AddElement(_) | Command::DeleteElement(_)
+                )
+            })
+            .count()
+    }
+
+    /// The families this transaction touches.
+    pub fn families(&self) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| self.ops.iter().any(|op| op.family == *f))
+            .collect()
+    }
+}
+
+impl fmt::Display for Transaction {
+    /// Renders one command a line; runs of element additions (or deletions) to the same set are
+    /// merged into one `{ a, b, ... }` command, which nft parses much faster.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut i = 0;
+        while i < self.ops.len() {
+            let run = element_run(&self.ops[i..]);
+            if run > 0 {
+                self.write_elements(f, &self.ops[i..i + run])?;
+                i += run;
+            } else {
+                self.write_op(f, &self.ops[i])?;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many leading ops are element commands of the same kind, family and set.
+fn element_run(ops: &[Op]) -> usize {
+    let key = |op: &Op| match &op.command {
+        Command::AddElement(e) => Some((true, op.family, e.set())),
+        Command::DeleteElement(k) => Some((false, op.family, k.set())),
+        _ => None,
+    };
+    let Some(first) = ops.first().and_then(key) else {
+        return 0;
+    };
+    ops.iter().take_while(|op| key(op) == Some(first)).count()
+}
+
+impl Transaction {
+    fn write_elements(&self, f: &mut fmt::Formatter<'_>, ops: &[Op]) -> fmt::Result {
+        let family = ops[0].family;
+        let (verb, set) = match &ops[0].command {
+            Command::AddElement(e) => ("add", e.set()),
+            Command::DeleteElement(k) => ("delete", k.set()),
+            _ => unreachable!("element_run only groups element commands"),
+        };
+        write!(
+            f,
+            "{verb} element {} {} {set} {{ ",
+            family.nft(),
+            self.table
+        )?;
+        for (n, op) in ops.iter().enumerate() {
+            if n > 0 {
+                f.write_str(", ")?;
+            }
+            match &op.command {
+                Command::AddElement(e) => write!(f, "{e}")?,
+                Command::DeleteElement(k) => write!(f, "{k}")?,
+                _ => unreachable!(),
+            }
+        }
+        f.write_str(" }\n")
+    }
+
+    fn write_op(&self, f: &mut fmt::Formatter<'_>, op: &Op) -> fmt::Result {
+        let fam = op.family.nft();
+        let t = &self.table;
+        match &op.command {
+            Command::AddTable => writeln!(f, "add table {fam} {t}"),
+            Command::DeleteTable => writeln!(f, "delete table {fam} {t}"),
+            Command::AddSet(s) => writeln!(
+                f,
+                "add {} {fam} {t} {s} {{ {} }}",
+                if s.is_map() { "map" } else { "set" },
+                s.declaration(op.family)
+            ),
+            Command::FlushSet(s) => writeln!(
+                f,
+                "flush {} {fam} {t} {s}",
+                if s.is_map() { "map" } else { "set" }
+            ),
+            Command::AddChain(c) => match c.base() {
+                Some(base) => writeln!(f, "add chain {fam} {t} {c} {{ {base} }}"),
+                None => writeln!(f, "add chain {fam} {t} {c}"),
+            },
+            Command::FlushChain(c) => writeln!(f, "flush chain {fam} {t} {c}"),
+            Command::AddRule(c, r) => writeln!(f, "add rule {fam} {t} {c} {r}"),
+            Command::AddElement(e) => {
+                writeln!(f, "add element {fam} {t} {} {{ {e} }}", e.set())
+            }
+            Command::DeleteElement(k) => {
+                writeln!(f, "delete element {fam} {t} {} {{ {k} }}", k.set())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Port;
+
+    #[test]
+    fn table_names_are_identifiers() {
+        assert!(TableName::new("kubenft").is_ok());
+        assert!(TableName::new("kna-test_1").is_ok());
+        for bad in ["", "1abc", "a b", "a;b", "a\nb", &"x".repeat(65)] {
+            assert!(TableName::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn merges_runs_of_elements() {
+        let mut tx = Transaction::new(TableName::default());
+        tx.push(Family::V4, Command::AddTable);
+        for ip in ["10.96.0.1", "10.96.0.2"] {
+            tx.push(
+                Family::V4,
+                Command::AddElement(Element::ClusterIp(ip.parse().unwrap())),
+            );
+        }
+        let key = PortKey {
+            proto: crate::model::Protocol::Udp,
+            port: Port::new(30053).unwrap(),
+        };
+        tx.push(
+            Family::V4,
+            Command::DeleteElement(ElementKey::NoEndpoint(EntryKey::NodePort(key))),
+        );
+        assert_eq!(
+            tx.to_string(),
+            "add table ip kubenft\n\
+             add element ip kubenft cluster-ips { 10.96.0.1, 10.96.0.2 }\n\
+             delete element ip kubenft no-endpoint-nodeports { udp . 30053 }\n"
+        );
+        assert_eq!(tx.element_ops(), 3);
+    }
+}

@@ -1,0 +1,467 @@
+//! Resources to nftables objects: the elements a Service port contributes, and the constant
+//! chains and node sets that NodeRules decides.
+//!
+//! Pure functions: the same input always gives the same output, which is what makes
+//! element-level diffs (in [`crate::apply`]) and golden tests possible.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use crate::model::{Endpoint, Family, NodeConfig, ServicePort};
+use crate::nft::{
+    AddrKey, Chain, Command, Element, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
+    PortKey, Rule, Scope, SetId, Slot, TableName, Transaction,
+};
+
+/// The elements one Service port contributes to its family's table, without duplicates.
+pub fn service_elements(sp: &ServicePort) -> BTreeSet<Element> {
+    let mut out = BTreeSet::new();
+    if let Some(ip) = sp.cluster_ip {
+        out.insert(Element::ClusterIp(ip));
+        cluster_ip_elements(sp, ip, &mut out);
+    }
+    for &ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
+        let key = EntryKey::Addr(addr_key(sp, ip));
+        external_elements(sp, key, &mut out);
+    }
+    if let Some(port) = sp.node_port {
+        let key = EntryKey::NodePort(PortKey {
+            proto: sp.protocol,
+            port,
+        });
+        external_elements(sp, key, &mut out);
+    }
+    for ep in sp.cluster_endpoints.iter().chain(&sp.local_endpoints) {
+        if ep.local {
+            out.insert(Element::Hairpin(ep.addr));
+        }
+    }
+    out
+}
+
+fn addr_key(sp: &ServicePort, addr: IpAddr) -> AddrKey {
+    AddrKey {
+        addr,
+        proto: sp.protocol,
+        port: sp.port,
+    }
+}
+
+fn cluster_ip_elements(sp: &ServicePort, ip: IpAddr, out: &mut BTreeSet<Element>) {
+    let key = addr_key(sp, ip);
+    let entry = EntryKey::Addr(key);
+    if sp.cluster_endpoints.is_empty() {
+        out.insert(Element::NoEndpoint(entry, NoEndpoint::Reject));
+    } else if sp.internal_traffic_local {
+        out.insert(Element::ServiceIp(key, EntryChain::SvcLocal));
+        balance(Scope::Local, entry, &sp.local_endpoints, out);
+    } else {
+        out.insert(Element::ServiceIp(key, EntryChain::SvcCluster));
+        balance(Scope::Cluster, entry, &sp.cluster_endpoints, out);
+    }
+}
+
+/// External IPs, load-balancer IPs and NodePorts: externalTrafficPolicy applies.
+fn external_elements(sp: &ServicePort, key: EntryKey, out: &mut BTreeSet<Element>) {
+    if sp.cluster_endpoints.is_empty() {
+        out.insert(Element::NoEndpoint(key, NoEndpoint::Reject));
+        return;
+    }
+    let scope = if sp.external_traffic_local {
+        Scope::Local
+    } else {
+        Scope::Cluster
+    };
+    out.insert(match key {
+        EntryKey::Addr(k) => Element::ServiceIp(
+            k,
+            match scope {
+                Scope::Cluster => EntryChain::ExtCluster,
+                Scope::Local => EntryChain::ExtLocal,
+            },
+        ),
+        EntryKey::NodePort(k) => Element::ServiceNodePort(k, scope),
+    });
+    // Both Local and Cluster send pods and the host to every endpoint.
+    balance(Scope::Cluster, key, &sp.cluster_endpoints, out);
+    if sp.external_traffic_local {
+        balance(Scope::Local, key, &sp.local_endpoints, out);
+    }
+}
+
+/// A dispatch element and one backend element per endpoint; with no endpoints in this scope,
+/// the no-endpoint `drop` (a Local policy whose endpoints are all elsewhere).
+fn balance(scope: Scope, key: EntryKey, endpoints: &[Endpoint], out: &mut BTreeSet<Element>) {
+    let Some(size) = u32::try_from(endpoints.len())
+        .ok()
+        .and_then(NonZeroU32::new)
+    else {
+        out.insert(Element::NoEndpoint(key, NoEndpoint::Drop));
+        return;
+    };
+    out.insert(Element::Dispatch(scope, key, size));
+    for (slot, ep) in (0u32..).zip(endpoints) {
+        out.insert(Element::Backend {
+            scope,
+            key,
+            slot,
+            addr: ep.addr,
+            port: ep.port,
+        });
+    }
+}
+
+/// The node sets' elements for one family.
+pub fn node_elements(cfg: &NodeConfig, family: Family) -> Vec<Element> {
+    let cluster = cfg
+        .cluster_cidrs(family)
+        .into_iter()
+        .map(Element::ClusterCidr);
+    let service = cfg
+        .service_cidrs(family)
+        .into_iter()
+        .map(Element::ServiceCidr);
+    let nodeport = cfg
+        .node_port_ips(family)
+        .into_iter()
+        .map(Element::NodePortIp);
+    cluster.chain(service).chain(nodeport).collect()
+}
+
+/// The rules of one constant chain.
+pub fn chain_rules(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> {
+    let p = family.nft();
+    let addr_vmap = |map: SetId| format!("{p} daddr . meta l4proto . th dport vmap @{map}");
+    let port_vmap = |map: SetId| format!("meta l4proto . th dport vmap @{map}");
+    let has_cluster_cidrs = !cfg.cluster_cidrs(family).is_empty();
+    let ip_c = SetId::Dispatch(EntryKind::Ip, Scope::Cluster);
+    let ip_l = SetId::Dispatch(EntryKind::Ip, Scope::Local);
+    let np_c = SetId::Dispatch(EntryKind::NodePort, Scope::Cluster);
+    let np_l = SetId::Dispatch(EntryKind::NodePort, Scope::Local);
+    let nodeport_match = if cfg.node_port_all_addresses {
+        format!("fib daddr type local {p} daddr != {}", family.loopback())
+    } else {
+        format!("{p} daddr @{}", SetId::NodePortIps)
+    };
+    let masq = Chain::MarkForMasquerade;
+    let cluster_ip_masq = if cfg.masquerade_all {
+        Some(format!("jump {masq}"))
+    } else if has_cluster_cidrs {
+        Some(format!("{p} saddr != @{} jump {masq}", SetId::ClusterCidrs))
+    } else {
+        None
+    };
+    // externalTrafficPolicy Local: pods and the host reach every endpoint, the rest local ones.
+    let ext_local = |vmap: &dyn Fn(SetId) -> String, c: SetId, l: SetId| {
+        let mut rules = Vec::new();
+        if has_cluster_cidrs {
+            rules.push(format!("{p} saddr @{} {}", SetId::ClusterCidrs, vmap(c)));
+        }
+        rules.push(format!("fib saddr type local jump {masq}"));
+        rules.push(format!("fib saddr type local {}", vmap(c)));
+        rules.push(vmap(l));
+        rules
+    };
+    let rules: Vec<String> = match chain {
+        Chain::MarkForMasquerade => vec!["meta mark set meta mark or 0x4000".into()],
+        Chain::Masquerading => vec![
+            "meta mark & 0x4000 == 0 return".into(),
+            "meta mark set meta mark xor 0x4000".into(),
+            "masquerade fully-random".into(),
+        ],
+        Chain::Services => vec![
+            addr_vmap(SetId::ServiceIps),
+            format!("{nodeport_match} {}", port_vmap(SetId::ServiceNodePorts)),
+        ],
+        Chain::SvcCluster => cluster_ip_masq
+            .into_iter()
+            .chain([addr_vmap(ip_c)])
+            .collect(),
+        Chain::SvcLocal => cluster_ip_masq
+            .into_iter()
+            .chain([addr_vmap(ip_l)])
+            .collect(),
+        Chain::ExtCluster => vec![format!("jump {masq}"), addr_vmap(ip_c)],
+        Chain::ExtLocal => ext_local(&addr_vmap, ip_c, ip_l),
+        Chain::NpCluster => vec![format!("jump {masq}"), port_vmap(np_c)],
+        Chain::NpLocal => ext_local(&port_vmap, np_c, np_l),
+        Chain::ServiceEndpointsCheck => vec![addr_vmap(SetId::NoEndpointServices)],
+        Chain::NodePortEndpointsCheck => {
+            vec![format!(
+                "{nodeport_match} {}",
+                port_vmap(SetId::NoEndpointNodePorts)
+            )]
+        }
+        Chain::ClusterIpsCheck => vec![
+            format!("{p} daddr @{} reject", SetId::ClusterIps),
+            format!("{p} daddr @{} drop", SetId::ServiceCidrs),
+        ],
+        Chain::RejectChain => vec!["reject".into()],
+        Chain::NatPrerouting | Chain::NatOutput => vec![format!("jump {}", Chain::Services)],
+        Chain::NatPostrouting => vec![
+            format!("jump {}", Chain::Masquerading),
+            format!(
+                "ct status dnat {p} saddr . {p} daddr @{} masquerade fully-random",
+                SetId::Hairpin
+            ),
+        ],
+        Chain::FilterInput => vec![
+            format!("ct state new jump {}", Chain::NodePortEndpointsCheck),
+            format!("ct state new jump {}", Chain::ServiceEndpointsCheck),
+        ],
+        Chain::FilterForward | Chain::FilterOutput => vec![
+            format!("ct state new jump {}", Chain::ServiceEndpointsCheck),
+            format!("ct state new jump {}", Chain::ClusterIpsCheck),
+        ],
+        Chain::Lb(lb) => vec![lb_rule(lb)],
+        Chain::Endpoint(slot) => vec![endpoint_rule(slot, family)],
+    };
+    rules.into_iter().map(Rule::new).collect()
+}
+
+/// Picks one of `size` endpoint slots at random.
+fn lb_rule(lb: LbChain) -> String {
+    let n = lb.size.get();
+    let targets: Vec<String> = (0..n)
+        .map(|index| {
+            let slot = Slot {
+                kind: lb.kind,
+                scope: lb.scope,
+                index,
+            };
+            format!("{index} : goto {}", Chain::Endpoint(slot))
+        })
+        .collect();
+    format!("numgen random mod {n} vmap {{ {} }}", targets.join(", "))
+}
+
+/// DNAT to the endpoint the slot's map holds for the packet's service.
+fn endpoint_rule(slot: Slot, family: Family) -> String {
+    let p = family.nft();
+    let key = match slot.kind {
+        EntryKind::Ip => format!("{p} daddr . meta l4proto . th dport"),
+        EntryKind::NodePort => "meta l4proto . th dport".into(),
+    };
+    format!(
+        "meta l4proto {{ tcp, udp, sctp }} dnat {p} to {key} map @{}",
+        SetId::Endpoints(slot)
+    )
+}
+
+/// Commands that (re)create a load-balancing chain: idempotent, even if a chain of that name
+/// survived from before a restart.
+pub fn lb_chain_commands(lb: LbChain) -> [Command; 3] {
+    let chain = Chain::Lb(lb);
+    [
+        Command::AddChain(chain),
+        Command::FlushChain(chain),
+        Command::AddRule(chain, Rule::new(lb_rule(lb))),
+    ]
+}
+
+/// Commands that (re)create an endpoint slot: its map (emptied: a map the agent does not know
+/// may hold stale elements from before a restart) and its DNAT chain.
+pub fn slot_commands(slot: Slot, family: Family) -> [Command; 5] {
+    let (set, chain) = (SetId::Endpoints(slot), Chain::Endpoint(slot));
+    [
+        Command::AddSet(set),
+        Command::FlushSet(set),
+        Command::AddChain(chain),
+        Command::FlushChain(chain),
+        Command::AddRule(chain, Rule::new(endpoint_rule(slot, family))),
+    ]
+}
+
+/// What a full table holds for one family.
+pub struct FamilyContent<'a> {
+    pub family: Family,
+    pub node: &'a NodeConfig,
+    /// Every service element, sorted (so elements of one map are adjacent).
+    pub elements: &'a mut dyn Iterator<Item = &'a Element>,
+    pub generation: u32,
+}
+
+/// Appends the commands that bring a table to exactly `content`, whatever it held before,
+/// without deleting it: declarations are idempotent, then everything non-dynamic is flushed and
+/// refilled. Load-balancing chains and endpoint slots left over from before stay, unreferenced
+/// (a slot's map is emptied when it is used again).
+pub fn full_reconcile(tx: &mut Transaction, content: FamilyContent<'_>) {
+    let f = content.family;
+    tx.push(f, Command::AddTable);
+    for set in SetId::ALL {
+        tx.push(f, Command::AddSet(set));
+    }
+    for chain in Chain::CONSTANT {
+        tx.push(f, Command::AddChain(chain));
+    }
+    for set in SetId::ALL {
+        tx.push(f, Command::FlushSet(set));
+    }
+    for chain in Chain::CONSTANT {
+        tx.push(f, Command::FlushChain(chain));
+        for rule in chain_rules(chain, content.node, f) {
+            tx.push(f, Command::AddRule(chain, rule));
+        }
+    }
+    for element in node_elements(content.node, f) {
+        tx.push(f, Command::AddElement(element));
+    }
+    let elements: Vec<&Element> = content.elements.collect();
+    let slots: BTreeSet<Slot> = elements.iter().filter_map(|e| e.slot()).collect();
+    for slot in slots {
+        for command in slot_commands(slot, f) {
+            tx.push(f, command);
+        }
+    }
+    let lb_chains: BTreeSet<LbChain> = elements.iter().filter_map(|e| e.lb_chain()).collect();
+    for lb in lb_chains {
+        for command in lb_chain_commands(lb) {
+            tx.push(f, command);
+        }
+    }
+    for element in elements {
+        tx.push(f, Command::AddElement(*element));
+    }
+    tx.push(
+        f,
+        Command::AddElement(Element::Generation(content.generation)),
+    );
+}
+
+/// A whole table as one transaction text with only the given content (for inspection).
+pub fn table_text(table: &TableName, content: FamilyContent<'_>) -> String {
+    let mut tx = Transaction::new(table.clone());
+    full_reconcile(&mut tx, content);
+    tx.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Port, Protocol};
+
+    fn ep(ip: &str, local: bool) -> Endpoint {
+        Endpoint {
+            addr: ip.parse().unwrap(),
+            port: Port::new(8080).unwrap(),
+            local,
+        }
+    }
+
+    fn svc() -> ServicePort {
+        ServicePort {
+            family: Family::V4,
+            protocol: Protocol::Tcp,
+            port: Port::new(80).unwrap(),
+            cluster_ip: Some("10.96.0.10".parse().unwrap()),
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            external_traffic_local: false,
+            internal_traffic_local: false,
+            cluster_endpoints: vec![ep("10.1.0.1", true), ep("10.1.1.1", false)],
+            local_endpoints: vec![ep("10.1.0.1", true)],
+        }
+    }
+
+    fn texts(elems: &BTreeSet<Element>) -> Vec<String> {
+        elems.iter().map(|e| format!("{} {e}", e.set())).collect()
+    }
+
+    #[test]
+    fn cluster_ip_service() {
+        assert_eq!(
+            texts(&service_elements(&svc())),
+            [
+                "cluster-ips 10.96.0.10",
+                "hairpin 10.1.0.1 . 10.1.0.1",
+                "service-ips 10.96.0.10 . tcp . 80 : goto svc-cluster",
+                "ip-c-dispatch 10.96.0.10 . tcp . 80 : goto lb-ip-c-2",
+                "ip-c-0-eps 10.96.0.10 . tcp . 80 : 10.1.0.1 . 8080",
+                "ip-c-1-eps 10.96.0.10 . tcp . 80 : 10.1.1.1 . 8080",
+            ]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_local() {
+        let mut s = svc();
+        s.internal_traffic_local = true;
+        let t = texts(&service_elements(&s));
+        assert!(t.contains(&"service-ips 10.96.0.10 . tcp . 80 : goto svc-local".into()));
+        assert!(t.contains(&"ip-l-dispatch 10.96.0.10 . tcp . 80 : goto lb-ip-l-1".into()));
+        assert!(t.contains(&"ip-l-0-eps 10.96.0.10 . tcp . 80 : 10.1.0.1 . 8080".into()));
+        s.local_endpoints.clear();
+        let t = texts(&service_elements(&s));
+        assert!(t.contains(&"no-endpoint-services 10.96.0.10 . tcp . 80 : drop".into()));
+        // The entry point stays (per spec); the filter hook drops what NAT did not redirect.
+        assert!(t.contains(&"service-ips 10.96.0.10 . tcp . 80 : goto svc-local".into()));
+    }
+
+    #[test]
+    fn external_traffic_local_node_port() {
+        let mut s = svc();
+        s.cluster_ip = None;
+        s.node_port = Port::new(30080);
+        s.external_traffic_local = true;
+        assert_eq!(
+            texts(&service_elements(&s)),
+            [
+                "hairpin 10.1.0.1 . 10.1.0.1",
+                "service-nodeports tcp . 30080 : goto np-local",
+                "np-c-dispatch tcp . 30080 : goto lb-np-c-2",
+                "np-l-dispatch tcp . 30080 : goto lb-np-l-1",
+                "np-c-0-eps tcp . 30080 : 10.1.0.1 . 8080",
+                "np-c-1-eps tcp . 30080 : 10.1.1.1 . 8080",
+                "np-l-0-eps tcp . 30080 : 10.1.0.1 . 8080",
+            ]
+        );
+        s.local_endpoints.clear();
+        let t = texts(&service_elements(&s));
+        assert!(t.contains(&"no-endpoint-nodeports tcp . 30080 : drop".into()));
+        assert!(t.contains(&"service-nodeports tcp . 30080 : goto np-local".into()));
+    }
+
+    #[test]
+    fn no_endpoints_rejects_everywhere() {
+        let mut s = svc();
+        s.cluster_endpoints.clear();
+        s.local_endpoints.clear();
+        s.node_port = Port::new(30080);
+        s.external_ips = vec!["192.0.2.1".parse().unwrap()];
+        s.load_balancer_ips = vec!["192.0.2.2".parse().unwrap()];
+        assert_eq!(
+            texts(&service_elements(&s)),
+            [
+                "cluster-ips 10.96.0.10",
+                "no-endpoint-services 10.96.0.10 . tcp . 80 : goto reject-chain",
+                "no-endpoint-services 192.0.2.1 . tcp . 80 : goto reject-chain",
+                "no-endpoint-services 192.0.2.2 . tcp . 80 : goto reject-chain",
+                "no-endpoint-nodeports tcp . 30080 : goto reject-chain",
+            ]
+        );
+    }
+
+    #[test]
+    fn masquerade_rule_follows_node_settings() {
+        let mut cfg = NodeConfig::default();
+        let r = |cfg: &NodeConfig| -> Vec<String> {
+            chain_rules(Chain::SvcCluster, cfg, Family::V4)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(r(&cfg).len(), 1);
+        cfg.cluster_cidrs = vec!["10.1.0.0/16".parse().unwrap()];
+        assert_eq!(
+            r(&cfg)[0],
+            "ip saddr != @cluster-cidrs jump mark-for-masquerade"
+        );
+        cfg.masquerade_all = true;
+        assert_eq!(r(&cfg)[0], "jump mark-for-masquerade");
+        // The v6 family has no cluster CIDR: no detector there.
+        cfg.masquerade_all = false;
+        assert_eq!(chain_rules(Chain::SvcCluster, &cfg, Family::V6).len(), 1);
+    }
+}

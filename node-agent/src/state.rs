@@ -1,0 +1,284 @@
+//! The applied state: what the kernel holds, kept in memory, and its copy on disk.
+//!
+//! The agent never lists its tables to learn what they hold (too slow at scale); it mirrors
+//! them here, element by element with reference counts, and diffs against this mirror. After
+//! every committed transaction the applied resources are written to `applied.pb` with the
+//! generation that the same transaction stored in the table, so a restarted agent can tell
+//! whether the file still describes the kernel and adopt it without touching nft.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use kubenft_proto::v1;
+use prost::Message;
+
+use crate::model::{Family, NodeConfig, Spec};
+use crate::nft::{Element, ElementKey, LbChain, Slot, TableName};
+use crate::render::{self, FamilyContent};
+
+/// An element in the kernel and how many resources want it (a ClusterIP or a hairpin address
+/// is shared by several Service ports).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub element: Element,
+    pub refs: u32,
+}
+
+/// The mirror of one family's table.
+#[derive(Clone, Debug, Default)]
+pub struct FamilyTable {
+    pub elements: BTreeMap<ElementKey, Entry>,
+    /// Load-balancing chains and endpoint slots created so far (kept once created).
+    pub chains: Created,
+}
+
+/// On-demand objects: load-balancing chains and endpoint slots (map + chain).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Created {
+    pub lb_chains: BTreeSet<LbChain>,
+    pub slots: BTreeSet<Slot>,
+}
+
+impl Created {
+    /// The on-demand objects some elements need.
+    pub fn needed_by<'a>(elements: impl IntoIterator<Item = &'a Element>) -> Created {
+        let mut out = Created::default();
+        for e in elements {
+            out.lb_chains.extend(e.lb_chain());
+            out.slots.extend(e.slot());
+        }
+        out
+    }
+
+    /// What `self` has that `known` does not.
+    pub fn minus(mut self, known: &Created) -> Created {
+        self.lb_chains.retain(|c| !known.lb_chains.contains(c));
+        self.slots.retain(|s| !known.slots.contains(s));
+        self
+    }
+
+    pub fn extend(&mut self, other: Created) {
+        self.lb_chains.extend(other.lb_chains);
+        self.slots.extend(other.slots);
+    }
+}
+
+/// A resource as received and as understood.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub resource: v1::Resource,
+    pub spec: Spec,
+}
+
+/// Everything the agent has applied.
+#[derive(Clone, Debug, Default)]
+pub struct AppliedState {
+    pub(crate) resources: BTreeMap<String, Applied>,
+    pub(crate) node: NodeConfig,
+    pub(crate) tables: [FamilyTable; 2],
+    pub(crate) generation: u32,
+    /// The kernel is known to hold exactly this state. Until then the agent reports nothing
+    /// applied and the next change is a full reconcile.
+    pub(crate) synced: bool,
+    /// The last refused change's error (empty once a change commits).
+    pub last_error: String,
+    pub last_applied: Option<SystemTime>,
+}
+
+impl AppliedState {
+    /// A state that knows nothing about the kernel; `generation` continues a previous count.
+    pub fn unknown(generation: u32) -> AppliedState {
+        AppliedState {
+            generation,
+            ..Default::default()
+        }
+    }
+
+    pub fn table(&self, family: Family) -> &FamilyTable {
+        &self.tables[family as usize]
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    pub fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+
+    /// Applied resources in name order.
+    pub fn resources(&self) -> impl Iterator<Item = &v1::Resource> {
+        self.resources.values().map(|a| &a.resource)
+    }
+
+    /// What the Hello reports: nothing while the kernel state is unknown.
+    pub fn hello_applied(&self) -> Vec<v1::ResourceVersion> {
+        if !self.synced {
+            return Vec::new();
+        }
+        self.resources().map(v1::Resource::name_version).collect()
+    }
+
+    pub fn system_version(&self) -> String {
+        kubenft_proto::system_version(
+            self.resources()
+                .map(|r| (r.name.as_str(), r.version.as_str())),
+        )
+    }
+
+    /// The full text of one family's table, as a full reconcile would write it.
+    pub fn table_text(&self, table: &TableName, family: Family) -> String {
+        let mut elements = self.table(family).elements.values().map(|e| &e.element);
+        render::table_text(
+            table,
+            FamilyContent {
+                family,
+                node: &self.node,
+                elements: &mut elements,
+                generation: self.generation,
+            },
+        )
+    }
+
+    /// The on-disk form of this state.
+    pub fn to_file(&self, table: &TableName) -> StateFile {
+        StateFile {
+            table: table.to_string(),
+            generation: self.generation,
+            resources: self.resources().cloned().collect(),
+        }
+    }
+}
+
+/// The content of `applied.pb`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StateFile {
+    #[prost(string, tag = "1")]
+    pub table: String,
+    #[prost(uint32, tag = "2")]
+    pub generation: u32,
+    #[prost(message, repeated, tag = "3")]
+    pub resources: Vec<v1::Resource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a state file: {source}")]
+    Decode {
+        path: PathBuf,
+        source: prost::DecodeError,
+    },
+}
+
+const FILE_NAME: &str = "applied.pb";
+
+pub fn state_path(dir: &Path) -> PathBuf {
+    dir.join(FILE_NAME)
+}
+
+/// Reads the state file; `None` if there is none.
+pub fn load(dir: &Path) -> Result<Option<StateFile>, StateFileError> {
+    let path = state_path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateFileError::Io { path, source }),
+    };
+    StateFile::decode(bytes.as_slice())
+        .map(Some)
+        .map_err(|source| StateFileError::Decode { path, source })
+}
+
+/// Writes the state file atomically: a reader sees the old file or the new one, never a part.
+pub fn save(dir: &Path, file: &StateFile) -> Result<(), StateFileError> {
+    let path = state_path(dir);
+    let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StateFileError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    out.write_all(&file.encode_to_vec()).map_err(io(&tmp))?;
+    out.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+/// Removes the state file if there is one.
+pub fn remove(dir: &Path) -> Result<(), StateFileError> {
+    let path = state_path(dir);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(StateFileError::Io { path, source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testdir {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub struct TestDir(pub PathBuf);
+
+    impl TestDir {
+        pub fn new() -> TestDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("kna-test-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TestDir(dir)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_round_trips() {
+        let dir = testdir::TestDir::new();
+        assert!(load(&dir.0).unwrap().is_none());
+        let file = StateFile {
+            table: "kubenft".into(),
+            generation: 7,
+            resources: vec![v1::Resource::versioned(
+                "node".into(),
+                v1::resource::Kind::Node(v1::NodeRules::default()),
+            )],
+        };
+        save(&dir.0, &file).unwrap();
+        assert_eq!(load(&dir.0).unwrap(), Some(file));
+        remove(&dir.0).unwrap();
+        remove(&dir.0).unwrap();
+        assert!(load(&dir.0).unwrap().is_none());
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        let dir = testdir::TestDir::new();
+        std::fs::write(state_path(&dir.0), b"\xff\xff\xff").unwrap();
+        assert!(load(&dir.0).is_err());
+    }
+}

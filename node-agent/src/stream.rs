@@ -1,0 +1,144 @@
+//! The controller client: one long-lived `RuleStream/Stream` at a time, reconnected with
+//! bounded exponential backoff across the configured controllers.
+//!
+//! Losing the controller never touches the data path: the tables stay as last applied, and a
+//! fresh Hello on reconnect tells the controller what that is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kubenft_proto::v1::{
+    self, AgentMessage, agent_message, controller_message, rule_stream_client::RuleStreamClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::addrs;
+use crate::applier::Applier;
+use crate::metrics::Metrics;
+use crate::nft::Nft;
+
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct StreamConfig {
+    pub controllers: Vec<String>,
+    pub node_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("the stream's sender is gone")]
+    Closed,
+}
+
+/// Runs until cancelled.
+pub async fn run<N: Nft>(
+    cfg: StreamConfig,
+    applier: Arc<Applier<N>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = MIN_BACKOFF;
+    for url in cfg.controllers.iter().cycle() {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let mut established = false;
+        let result = session(url, &cfg, &applier, &metrics, &cancel, &mut established).await;
+        metrics.set_connected(false);
+        match result {
+            Ok(()) if cancel.is_cancelled() => break,
+            Ok(()) => tracing::warn!(controller = %url, "controller closed the stream"),
+            Err(e) => tracing::warn!(controller = %url, error = %e, "controller stream failed"),
+        }
+        if established {
+            backoff = MIN_BACKOFF;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    tracing::debug!("controller client stopped");
+}
+
+async fn session<N: Nft>(
+    url: &str,
+    cfg: &StreamConfig,
+    applier: &Applier<N>,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    established: &mut bool,
+) -> Result<(), SessionError> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(message(agent_message::Message::Hello(
+        hello(cfg, applier).await,
+    )))
+    .await
+    .map_err(|_| SessionError::Closed)?;
+    let mut inbound = RuleStreamClient::new(channel)
+        .stream(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    *established = true;
+    metrics.set_connected(true);
+    tracing::info!(controller = %url, "connected to controller");
+    loop {
+        let next = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            next = inbound.message() => next?,
+        };
+        let Some(v1::ControllerMessage { message: Some(msg) }) = next else {
+            if next.is_none() {
+                return Ok(());
+            }
+            continue;
+        };
+        let controller_message::Message::Change(change) = msg;
+        let reply = match applier.handle(&change).await {
+            Ok(()) => agent_message::Message::Ack(v1::Ack {
+                change_id: change.change_id,
+            }),
+            Err(error) => agent_message::Message::Nack(v1::Nack {
+                change_id: change.change_id,
+                error,
+            }),
+        };
+        tx.send(message(reply))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+    }
+}
+
+fn message(m: agent_message::Message) -> AgentMessage {
+    AgentMessage { message: Some(m) }
+}
+
+async fn hello<N: Nft>(cfg: &StreamConfig, applier: &Applier<N>) -> v1::Hello {
+    let addresses = addrs::node_addresses().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot list the node's addresses");
+        Vec::new()
+    });
+    let applied = applier.state().read().hello_applied();
+    v1::Hello {
+        node_name: cfg.node_name.clone(),
+        addresses,
+        applied,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}

@@ -1,0 +1,163 @@
+//! The controller client against an in-process fake controller: Hello, Ack/Nack, reconnect
+//! (cycling past a dead controller) with a fresh Hello reporting what is applied.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kubenft_agent::applier::Applier;
+use kubenft_agent::health::Health;
+use kubenft_agent::metrics::Metrics;
+use kubenft_agent::nft::{FakeNft, TableName};
+use kubenft_agent::state::AppliedState;
+use kubenft_agent::stream::{self, StreamConfig};
+use kubenft_proto::v1::{
+    self, AgentMessage, ControllerMessage, agent_message, controller_message,
+    rule_stream_server::{RuleStream, RuleStreamServer},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+type Outbound = mpsc::Sender<Result<ControllerMessage, Status>>;
+
+/// Forwards everything agents send, and hands the test one sender per opened stream.
+struct FakeController {
+    inbound: mpsc::UnboundedSender<AgentMessage>,
+    streams: mpsc::UnboundedSender<Outbound>,
+}
+
+#[tonic::async_trait]
+impl RuleStream for FakeController {
+    type StreamStream = ReceiverStream<Result<ControllerMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let forward = self.inbound.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                let _ = forward.send(m);
+            }
+        });
+        let (tx, rx) = mpsc::channel(8);
+        let _ = self.streams.send(tx);
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("timed out")
+        .expect("channel open")
+}
+
+fn change(id: u64, resources: Vec<v1::Resource>) -> Result<ControllerMessage, Status> {
+    Ok(ControllerMessage {
+        message: Some(controller_message::Message::Change(v1::Change {
+            change_id: id,
+            resources,
+            ..Default::default()
+        })),
+    })
+}
+
+#[tokio::test]
+async fn hello_ack_nack_and_reconnect() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (in_tx, mut inbound) = mpsc::unbounded_channel();
+    let (s_tx, mut streams) = mpsc::unbounded_channel();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RuleStreamServer::new(FakeController {
+                inbound: in_tx,
+                streams: s_tx,
+            }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    let dir = common::TempDir::new();
+    let nft = FakeNft::default();
+    let applier = Arc::new(Applier::new(
+        Arc::new(nft.clone()),
+        TableName::default(),
+        dir.0.clone(),
+        AppliedState::unknown(0),
+        Arc::new(Metrics::default()),
+        Arc::new(Health::default()),
+    ));
+    let cancel = CancellationToken::new();
+    let cfg = StreamConfig {
+        // The first controller refuses connections: the client moves on to the next.
+        controllers: vec!["http://127.0.0.1:1".into(), format!("http://{addr}")],
+        node_name: "node-a".into(),
+    };
+    let client = tokio::spawn(stream::run(
+        cfg,
+        applier.clone(),
+        Arc::new(Metrics::default()),
+        cancel.clone(),
+    ));
+
+    // First stream: Hello with nothing applied (unknown kernel state).
+    let first = streams.recv().await.unwrap();
+    let Some(agent_message::Message::Hello(hello)) = next(&mut inbound).await.message else {
+        panic!("expected Hello")
+    };
+    assert_eq!(hello.node_name, "node-a");
+    assert!(hello.applied.is_empty());
+    assert!(!hello.agent_version.is_empty());
+
+    use v1::{IpFamily::Ipv4, Protocol::Tcp};
+    let svc = common::resource(
+        "default/web/TCP/http/IPv4",
+        common::port(
+            Ipv4,
+            Tcp,
+            80,
+            "10.96.0.10",
+            vec![common::ep("10.244.1.5", 8080, true)],
+        ),
+    );
+    first.send(change(1, vec![svc.clone()])).await.unwrap();
+    let msg = next(&mut inbound).await.message;
+    assert_eq!(
+        msg,
+        Some(agent_message::Message::Ack(v1::Ack { change_id: 1 }))
+    );
+
+    // A refused change is NACKed with nft's text.
+    nft.fail_next("Error: boom\n");
+    let mut changed = svc.clone();
+    changed.version = "other".into();
+    first.send(change(2, vec![changed])).await.unwrap();
+    let msg = next(&mut inbound).await.message;
+    assert_eq!(
+        msg,
+        Some(agent_message::Message::Nack(v1::Nack {
+            change_id: 2,
+            error: "Error: boom\n".into(),
+        }))
+    );
+
+    // The controller goes away: the agent reconnects and reports what it has applied.
+    drop(first);
+    let _second = streams.recv().await.unwrap();
+    let Some(agent_message::Message::Hello(hello)) = next(&mut inbound).await.message else {
+        panic!("expected Hello")
+    };
+    assert_eq!(hello.applied, vec![svc.name_version()]);
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .expect("client stops on cancel")
+        .unwrap();
+    server.abort();
+}
