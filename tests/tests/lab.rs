@@ -1,8 +1,8 @@
 //! Real-namespace tests of the lab itself: topology, echo server and probe, cleanup.
 //!
 //! These need root and fail (not skip) without it: a lab that silently does not run proves
-//! nothing. Controller/agent spawning is covered by an `#[ignore]`d test until those
-//! binaries exist (`cargo test -p kubenft-lab -- --ignored`).
+//! nothing. The last tests start the real controller and agents (`cargo build --bins` first;
+//! `scripts/test.sh` does it).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -395,7 +395,6 @@ fn manifests_are_written_atomically_and_nodes_listed() {
 
 /// Spawns the real controller and agents. Needs their binaries (`cargo build --bins`).
 #[test]
-#[ignore = "needs the kubenft-controller and kubenft-agent binaries"]
 fn controller_and_agents_start() {
     let lab = lab(&["a", "b"]);
     let controller = lab.spawn_controller(&[]).unwrap();
@@ -420,7 +419,6 @@ fn controller_and_agents_start() {
 /// End to end through the real controller and agents: a ClusterIP Service (v4 and v6) over
 /// three pods on two nodes, then a closed Service port. Needs their binaries.
 #[test]
-#[ignore = "needs the kubenft-controller and kubenft-agent binaries"]
 fn cluster_ip_end_to_end() {
     use kubenft_lab::manifest::{ToJson, list};
     use kubenft_lab::{Cond, Service, Slice};
