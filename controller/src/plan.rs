@@ -245,8 +245,15 @@ impl Catalog {
                 resource::Kind::Node(node_rules),
             )),
         );
+        let node_ips: Vec<IpAddr> = node
+            .map(|n| n.internal_ips.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .chain(&facts.agent_addresses)
+            .copied()
+            .collect();
         for (name, plan) in &self.ports {
-            let rules = port_rules(plan, &site);
+            let rules = port_rules(plan, &site, &node_ips);
             resources.insert(
                 name.clone(),
                 Arc::new(Resource::versioned(
@@ -458,8 +465,22 @@ fn endpoint(c: &PortCandidate, site: &NodeSite<'_>) -> Endpoint {
     }
 }
 
+/// loadBalancerSourceRanges as this node enforces them: a range that covers one of the node's
+/// own addresses also admits the load-balancer IPs as sources (traffic a node sends to an LB
+/// IP it hosts, as upstream does).
+fn source_ranges(plan: &PortPlan, node_ips: &[IpAddr]) -> Vec<String> {
+    let mut ranges = plan.source_ranges.clone();
+    if ranges
+        .iter()
+        .any(|r| node_ips.iter().any(|ip| r.contains(ip)))
+    {
+        ranges.extend(plan.load_balancer_ips.iter().map(|&ip| IpNet::from(ip)));
+    }
+    sorted_strings(&ranges)
+}
+
 /// One port as one node enforces it.
-pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>) -> ServicePortRules {
+pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> ServicePortRules {
     let svc = &plan.service;
     let sel = select::categorize(&plan.candidates, site);
     let pick = |idx: &[usize]| {
@@ -495,7 +516,7 @@ pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>) -> ServicePortRules {
             .iter()
             .map(IpAddr::to_string)
             .collect(),
-        load_balancer_source_ranges: plan.source_ranges.iter().map(IpNet::to_string).collect(),
+        load_balancer_source_ranges: source_ranges(plan, node_ips),
         external_traffic_local: svc.externally_accessible()
             && svc.external_policy == TrafficPolicy::Local,
         internal_traffic_local: svc.internal_policy == TrafficPolicy::Local,

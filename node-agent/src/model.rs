@@ -113,7 +113,7 @@ pub struct Endpoint {
 
 /// A validated `ServicePortRules`: one Service port in one family as this node enforces it.
 ///
-/// `load_balancer_source_ranges`, affinity and the health-check node port are not enforced yet.
+/// Affinity and the health-check node port are not enforced yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     pub family: Family,
@@ -123,6 +123,9 @@ pub struct ServicePort {
     pub node_port: Option<Port>,
     pub external_ips: Vec<IpAddr>,
     pub load_balancer_ips: Vec<IpAddr>,
+    /// Sources allowed to reach the load-balancer IPs (empty: all), merged so that no two
+    /// overlap (an nft interval set refuses overlaps).
+    pub load_balancer_source_ranges: Vec<IpNet>,
     pub external_traffic_local: bool,
     pub internal_traffic_local: bool,
     pub cluster_endpoints: Vec<Endpoint>,
@@ -289,11 +292,23 @@ fn service_port(sp: &v1::ServicePortRules) -> Result<ServicePort, FieldError> {
         },
         external_ips: ips("external_ips", &sp.external_ips)?,
         load_balancer_ips: ips("load_balancer_ips", &sp.load_balancer_ips)?,
+        load_balancer_source_ranges: source_ranges(family, &sp.load_balancer_source_ranges)?,
         external_traffic_local: sp.external_traffic_local,
         internal_traffic_local: sp.internal_traffic_local,
         cluster_endpoints: endpoints("cluster_endpoints", &sp.cluster_endpoints)?,
         local_endpoints: endpoints("local_endpoints", &sp.local_endpoints)?,
     })
+}
+
+fn source_ranges(family: Family, texts: &[String]) -> Result<Vec<IpNet>, FieldError> {
+    let nets = parse_all(texts, "load_balancer_source_ranges", parse_cidr)?;
+    if let Some(net) = nets.iter().find(|n| Family::of(n.addr()) != family) {
+        return Err((
+            "load_balancer_source_ranges".into(),
+            format!("{net} is not of family {family:?}"),
+        ));
+    }
+    Ok(IpNet::aggregate(&nets))
 }
 
 fn parse_all<T>(

@@ -25,6 +25,17 @@ pub fn service_elements(sp: &ServicePort) -> BTreeSet<Element> {
         let key = EntryKey::Addr(addr_key(sp, ip));
         external_elements(sp, key, &mut out);
     }
+    // loadBalancerSourceRanges guard the load-balancer IPs only (not NodePorts, not
+    // externalIPs), for every source, pods included.
+    if !sp.load_balancer_source_ranges.is_empty() {
+        for &ip in &sp.load_balancer_ips {
+            let key = addr_key(sp, ip);
+            out.insert(Element::FirewallIp(key));
+            for &net in &sp.load_balancer_source_ranges {
+                out.insert(Element::FirewallAllow(key, net));
+            }
+        }
+    }
     if let Some(port) = sp.node_port {
         let key = EntryKey::NodePort(PortKey {
             proto: sp.protocol,
@@ -198,6 +209,14 @@ pub fn chain_rules(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> 
             format!("{p} daddr @{} drop", SetId::ServiceCidrs),
         ],
         Chain::RejectChain => vec!["reject".into()],
+        Chain::FirewallCheck => vec![format!(
+            "{p} daddr . meta l4proto . th dport @{} {p} daddr . meta l4proto . th dport . {p} saddr != @{} drop",
+            SetId::FirewallIps,
+            SetId::FirewallAllow
+        )],
+        Chain::FilterPreroutingPreDnat | Chain::FilterOutputPreDnat => {
+            vec![format!("ct state new jump {}", Chain::FirewallCheck)]
+        }
         Chain::NatPrerouting | Chain::NatOutput => vec![format!("jump {}", Chain::Services)],
         Chain::NatPostrouting => vec![
             format!("jump {}", Chain::Masquerading),
@@ -358,6 +377,7 @@ mod tests {
             node_port: None,
             external_ips: vec![],
             load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
             external_traffic_local: false,
             internal_traffic_local: false,
             cluster_endpoints: vec![ep("10.1.0.1", true), ep("10.1.1.1", false)],

@@ -377,3 +377,30 @@ fn explanations_say_why() {
         "{notes}"
     );
 }
+
+#[test]
+fn a_source_range_covering_the_node_admits_the_lb_ips() {
+    let mut lb = svc(
+        "lb",
+        &["10.96.0.10"],
+        &[("http", Protocol::Tcp, 80, Some(30080))],
+    );
+    lb.service_type = ServiceType::LoadBalancer;
+    lb.load_balancer_ips = vec![ip("203.0.113.7")];
+    lb.load_balancer_source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+    let c = catalog(ClusterPolicy::default(), &inputs(vec![lb.clone()], vec![]));
+    let ranges = |c: &Catalog| {
+        port_of(&c.rules_for(&facts("a")), "default/lb/tcp/http/ipv4")
+            .load_balancer_source_ranges
+            .clone()
+    };
+    assert_eq!(ranges(&c), ["198.51.100.0/24"]);
+    // Node a's InternalIP 192.168.50.11 is inside this range: the LB IP becomes an allowed source.
+    lb.load_balancer_source_ranges
+        .push("192.168.50.0/24".parse().unwrap());
+    let c = catalog(ClusterPolicy::default(), &inputs(vec![lb], vec![]));
+    assert_eq!(
+        ranges(&c),
+        ["192.168.50.0/24", "198.51.100.0/24", "203.0.113.7/32"]
+    );
+}

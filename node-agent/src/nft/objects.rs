@@ -60,11 +60,15 @@ pub enum SetId {
     Endpoints(Slot),
     NoEndpointServices,
     NoEndpointNodePorts,
+    /// Load-balancer entry points with source ranges.
+    FirewallIps,
+    /// `entry . allowed source range` for those entry points.
+    FirewallAllow,
 }
 
 impl SetId {
     /// Every set and map declared with the table (endpoint slot maps come on demand).
-    pub const ALL: [SetId; 14] = [
+    pub const ALL: [SetId; 16] = [
         SetId::ClusterCidrs,
         SetId::ServiceCidrs,
         SetId::NodePortIps,
@@ -79,6 +83,8 @@ impl SetId {
         SetId::Dispatch(EntryKind::NodePort, Scope::Local),
         SetId::NoEndpointServices,
         SetId::NoEndpointNodePorts,
+        SetId::FirewallIps,
+        SetId::FirewallAllow,
     ];
 
     /// Sets and maps whose content is derived from NodeRules (flushed and refilled when it
@@ -95,6 +101,8 @@ impl SetId {
                 | SetId::ClusterIps
                 | SetId::Hairpin
                 | SetId::Generation
+                | SetId::FirewallIps
+                | SetId::FirewallAllow
         )
     }
 
@@ -106,6 +114,10 @@ impl SetId {
             SetId::NodePortIps | SetId::ClusterIps => format!("type {a};"),
             SetId::Hairpin => format!("type {a} . {a};"),
             SetId::Generation => "typeof meta mark;".into(),
+            SetId::FirewallIps => format!("type {a} . inet_proto . inet_service;"),
+            SetId::FirewallAllow => {
+                format!("type {a} . inet_proto . inet_service . {a}; flags interval;")
+            }
             SetId::ServiceIps | SetId::Dispatch(EntryKind::Ip, _) | SetId::NoEndpointServices => {
                 format!("type {a} . inet_proto . inet_service : verdict;")
             }
@@ -142,6 +154,8 @@ impl fmt::Display for SetId {
             SetId::Endpoints(slot) => write!(f, "{slot}-eps"),
             SetId::NoEndpointServices => f.write_str("no-endpoint-services"),
             SetId::NoEndpointNodePorts => f.write_str("no-endpoint-nodeports"),
+            SetId::FirewallIps => f.write_str("firewall-ips"),
+            SetId::FirewallAllow => f.write_str("firewall-allow"),
         }
     }
 }
@@ -192,12 +206,15 @@ pub enum Chain {
     NodePortEndpointsCheck,
     ClusterIpsCheck,
     RejectChain,
+    FirewallCheck,
     NatPrerouting,
     NatOutput,
     NatPostrouting,
     FilterInput,
     FilterForward,
     FilterOutput,
+    FilterPreroutingPreDnat,
+    FilterOutputPreDnat,
     Lb(LbChain),
     /// DNAT to the endpoint in one slot.
     Endpoint(Slot),
@@ -206,7 +223,7 @@ pub enum Chain {
 impl Chain {
     /// The constant chains, regular chains first: a base chain is added after the chains it
     /// jumps to.
-    pub const CONSTANT: [Chain; 19] = [
+    pub const CONSTANT: [Chain; 22] = [
         Chain::MarkForMasquerade,
         Chain::Masquerading,
         Chain::Services,
@@ -220,12 +237,15 @@ impl Chain {
         Chain::NodePortEndpointsCheck,
         Chain::ClusterIpsCheck,
         Chain::RejectChain,
+        Chain::FirewallCheck,
         Chain::NatPrerouting,
         Chain::NatOutput,
         Chain::NatPostrouting,
         Chain::FilterInput,
         Chain::FilterForward,
         Chain::FilterOutput,
+        Chain::FilterPreroutingPreDnat,
+        Chain::FilterOutputPreDnat,
     ];
 
     /// The hook specification of a base chain.
@@ -237,6 +257,11 @@ impl Chain {
             Chain::FilterInput => "type filter hook input priority 0; policy accept;",
             Chain::FilterForward => "type filter hook forward priority 0; policy accept;",
             Chain::FilterOutput => "type filter hook output priority 0; policy accept;",
+            // Source ranges are checked before DNAT rewrites the destination.
+            Chain::FilterPreroutingPreDnat => {
+                "type filter hook prerouting priority -110; policy accept;"
+            }
+            Chain::FilterOutputPreDnat => "type filter hook output priority -110; policy accept;",
             _ => return None,
         })
     }
@@ -258,12 +283,15 @@ impl fmt::Display for Chain {
             Chain::NodePortEndpointsCheck => "nodeport-endpoints-check",
             Chain::ClusterIpsCheck => "cluster-ips-check",
             Chain::RejectChain => "reject-chain",
+            Chain::FirewallCheck => "firewall-check",
             Chain::NatPrerouting => "nat-prerouting",
             Chain::NatOutput => "nat-output",
             Chain::NatPostrouting => "nat-postrouting",
             Chain::FilterInput => "filter-input",
             Chain::FilterForward => "filter-forward",
             Chain::FilterOutput => "filter-output",
+            Chain::FilterPreroutingPreDnat => "filter-prerouting-pre-dnat",
+            Chain::FilterOutputPreDnat => "filter-output-pre-dnat",
             Chain::Lb(lb) => {
                 return write!(
                     f,
@@ -384,6 +412,10 @@ pub enum Element {
         port: Port,
     },
     NoEndpoint(EntryKey, NoEndpoint),
+    /// A load-balancer entry point whose sources are restricted.
+    FirewallIp(AddrKey),
+    /// A source range allowed for such an entry point.
+    FirewallAllow(AddrKey, IpNet),
 }
 
 /// The identity of an element: its set and key, without the value.
@@ -405,6 +437,8 @@ pub enum ElementKey {
         key: EntryKey,
     },
     NoEndpoint(EntryKey),
+    FirewallIp(AddrKey),
+    FirewallAllow(AddrKey, IpNet),
 }
 
 impl Element {
@@ -423,6 +457,8 @@ impl Element {
                 scope, key, slot, ..
             } => ElementKey::Backend { scope, slot, key },
             Element::NoEndpoint(k, _) => ElementKey::NoEndpoint(k),
+            Element::FirewallIp(k) => ElementKey::FirewallIp(k),
+            Element::FirewallAllow(k, n) => ElementKey::FirewallAllow(k, n),
         }
     }
 
@@ -470,6 +506,8 @@ impl ElementKey {
             }),
             ElementKey::NoEndpoint(EntryKey::Addr(_)) => SetId::NoEndpointServices,
             ElementKey::NoEndpoint(EntryKey::NodePort(_)) => SetId::NoEndpointNodePorts,
+            ElementKey::FirewallIp(_) => SetId::FirewallIps,
+            ElementKey::FirewallAllow(..) => SetId::FirewallAllow,
         }
     }
 }
@@ -502,7 +540,8 @@ impl fmt::Display for ElementKey {
             ElementKey::NodePortIp(a) | ElementKey::ClusterIp(a) => a.fmt(f),
             ElementKey::Generation(g) => g.fmt(f),
             ElementKey::Hairpin(a) => write!(f, "{a} . {a}"),
-            ElementKey::ServiceIp(k) => k.fmt(f),
+            ElementKey::ServiceIp(k) | ElementKey::FirewallIp(k) => k.fmt(f),
+            ElementKey::FirewallAllow(k, n) => write!(f, "{k} . {n}"),
             ElementKey::ServiceNodePort(k) => k.fmt(f),
             ElementKey::Dispatch(_, key)
             | ElementKey::NoEndpoint(key)
@@ -534,7 +573,9 @@ impl fmt::Display for Element {
             | Element::NodePortIp(_)
             | Element::Generation(_)
             | Element::ClusterIp(_)
-            | Element::Hairpin(_) => Ok(()),
+            | Element::Hairpin(_)
+            | Element::FirewallIp(_)
+            | Element::FirewallAllow(..) => Ok(()),
         }
     }
 }

@@ -141,8 +141,8 @@ pub fn node_rules() -> v1::Resource {
     )
 }
 
-/// Per family: a ClusterIP service, a NodePort externalTrafficPolicy=Local service with a
-/// local endpoint, and a service without endpoints.
+/// Per family: a ClusterIP service, a load-balancer externalTrafficPolicy=Local service with a
+/// local endpoint and source ranges, and a service without endpoints.
 pub fn representative() -> Vec<v1::Resource> {
     use v1::{IpFamily::*, Protocol::*};
     let mut out = vec![node_rules()];
@@ -177,6 +177,15 @@ pub fn representative() -> Vec<v1::Resource> {
         );
         np.node_port = 30443;
         np.external_traffic_local = true;
+        let (lb, ranges) = match fam {
+            Ipv4 => (
+                "203.0.113.7",
+                vec!["198.51.100.0/24".to_owned(), "192.168.50.0/24".to_owned()],
+            ),
+            _ => ("2001:db8::7", vec!["2001:db8:1::/48".to_owned()]),
+        };
+        np.load_balancer_ips = vec![lb.to_owned()];
+        np.load_balancer_source_ranges = ranges;
         out.push(resource(
             &format!("default/np-local/TCP/https/{suffix}"),
             np,
