@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::applier::{self, Applier};
+use crate::hcport::HealthCheckPorts;
 use crate::health::Health;
 use crate::http;
 use crate::inspect::{self, Inspect};
@@ -66,14 +67,18 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let recovered = applier::recover(nft.as_ref(), &cfg.table, &cfg.state_dir).await;
-    let applier = Arc::new(Applier::new(
-        nft.clone(),
-        cfg.table.clone(),
-        cfg.state_dir.clone(),
-        recovered,
-        metrics.clone(),
-        health.clone(),
-    ));
+    let hc_ports = Arc::new(HealthCheckPorts::new(health.clone(), cancel.clone()));
+    let applier = Arc::new(
+        Applier::new(
+            nft.clone(),
+            cfg.table.clone(),
+            cfg.state_dir.clone(),
+            recovered,
+            metrics.clone(),
+            health.clone(),
+        )
+        .with_health_check_ports(hc_ports),
+    );
     let inspect = Inspect {
         node: cfg.node_name.clone(),
         table: cfg.table.clone(),

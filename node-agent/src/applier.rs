@@ -11,6 +11,7 @@ use kubenft_proto::v1;
 use parking_lot::RwLock;
 
 use crate::apply;
+use crate::hcport::{self, HealthCheckPorts};
 use crate::health::Health;
 use crate::metrics::{ChangeResult, Metrics};
 use crate::model::Family;
@@ -26,6 +27,8 @@ pub struct Applier<N> {
     state: SharedState,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Health-check node ports follow the applied state (None in tests that do not serve them).
+    hc_ports: Option<Arc<HealthCheckPorts>>,
 }
 
 impl<N: Nft> Applier<N> {
@@ -44,7 +47,16 @@ impl<N: Nft> Applier<N> {
             state: Arc::new(RwLock::new(state)),
             metrics,
             health,
+            hc_ports: None,
         }
+    }
+
+    /// Serves the health-check node ports the applied state asks for, now and after every
+    /// commit. Needs a tokio runtime.
+    pub fn with_health_check_ports(mut self, ports: Arc<HealthCheckPorts>) -> Self {
+        ports.sync(&hcport::desired(&self.state.read()));
+        self.hc_ports = Some(ports);
+        self
     }
 
     pub fn state(&self) -> &SharedState {
@@ -93,6 +105,9 @@ impl<N: Nft> Applier<N> {
         let file = {
             let mut state = self.state.write();
             state.commit(plan);
+            if let Some(ports) = &self.hc_ports {
+                ports.sync(&hcport::desired(&state));
+            }
             state.to_file(&self.table)
         };
         tracing::info!(
