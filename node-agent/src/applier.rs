@@ -11,6 +11,7 @@ use kubenft_proto::v1;
 use parking_lot::RwLock;
 
 use crate::apply;
+use crate::conntrack;
 use crate::hcport::{self, HealthCheckPorts};
 use crate::health::Health;
 use crate::metrics::{ChangeResult, Metrics};
@@ -102,14 +103,36 @@ impl<N: Nft> Applier<N> {
         self.metrics
             .synced(&plan.tx.families(), elapsed.as_secs_f64());
         let (ops, full) = (plan.tx.element_ops(), plan.full);
-        let file = {
+        let (file, cleanup) = {
             let mut state = self.state.write();
+            let touched: std::collections::BTreeSet<&str> = change
+                .resources
+                .iter()
+                .map(|r| r.name.as_str())
+                .chain(change.removed.iter().map(String::as_str))
+                .collect();
+            let old: Vec<v1::Resource> = state
+                .resources()
+                .filter(|r| touched.contains(r.name.as_str()))
+                .cloned()
+                .collect();
             state.commit(plan);
             if let Some(ports) = &self.hc_ports {
                 ports.sync(&hcport::desired(&state));
             }
-            state.to_file(&self.table)
+            (
+                state.to_file(&self.table),
+                conntrack::plan(&old, &change.resources),
+            )
         };
+        if !cleanup.is_empty() {
+            // After the commit, off the ACK's path: new flows already follow the new rules.
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let deleted = conntrack::run(cleanup).await;
+                metrics.conntrack_deleted(deleted);
+            });
+        }
         tracing::info!(
             change_id = change.change_id,
             changed = change.resources.len(),

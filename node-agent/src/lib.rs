@@ -11,6 +11,7 @@ pub mod agent;
 pub mod applier;
 pub mod apply;
 pub mod cli;
+pub mod conntrack;
 pub mod hcport;
 pub mod health;
 pub mod http;

@@ -43,6 +43,7 @@ pub struct Metrics {
     last_sync: Gauge<f64, AtomicU64>,
     changes: MetricFamily<ResultLabels, Counter>,
     connected: Gauge,
+    conntrack_deleted: Counter,
 }
 
 impl Default for Metrics {
@@ -57,6 +58,7 @@ impl Default for Metrics {
             last_sync: Gauge::default(),
             changes: MetricFamily::default(),
             connected: Gauge::default(),
+            conntrack_deleted: Counter::default(),
         };
         metrics.register()
     }
@@ -90,7 +92,16 @@ impl Metrics {
             "1 while a controller stream is open",
             self.connected.clone(),
         );
+        r.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Stale UDP conntrack entries deleted",
+            self.conntrack_deleted.clone(),
+        );
         self
+    }
+
+    pub fn conntrack_deleted(&self, entries: u64) {
+        self.conntrack_deleted.inc_by(entries);
     }
 
     /// A committed transaction touching `families`.
