@@ -57,6 +57,12 @@ pub struct Args {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Kubeconfig for `--source kube` [default: $KUBECONFIG, ~/.kube/config, else in-cluster].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Parse and validate the command line, print `OK` and exit (manifests are checked with it).
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 fn parse_source(s: &str) -> Result<SourceArg, String> {

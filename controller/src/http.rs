@@ -27,7 +27,8 @@ pub fn router(hub: Arc<Hub>, metrics: Arc<Metrics>) -> Router {
         .with_state(AppState { hub, metrics })
 }
 
-/// Ready once the source has delivered its first complete view.
+/// Ready once the source has delivered its first complete view (for `--source kube`: every
+/// initial list is complete). Until then agents get nothing either.
 async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
     if s.hub.synced() {
         (StatusCode::OK, "ok\n")
@@ -37,6 +38,13 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> ([(&'static str, &'static str); 1], String) {
+    s.metrics
+        .set_node_lags(s.hub.statuses().into_iter().map(|(node, _, status)| {
+            let lag = status
+                .pending_since
+                .map_or(0.0, |t| t.elapsed().as_secs_f64());
+            (node, lag)
+        }));
     (
         [(
             "content-type",

@@ -107,6 +107,7 @@ impl Hub {
     ) -> watch::Receiver<Arc<NodeRuleSet>> {
         let mut state = self.state.lock();
         let catalog = state.catalog.clone();
+        let synced = state.synced;
         let entry = state
             .nodes
             .entry(node.to_owned())
@@ -117,7 +118,11 @@ impl Hub {
         if entry.facts.agent_addresses != addresses {
             entry.facts.agent_addresses = addresses;
         }
-        entry.replan(&catalog);
+        // Before the first complete view the catalog is empty: planning from it would hand the
+        // agent a rule set without any Service (a cold cache must never push that).
+        if synced {
+            entry.replan(&catalog);
+        }
         entry.desired.subscribe()
     }
 

@@ -20,6 +20,7 @@ pub mod source;
 pub mod stream;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use kubenft_proto::v1::controller_inspect_server::ControllerInspectServer;
@@ -34,8 +35,8 @@ use crate::plan::{ClusterPolicy, Inputs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the kube source is not available in this build yet; use --source dir:PATH")]
-    KubeSourceUnavailable,
+    #[error("--source kube: {0}")]
+    Kube(#[from] source::kube::Error),
     #[error("cannot serve gRPC on {addr}: {source}")]
     Grpc {
         addr: SocketAddr,
@@ -58,6 +59,9 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub policy: ClusterPolicy,
+    /// For `--source kube`: an explicit kubeconfig (else `KUBECONFIG`, `~/.kube/config`, or
+    /// the in-cluster environment). Explicit so tests need not touch the process environment.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl From<&cli::Args> for Config {
@@ -66,6 +70,7 @@ impl From<&cli::Args> for Config {
             source: a.source.clone(),
             grpc_listen: a.grpc_listen,
             http_listen: a.http_listen,
+            kubeconfig: a.kubeconfig.clone(),
             policy: ClusterPolicy {
                 cluster_cidrs: a.cluster_cidrs.clone(),
                 service_cidrs: a.service_cidrs.clone(),
@@ -90,7 +95,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         cli::SourceArg::Dir(dir) => {
             tokio::spawn(source::run_dir(dir, limits, inputs_tx, shutdown.clone()))
         }
-        cli::SourceArg::Kube => return Err(Error::KubeSourceUnavailable),
+        cli::SourceArg::Kube => {
+            let client = source::kube::client(config.kubeconfig.as_deref()).await?;
+            tokio::spawn(source::kube::run_kube(
+                client,
+                limits,
+                inputs_tx,
+                metrics.clone(),
+                shutdown.clone(),
+            ))
+        }
     };
     let planner_task = tokio::spawn(plan_on_change(
         inputs_rx,

@@ -1,13 +1,44 @@
 //! Controller metrics (Prometheus text on `/metrics`).
+//!
+//! Counters are updated where things happen; per-node lag is computed from the hub at scrape
+//! time (a stored gauge would be stale for a node whose agent stopped answering).
 
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceEventLabels {
+    /// `Service`, `EndpointSlice` or `Node`.
+    pub kind: &'static str,
+    /// The watcher event: `init`, `init_apply`, `init_done`, `apply`, `delete`, `error`.
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Watcher events by kind and event type (`--source kube`).
+    pub source_events: Family<SourceEventLabels, Counter>,
+    /// Watcher errors by kind (each is retried with backoff or answered by a relist).
+    pub source_errors: Family<KindLabels, Counter>,
+    /// Seconds each node's acknowledged rule set has been behind the desired one.
+    pub node_lag: Family<NodeLabels, Gauge<f64, AtomicU64>>,
     pub agents_connected: Gauge,
     pub changes_sent: Counter,
     pub acks: Counter,
@@ -55,8 +86,29 @@ impl Metrics {
             "Time from sending a change to an agent to its acknowledgement",
             push_duration.clone(),
         );
+        let source_events = Family::<SourceEventLabels, Counter>::default();
+        let source_errors = Family::<KindLabels, Counter>::default();
+        let node_lag = Family::<NodeLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "source_events",
+            "Kubernetes watcher events by kind and event",
+            source_events.clone(),
+        );
+        registry.register(
+            "source_errors",
+            "Kubernetes watcher errors by kind (retried with backoff, or relisted on 410 Gone)",
+            source_errors.clone(),
+        );
+        registry.register(
+            "node_lag_seconds",
+            "Seconds since a node's desired rule set first differed from what its agent acknowledged (0 when in sync)",
+            node_lag.clone(),
+        );
         Metrics {
             registry,
+            source_events,
+            source_errors,
+            node_lag,
             agents_connected,
             changes_sent,
             acks,
@@ -64,6 +116,26 @@ impl Metrics {
             source_updates,
             rejected_objects,
             push_duration,
+        }
+    }
+
+    pub fn source_event(&self, kind: &'static str, event: &'static str) {
+        self.source_events
+            .get_or_create(&SourceEventLabels { kind, event })
+            .inc();
+    }
+
+    pub fn source_error(&self, kind: &'static str) {
+        self.source_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Replaces the per-node lag gauges (called at scrape time, so removed nodes disappear).
+    pub fn set_node_lags(&self, lags: impl IntoIterator<Item = (String, f64)>) {
+        self.node_lag.clear();
+        for (node, seconds) in lags {
+            self.node_lag
+                .get_or_create(&NodeLabels { node })
+                .set(seconds);
         }
     }
 

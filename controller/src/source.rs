@@ -2,7 +2,8 @@
 //!
 //! Every source produces the same thing: the set of Kubernetes objects it currently sees, which
 //! [`objects_to_inputs`] validates into the planner's [`Inputs`]. `dir:PATH` reads a directory of
-//! YAML manifests and re-reads it whenever a file in it changes.
+//! YAML manifests and re-reads it whenever a file in it changes; `kube` ([`kube`]) watches the
+//! API server.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+pub mod kube;
 
 use crate::model::{self, Limits, ObjectName, Rejection, ServiceOutcome, clip};
 use crate::plan::Inputs;

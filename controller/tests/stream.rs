@@ -79,6 +79,7 @@ impl Controller {
             grpc_listen: grpc,
             http_listen: free_port(),
             policy: ClusterPolicy::default(),
+            kubeconfig: None,
         };
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

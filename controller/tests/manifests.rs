@@ -1,0 +1,334 @@
+//! `deploy/` is checked here so that a manifest cannot silently drift from the schemas or the
+//! binaries: every document must deserialize into its k8s-openapi type without losing a field
+//! (a misspelled field is dropped by serde, so the round trip catches it), kustomization.yaml
+//! must list every manifest, and every container's command line (with `$(VAR)` references
+//! substituted) must be accepted by the binary it runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every `*.yaml` in deploy/ except kustomization.yaml, by file name.
+fn manifest_files() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(deploy_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| (f.ends_with(".yaml") || f.ends_with(".yml")) && f != "kustomization.yaml")
+        .collect();
+    files.sort();
+    files
+}
+
+fn documents() -> Vec<(String, Value)> {
+    let mut docs = Vec::new();
+    for file in manifest_files() {
+        let text = std::fs::read_to_string(deploy_dir().join(&file)).unwrap();
+        let values: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("{file}: not valid YAML: {e}"));
+        docs.extend(
+            values
+                .into_iter()
+                .filter(|v| !v.is_null())
+                .map(|v| (file.clone(), v)),
+        );
+    }
+    docs
+}
+
+/// Paths present in `original` but missing or different in `round_trip`.
+fn lost(original: &Value, round_trip: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, round_trip) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                match b.get(k) {
+                    Some(w) => lost(v, w, &format!("{path}.{k}"), out),
+                    None => out.push(format!("{path}.{k}")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                lost(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        (a, b) if a == b => {}
+        (a, b) => out.push(format!("{path}: {a} became {b}")),
+    }
+}
+
+/// Deserializes into `T` and checks that nothing was dropped on the way.
+fn typed<T: DeserializeOwned + Serialize>(file: &str, doc: &Value) -> T {
+    let name = doc
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let t: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{file} {name}: does not match the schema: {e}"));
+    let mut missing = Vec::new();
+    lost(doc, &serde_json::to_value(&t).unwrap(), "", &mut missing);
+    assert!(
+        missing.is_empty(),
+        "{file} {name}: unknown or misspelled fields: {missing:?}"
+    );
+    t
+}
+
+/// Every document, checked against its kind's schema; returns the kinds seen.
+fn check_schemas() -> BTreeMap<String, usize> {
+    let mut kinds = BTreeMap::new();
+    for (file, doc) in documents() {
+        let api = doc["apiVersion"].as_str().unwrap_or("").to_owned();
+        let kind = doc["kind"].as_str().unwrap_or("").to_owned();
+        match (api.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => drop(typed::<Namespace>(&file, &doc)),
+            ("v1", "ServiceAccount") => drop(typed::<ServiceAccount>(&file, &doc)),
+            ("v1", "ConfigMap") => drop(typed::<ConfigMap>(&file, &doc)),
+            ("v1", "Service") => drop(typed::<Service>(&file, &doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                drop(typed::<ClusterRole>(&file, &doc))
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                drop(typed::<ClusterRoleBinding>(&file, &doc))
+            }
+            ("apps/v1", "Deployment") => drop(typed::<Deployment>(&file, &doc)),
+            ("apps/v1", "DaemonSet") => drop(typed::<DaemonSet>(&file, &doc)),
+            _ => panic!("{file}: unexpected {api} {kind}"),
+        }
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    kinds
+}
+
+#[test]
+fn every_document_matches_its_schema() {
+    let kinds = check_schemas();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "DaemonSet",
+        "Service",
+        "ConfigMap",
+    ] {
+        assert!(kinds.contains_key(kind), "no {kind} in deploy/: {kinds:?}");
+    }
+}
+
+#[test]
+fn the_round_trip_catches_a_misspelled_field() {
+    let doc: Value = serde_saphyr::from_str(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIp: None}\n",
+    )
+    .unwrap();
+    let result = std::panic::catch_unwind(|| typed::<Service>("test", &doc));
+    assert!(result.is_err());
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let text = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap();
+    let k: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(k["namespace"], "kubenft-system");
+    let listed: BTreeSet<String> = k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    let present: BTreeSet<String> = manifest_files().into_iter().collect();
+    assert_eq!(
+        listed, present,
+        "kustomization.yaml resources vs deploy/*.yaml"
+    );
+}
+
+#[test]
+fn the_controller_may_only_read_services_slices_and_nodes() {
+    let (file, doc) = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "ClusterRole")
+        .unwrap();
+    let role: ClusterRole = typed(&file, &doc);
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap_or_default() {
+        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                granted.insert(format!("{group}/{resource}"));
+            }
+        }
+    }
+    assert_eq!(
+        granted,
+        BTreeSet::from([
+            "/nodes".to_owned(),
+            "/services".to_owned(),
+            "discovery.k8s.io/endpointslices".to_owned()
+        ])
+    );
+}
+
+/// Plausible values for what the downward API and ConfigMaps would provide.
+fn env_values(
+    container: &Container,
+    config_maps: &BTreeMap<String, BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for var in container.env.clone().unwrap_or_default() {
+        let value = if let Some(v) = var.value {
+            v
+        } else {
+            let from = var.value_from.expect("value or valueFrom");
+            if let Some(f) = from.field_ref {
+                match f.field_path.as_str() {
+                    "spec.nodeName" => "node-a".into(),
+                    "status.hostIP" | "status.podIP" => "192.168.50.2".into(),
+                    other => panic!("unexpected fieldRef {other}"),
+                }
+            } else if let Some(c) = from.config_map_key_ref {
+                config_maps
+                    .get(&c.name)
+                    .and_then(|m| m.get(&c.key))
+                    .unwrap_or_else(|| panic!("ConfigMap {}/{} not in deploy/", c.name, c.key))
+                    .clone()
+            } else {
+                panic!("unsupported valueFrom for {}", var.name)
+            }
+        };
+        env.insert(var.name, value);
+    }
+    env
+}
+
+/// `$(VAR)` → its value, as the kubelet expands container args.
+fn expand(arg: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = arg.to_owned();
+    for (k, v) in env {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    assert!(!out.contains("$("), "unresolved reference in {arg:?}");
+    out
+}
+
+/// Each workload's single container with its args expanded.
+fn workloads() -> Vec<(String, Container, Vec<String>)> {
+    let docs = documents();
+    let mut config_maps = BTreeMap::new();
+    for (_, d) in docs.iter().filter(|(_, d)| d["kind"] == "ConfigMap") {
+        let cm: ConfigMap = serde_json::from_value(d.clone()).unwrap();
+        config_maps.insert(
+            cm.metadata.name.unwrap(),
+            cm.data.unwrap_or_default().into_iter().collect(),
+        );
+    }
+    let mut out = Vec::new();
+    for (file, d) in &docs {
+        let spec = match d["kind"].as_str() {
+            Some("Deployment") => typed::<Deployment>(file, d).spec.unwrap().template.spec,
+            Some("DaemonSet") => typed::<DaemonSet>(file, d).spec.unwrap().template.spec,
+            _ => continue,
+        };
+        let containers = spec.unwrap().containers;
+        assert_eq!(containers.len(), 1, "{file}");
+        let c = containers.into_iter().next().unwrap();
+        let env = env_values(&c, &config_maps);
+        let args = c
+            .args
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|a| expand(a, &env))
+            .collect();
+        out.push((file.clone(), c, args));
+    }
+    out
+}
+
+fn binary(c: &Container) -> String {
+    let command = c.command.clone().expect("an explicit command");
+    assert_eq!(command.len(), 1);
+    Path::new(&command[0])
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn every_command_line_is_accepted_by_its_binary() {
+    let workloads = workloads();
+    assert_eq!(workloads.len(), 2);
+    for (file, c, args) in workloads {
+        match binary(&c).as_str() {
+            "kubenft-controller" => {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubenft-controller"))
+                    .args(&args)
+                    .arg("--check-config")
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "OK",
+                    "{file}: {args:?} refused: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            "kubenft-agent" => {
+                use clap::Parser;
+                let parsed = kubenft_agent::cli::Args::try_parse_from(
+                    std::iter::once("kubenft-agent".to_owned()).chain(args.iter().cloned()),
+                )
+                .unwrap_or_else(|e| panic!("{file}: {args:?} refused: {e}"));
+                assert_eq!(parsed.controllers.len(), 2, "{file}: two controllers");
+            }
+            other => panic!("{file}: unknown binary {other}"),
+        }
+    }
+}
+
+#[test]
+fn probes_point_at_the_ports_the_binaries_serve() {
+    for (file, c, args) in workloads() {
+        for probe in [&c.liveness_probe, &c.readiness_probe]
+            .into_iter()
+            .flatten()
+        {
+            let get = probe.http_get.as_ref().expect("HTTP probes");
+            let port = match &get.port {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p,
+                other => panic!("{file}: named probe port {other:?}"),
+            };
+            let served = args
+                .iter()
+                .any(|a| a.ends_with(&format!("-listen=0.0.0.0:{port}")));
+            assert!(served, "{file}: probe on {port} but args {args:?}");
+        }
+    }
+}
+
+#[test]
+fn the_dockerfile_ships_both_binaries_and_the_tools() {
+    let text = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    for want in [
+        "FROM rust:1.95",
+        "FROM debian:12-slim",
+        "nftables",
+        "conntrack",
+        "/usr/local/bin/kubenft-controller",
+        "/usr/local/bin/kubenft-agent",
+    ] {
+        assert!(text.contains(want), "Dockerfile lacks {want}");
+    }
+}
