@@ -1,0 +1,324 @@
+//! End to end through the real controller and agents: what users see while the agent
+//! crashes, while the controller is away, and when the kernel refuses a transaction.
+//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kubenft_lab::probe::tally;
+use kubenft_lab::{Cond, Host, ProbeOpts, ProbeResult, Proto, Service, Slice, wait_until};
+
+/// The kernel handle of `table ip kubenft` in `node` (from `nft -j list tables`). Handles
+/// come from a per-namespace counter, so a deleted and recreated table gets a new one.
+fn table_handle(c: &Cluster, node: &str) -> u64 {
+    let out = c.nft(node, &["-j", "list", "tables"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| &o["table"])
+        .find(|t| t["family"] == "ip" && t["name"] == "kubenft")
+        .and_then(|t| t["handle"].as_u64())
+        .unwrap_or_else(|| panic!("no `table ip kubenft` on node {node}: {out}"))
+}
+
+/// The elements of the agent's `generation` set (written by every transaction it commits).
+fn generation(c: &Cluster, node: &str) -> String {
+    let out = c.nft(node, &["list", "set", "ip", "kubenft", "generation"]);
+    out.lines()
+        .find(|l| l.contains("elements"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// §5.45: continuous new TCP connections to a ClusterIP from a pod on node a while node a's
+/// agent is SIGKILLed and restarted: zero failures. The restarted agent adopts what is in
+/// the kernel: the table is the same object (same handle), no transaction ran (same
+/// generation), and it reports the same applied version, which the controller shows as
+/// SYNCED with the same acked version.
+#[test]
+fn agent_sigkill_and_restart_under_traffic_is_seamless() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
+    client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let svc = Service::cluster_ip("web", "10.96.0.45").port("http", 80, TCP, Proto::Tcp);
+    let slice = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoints(&backends, Cond::READY);
+    c.write("web.yaml", &[&svc, &slice]);
+    let target = vip("10.96.0.45:80");
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
+    let acked = c.wait_synced(START);
+    let handle = table_handle(&c, "a");
+    let gen_before = generation(&c, "a");
+    let applied = c.agent_call("a", "GetApplied").unwrap();
+    let version = applied["systemVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !version.is_empty(),
+        "GetApplied has no systemVersion: {applied}"
+    );
+
+    let stop = AtomicBool::new(false);
+    let agent = c.agent("a").clone();
+    let results = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut all = Vec::new();
+            // Bounded: at most 300 batches of 10 connections (each attempt ≤ 1 s).
+            for _ in 0..300 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let rs = c.lab.probe(
+                    Host::Pod("client"),
+                    Proto::Tcp,
+                    target,
+                    &ProbeOpts::count(10),
+                );
+                match rs {
+                    Ok(rs) => all.extend(rs),
+                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
+                }
+            }
+            all
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill().unwrap();
+        eprintln!("agent a killed");
+        std::thread::sleep(Duration::from_millis(700));
+        agent.start().unwrap();
+        // Back: its inspection answers with the same applied version.
+        let mut last = String::new();
+        let back = wait_until(START, Duration::from_millis(100), || {
+            let v = c.agent_call("a", "GetApplied")?;
+            last = v["systemVersion"].as_str().unwrap_or_default().to_string();
+            Ok::<_, String>(last == version)
+        });
+        let after = c.wait_synced(START);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let all = traffic.join().unwrap();
+        back.unwrap_or_else(|e| {
+            panic!("restarted agent reports version {last:?}, not {version:?}: {e}")
+        });
+        assert_eq!(
+            after, acked,
+            "the controller's acked versions changed across the restart"
+        );
+        all
+    });
+    let t = tally(&results);
+    eprintln!("{} connections during kill+restart: {t:?}", results.len());
+    assert_all_ok(
+        &results,
+        "new connections during the agent's kill and restart",
+    );
+    assert!(
+        results.len() >= 50,
+        "too little traffic to prove anything: {t:?}"
+    );
+    assert_eq!(
+        table_handle(&c, "a"),
+        handle,
+        "the agent recreated its table on restart"
+    );
+    assert_eq!(
+        generation(&c, "a"),
+        gen_before,
+        "the restarted agent ran a transaction although the kernel already had its state"
+    );
+}
+
+/// §5.46: the controller is stopped for 20 s. Traffic keeps flowing the whole time (with the
+/// last rules: a change made meanwhile is not applied yet), and the change made while it was
+/// down — a new endpoint and a new Service — serves within 2 s of the controller's return.
+#[test]
+fn controller_outage_keeps_traffic_and_applies_changes_on_return() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let web1 = pods(&lab, &[("web-1", "a")]).remove(0);
+    client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let svc = Service::cluster_ip("web", "10.96.0.46").port("http", 80, TCP, Proto::Tcp);
+    let slice = Slice::for_service("web").port("http", TCP);
+    c.write(
+        "web.yaml",
+        &[&svc, &slice.clone().endpoint(&web1, Cond::READY)],
+    );
+    let (old, new) = (vip("10.96.0.46:80"), vip("10.96.0.47:80"));
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, old, START);
+    c.wait_synced(START);
+
+    c.controller.stop().unwrap();
+    let down_at = Instant::now();
+    eprintln!("controller stopped");
+    let outage = Duration::from_secs(
+        std::env::var("KUBENFT_E2E_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
+    // Probe rounds at 0, 4, 8, ... s; the change is made after the second round.
+    let mut rounds = 0u32;
+    while rounds < 8 && down_at.elapsed() + Duration::from_secs(4) < outage {
+        let at = down_at.elapsed();
+        eprintln!("outage round {rounds} at {at:?}");
+        let rs = c.probe(Host::Pod("client"), Proto::Tcp, old, &ProbeOpts::count(4));
+        let t = assert_all_ok(&rs, &format!("during the outage at {at:?}"));
+        // The agent keeps the last rules it had: the new endpoint is not used yet.
+        assert_eq!(t.keys().collect::<Vec<_>>(), vec!["web-1"], "{t:?}");
+        let out = c
+            .lab
+            .exec_ok(
+                Host::Node("a"),
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://127.0.0.1:10256/livez",
+                ],
+            )
+            .unwrap();
+        assert_eq!(out, "200", "agent /livez during the outage at {at:?}");
+        if rounds == 1 {
+            let web2 = pods(&c.lab, &[("web-2", "b")]).remove(0);
+            let late = Service::cluster_ip("late", "10.96.0.47").port("http", 80, TCP, Proto::Tcp);
+            let late_slice = Slice::for_service("late")
+                .port("http", TCP)
+                .endpoint(&web2, Cond::READY);
+            c.write(
+                "web.yaml",
+                &[&svc, &slice.clone().endpoints([&web1, &web2], Cond::READY)],
+            );
+            c.write("late.yaml", &[&late, &late_slice]);
+        }
+        rounds += 1;
+        let next = Duration::from_secs(4) * rounds;
+        std::thread::sleep(next.saturating_sub(down_at.elapsed()));
+    }
+    assert!(
+        rounds >= 2,
+        "the outage loop did not get to make its change"
+    );
+    std::thread::sleep(outage.saturating_sub(down_at.elapsed()));
+    c.controller.start().unwrap();
+    let back_at = Instant::now();
+    eprintln!("controller restarted after {:?}", down_at.elapsed());
+    let took = c.wait_probe(
+        "new Service after the controller's return",
+        Host::Pod("client"),
+        Proto::Tcp,
+        new,
+        START,
+        |r| r.server() == Some("web-2"),
+    );
+    c.wait_all_seen(
+        Host::Pod("client"),
+        Proto::Tcp,
+        old,
+        &["web-1", "web-2"],
+        CONVERGE,
+    );
+    let total = back_at.elapsed();
+    eprintln!("changes served {took:?} / all {total:?} after the controller's return");
+    assert!(
+        took <= CONVERGE,
+        "the change made during the outage was applied {took:?} after the controller's return (want ≤ {CONVERGE:?})"
+    );
+}
+
+/// A change the kernel refuses: an element planted by hand in the agent's dispatch map makes
+/// the agent's next `add element` for that key fail ("File exists"). The controller then
+/// shows node a NACKED with nft's error text; nothing of the refused change is in force on
+/// node a (one transaction: all or nothing), the Services that worked keep working, and
+/// node b, which refused nothing, serves the new Service.
+#[test]
+fn kernel_refusal_is_nacked_and_the_last_good_state_keeps_serving() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let web = pods(&lab, &[("web-1", "a")]).remove(0);
+    client(&lab, "client-a", "a");
+    client(&lab, "client-b", "b");
+    let c = Cluster::start(lab);
+    let old = Service::cluster_ip("old", "10.96.0.60").port("http", 80, TCP, Proto::Tcp);
+    let old_slice = Slice::for_service("old")
+        .port("http", TCP)
+        .endpoint(&web, Cond::READY);
+    c.write("old.yaml", &[&old, &old_slice]);
+    let (old_vip, new_vip) = (vip("10.96.0.60:80"), vip("10.96.0.61:80"));
+    c.wait_answers(Host::Pod("client-a"), Proto::Tcp, old_vip, START);
+    c.wait_synced(START);
+
+    c.nft(
+        "a",
+        &[
+            "add",
+            "element",
+            "ip",
+            "kubenft",
+            "ip-c-dispatch",
+            "{ 10.96.0.61 . tcp . 80 : drop }",
+        ],
+    );
+    let new = Service::cluster_ip("new", "10.96.0.61").port("http", 80, TCP, Proto::Tcp);
+    let new_slice = Slice::for_service("new")
+        .port("http", TCP)
+        .endpoint(&web, Cond::READY);
+    c.write("new.yaml", &[&new, &new_slice]);
+
+    let mut last = Default::default();
+    wait_until(START, Duration::from_millis(100), || {
+        last = c.list_nodes()?;
+        Ok::<_, String>(last.get("a").is_some_and(|a| a["state"] == "NACKED"))
+    })
+    .unwrap_or_else(|e| panic!("node a never NACKED: {e}; last ListNodes: {last:#?}"));
+    let a = &last["a"];
+    let err = a["lastNackError"].as_str().unwrap_or_default();
+    eprintln!("node a: {a}");
+    assert!(
+        err.contains("File exists") || err.contains("Could not process rule"),
+        "the NACK should carry nft's error text: {a}"
+    );
+    // Node b took the same change and serves the new Service.
+    c.wait_probe(
+        "node b serves the new Service",
+        Host::Pod("client-b"),
+        Proto::Tcp,
+        new_vip,
+        START,
+        |r| r.server() == Some("web-1"),
+    );
+    let b = c.list_nodes().unwrap().remove("b").unwrap();
+    assert_eq!(b["state"], "SYNCED", "{b}");
+    // Node a keeps its last good state: the old Service works, the new one is not there at
+    // all (its ClusterIP is not even in the table's cluster-ips set: dropped, not rejected).
+    let rs = c.probe(
+        Host::Pod("client-a"),
+        Proto::Tcp,
+        old_vip,
+        &ProbeOpts::count(6),
+    );
+    assert_all_ok(&rs, "old Service on node a after the NACK");
+    let r = c.probe1(Host::Pod("client-a"), Proto::Tcp, new_vip, DROP_WAIT);
+    assert_eq!(
+        r,
+        ProbeResult::Timeout,
+        "part of the refused transaction is in force on node a"
+    );
+    let applied = c.agent_call("a", "GetApplied").unwrap();
+    assert!(
+        !applied["lastError"].as_str().unwrap_or_default().is_empty(),
+        "the agent should report its last error: {applied}"
+    );
+}
