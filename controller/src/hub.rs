@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::model::Rejection;
-use crate::plan::{Catalog, ClusterPolicy, Inputs, NodeFacts, NodeRuleSet};
+use crate::plan::{Catalog, ClusterPolicy, Inputs, NodeFacts};
+use crate::view::NodeRuleSet;
 
 /// Sync status of one node, as inspection shows it.
 #[derive(Clone, Debug, Default)]
@@ -60,10 +61,7 @@ impl Hub {
         let policy = Arc::new(policy);
         Hub {
             state: Mutex::new(State {
-                catalog: Arc::new(Catalog {
-                    policy: policy.clone(),
-                    ..Default::default()
-                }),
+                catalog: Arc::new(Catalog::empty(policy.clone())),
                 nodes: BTreeMap::new(),
                 synced: false,
             }),
@@ -71,9 +69,11 @@ impl Hub {
         }
     }
 
-    /// Replans every node from new inputs.
+    /// Replans every node from new inputs: only the ports that changed are recomputed, and
+    /// only for the nodes that see them differently from the shared base.
     pub fn set_inputs(&self, inputs: &Inputs) {
-        let catalog = Arc::new(Catalog::build(self.policy.clone(), inputs));
+        let previous = self.state.lock().catalog.clone();
+        let catalog = Arc::new(Catalog::build(self.policy.clone(), inputs, Some(&previous)));
         let mut state = self.state.lock();
         state.synced = true;
         state.catalog = catalog.clone();
@@ -87,8 +87,9 @@ impl Hub {
         state
             .nodes
             .retain(|name, e| e.status.streams > 0 || catalog.nodes.contains_key(name));
-        for entry in state.nodes.values_mut() {
-            entry.replan(&catalog);
+        for (name, entry) in state.nodes.iter_mut() {
+            let node_changed = previous.nodes.get(name) != catalog.nodes.get(name);
+            entry.replan(&catalog, node_changed);
         }
     }
 
@@ -115,13 +116,12 @@ impl Hub {
         entry.status.streams += 1;
         entry.status.agent_version = agent_version;
         entry.status.agent_addresses = addresses.clone();
-        if entry.facts.agent_addresses != addresses {
-            entry.facts.agent_addresses = addresses;
-        }
+        let facts_changed = entry.facts.agent_addresses != addresses;
+        entry.facts.agent_addresses = addresses;
         // Before the first complete view the catalog is empty: planning from it would hand the
         // agent a rule set without any Service (a cold cache must never push that).
         if synced {
-            entry.replan(&catalog);
+            entry.replan(&catalog, facts_changed);
         }
         entry.desired.subscribe()
     }
@@ -179,10 +179,13 @@ impl Hub {
         let state = self.state.lock();
         match state.nodes.get(node) {
             Some(e) => e.desired.borrow().clone(),
-            None => Arc::new(state.catalog.rules_for(&NodeFacts {
-                name: node.to_owned(),
-                ..Default::default()
-            })),
+            None => Arc::new(state.catalog.rules_for(
+                &NodeFacts {
+                    name: node.to_owned(),
+                    ..Default::default()
+                },
+                1,
+            )),
         }
     }
 
@@ -221,17 +224,23 @@ impl NodeEntry {
         }
     }
 
-    /// Recomputes this node's rule set; subscribers are woken only if its version changed.
-    fn replan(&mut self, catalog: &Catalog) {
-        let rules = catalog.rules_for(&self.facts);
-        self.desired.send_if_modified(|current| {
-            if current.system_version == rules.system_version {
-                false
-            } else {
-                *current = Arc::new(rules);
-                true
-            }
-        });
+    /// Brings this node's rule set up to `catalog`: incrementally, or rebuilt when the node
+    /// itself changed (or has no rule set yet). Subscribers are woken only if its content
+    /// changed.
+    fn replan(&mut self, catalog: &Catalog, rebuild: bool) {
+        let current = self.desired.borrow().clone();
+        let next = if rebuild || current.rev == 0 {
+            Some(catalog.rules_for(&self.facts, current.rev + 1))
+        } else {
+            catalog.update(&current, &self.facts)
+        };
+        if let Some(next) = next {
+            let changed = next.system_version != current.system_version;
+            self.desired.send_if_modified(|slot| {
+                *slot = Arc::new(next);
+                changed
+            });
+        }
         let desired = self.desired.borrow().system_version.clone();
         if desired != self.status.acked_version && self.status.streams > 0 {
             self.status.pending_since.get_or_insert_with(Instant::now);

@@ -70,7 +70,7 @@ impl ControllerInspect for InspectService {
                     lag_ms: s.pending_since.map_or(0, |t| {
                         u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
                     }),
-                    resources: u32::try_from(desired.resources.len()).unwrap_or(u32::MAX),
+                    resources: u32::try_from(desired.len()).unwrap_or(u32::MAX),
                     agent_version: s.agent_version,
                     agent_addresses: s.agent_addresses.iter().map(ToString::to_string).collect(),
                 }
@@ -88,11 +88,7 @@ impl ControllerInspect for InspectService {
         Ok(Response::new(NodeRuleSet {
             node: node.to_owned(),
             system_version: rules.system_version.clone(),
-            resources: rules
-                .resources
-                .values()
-                .map(|r| Resource::clone(r))
-                .collect(),
+            resources: rules.iter().map(|r| Resource::clone(r)).collect(),
         }))
     }
 
@@ -110,8 +106,7 @@ impl ControllerInspect for InspectService {
         };
         let rules = self.hub.rules_for(node);
         let resources: Vec<Resource> = rules
-            .resources
-            .values()
+            .iter()
             .filter(|r| {
                 matches!(&r.kind, Some(resource::Kind::ServicePort(p)) if p.namespace == namespace && p.service == name)
             })

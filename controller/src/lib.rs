@@ -18,6 +18,7 @@ pub mod plan;
 pub mod select;
 pub mod source;
 pub mod stream;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

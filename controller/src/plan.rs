@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::view::{NodeRuleSet, Resources};
 use ipnet::IpNet;
 use kubenft_proto::v1::{
     Endpoint, IpFamily, NodeRules, Protocol, Resource, ServicePortRules, SessionAffinity, resource,
@@ -59,7 +60,7 @@ pub struct Inputs {
 }
 
 /// One endpoint of a Service port, before node-specific selection.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PortCandidate {
     pub ip: IpAddr,
     pub port: u16,
@@ -100,7 +101,7 @@ impl Candidate for PortCandidate {
 }
 
 /// One Service port in one IP family, with everything but the node-specific choices made.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PortPlan {
     pub name: String,
     pub service: Arc<ServiceModel>,
@@ -114,39 +115,83 @@ pub struct PortPlan {
     pub candidates: Vec<PortCandidate>,
 }
 
+/// Which nodes see a Service port differently from the rest.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Specific {
+    /// Only the nodes that host one of its endpoints (local endpoints, hairpin).
+    Nodes(BTreeSet<String>),
+    /// Every node (topology hints, or source ranges that may cover a node's own address).
+    Every,
+}
+
+/// A planned port with the resource every non-specific node gets, computed once.
+#[derive(Debug)]
+pub struct PlannedPort {
+    pub plan: PortPlan,
+    pub generic: Arc<Resource>,
+    pub specific: Specific,
+}
+
+impl PlannedPort {
+    fn new(plan: PortPlan) -> Self {
+        let generic = Arc::new(Resource::versioned(
+            plan.name.clone(),
+            resource::Kind::ServicePort(port_rules(
+                &plan,
+                &NodeSite {
+                    name: "",
+                    zone: None,
+                },
+                &[],
+            )),
+        ));
+        let hinted = plan
+            .candidates
+            .iter()
+            .any(|c| c.has_zone_hints() || c.has_node_hints());
+        let specific = if hinted || !plan.source_ranges.is_empty() {
+            Specific::Every
+        } else {
+            Specific::Nodes(
+                plan.candidates
+                    .iter()
+                    .filter_map(|c| c.model.node_name.clone())
+                    .collect(),
+            )
+        };
+        PlannedPort {
+            plan,
+            generic,
+            specific,
+        }
+    }
+
+    fn is_specific_to(&self, node: &str) -> bool {
+        match &self.specific {
+            Specific::Every => true,
+            Specific::Nodes(nodes) => nodes.contains(node),
+        }
+    }
+}
+
 /// The node-independent part of planning.
 #[derive(Debug, Default)]
 pub struct Catalog {
     pub policy: Arc<ClusterPolicy>,
     /// By resource name.
-    pub ports: BTreeMap<String, Arc<PortPlan>>,
+    pub ports: BTreeMap<String, Arc<PlannedPort>>,
+    /// Every port's generic resource: the part of every node's rule set they share.
+    pub base: Resources,
+    /// For each node, the ports it sees differently.
+    specific_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// Ports every node sees differently.
+    specific_everywhere: BTreeSet<String>,
+    /// Port names whose plan differs from the previous catalog's (all of them for the first).
+    pub changed: Vec<String>,
     /// Rejections from reading and from conflicts.
     pub rejections: Vec<Rejection>,
     pub ignored: BTreeMap<ObjectName, String>,
     pub nodes: BTreeMap<String, NodeModel>,
-}
-
-/// The rule set of one node.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeRuleSet {
-    pub node: String,
-    pub resources: BTreeMap<String, Arc<Resource>>,
-    pub system_version: String,
-}
-
-impl NodeRuleSet {
-    fn new(node: String, resources: BTreeMap<String, Arc<Resource>>) -> Self {
-        let system_version = kubenft_proto::system_version(
-            resources
-                .iter()
-                .map(|(n, r)| (n.as_str(), r.version.as_str())),
-        );
-        NodeRuleSet {
-            node,
-            resources,
-            system_version,
-        }
-    }
 }
 
 /// What a node's view depends on besides the catalog.
@@ -195,74 +240,146 @@ enum Claim {
 }
 
 impl Catalog {
+    /// The catalog before the first complete view.
+    pub fn empty(policy: Arc<ClusterPolicy>) -> Catalog {
+        Catalog {
+            policy,
+            ..Default::default()
+        }
+    }
+
     /// Resolves every Service port against its EndpointSlices, per family. Two Services
     /// claiming the same address and port (or NodePort): the older keeps it, the newer is refused.
-    pub fn build(policy: Arc<ClusterPolicy>, inputs: &Inputs) -> Catalog {
+    /// Ports whose plan did not change since `previous` keep their computed resources.
+    pub fn build(
+        policy: Arc<ClusterPolicy>,
+        inputs: &Inputs,
+        previous: Option<&Catalog>,
+    ) -> Catalog {
         let mut rejections = inputs.rejections.clone();
-        let mut ports = BTreeMap::new();
+        let mut plans = BTreeMap::new();
         let slices_by_service = index_slices(&inputs.slices);
 
         let mut order: Vec<&ServiceModel> = inputs.services.values().collect();
         order.sort_by(|a, b| (a.created.as_str(), &a.id).cmp(&(b.created.as_str(), &b.id)));
         let mut claimed: BTreeMap<Claim, ObjectName> = BTreeMap::new();
-
         for svc in order {
-            let plans = plan_service(
+            let service_plans = plan_service(
                 svc,
                 slices_by_service
                     .get(&svc.id)
                     .map(Vec::as_slice)
                     .unwrap_or(&[]),
             );
-            match claim_all(svc, &plans, &mut claimed) {
-                Ok(()) => ports.extend(plans.into_iter().map(|p| (p.name.clone(), Arc::new(p)))),
+            match claim_all(svc, &service_plans, &mut claimed) {
+                Ok(()) => plans.extend(service_plans.into_iter().map(|p| (p.name.clone(), p))),
                 Err(r) => rejections.push(r),
             }
         }
         rejections.sort();
+
+        let mut base = previous.map(|p| p.base.clone()).unwrap_or_default();
+        let mut changed = Vec::new();
+        let mut ports = BTreeMap::new();
+        for (name, plan) in plans {
+            let kept = previous
+                .and_then(|p| p.ports.get(&name))
+                .filter(|old| old.plan == plan)
+                .cloned();
+            let port = kept.unwrap_or_else(|| {
+                changed.push(name.clone());
+                Arc::new(PlannedPort::new(plan))
+            });
+            base.insert(name.clone(), port.generic.clone());
+            ports.insert(name, port);
+        }
+        if let Some(previous) = previous {
+            for name in previous.ports.keys().filter(|n| !ports.contains_key(*n)) {
+                base.remove(name);
+                changed.push(name.clone());
+            }
+        }
+        changed.sort();
+
+        let mut specific_by_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut specific_everywhere = BTreeSet::new();
+        for (name, port) in &ports {
+            match &port.specific {
+                Specific::Every => {
+                    specific_everywhere.insert(name.clone());
+                }
+                Specific::Nodes(nodes) => {
+                    for node in nodes {
+                        specific_by_node
+                            .entry(node.clone())
+                            .or_default()
+                            .insert(name.clone());
+                    }
+                }
+            }
+        }
         Catalog {
             policy,
             ports,
+            base,
+            specific_by_node,
+            specific_everywhere,
+            changed,
             rejections,
             ignored: inputs.ignored.clone(),
             nodes: inputs.nodes.clone(),
         }
     }
 
-    /// The full rule set of one node.
-    pub fn rules_for(&self, facts: &NodeFacts) -> NodeRuleSet {
+    /// What `node` holds for `name` beyond the shared base: its own settings, a port it sees
+    /// differently, or `None` (it follows the base, or the name is gone).
+    pub fn node_value(&self, facts: &NodeFacts, name: &str) -> Option<Arc<Resource>> {
         let node = self.nodes.get(&facts.name);
+        if name == NODE_RESOURCE {
+            return Some(Arc::new(Resource::versioned(
+                NODE_RESOURCE.to_owned(),
+                resource::Kind::Node(node_rules(&self.policy, node, facts)),
+            )));
+        }
+        let port = self
+            .ports
+            .get(name)
+            .filter(|p| p.is_specific_to(&facts.name))?;
         let site = NodeSite {
             name: &facts.name,
             zone: node.and_then(|n| n.zone.as_deref()),
         };
-        let mut resources = BTreeMap::new();
-        let node_rules = node_rules(&self.policy, node, facts);
-        resources.insert(
-            NODE_RESOURCE.to_owned(),
-            Arc::new(Resource::versioned(
-                NODE_RESOURCE.to_owned(),
-                resource::Kind::Node(node_rules),
-            )),
-        );
-        let node_ips: Vec<IpAddr> = node
-            .map(|n| n.internal_ips.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .chain(&facts.agent_addresses)
-            .copied()
+        let node_ips = node_ips(node, facts);
+        Some(Arc::new(Resource::versioned(
+            name.to_owned(),
+            resource::Kind::ServicePort(port_rules(&port.plan, &site, &node_ips)),
+        )))
+    }
+
+    /// The names a node overrides: its settings and the ports specific to it.
+    fn override_names(&self, node: &str) -> impl Iterator<Item = &String> {
+        static NODE: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| NODE_RESOURCE.to_owned());
+        std::iter::once(&*NODE)
+            .chain(self.specific_by_node.get(node).into_iter().flatten())
+            .chain(&self.specific_everywhere)
+    }
+
+    /// The full rule set of one node, at revision `rev`.
+    pub fn rules_for(&self, facts: &NodeFacts, rev: u64) -> NodeRuleSet {
+        let overrides: Resources = self
+            .override_names(&facts.name)
+            .filter_map(|name| self.node_value(facts, name).map(|r| (name.clone(), r)))
             .collect();
-        for (name, plan) in &self.ports {
-            let rules = port_rules(plan, &site, &node_ips);
-            resources.insert(
-                name.clone(),
-                Arc::new(Resource::versioned(
-                    name.clone(),
-                    resource::Kind::ServicePort(rules),
-                )),
-            );
-        }
-        NodeRuleSet::new(facts.name.clone(), resources)
+        NodeRuleSet::build(facts.name.clone(), self.base.clone(), overrides, rev)
+    }
+
+    /// The next revision of a node's rule set after this catalog replaced `previous`, touching
+    /// only the changed ports (and the node's own settings); `None` if nothing it holds changed.
+    pub fn update(&self, current: &NodeRuleSet, facts: &NodeFacts) -> Option<NodeRuleSet> {
+        let mut names: Vec<String> = self.changed.clone();
+        names.push(NODE_RESOURCE.to_owned());
+        current.next(&self.base, &names, |name| self.node_value(facts, name))
     }
 
     /// Human-readable reasons for how one node programs one Service.
@@ -275,11 +392,20 @@ impl Catalog {
             name: &facts.name,
             zone: self.nodes.get(&facts.name).and_then(|n| n.zone.as_deref()),
         };
-        for plan in self.ports.values().filter(|p| &p.service.id == svc) {
-            notes.extend(explain_port(plan, &site));
+        for port in self.ports.values().filter(|p| p.plan.service.id == *svc) {
+            notes.extend(explain_port(&port.plan, &site));
         }
         notes
     }
+}
+
+fn node_ips(node: Option<&NodeModel>, facts: &NodeFacts) -> Vec<IpAddr> {
+    node.map(|n| n.internal_ips.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .chain(&facts.agent_addresses)
+        .copied()
+        .collect()
 }
 
 fn index_slices(

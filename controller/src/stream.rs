@@ -15,7 +15,7 @@ use kubenft_proto::v1::{
     AgentMessage, Change, ControllerMessage, Hello, Resource, agent_message, controller_message,
     rule_stream_server::RuleStream,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,15 +24,21 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::model::{clip, is_dns_subdomain};
-use crate::plan::NodeRuleSet;
+use crate::view::NodeRuleSet;
 
 /// How long an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A change with more resources than this is large (a first sync): only a few are encoded and
+/// in flight at once, so a thousand agents connecting together do not hold a thousand copies
+/// of the whole rule set in memory.
+const LARGE_CHANGE: usize = 512;
+const LARGE_CHANGES_IN_FLIGHT: usize = 16;
 
 pub struct RuleStreamService {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    large_changes: Arc<Semaphore>,
 }
 
 impl RuleStreamService {
@@ -41,6 +47,7 @@ impl RuleStreamService {
             hub,
             metrics,
             shutdown,
+            large_changes: Arc::new(Semaphore::new(LARGE_CHANGES_IN_FLIGHT)),
         }
     }
 }
@@ -71,7 +78,12 @@ impl RuleStream for RuleStreamService {
             )));
         }
         let (tx, rx) = mpsc::channel(4);
-        let session = Session::open(self.hub.clone(), self.metrics.clone(), &hello);
+        let session = Session::open(
+            self.hub.clone(),
+            self.metrics.clone(),
+            self.large_changes.clone(),
+            &hello,
+        );
         let span = info_span!("agent", node = %hello.node_name);
         tokio::spawn(
             session
@@ -86,19 +98,55 @@ impl RuleStream for RuleStreamService {
 struct InFlight {
     change_id: u64,
     /// What the agent holds once it is applied.
-    target: BTreeMap<String, String>,
-    system_version: String,
+    target: Arc<NodeRuleSet>,
     sent_at: tokio::time::Instant,
+    /// Held while a large change is in flight.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What the agent holds.
+enum Known {
+    /// As it said in its Hello: resource name → version.
+    Hello(BTreeMap<String, String>),
+    /// A rule set it acknowledged (shares its storage with the hub's).
+    Acked(Arc<NodeRuleSet>),
+}
+
+impl Known {
+    fn version(&self, name: &str) -> Option<&str> {
+        match self {
+            Known::Hello(map) => map.get(name).map(String::as_str),
+            Known::Acked(set) => set.get(name).map(|r| r.version.as_str()),
+        }
+    }
+
+    /// The names whose version may differ from `desired`'s: since the acknowledged revision
+    /// when the rule set's log reaches back that far, otherwise every name on either side.
+    fn candidates(&self, desired: &NodeRuleSet) -> Vec<String> {
+        if let Known::Acked(set) = self
+            && let Some(names) = desired.changed_since(set.rev)
+        {
+            return names;
+        }
+        let mut names: Vec<String> = desired.iter().map(|r| r.name.clone()).collect();
+        match self {
+            Known::Hello(map) => names.extend(map.keys().cloned()),
+            Known::Acked(set) => names.extend(set.iter().map(|r| r.name.clone())),
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
 }
 
 /// One agent stream.
 struct Session {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    large_changes: Arc<Semaphore>,
     node: String,
     desired: watch::Receiver<Arc<NodeRuleSet>>,
-    /// Resource name → version the agent holds.
-    known: BTreeMap<String, String>,
+    known: Known,
     in_flight: Option<InFlight>,
     /// System version of the last refused change: not sent again until something changes.
     refused: Option<String>,
@@ -107,7 +155,12 @@ struct Session {
 }
 
 impl Session {
-    fn open(hub: Arc<Hub>, metrics: Arc<Metrics>, hello: &Hello) -> Self {
+    fn open(
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        large_changes: Arc<Semaphore>,
+        hello: &Hello,
+    ) -> Self {
         let addresses = hello
             .addresses
             .iter()
@@ -115,15 +168,18 @@ impl Session {
             .collect();
         let desired = hub.attach(&hello.node_name, addresses, hello.agent_version.clone());
         metrics.agents_connected.inc();
-        let known = hello
-            .applied
-            .iter()
-            .map(|rv| (rv.name.clone(), rv.version.clone()))
-            .collect();
+        let known = Known::Hello(
+            hello
+                .applied
+                .iter()
+                .map(|rv| (rv.name.clone(), rv.version.clone()))
+                .collect(),
+        );
         info!(node = %hello.node_name, applied = hello.applied.len(), "agent connected");
         Session {
             hub,
             metrics,
+            large_changes,
             node: hello.node_name.clone(),
             desired,
             known,
@@ -163,9 +219,20 @@ impl Session {
         loop {
             if self.in_flight.is_none()
                 && let Some(change) = self.next_change()
-                && tx.send(Ok(change)).await.is_err()
             {
-                return;
+                if self.is_large(&change) {
+                    let permit = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return,
+                        p = self.large_changes.clone().acquire_owned() => p.ok(),
+                    };
+                    if let Some(f) = self.in_flight.as_mut() {
+                        f._permit = permit;
+                    }
+                }
+                if tx.send(Ok(change)).await.is_err() {
+                    return;
+                }
             }
             tokio::select! {
                 biased;
@@ -188,6 +255,10 @@ impl Session {
         }
     }
 
+    fn is_large(&self, change: &ControllerMessage) -> bool {
+        matches!(&change.message, Some(controller_message::Message::Change(c)) if c.resources.len() > LARGE_CHANGE)
+    }
+
     /// The difference between what the agent holds and what it should hold, if any (and the
     /// one empty confirmation a current agent gets on connect).
     fn next_change(&mut self) -> Option<ControllerMessage> {
@@ -195,30 +266,25 @@ impl Session {
         if self.refused.as_deref() == Some(desired.system_version.as_str()) {
             return None;
         }
-        let resources: Vec<Resource> = desired
-            .resources
-            .iter()
-            .filter(|(name, r)| self.known.get(*name) != Some(&r.version))
-            .map(|(_, r)| Resource::clone(r))
-            .collect();
-        let removed: Vec<String> = self
-            .known
-            .keys()
-            .filter(|name| !desired.resources.contains_key(*name))
-            .cloned()
-            .collect();
+        let mut resources: Vec<Resource> = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        for name in self.known.candidates(&desired) {
+            let held = self.known.version(&name);
+            match desired.get(&name) {
+                Some(r) if held != Some(r.version.as_str()) => resources.push(Resource::clone(r)),
+                Some(_) => {}
+                None if held.is_some() => removed.push(name),
+                None => {}
+            }
+        }
         if resources.is_empty() && removed.is_empty() && self.confirmed {
             self.hub.acked(&self.node, &desired.system_version);
+            self.known = Known::Acked(desired);
             return None;
         }
         self.confirmed = true;
         let change_id = self.next_id;
         self.next_id += 1;
-        let target = desired
-            .resources
-            .iter()
-            .map(|(n, r)| (n.clone(), r.version.clone()))
-            .collect();
         let payload = !resources.is_empty() || !removed.is_empty();
         if payload {
             self.hub.sent(&self.node);
@@ -227,9 +293,9 @@ impl Session {
         debug!(change_id, resources = resources.len(), removed = removed.len(), version = %desired.system_version, "sending change");
         self.in_flight = Some(InFlight {
             change_id,
-            target,
-            system_version: desired.system_version.clone(),
+            target: desired.clone(),
             sent_at: tokio::time::Instant::now(),
+            _permit: None,
         });
         Some(ControllerMessage {
             message: Some(controller_message::Message::Change(Change {
@@ -248,12 +314,12 @@ impl Session {
                     warn!(change_id = ack.change_id, "ack for a change not in flight");
                     return;
                 };
-                self.known = f.target;
                 self.metrics.acks.inc();
                 self.metrics
                     .push_duration
                     .observe(f.sent_at.elapsed().as_secs_f64());
-                self.hub.acked(&self.node, &f.system_version);
+                self.hub.acked(&self.node, &f.target.system_version);
+                self.known = Known::Acked(f.target);
             }
             Some(agent_message::Message::Nack(nack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.change_id == nack.change_id) else {
@@ -263,10 +329,11 @@ impl Session {
                     );
                     return;
                 };
-                warn!(version = %f.system_version, error = %clip(&nack.error), "agent refused a change");
+                let version = f.target.system_version.clone();
+                warn!(%version, error = %clip(&nack.error), "agent refused a change");
                 self.metrics.nacks.inc();
-                self.hub.nacked(&self.node, &f.system_version, &nack.error);
-                self.refused = Some(f.system_version);
+                self.hub.nacked(&self.node, &version, &nack.error);
+                self.refused = Some(version);
             }
             Some(agent_message::Message::Hello(_)) | None => {
                 warn!("unexpected message on an open stream")

@@ -9,8 +9,8 @@ use std::time::Duration;
 use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
 use kubenft_proto::v1::{
     Ack, AgentMessage, Change, ControllerMessage, Hello, ListNodesRequest, Nack, ResourceVersion,
-    SyncState, agent_message, controller_inspect_client::ControllerInspectClient, controller_message,
-    rule_stream_client::RuleStreamClient,
+    SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
+    controller_message, rule_stream_client::RuleStreamClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -72,7 +72,15 @@ mod tempdir {
 impl Controller {
     async fn start() -> Self {
         let dir = tempdir::Dir::new();
-        write(&dir.0, "a.yaml", &format!("{}---\n{}", service("web", "10.96.0.10"), slice("web", "10.244.1.10")));
+        write(
+            &dir.0,
+            "a.yaml",
+            &format!(
+                "{}---\n{}",
+                service("web", "10.96.0.10"),
+                slice("web", "10.244.1.10")
+            ),
+        );
         let grpc = free_port();
         let config = Config {
             source: SourceArg::Dir(dir.0.clone()),
@@ -86,7 +94,12 @@ impl Controller {
         let task = tokio::spawn(async move {
             kubenft_controller::run(config, token).await.unwrap();
         });
-        Controller { grpc, dir, shutdown, task }
+        Controller {
+            grpc,
+            dir,
+            shutdown,
+            task,
+        }
     }
 
     async fn connect(&self, applied: Vec<ResourceVersion>) -> Agent {
@@ -113,20 +126,37 @@ impl Controller {
         })
         .await
         .unwrap();
-        let inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
         Agent { tx, inbound }
     }
 
     async fn node_state(&self) -> (SyncState, String) {
-        let mut c = ControllerInspectClient::connect(format!("http://{}", self.grpc)).await.unwrap();
-        let nodes = c.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
-        let a = nodes.into_iter().find(|n| n.name == "a").expect("node a listed");
+        let mut c = ControllerInspectClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap();
+        let nodes = c
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        let a = nodes
+            .into_iter()
+            .find(|n| n.name == "a")
+            .expect("node a listed");
         (SyncState::try_from(a.state).unwrap(), a.last_nack_error)
     }
 
     async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -157,7 +187,9 @@ impl Agent {
     async fn ack(&self, c: &Change) {
         self.tx
             .send(AgentMessage {
-                message: Some(agent_message::Message::Ack(Ack { change_id: c.change_id })),
+                message: Some(agent_message::Message::Ack(Ack {
+                    change_id: c.change_id,
+                })),
             })
             .await
             .unwrap();
@@ -194,7 +226,15 @@ async fn deltas_with_one_change_in_flight() {
     write(&ctl.dir.0, "b.yaml", &service("api", "10.96.0.20"));
     let first = agent.next().await;
     assert_eq!(names(&first), ["default/api/tcp/http/ipv4"]);
-    write(&ctl.dir.0, "a.yaml", &format!("{}---\n{}", service("web", "10.96.0.10"), slice("web", "10.244.1.11")));
+    write(
+        &ctl.dir.0,
+        "a.yaml",
+        &format!(
+            "{}---\n{}",
+            service("web", "10.96.0.10"),
+            slice("web", "10.244.1.11")
+        ),
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     std::fs::remove_file(ctl.dir.0.join("b.yaml")).unwrap();
     agent.nothing_for(Duration::from_millis(600)).await;
@@ -228,11 +268,12 @@ async fn a_current_agent_gets_only_a_confirmation() {
 
     // An agent holding something stale gets just the difference.
     drop(again);
-    let mut stale = ctl.connect(vec![ResourceVersion {
-        name: "default/gone/tcp/http/ipv4".into(),
-        version: "0".into(),
-    }])
-    .await;
+    let mut stale = ctl
+        .connect(vec![ResourceVersion {
+            name: "default/gone/tcp/http/ipv4".into(),
+            version: "0".into(),
+        }])
+        .await;
     let diff = stale.next().await;
     assert_eq!(names(&diff), ["default/web/tcp/http/ipv4", "node"]);
     assert_eq!(diff.removed, ["default/gone/tcp/http/ipv4"]);
@@ -245,7 +286,9 @@ async fn a_nack_is_visible_and_not_retried_blindly() {
     let ctl = Controller::start().await;
     let mut agent = ctl.connect(vec![]).await;
     let full = agent.next().await;
-    agent.nack(&full, "nft: Error: Could not process rule").await;
+    agent
+        .nack(&full, "nft: Error: Could not process rule")
+        .await;
     agent.nothing_for(Duration::from_millis(500)).await;
     let (state, error) = ctl.node_state().await;
     assert_eq!(state, SyncState::Nacked);
@@ -253,7 +296,14 @@ async fn a_nack_is_visible_and_not_retried_blindly() {
 
     write(&ctl.dir.0, "b.yaml", &service("api", "10.96.0.20"));
     let retry = agent.next().await;
-    assert_eq!(names(&retry), ["default/api/tcp/http/ipv4", "default/web/tcp/http/ipv4", "node"]);
+    assert_eq!(
+        names(&retry),
+        [
+            "default/api/tcp/http/ipv4",
+            "default/web/tcp/http/ipv4",
+            "node"
+        ]
+    );
     agent.ack(&retry).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(ctl.node_state().await.0, SyncState::Synced);

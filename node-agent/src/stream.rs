@@ -20,7 +20,11 @@ use crate::metrics::Metrics;
 use crate::nft::Nft;
 
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Kept short so that an agent is back within about a second of its controller's return; the
+/// jitter spreads a fleet's reconnections.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// The largest Change an agent accepts (a full rule set of tens of thousands of Services).
+pub const MAX_CHANGE_BYTES: usize = 1 << 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct StreamConfig {
@@ -63,11 +67,20 @@ pub async fn run<N: Nft>(
         }
         tokio::select! {
             () = cancel.cancelled() => break,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(jittered(backoff)) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     tracing::debug!("controller client stopped");
+}
+
+/// Between half and all of `backoff`.
+fn jittered(backoff: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    backoff.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
 }
 
 async fn session<N: Nft>(
@@ -92,6 +105,7 @@ async fn session<N: Nft>(
     .await
     .map_err(|_| SessionError::Closed)?;
     let mut inbound = RuleStreamClient::new(channel)
+        .max_decoding_message_size(MAX_CHANGE_BYTES)
         .stream(ReceiverStream::new(rx))
         .await?
         .into_inner();

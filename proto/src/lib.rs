@@ -14,4 +14,4 @@ pub mod v1 {
 
 mod version;
 
-pub use version::{resource_version, system_version};
+pub use version::{format_version, resource_version, system_version, version_term};

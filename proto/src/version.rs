@@ -3,6 +3,10 @@
 //! A resource's version is a hash of the deterministic protobuf encoding of its content, so it
 //! depends on nothing but the content: a reconnecting agent and a restarted or different
 //! controller replica agree on it without sharing any state.
+//!
+//! A rule set's version combines its resources' (name, version) pairs with XOR, so it does
+//! not depend on order and can be kept up to date in O(1) per changed resource: the
+//! controller maintains thousands of per-node versions without rehashing whole rule sets.
 
 use sha2::{Digest, Sha256};
 
@@ -15,24 +19,33 @@ const VERSION_LEN: usize = 16;
 pub fn resource_version(kind: &resource::Kind) -> String {
     let mut bytes = Vec::new();
     kind.encode(&mut bytes);
-    digest(&bytes)
+    hex::encode(Sha256::digest(&bytes))[..VERSION_LEN].to_owned()
 }
 
-/// The version of a whole rule set: a hash over its resources' names and versions, in name order.
-/// The iterator must yield names in sorted order.
-pub fn system_version<'a>(resources: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+/// One resource's contribution to a rule set version.
+pub fn version_term(name: &str, version: &str) -> u64 {
     let mut hasher = Sha256::new();
-    for (name, version) in resources {
-        hasher.update(name.as_bytes());
-        hasher.update([0]);
-        hasher.update(version.as_bytes());
-        hasher.update([0]);
-    }
-    hex::encode(hasher.finalize())[..VERSION_LEN].to_owned()
+    hasher.update(name.as_bytes());
+    hasher.update([0]);
+    hasher.update(version.as_bytes());
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
-fn digest(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))[..VERSION_LEN].to_owned()
+/// The text form of a combined version.
+pub fn format_version(combined: u64) -> String {
+    format!("{combined:016x}")
+}
+
+/// The version of a whole rule set, from its resources' names and versions (in any order).
+pub fn system_version<'a>(resources: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    format_version(
+        resources
+            .into_iter()
+            .fold(0, |acc, (name, version)| acc ^ version_term(name, version)),
+    )
 }
 
 impl Resource {
@@ -51,6 +64,11 @@ impl Resource {
             name: self.name.clone(),
             version: self.version.clone(),
         }
+    }
+
+    /// This resource's contribution to a rule set version.
+    pub fn version_term(&self) -> u64 {
+        version_term(&self.name, &self.version)
     }
 }
 
@@ -76,12 +94,20 @@ mod tests {
     }
 
     #[test]
-    fn system_version_depends_on_every_pair() {
+    fn system_version_depends_on_every_pair_not_on_order() {
         let one = system_version([("a", "1"), ("b", "2")]);
-        assert_eq!(one, system_version([("a", "1"), ("b", "2")]));
+        assert_eq!(one, system_version([("b", "2"), ("a", "1")]));
         assert_ne!(one, system_version([("a", "1"), ("b", "3")]));
         assert_ne!(one, system_version([("a", "1")]));
         // Separators keep ("ab","") and ("a","b") apart.
         assert_ne!(system_version([("ab", "")]), system_version([("a", "b")]));
+        // Incremental upkeep gives the same value as recomputing.
+        let updated = u64::from_str_radix(&one, 16).unwrap()
+            ^ version_term("b", "2")
+            ^ version_term("b", "3");
+        assert_eq!(
+            format_version(updated),
+            system_version([("a", "1"), ("b", "3")])
+        );
     }
 }

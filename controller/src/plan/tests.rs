@@ -126,25 +126,25 @@ fn facts(name: &str) -> NodeFacts {
 }
 
 fn catalog(policy: ClusterPolicy, inputs: &Inputs) -> Catalog {
-    Catalog::build(Arc::new(policy), inputs)
+    Catalog::build(Arc::new(policy), inputs, None)
+}
+
+fn rules(c: &Catalog, f: &NodeFacts) -> NodeRuleSet {
+    c.rules_for(f, 1)
 }
 
 fn port_of<'a>(rules: &'a NodeRuleSet, name: &str) -> &'a ServicePortRules {
-    match rules.resources.get(name).and_then(|r| r.kind.as_ref()) {
+    match rules.get(name).and_then(|r| r.kind.as_ref()) {
         Some(resource::Kind::ServicePort(p)) => p,
         other => panic!(
             "no port {name}: {other:?} in {:?}",
-            rules.resources.keys().collect::<Vec<_>>()
+            rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
         ),
     }
 }
 
 fn node_of(rules: &NodeRuleSet) -> &NodeRules {
-    match rules
-        .resources
-        .get(NODE_RESOURCE)
-        .and_then(|r| r.kind.as_ref())
-    {
+    match rules.get(NODE_RESOURCE).and_then(|r| r.kind.as_ref()) {
         Some(resource::Kind::Node(n)) => n,
         other => panic!("no node resource: {other:?}"),
     }
@@ -177,7 +177,7 @@ fn named_target_ports_resolve_per_endpoint_and_per_port() {
         vec![ep("10.244.2.10", "b", READY)],
     );
     let c = catalog(ClusterPolicy::default(), &inputs(vec![web], vec![s1, s2]));
-    let rules = c.rules_for(&facts("a"));
+    let rules = rules(&c, &facts("a"));
     let http = port_of(&rules, "default/web/tcp/http/ipv4");
     assert_eq!(
         endpoints(&http.cluster_endpoints),
@@ -199,11 +199,11 @@ fn node_ports_use_primary_addresses_by_default() {
         &[("http", Protocol::Tcp, 80, Some(30080))],
     );
     let c = catalog(ClusterPolicy::default(), &inputs(vec![np], vec![]));
-    let a = c.rules_for(&facts("a"));
+    let a = rules(&c, &facts("a"));
     assert_eq!(node_of(&a).node_port_ips, ["192.168.50.11", "fd00:50::11"]);
     assert_eq!(port_of(&a, "default/np/tcp/http/ipv4").node_port, 30080);
     // Unknown node: no NodePort addresses at all (never loopback).
-    let x = c.rules_for(&facts("x"));
+    let x = rules(&c, &facts("x"));
     assert!(node_of(&x).node_port_ips.is_empty());
 }
 
@@ -217,10 +217,13 @@ fn node_port_cidrs_select_reported_addresses() {
         ..Default::default()
     };
     let c = catalog(policy, &inputs(vec![], vec![]));
-    let rules = c.rules_for(&NodeFacts {
-        name: "a".into(),
-        agent_addresses: vec![ip("192.168.60.5"), ip("127.0.0.1"), ip("192.168.50.11")],
-    });
+    let rules = rules(
+        &c,
+        &NodeFacts {
+            name: "a".into(),
+            agent_addresses: vec![ip("192.168.60.5"), ip("127.0.0.1"), ip("192.168.50.11")],
+        },
+    );
     assert_eq!(node_of(&rules).node_port_ips, ["192.168.60.5"]);
 }
 
@@ -239,8 +242,8 @@ fn local_policies_get_this_nodes_endpoints() {
         vec![ep("10.244.1.10", "a", READY), ep("10.244.2.10", "b", READY)],
     );
     let c = catalog(ClusterPolicy::default(), &inputs(vec![web], vec![s]));
-    let a = c.rules_for(&facts("a"));
-    let b = c.rules_for(&facts("b"));
+    let a = rules(&c, &facts("a"));
+    let b = rules(&c, &facts("b"));
     let pa = port_of(&a, "default/web/tcp/http/ipv4");
     let pb = port_of(&b, "default/web/tcp/http/ipv4");
     assert!(pa.external_traffic_local && !pa.internal_traffic_local);
@@ -270,7 +273,7 @@ fn dual_stack_services_get_one_resource_per_family() {
         vec![ep("fd00:244:1::10", "a", READY)],
     );
     let c = catalog(ClusterPolicy::default(), &inputs(vec![web], vec![v4, v6]));
-    let a = c.rules_for(&facts("a"));
+    let a = rules(&c, &facts("a"));
     let p6 = port_of(&a, "default/web/tcp/http/ipv6");
     assert_eq!(p6.family, IpFamily::Ipv6 as i32);
     assert_eq!(endpoints(&p6.cluster_endpoints), ["fd00:244:1::10:8080"]);
@@ -341,20 +344,20 @@ fn versions_change_only_with_content() {
         ClusterPolicy::default(),
         &inputs(vec![web, other], vec![s("10.244.1.11")]),
     );
-    let (r1, r2) = (c1.rules_for(&facts("b")), c2.rules_for(&facts("b")));
+    let (r1, r2) = (rules(&c1, &facts("b")), rules(&c2, &facts("b")));
     assert_eq!(
-        r1.resources["default/other/tcp/http/ipv4"].version,
-        r2.resources["default/other/tcp/http/ipv4"].version
+        r1.get("default/other/tcp/http/ipv4").unwrap().version,
+        r2.get("default/other/tcp/http/ipv4").unwrap().version
     );
     assert_eq!(
-        r1.resources[NODE_RESOURCE].version,
-        r2.resources[NODE_RESOURCE].version
+        r1.get(NODE_RESOURCE).unwrap().version,
+        r2.get(NODE_RESOURCE).unwrap().version
     );
     assert_ne!(
-        r1.resources["default/web/tcp/http/ipv4"].version,
-        r2.resources["default/web/tcp/http/ipv4"].version
+        r1.get("default/web/tcp/http/ipv4").unwrap().version,
+        r2.get("default/web/tcp/http/ipv4").unwrap().version
     );
-    assert_eq!(c1.rules_for(&facts("b")), r1, "planning is deterministic");
+    assert_eq!(rules(&c1, &facts("b")), r1, "planning is deterministic");
 }
 
 #[test]
@@ -390,7 +393,7 @@ fn a_source_range_covering_the_node_admits_the_lb_ips() {
     lb.load_balancer_source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
     let c = catalog(ClusterPolicy::default(), &inputs(vec![lb.clone()], vec![]));
     let ranges = |c: &Catalog| {
-        port_of(&c.rules_for(&facts("a")), "default/lb/tcp/http/ipv4")
+        port_of(&rules(c, &facts("a")), "default/lb/tcp/http/ipv4")
             .load_balancer_source_ranges
             .clone()
     };
@@ -403,4 +406,61 @@ fn a_source_range_covering_the_node_admits_the_lb_ips() {
         ranges(&c),
         ["192.168.50.0/24", "198.51.100.0/24", "203.0.113.7/32"]
     );
+}
+
+#[test]
+fn nodes_share_the_generic_view_and_updates_touch_only_what_changed() {
+    let web = svc("web", &["10.96.0.10"], &[("http", Protocol::Tcp, 80, None)]);
+    let other = svc(
+        "other",
+        &["10.96.0.20"],
+        &[("http", Protocol::Tcp, 80, None)],
+    );
+    let s = |ip_: &str| {
+        slice(
+            "web-1",
+            "web",
+            &[("http", Protocol::Tcp, 8080)],
+            vec![ep(ip_, "a", READY)],
+        )
+    };
+    let policy = Arc::new(ClusterPolicy::default());
+    let i1 = inputs(vec![web.clone(), other.clone()], vec![s("10.244.1.10")]);
+    let c1 = Catalog::build(policy.clone(), &i1, None);
+    // Node b hosts no endpoint: it gets the very same resource object as every other such node.
+    let (b, x) = (rules(&c1, &facts("b")), rules(&c1, &facts("x")));
+    assert!(Arc::ptr_eq(
+        b.get("default/web/tcp/http/ipv4").unwrap(),
+        x.get("default/web/tcp/http/ipv4").unwrap()
+    ));
+    // Node a hosts it: its view marks the endpoint local.
+    let a = rules(&c1, &facts("a"));
+    assert!(port_of(&a, "default/web/tcp/http/ipv4").cluster_endpoints[0].local);
+
+    // One endpoint moves: only that port changed, and each node's update equals a rebuild.
+    let c2 = Catalog::build(
+        policy,
+        &inputs(vec![web, other], vec![s("10.244.1.11")]),
+        Some(&c1),
+    );
+    assert_eq!(c2.changed, ["default/web/tcp/http/ipv4"]);
+    assert!(Arc::ptr_eq(
+        &c1.ports["default/other/tcp/http/ipv4"],
+        &c2.ports["default/other/tcp/http/ipv4"]
+    ));
+    for node in ["a", "b", "x"] {
+        let before = rules(&c1, &facts(node));
+        let after = c2
+            .update(&before, &facts(node))
+            .expect("the web port changed for every node");
+        assert_eq!(
+            after.system_version,
+            rules(&c2, &facts(node)).system_version,
+            "node {node}"
+        );
+        assert_eq!(
+            after.changed_since(before.rev),
+            Some(vec!["default/web/tcp/http/ipv4".to_owned()])
+        );
+    }
 }
