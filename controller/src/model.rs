@@ -25,6 +25,10 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The node label carrying its zone, for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// When the change behind an EndpointSlice's current endpoints happened.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// Why an object (or one of its fields) was refused.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -196,6 +200,8 @@ pub struct SliceModel {
     pub family: IpFamily,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<EndpointModel>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, Unix ms.
+    pub trigger_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,6 +210,8 @@ pub struct NodeModel {
     /// InternalIP addresses, at most one per family, in the order given.
     pub internal_ips: Vec<IpAddr>,
     pub zone: Option<String>,
+    /// Being deleted: load balancers should drain it.
+    pub deleting: bool,
 }
 
 /// The cluster-wide limits that validation enforces.
@@ -744,6 +752,13 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(SliceModel, Vec<Rejectio
                 .map(|n| n.iter().map(|n| n.name.clone()).collect()),
         });
     }
+    let trigger_ms = slice
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| t.as_millisecond());
     Ok((
         SliceModel {
             id,
@@ -751,6 +766,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(SliceModel, Vec<Rejectio
             family,
             ports,
             endpoints,
+            trigger_ms,
         },
         problems,
     ))
@@ -791,6 +807,11 @@ pub fn node(node: &Node) -> Result<NodeModel, Rejection> {
             }
         }
     }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     Ok(NodeModel {
         name: id.name,
         internal_ips,
@@ -800,6 +821,7 @@ pub fn node(node: &Node) -> Result<NodeModel, Rejection> {
             .as_ref()
             .and_then(|l| l.get(ZONE_LABEL))
             .cloned(),
+        deleting: tainted || node.metadata.deletion_timestamp.is_some(),
     })
 }
 

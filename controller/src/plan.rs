@@ -113,6 +113,8 @@ pub struct PortPlan {
     pub source_ranges: Vec<IpNet>,
     /// Endpoints sorted by (ip, port), deduplicated.
     pub candidates: Vec<PortCandidate>,
+    /// The latest last-change-trigger-time of the port's slices (Unix ms).
+    pub trigger_ms: Option<i64>,
 }
 
 /// Which nodes see a Service port differently from the rest.
@@ -505,6 +507,11 @@ fn plan_service(svc: &ServiceModel, slices: &[&SliceModel]) -> Vec<PortPlan> {
                     .filter(|n| family_of(&n.addr()) == family)
                     .collect(),
                 candidates: candidates(port, family, slices),
+                trigger_ms: slices
+                    .iter()
+                    .filter(|s| s.family == family)
+                    .filter_map(|s| s.trigger_ms)
+                    .max(),
             });
         }
     }
@@ -572,6 +579,7 @@ fn node_rules(policy: &ClusterPolicy, node: Option<&NodeModel>, facts: &NodeFact
         node_port_ips,
         node_port_all_addresses: all,
         masquerade_all: policy.masquerade_all,
+        deleting: node.is_some_and(|n| n.deleting),
     }
 }
 

@@ -440,3 +440,38 @@ spec: {clusterIP: "x"}
         assert_eq!(inputs(text).rejections[0].field, "metadata.name");
     }
 }
+
+#[cfg(test)]
+mod annotation_tests {
+    use super::*;
+
+    #[test]
+    fn trigger_times_and_node_deletion_are_read() {
+        let text = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+  annotations: {endpoints.kubernetes.io/last-change-trigger-time: "2026-11-22T04:00:00Z"}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: v1
+kind: Node
+metadata: {name: a}
+spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: b}
+"#;
+        let mut objects = Objects::default();
+        parse_manifest("t.yaml", text, &mut objects);
+        let inputs = objects_to_inputs(objects, &Limits::default());
+        let slice = inputs.slices.values().next().unwrap();
+        assert_eq!(slice.trigger_ms, Some(1_795_320_000_000));
+        assert!(inputs.nodes["a"].deleting);
+        assert!(!inputs.nodes["b"].deleting);
+    }
+}

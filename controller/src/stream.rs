@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures::Stream;
 use kubenft_proto::v1::{
-    AgentMessage, Change, ControllerMessage, Hello, Resource, agent_message, controller_message,
-    rule_stream_server::RuleStream,
+    AgentMessage, Change, ControllerMessage, Hello, Resource, TriggerTime, agent_message,
+    controller_message, rule_stream_server::RuleStream,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -255,6 +255,21 @@ impl Session {
         }
     }
 
+    /// When the changes behind these resources happened, where known.
+    fn trigger_times(&self, resources: &[Resource]) -> Vec<TriggerTime> {
+        let catalog = self.hub.catalog();
+        resources
+            .iter()
+            .filter_map(|r| {
+                let unix_ms = catalog.ports.get(&r.name)?.plan.trigger_ms?;
+                Some(TriggerTime {
+                    resource: r.name.clone(),
+                    unix_ms,
+                })
+            })
+            .collect()
+    }
+
     fn is_large(&self, change: &ControllerMessage) -> bool {
         matches!(&change.message, Some(controller_message::Message::Change(c)) if c.resources.len() > LARGE_CHANGE)
     }
@@ -301,6 +316,7 @@ impl Session {
             message: Some(controller_message::Message::Change(Change {
                 change_id,
                 system_version: desired.system_version.clone(),
+                trigger_times: self.trigger_times(&resources),
                 resources,
                 removed,
             })),

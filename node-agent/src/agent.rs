@@ -88,9 +88,9 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     tracing::info!(node = %cfg.node_name, table = %cfg.table, controllers = ?cfg.controllers, "agent starting");
 
     let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
-    let c = cancel.clone();
+    let (c, m) = (cancel.clone(), metrics.clone());
     tasks.spawn(async move {
-        http::serve(healthz, http::health_router(health), c)
+        http::serve(healthz, http::health_router(health, m), c)
             .await
             .map_err(AgentError::Http)
     });

@@ -120,6 +120,7 @@ impl<N: Nft> Applier<N> {
             if let Some(ports) = &self.hc_ports {
                 ports.sync(&hcport::desired(&state));
             }
+            self.health.set_deleting(state.node().deleting);
             (
                 state.to_file(&self.table),
                 conntrack::plan(&old, &change.resources),
@@ -143,8 +144,34 @@ impl<N: Nft> Applier<N> {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             "applied change"
         );
+        self.observe_programming(change);
         self.persist(file).await;
         Ok(())
+    }
+
+    /// Network programming latency: from each change's trigger time to now (committed).
+    fn observe_programming(&self, change: &v1::Change) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        for trigger in &change.trigger_times {
+            let family = change
+                .resources
+                .iter()
+                .find(|r| r.name == trigger.resource)
+                .and_then(|r| match &r.kind {
+                    Some(v1::resource::Kind::ServicePort(sp)) => Some(sp.family),
+                    _ => None,
+                });
+            let family = match family.map(v1::IpFamily::try_from) {
+                Some(Ok(v1::IpFamily::Ipv6)) => Family::V6,
+                Some(Ok(_)) => Family::V4,
+                _ => continue,
+            };
+            let elapsed_ms = now_ms.saturating_sub(trigger.unix_ms).max(0);
+            self.metrics
+                .network_programmed(family, elapsed_ms as f64 / 1000.0);
+        }
     }
 
     /// Writes the state file. A failure only costs a full reconcile after a restart (the

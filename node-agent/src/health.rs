@@ -17,6 +17,8 @@ struct Inner {
     last_updated: Option<SystemTime>,
     /// When the oldest change not yet committed arrived.
     pending_since: Option<Instant>,
+    /// The node is being deleted (from the controller's NodeRules).
+    deleting: bool,
 }
 
 /// A health snapshot.
@@ -24,6 +26,8 @@ struct Inner {
 pub struct Status {
     pub healthy: bool,
     pub last_updated: Option<SystemTime>,
+    /// Load balancers may send traffic to this node (it is not being deleted).
+    pub node_eligible: bool,
 }
 
 impl Health {
@@ -42,6 +46,11 @@ impl Health {
         inner.last_updated = Some(SystemTime::now());
     }
 
+    /// Whether the node is being deleted, as the applied NodeRules say.
+    pub fn set_deleting(&self, deleting: bool) {
+        self.inner.lock().deleting = deleting;
+    }
+
     pub fn status(&self) -> Status {
         self.status_at(Instant::now())
     }
@@ -54,6 +63,7 @@ impl Health {
         Status {
             healthy: !stuck,
             last_updated: inner.last_updated,
+            node_eligible: !inner.deleting,
         }
     }
 }

@@ -26,31 +26,46 @@ struct HealthBody {
     healthy: bool,
 }
 
+#[derive(Clone)]
+struct HealthState {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
 /// The router of the health address.
-pub fn health_router(health: Arc<Health>) -> Router {
+pub fn health_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route(
             "/healthz",
-            get(|State(h): State<Arc<Health>>| async move { health_reply(&h, true) }),
+            get(|State(s): State<HealthState>| async move {
+                let reply = health_reply(&s.health, true);
+                s.metrics.healthz(reply.status().as_u16());
+                reply
+            }),
         )
         .route(
             "/livez",
-            get(|State(h): State<Arc<Health>>| async move { health_reply(&h, false) }),
+            get(|State(s): State<HealthState>| async move {
+                let reply = health_reply(&s.health, false);
+                s.metrics.livez(reply.status().as_u16());
+                reply
+            }),
         )
-        .with_state(health)
+        .with_state(HealthState { health, metrics })
 }
 
+/// kube-proxy's answer: `/healthz` fails while a change waits too long or while the node is
+/// being deleted; `/livez` only for the former.
 fn health_reply(health: &Health, with_node: bool) -> Response {
     let status = health.status();
     let now = SystemTime::now();
     let body = HealthBody {
         last_updated: status.last_updated.map(rfc3339).unwrap_or_default(),
         current_time: rfc3339(now),
-        // The agent does not watch its Node object: it is always eligible.
-        node_eligible: with_node.then_some(true),
+        node_eligible: with_node.then_some(status.node_eligible),
         healthy: status.healthy,
     };
-    let code = if status.healthy {
+    let code = if status.healthy && (status.node_eligible || !with_node) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -121,16 +136,33 @@ mod tests {
     #[tokio::test]
     async fn healthz_and_livez() {
         let health = Arc::new(Health::default());
+        let metrics = Arc::new(Metrics::default());
         health.committed();
-        let (code, body) = get_text(health_router(health.clone()), "/healthz").await;
+        let router = || health_router(health.clone(), metrics.clone());
+        let (code, body) = get_text(router(), "/healthz").await;
         assert_eq!(code, 200);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["healthy"], true);
         assert_eq!(json["nodeEligible"], true);
         assert!(json["lastUpdated"].as_str().unwrap().ends_with('Z'));
-        let (code, body) = get_text(health_router(health), "/livez").await;
+        let (code, body) = get_text(router(), "/livez").await;
         assert_eq!(code, 200);
         assert!(!body.contains("nodeEligible"));
+        // A node being deleted: /healthz fails so load balancers drain it, /livez does not.
+        health.set_deleting(true);
+        let (code, body) = get_text(router(), "/healthz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains(r#""nodeEligible":false"#), "{body}");
+        assert_eq!(get_text(router(), "/livez").await.0, 200);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"kubeproxy_proxy_healthz_total{code="503"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"kubeproxy_proxy_livez_total{code="200"} 2"#),
+            "{text}"
+        );
     }
 
     #[tokio::test]

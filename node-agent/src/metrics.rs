@@ -32,6 +32,11 @@ pub enum ChangeResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: ChangeResult,
 }
@@ -44,6 +49,9 @@ pub struct Metrics {
     changes: MetricFamily<ResultLabels, Counter>,
     connected: Gauge,
     conntrack_deleted: Counter,
+    network_programming: MetricFamily<FamilyLabels, Histogram>,
+    healthz: MetricFamily<CodeLabels, Counter>,
+    livez: MetricFamily<CodeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,8 +67,21 @@ impl Default for Metrics {
             changes: MetricFamily::default(),
             connected: Gauge::default(),
             conntrack_deleted: Counter::default(),
+            // kube-proxy's buckets reach minutes; ours start at a millisecond.
+            network_programming: MetricFamily::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 20))
+            }),
+            healthz: MetricFamily::default(),
+            livez: MetricFamily::default(),
         };
         metrics.register()
+    }
+}
+
+fn ip_family(f: Family) -> IpFamily {
+    match f {
+        Family::V4 => IpFamily::IPv4,
+        Family::V6 => IpFamily::IPv6,
     }
 }
 
@@ -97,7 +118,39 @@ impl Metrics {
             "Stale UDP conntrack entries deleted",
             self.conntrack_deleted.clone(),
         );
+        r.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice change (its last-change-trigger-time) to the rules being applied",
+            self.network_programming.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_healthz",
+            "/healthz answers by HTTP code",
+            self.healthz.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_livez",
+            "/livez answers by HTTP code",
+            self.livez.clone(),
+        );
         self
+    }
+
+    /// Time from an EndpointSlice change to its rules being in force.
+    pub fn network_programmed(&self, family: Family, seconds: f64) {
+        self.network_programming
+            .get_or_create(&FamilyLabels {
+                ip_family: ip_family(family),
+            })
+            .observe(seconds);
+    }
+
+    pub fn healthz(&self, code: u16) {
+        self.healthz.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    pub fn livez(&self, code: u16) {
+        self.livez.get_or_create(&CodeLabels { code }).inc();
     }
 
     pub fn conntrack_deleted(&self, entries: u64) {
@@ -107,10 +160,7 @@ impl Metrics {
     /// A committed transaction touching `families`.
     pub fn synced(&self, families: &[Family], seconds: f64) {
         for f in families {
-            let ip_family = match f {
-                Family::V4 => IpFamily::IPv4,
-                Family::V6 => IpFamily::IPv6,
-            };
+            let ip_family = ip_family(*f);
             self.sync_duration
                 .get_or_create(&FamilyLabels { ip_family })
                 .observe(seconds);

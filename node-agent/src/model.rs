@@ -140,6 +140,8 @@ pub struct NodeConfig {
     pub node_port_ips: Vec<IpAddr>,
     pub node_port_all_addresses: bool,
     pub masquerade_all: bool,
+    /// The node is being deleted (load balancers should drain it).
+    pub deleting: bool,
 }
 
 impl NodeConfig {
@@ -228,6 +230,7 @@ fn node_config(node: &v1::NodeRules) -> Result<NodeConfig, FieldError> {
         node_port_ips: parse_all(&node.node_port_ips, "node_port_ips", parse_ip)?,
         node_port_all_addresses: node.node_port_all_addresses,
         masquerade_all: node.masquerade_all,
+        deleting: node.deleting,
     })
 }
 

@@ -13,6 +13,7 @@ use kubenft_proto::v1;
 
 fn representative_state(table: &TableName) -> AppliedState {
     let change = v1::Change {
+        trigger_times: Vec::new(),
         change_id: 1,
         resources: common::representative(),
         ..Default::default()

@@ -43,6 +43,7 @@ impl Nft for PoisonableNft {
 
 fn change(id: u64, resources: Vec<v1::Resource>, removed: &[&str]) -> v1::Change {
     v1::Change {
+        trigger_times: Vec::new(),
         change_id: id,
         resources,
         removed: removed.iter().map(|s| s.to_string()).collect(),

@@ -60,6 +60,7 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
 fn change(id: u64, resources: Vec<v1::Resource>) -> Result<ControllerMessage, Status> {
     Ok(ControllerMessage {
         message: Some(controller_message::Message::Change(v1::Change {
+            trigger_times: Vec::new(),
             change_id: id,
             resources,
             ..Default::default()

@@ -92,6 +92,7 @@ fn slice(
             })
             .collect(),
         endpoints,
+        trigger_ms: None,
     }
 }
 
@@ -100,6 +101,7 @@ fn node(name: &str, ips: &[&str]) -> NodeModel {
         name: name.into(),
         internal_ips: ips.iter().map(|s| ip(s)).collect(),
         zone: None,
+        deleting: false,
     }
 }
 

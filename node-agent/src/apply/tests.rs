@@ -45,6 +45,7 @@ pub(crate) fn node(rules: v1::NodeRules) -> v1::Resource {
 
 fn change(id: u64, resources: Vec<v1::Resource>, removed: &[&str]) -> v1::Change {
     v1::Change {
+        trigger_times: Vec::new(),
         change_id: id,
         system_version: String::new(),
         resources,

@@ -137,6 +137,7 @@ pub fn node_rules() -> v1::Resource {
             node_port_ips: vec!["192.168.50.3".into(), "fd00:50::3".into()],
             node_port_all_addresses: false,
             masquerade_all: false,
+            deleting: false,
         }),
     )
 }
