@@ -1,0 +1,287 @@
+//! End to end through the real controller and agents: LoadBalancer source ranges,
+//! health-check node ports and stale UDP conntrack entries.
+//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::*;
+use kubenft_lab::topology::EXT_V4;
+use kubenft_lab::{
+    Cond, Host, ProbeOpts, ProbeResult, Proto, Service, ServiceType, Slice, TrafficPolicy,
+};
+
+const LB_IP: &str = "203.0.113.10";
+
+/// Routes the load-balancer IP from ext to node a (as a real load balancer would deliver it).
+fn route_lb_ip_via_a(c: &Cluster) {
+    let a = c.lab.node("a").ipv4.to_string();
+    c.lab
+        .exec_ok(
+            Host::External,
+            &["ip", "route", "replace", &format!("{LB_IP}/32"), "via", &a],
+        )
+        .unwrap();
+}
+
+/// §5.37: loadBalancerSourceRanges admit only the listed sources to the LB IP (pods included,
+/// checked before DNAT), violations are dropped, changes take effect, clearing admits all.
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_sources() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let web = pods(&lab, &[("web-1", "b")]);
+    let pod = client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    route_lb_ip_via_a(&c);
+    let lb = |range: Option<String>| {
+        let svc = Service::cluster_ip("web", "10.96.0.90")
+            .service_type(ServiceType::LoadBalancer)
+            .port("http", 80, TCP, Proto::Tcp)
+            .node_port(30090)
+            .lb_ingress(LB_IP.parse::<IpAddr>().unwrap());
+        match range {
+            Some(r) => svc.lb_source_range(&r),
+            None => svc,
+        }
+    };
+    let slice = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoints(&web, Cond::READY);
+    let target = vip(&format!("{LB_IP}:80"));
+    let ext_range = format!("{EXT_V4}/32");
+    let pod_range = format!("{}/32", pod.ipv4);
+
+    c.write("web.yaml", &[&lb(Some(ext_range)), &slice]);
+    c.wait_answers(Host::External, Proto::Tcp, target, START);
+    assert!(
+        matches!(
+            c.probe1(Host::Pod("client"), Proto::Tcp, target, DROP_WAIT),
+            ProbeResult::Timeout
+        ),
+        "a pod outside the ranges must be dropped"
+    );
+    // NodePorts are not subject to source ranges.
+    let np = sock(c.lab.node("a").ipv4, 30090);
+    assert!(
+        c.probe1(Host::Pod("client"), Proto::Tcp, np, DROP_WAIT)
+            .is_ok()
+    );
+
+    // Swap the ranges: roles swap.
+    c.write("web.yaml", &[&lb(Some(pod_range)), &slice]);
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, CONVERGE);
+    c.wait_probe(
+        "ext dropped",
+        Host::External,
+        Proto::Tcp,
+        target,
+        CONVERGE,
+        |r| matches!(r, ProbeResult::Timeout),
+    );
+
+    // No ranges: everybody.
+    c.write("web.yaml", &[&lb(None), &slice]);
+    c.wait_answers(Host::External, Proto::Tcp, target, CONVERGE);
+    assert!(
+        c.probe1(Host::Pod("client"), Proto::Tcp, target, DROP_WAIT)
+            .is_ok()
+    );
+}
+
+/// An HTTP GET from `host` with curl: (status code, body); status 0 when nothing answered.
+fn http_get(c: &Cluster, host: Host<'_>, url: &str) -> (u16, String) {
+    let out = c
+        .lab
+        .exec(host, &["curl", "-s", "-i", "--max-time", "2", url])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// §5.15: the health-check node port of an ETP=Local LoadBalancer Service answers 200 with
+/// `localEndpoints` on the endpoint's node and 503 elsewhere, follows the endpoint when it
+/// moves, and closes when the policy becomes Cluster.
+#[test]
+fn health_check_node_port_follows_local_endpoints() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let web_a = pods(&lab, &[("web-a", "a")]).remove(0);
+    let web_b = pods(&lab, &[("web-b", "b")]).remove(0);
+    let c = Cluster::start(lab);
+    let svc = |policy| {
+        let s = Service::cluster_ip("web", "10.96.0.91")
+            .service_type(ServiceType::LoadBalancer)
+            .port("http", 80, TCP, Proto::Tcp)
+            .node_port(30091)
+            .external_traffic_policy(policy);
+        if policy == TrafficPolicy::Local {
+            s.health_check_node_port(32091)
+        } else {
+            s
+        }
+    };
+    let on = |pod| {
+        Slice::for_service("web")
+            .port("http", TCP)
+            .endpoint(pod, Cond::READY)
+    };
+    let url = |node: &str| format!("http://{}:32091/healthz", c.lab.node(node).ipv4);
+    let wait_code = |node: &str, want: u16| {
+        let mut last = (0, String::new());
+        kubenft_lab::wait_until(CONVERGE * 2, POLL, || {
+            last = http_get(&c, Host::External, &url(node));
+            Ok::<_, std::io::Error>(last.0 == want)
+        })
+        .unwrap_or_else(|e| panic!("node {node}: wanted {want}, last {last:?}: {e}"));
+        last.1
+    };
+
+    c.write("web.yaml", &[&svc(TrafficPolicy::Local), &on(&web_a)]);
+    let body = wait_code("a", 200);
+    assert!(body.contains(r#""localEndpoints":1"#), "{body}");
+    assert!(
+        body.contains(r#""service":{"name":"web","namespace":"default"}"#),
+        "{body}"
+    );
+    assert!(
+        body.to_lowercase()
+            .contains("x-load-balancing-endpoint-weight: 1"),
+        "{body}"
+    );
+    let body = wait_code("b", 503);
+    assert!(body.contains(r#""localEndpoints":0"#), "{body}");
+
+    // The endpoint moves to node b: the answers flip.
+    c.write("web.yaml", &[&svc(TrafficPolicy::Local), &on(&web_b)]);
+    wait_code("b", 200);
+    wait_code("a", 503);
+
+    // Terminating-only local endpoints do not count (traffic still flows, health says 503).
+    let terminating = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoint(&web_b, Cond::TERMINATING_SERVING);
+    c.write("web.yaml", &[&svc(TrafficPolicy::Local), &terminating]);
+    wait_code("b", 503);
+    c.wait_answers(
+        Host::External,
+        Proto::Tcp,
+        sock(c.lab.node("b").ipv4, 30091),
+        CONVERGE,
+    );
+
+    // externalTrafficPolicy Cluster: the port is closed (nothing answers).
+    c.write("web.yaml", &[&svc(TrafficPolicy::Cluster), &on(&web_b)]);
+    wait_code("b", 0);
+}
+
+/// Entries of the node's conntrack table for UDP to `vip`, as text.
+fn udp_entries(c: &Cluster, node: &str, vip: &str) -> String {
+    c.lab
+        .exec(
+            Host::Node(node),
+            &["conntrack", "-L", "-p", "udp", "--orig-dst", vip],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// §5.29 and §5.32: a UDP client that keeps one source port keeps one conntrack entry. When
+/// its endpoint is replaced the agent deletes the stale entry, so the client reaches the new
+/// endpoint although the old pod still runs; scaled to zero it is refused rather than
+/// blackholed; after the Service is deleted no entry points at the old pod.
+#[test]
+fn stale_udp_conntrack_entries_are_cleaned() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let p = pods(&lab, &[("udp-1", "b"), ("udp-2", "b")]);
+    client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let svc = Service::cluster_ip("dns", "10.96.0.92").port("dns", 53, UDP, Proto::Udp);
+    let on = |pod| {
+        Slice::for_service("dns")
+            .port_proto("dns", UDP, Proto::Udp)
+            .endpoint(pod, Cond::READY)
+    };
+    let target = vip("10.96.0.92:53");
+    let opts = ProbeOpts::default()
+        .timeout(Duration::from_millis(400))
+        .source_port(12345);
+    let send = || {
+        c.probe(Host::Pod("client"), Proto::Udp, target, &opts)
+            .remove(0)
+    };
+
+    c.write("dns.yaml", &[&svc, &on(&p[0])]);
+    c.wait_probe(
+        "udp-1 answers",
+        Host::Pod("client"),
+        Proto::Udp,
+        target,
+        START,
+        |r| r.server() == Some("udp-1"),
+    );
+    assert_eq!(send().server(), Some("udp-1"));
+
+    // Swap the endpoint; udp-1 keeps running, so only the cleanup can move the client.
+    c.write("dns.yaml", &[&svc, &on(&p[1])]);
+    let mut last = None;
+    kubenft_lab::wait_until(CONVERGE, Duration::from_millis(100), || {
+        let r = send();
+        let moved = r.server() == Some("udp-2");
+        last = Some(r);
+        Ok::<_, std::io::Error>(moved)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the client never left udp-1 (stale conntrack entry): {e}; last {last:?}\n{}",
+            udp_entries(&c, "a", "10.96.0.92")
+        )
+    });
+
+    // Scale to zero: the client is refused, not answered by a stale DNAT.
+    c.write(
+        "dns.yaml",
+        &[
+            &svc,
+            &Slice::for_service("dns").port_proto("dns", UDP, Proto::Udp),
+        ],
+    );
+    kubenft_lab::wait_until(CONVERGE, Duration::from_millis(100), || {
+        Ok::<_, std::io::Error>(matches!(send(), ProbeResult::Refused))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "scaled to zero but not refused: {e}\n{}",
+            udp_entries(&c, "a", "10.96.0.92")
+        )
+    });
+
+    // Back to one endpoint, then delete the Service: no entry keeps pointing at the pod.
+    c.write("dns.yaml", &[&svc, &on(&p[1])]);
+    c.wait_probe(
+        "udp-2 again",
+        Host::Pod("client"),
+        Proto::Udp,
+        target,
+        CONVERGE,
+        |r| r.server() == Some("udp-2"),
+    );
+    c.lab.remove_manifest("dns.yaml").unwrap();
+    let pod_ip = p[1].ipv4.to_string();
+    kubenft_lab::wait_until(CONVERGE, Duration::from_millis(100), || {
+        Ok::<_, std::io::Error>(
+            !udp_entries(&c, "a", "10.96.0.92").contains(&format!("src={pod_ip}")),
+        )
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "a stale entry survived the Service: {e}\n{}",
+            udp_entries(&c, "a", "10.96.0.92")
+        )
+    });
+}
