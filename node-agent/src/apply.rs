@@ -185,7 +185,7 @@ fn create_commands(tx: &mut Transaction, f: Family, new: &Created) {
         }
     }
     for lb in &new.lb_chains {
-        for command in render::lb_chain_commands(*lb) {
+        for command in render::lb_chain_commands(*lb, f) {
             tx.push(f, command);
         }
     }

@@ -113,7 +113,6 @@ pub struct Endpoint {
 
 /// A validated `ServicePortRules`: one Service port in one family as this node enforces it.
 ///
-/// Affinity and the health-check node port are not enforced yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     pub family: Family,
@@ -130,6 +129,8 @@ pub struct ServicePort {
     pub internal_traffic_local: bool,
     pub cluster_endpoints: Vec<Endpoint>,
     pub local_endpoints: Vec<Endpoint>,
+    /// ClientIP session affinity timeout in seconds.
+    pub affinity: Option<std::num::NonZeroU32>,
 }
 
 /// A validated `NodeRules`: the node-wide settings behind the constant chains and node sets.
@@ -300,6 +301,10 @@ fn service_port(sp: &v1::ServicePortRules) -> Result<ServicePort, FieldError> {
         internal_traffic_local: sp.internal_traffic_local,
         cluster_endpoints: endpoints("cluster_endpoints", &sp.cluster_endpoints)?,
         local_endpoints: endpoints("local_endpoints", &sp.local_endpoints)?,
+        affinity: sp
+            .affinity
+            .as_ref()
+            .and_then(|a| std::num::NonZeroU32::new(a.timeout_seconds)),
     })
 }
 

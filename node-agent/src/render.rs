@@ -66,10 +66,10 @@ fn cluster_ip_elements(sp: &ServicePort, ip: IpAddr, out: &mut BTreeSet<Element>
         out.insert(Element::NoEndpoint(entry, NoEndpoint::Reject));
     } else if sp.internal_traffic_local {
         out.insert(Element::ServiceIp(key, EntryChain::SvcLocal));
-        balance(Scope::Local, entry, &sp.local_endpoints, out);
+        balance(sp, Scope::Local, entry, &sp.local_endpoints, out);
     } else {
         out.insert(Element::ServiceIp(key, EntryChain::SvcCluster));
-        balance(Scope::Cluster, entry, &sp.cluster_endpoints, out);
+        balance(sp, Scope::Cluster, entry, &sp.cluster_endpoints, out);
     }
 }
 
@@ -95,15 +95,21 @@ fn external_elements(sp: &ServicePort, key: EntryKey, out: &mut BTreeSet<Element
         EntryKey::NodePort(k) => Element::ServiceNodePort(k, scope),
     });
     // Both Local and Cluster send pods and the host to every endpoint.
-    balance(Scope::Cluster, key, &sp.cluster_endpoints, out);
+    balance(sp, Scope::Cluster, key, &sp.cluster_endpoints, out);
     if sp.external_traffic_local {
-        balance(Scope::Local, key, &sp.local_endpoints, out);
+        balance(sp, Scope::Local, key, &sp.local_endpoints, out);
     }
 }
 
 /// A dispatch element and one backend element per endpoint; with no endpoints in this scope,
 /// the no-endpoint `drop` (a Local policy whose endpoints are all elsewhere).
-fn balance(scope: Scope, key: EntryKey, endpoints: &[Endpoint], out: &mut BTreeSet<Element>) {
+fn balance(
+    sp: &ServicePort,
+    scope: Scope,
+    key: EntryKey,
+    endpoints: &[Endpoint],
+    out: &mut BTreeSet<Element>,
+) {
     let Some(size) = u32::try_from(endpoints.len())
         .ok()
         .and_then(NonZeroU32::new)
@@ -111,7 +117,7 @@ fn balance(scope: Scope, key: EntryKey, endpoints: &[Endpoint], out: &mut BTreeS
         out.insert(Element::NoEndpoint(key, NoEndpoint::Drop));
         return;
     };
-    out.insert(Element::Dispatch(scope, key, size));
+    out.insert(Element::Dispatch(scope, key, size, sp.affinity));
     for (slot, ep) in (0u32..).zip(endpoints) {
         out.insert(Element::Backend {
             scope,
@@ -233,26 +239,60 @@ pub fn chain_rules(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> 
             format!("ct state new jump {}", Chain::ServiceEndpointsCheck),
             format!("ct state new jump {}", Chain::ClusterIpsCheck),
         ],
-        Chain::Lb(lb) => vec![lb_rule(lb)],
+        Chain::Lb(lb) => lb_rules(lb, family),
         Chain::Endpoint(slot) => vec![endpoint_rule(slot, family)],
+        Chain::AffinityEndpoint(slot, timeout) => vec![
+            format!(
+                "update @{} {{ {} timeout {timeout}s }}",
+                SetId::Sticky(slot),
+                sticky_key(slot.kind, family)
+            ),
+            format!("goto {}", Chain::Endpoint(slot)),
+        ],
     };
     rules.into_iter().map(Rule::new).collect()
 }
 
-/// Picks one of `size` endpoint slots at random.
-fn lb_rule(lb: LbChain) -> String {
+/// What identifies a client of one service entry for affinity: its address and the entry.
+fn sticky_key(kind: EntryKind, family: Family) -> String {
+    let p = family.nft();
+    match kind {
+        EntryKind::Ip => format!("{p} saddr . {p} daddr . meta l4proto . th dport"),
+        EntryKind::NodePort => format!("{p} saddr . meta l4proto . th dport"),
+    }
+}
+
+fn slots(lb: LbChain) -> impl Iterator<Item = Slot> {
+    (0..lb.size.get()).map(move |index| Slot {
+        kind: lb.kind,
+        scope: lb.scope,
+        index,
+    })
+}
+
+/// Picks one of `size` endpoint slots at random; with affinity, first the slot this client
+/// chose within the timeout, if it still exists (a slot beyond the current size is forgotten).
+fn lb_rules(lb: LbChain, family: Family) -> Vec<String> {
     let n = lb.size.get();
-    let targets: Vec<String> = (0..n)
-        .map(|index| {
-            let slot = Slot {
-                kind: lb.kind,
-                scope: lb.scope,
-                index,
-            };
-            format!("{index} : goto {}", Chain::Endpoint(slot))
-        })
+    let target = |slot: Slot| match lb.affinity {
+        Some(t) => Chain::AffinityEndpoint(slot, t),
+        None => Chain::Endpoint(slot),
+    };
+    let mut rules: Vec<String> = Vec::new();
+    if lb.affinity.is_some() {
+        let key = sticky_key(lb.kind, family);
+        rules.extend(
+            slots(lb).map(|slot| format!("{key} @{} goto {}", SetId::Sticky(slot), target(slot))),
+        );
+    }
+    let targets: Vec<String> = slots(lb)
+        .map(|slot| format!("{} : goto {}", slot.index, target(slot)))
         .collect();
-    format!("numgen random mod {n} vmap {{ {} }}", targets.join(", "))
+    rules.push(format!(
+        "numgen random mod {n} vmap {{ {} }}",
+        targets.join(", ")
+    ));
+    rules
 }
 
 /// DNAT to the endpoint the slot's map holds for the packet's service.
@@ -269,14 +309,32 @@ fn endpoint_rule(slot: Slot, family: Family) -> String {
 }
 
 /// Commands that (re)create a load-balancing chain: idempotent, even if a chain of that name
-/// survived from before a restart.
-pub fn lb_chain_commands(lb: LbChain) -> [Command; 3] {
+/// survived from before a restart. An affinity chain also gets its slots' sticky sets (added,
+/// never flushed) and remembering chains.
+pub fn lb_chain_commands(lb: LbChain, family: Family) -> Vec<Command> {
+    let mut commands = Vec::new();
+    if let Some(timeout) = lb.affinity {
+        for slot in slots(lb) {
+            let chain = Chain::AffinityEndpoint(slot, timeout);
+            commands.push(Command::AddSet(SetId::Sticky(slot)));
+            commands.push(Command::AddChain(chain));
+            commands.push(Command::FlushChain(chain));
+            commands.extend(
+                chain_rules(chain, &NodeConfig::default(), family)
+                    .into_iter()
+                    .map(|r| Command::AddRule(chain, r)),
+            );
+        }
+    }
     let chain = Chain::Lb(lb);
-    [
-        Command::AddChain(chain),
-        Command::FlushChain(chain),
-        Command::AddRule(chain, Rule::new(lb_rule(lb))),
-    ]
+    commands.push(Command::AddChain(chain));
+    commands.push(Command::FlushChain(chain));
+    commands.extend(
+        lb_rules(lb, family)
+            .into_iter()
+            .map(|r| Command::AddRule(chain, Rule::new(r))),
+    );
+    commands
 }
 
 /// Commands that (re)create an endpoint slot: its map (emptied: a map the agent does not know
@@ -335,7 +393,7 @@ pub fn full_reconcile(tx: &mut Transaction, content: FamilyContent<'_>) {
     }
     let lb_chains: BTreeSet<LbChain> = elements.iter().filter_map(|e| e.lb_chain()).collect();
     for lb in lb_chains {
-        for command in lb_chain_commands(lb) {
+        for command in lb_chain_commands(lb, f) {
             tx.push(f, command);
         }
     }
@@ -382,6 +440,7 @@ mod tests {
             internal_traffic_local: false,
             cluster_endpoints: vec![ep("10.1.0.1", true), ep("10.1.1.1", false)],
             local_endpoints: vec![ep("10.1.0.1", true)],
+            affinity: None,
         }
     }
 
@@ -461,6 +520,44 @@ mod tests {
                 "no-endpoint-nodeports tcp . 30080 : goto reject-chain",
             ]
         );
+    }
+
+    #[test]
+    fn affinity_remembers_the_slot_per_client_and_entry() {
+        let mut s = svc();
+        s.affinity = std::num::NonZeroU32::new(30);
+        let t = texts(&service_elements(&s));
+        assert!(
+            t.contains(&"ip-c-dispatch 10.96.0.10 . tcp . 80 : goto lb-ip-c-2-a30".into()),
+            "{t:?}"
+        );
+        let lb = service_elements(&s)
+            .iter()
+            .find_map(Element::lb_chain)
+            .unwrap();
+        let mut tx = Transaction::new(TableName::new("kubenft").unwrap());
+        for c in lb_chain_commands(lb, Family::V4) {
+            tx.push(Family::V4, c);
+        }
+        let text = tx.to_string();
+        assert!(text.contains("add set ip kubenft sticky-ip-c-1"), "{text}");
+        assert!(
+            !text.contains("flush set sticky"),
+            "affinity state must never be flushed: {text}"
+        );
+        assert!(
+            text.contains(
+                "ip saddr . ip daddr . meta l4proto . th dport @sticky-ip-c-0 goto ep-ip-c-0-a30"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "numgen random mod 2 vmap { 0 : goto ep-ip-c-0-a30, 1 : goto ep-ip-c-1-a30 }"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("update @sticky-ip-c-1 { ip saddr . ip daddr . meta l4proto . th dport timeout 30s }"), "{text}");
     }
 
     #[test]

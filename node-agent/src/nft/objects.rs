@@ -12,6 +12,9 @@ use ipnet::IpNet;
 
 use crate::model::{Family, Port, Protocol};
 
+/// Room for this many remembered clients per slot of affinity Services.
+pub const STICKY_SIZE: u32 = 1 << 20;
+
 /// Which endpoints a lookup uses: all of them, or this node's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scope {
@@ -58,6 +61,9 @@ pub enum SetId {
     Dispatch(EntryKind, Scope),
     /// One endpoint slot's map, created when first needed.
     Endpoints(Slot),
+    /// Clients that chose one endpoint slot of an affinity Service recently (dynamic, with
+    /// timeouts; never flushed, so affinity survives changes and restarts).
+    Sticky(Slot),
     NoEndpointServices,
     NoEndpointNodePorts,
     /// Load-balancer entry points with source ranges.
@@ -103,6 +109,7 @@ impl SetId {
                 | SetId::Generation
                 | SetId::FirewallIps
                 | SetId::FirewallAllow
+                | SetId::Sticky(_)
         )
     }
 
@@ -127,6 +134,14 @@ impl SetId {
             // `type`, not `typeof`: nft 1.0.6 cannot add a rule that uses a map whose data was
             // declared `typeof … th dport` once that map comes from the kernel ("conflicting
             // protocols specified: tcp vs. th").
+            SetId::Sticky(slot) => match slot.kind {
+                EntryKind::Ip => format!(
+                    "type {a} . {a} . inet_proto . inet_service; flags dynamic,timeout; size {STICKY_SIZE};"
+                ),
+                EntryKind::NodePort => format!(
+                    "type {a} . inet_proto . inet_service; flags dynamic,timeout; size {STICKY_SIZE};"
+                ),
+            },
             SetId::Endpoints(slot) => match slot.kind {
                 EntryKind::Ip => {
                     format!("type {a} . inet_proto . inet_service : {a} . inet_service;")
@@ -152,6 +167,7 @@ impl fmt::Display for SetId {
             SetId::ServiceNodePorts => f.write_str("service-nodeports"),
             SetId::Dispatch(k, s) => write!(f, "{}-{}-dispatch", k.prefix(), s.letter()),
             SetId::Endpoints(slot) => write!(f, "{slot}-eps"),
+            SetId::Sticky(slot) => write!(f, "sticky-{slot}"),
             SetId::NoEndpointServices => f.write_str("no-endpoint-services"),
             SetId::NoEndpointNodePorts => f.write_str("no-endpoint-nodeports"),
             SetId::FirewallIps => f.write_str("firewall-ips"),
@@ -166,6 +182,9 @@ pub struct LbChain {
     pub kind: EntryKind,
     pub scope: Scope,
     pub size: NonZeroU32,
+    /// ClientIP session affinity with this timeout (seconds): a client that chose a slot
+    /// recently is sent to it again.
+    pub affinity: Option<NonZeroU32>,
 }
 
 /// One endpoint position of the load-balancing scheme: the `index`-th endpoint of every
@@ -218,6 +237,8 @@ pub enum Chain {
     Lb(LbChain),
     /// DNAT to the endpoint in one slot.
     Endpoint(Slot),
+    /// Remember the client's choice of a slot for this many seconds, then DNAT.
+    AffinityEndpoint(Slot, NonZeroU32),
 }
 
 impl Chain {
@@ -293,15 +314,20 @@ impl fmt::Display for Chain {
             Chain::FilterPreroutingPreDnat => "filter-prerouting-pre-dnat",
             Chain::FilterOutputPreDnat => "filter-output-pre-dnat",
             Chain::Lb(lb) => {
-                return write!(
+                write!(
                     f,
                     "lb-{}-{}-{}",
                     lb.kind.prefix(),
                     lb.scope.letter(),
                     lb.size
-                );
+                )?;
+                if let Some(t) = lb.affinity {
+                    write!(f, "-a{t}")?;
+                }
+                return Ok(());
             }
             Chain::Endpoint(slot) => return write!(f, "ep-{slot}"),
+            Chain::AffinityEndpoint(slot, t) => return write!(f, "ep-{slot}-a{t}"),
         };
         f.write_str(name)
     }
@@ -401,8 +427,8 @@ pub enum Element {
     ServiceIp(AddrKey, EntryChain),
     /// `proto . port : goto np-cluster|np-local`.
     ServiceNodePort(PortKey, Scope),
-    /// `key : goto lb-…-N`.
-    Dispatch(Scope, EntryKey, NonZeroU32),
+    /// `key : goto lb-…-N[-aT]`: N endpoints, and the affinity timeout if any.
+    Dispatch(Scope, EntryKey, NonZeroU32, Option<NonZeroU32>),
     /// `key : addr . port` in the slot's map.
     Backend {
         scope: Scope,
@@ -452,7 +478,7 @@ impl Element {
             Element::Hairpin(a) => ElementKey::Hairpin(a),
             Element::ServiceIp(k, _) => ElementKey::ServiceIp(k),
             Element::ServiceNodePort(k, _) => ElementKey::ServiceNodePort(k),
-            Element::Dispatch(s, k, _) => ElementKey::Dispatch(s, k),
+            Element::Dispatch(s, k, ..) => ElementKey::Dispatch(s, k),
             Element::Backend {
                 scope, key, slot, ..
             } => ElementKey::Backend { scope, slot, key },
@@ -477,10 +503,11 @@ impl Element {
     /// The load-balancing chain this element jumps to, if any.
     pub fn lb_chain(&self) -> Option<LbChain> {
         match *self {
-            Element::Dispatch(scope, key, size) => Some(LbChain {
+            Element::Dispatch(scope, key, size, affinity) => Some(LbChain {
                 kind: key.kind(),
                 scope,
                 size,
+                affinity,
             }),
             _ => None,
         }

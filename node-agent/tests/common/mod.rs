@@ -155,16 +155,17 @@ pub fn representative() -> Vec<v1::Resource> {
             Ipv4 => format!("{pod}{node}.{n}"),
             _ => format!("{pod}{node}::{n}"),
         };
-        out.push(resource(
-            &format!("default/web/TCP/http/{suffix}"),
-            port(
-                fam,
-                Tcp,
-                80,
-                &format!("{c}10"),
-                vec![ep(&pod(1, 5), 8080, true), ep(&pod(2, 5), 8080, false)],
-            ),
-        ));
+        let mut web = port(
+            fam,
+            Tcp,
+            80,
+            &format!("{c}10"),
+            vec![ep(&pod(1, 5), 8080, true), ep(&pod(2, 5), 8080, false)],
+        );
+        web.affinity = Some(v1::SessionAffinity {
+            timeout_seconds: 10800,
+        });
+        out.push(resource(&format!("default/web/TCP/http/{suffix}"), web));
         let mut np = port(
             fam,
             Tcp,
