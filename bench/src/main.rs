@@ -1,0 +1,277 @@
+//! `kubenft-bench`: issue 5's benchmarks. Each suite prints markdown tables to stdout; the run
+//! writes them, headed by the machine's details, to `BENCHMARKS.md` (`--out`).
+//!
+//! ```text
+//!  1  agent apply      agent library → nft in a namespace; kube-proxy's shape as baseline;
+//!                      the real agent binary's RSS against a fake controller
+//!  2  data plane       client ns → node ns (rules) → server ns; kubenft vs a linear rule list
+//!  3  fan-out          the real controller binary, K simulated agents over real gRPC streams
+//!  4  reconnect storm  1,000 current agents reconnect after a controller restart
+//! ```
+//!
+//! Needs root (network namespaces). Every namespace is named `knb-<pid>-…` and deleted on exit,
+//! also on SIGINT/SIGTERM. Hidden subcommands run inside namespaces: `client`, `echo`,
+//! `fake-controller`.
+#![forbid(unsafe_code)]
+
+mod agent_apply;
+mod agent_rss;
+mod dataplane;
+mod fanout;
+mod kubeproxy;
+mod netns;
+mod nftrun;
+mod report;
+mod workload;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::Table;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubenft-bench",
+    about = "kubenft benchmarks (issue 5)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Hidden>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Suites to run (1 apply, 2 data plane, 3 fan-out, 4 reconnect storm).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    suite: Vec<u32>,
+    /// Service counts for suite 1.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000")]
+    sizes: Vec<u32>,
+    /// Service counts for suite 2.
+    #[arg(long, value_delimiter = ',', default_value = "10,10000,30000")]
+    dataplane_sizes: Vec<u32>,
+    /// Simulated agent counts for suite 3.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    agents: Vec<u32>,
+    /// Services for suites 3 and 4 (10 endpoints each).
+    #[arg(long, default_value_t = 10_000)]
+    fanout_services: u32,
+    /// EndpointSlice changes per agent count in suite 3.
+    #[arg(long, default_value_t = 100)]
+    fanout_changes: usize,
+    /// Agents in suite 4.
+    #[arg(long, default_value_t = 1000)]
+    storm_agents: u32,
+    /// New connections measured per cell in suite 2.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// One-endpoint changes per size in suite 1 (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    changes: usize,
+    /// Cap on one baseline full load, seconds.
+    #[arg(long, default_value_t = 300)]
+    baseline_cap_secs: u64,
+    /// Baseline full loads are not attempted above this many Services.
+    #[arg(long, default_value_t = 10_000)]
+    baseline_max: u32,
+    /// The agent binary (suite 1's memory figure) [default: next to this binary].
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// The controller binary (suites 3 and 4) [default: next to this binary].
+    #[arg(long)]
+    controller_bin: Option<PathBuf>,
+    /// Where to write the report (nothing is written if empty).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Where each suite's latest tables are kept (the report includes every suite found there).
+    #[arg(long, default_value = "target/kubenft-bench")]
+    sections: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Hidden {
+    /// Opens connections and prints their latencies (runs in the client namespace).
+    #[command(hide = true)]
+    Client {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+    },
+    /// Accepts connections and answers one byte (runs in the server namespace).
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Serves a rule set to one agent and reports its ACK (runs in the agent's namespace).
+    #[command(hide = true)]
+    FakeController {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        services: u32,
+        #[arg(long, default_value_t = 0)]
+        chunk: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Hidden::Client {
+            target,
+            count,
+            warmup,
+        }) => dataplane::client(target, count, warmup),
+        Some(Hidden::Echo { listen }) => dataplane::echo(listen),
+        Some(Hidden::FakeController {
+            listen,
+            services,
+            chunk,
+        }) => agent_rss::serve(listen, services, chunk).await,
+        None => {
+            tokio::spawn(cleanup_on_signal());
+            let result = run(&cli.run).await;
+            netns::cleanup_all();
+            result
+        }
+    }
+}
+
+/// Deletes this run's namespaces on SIGINT/SIGTERM, then exits.
+async fn cleanup_on_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("kubenft-bench: interrupted; deleting namespaces");
+    netns::cleanup_all();
+    std::process::exit(130);
+}
+
+fn sibling(name: &str, given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe()?;
+    Ok(exe.with_file_name(name))
+}
+
+async fn run(args: &RunArgs) -> anyhow::Result<()> {
+    for suite in &args.suite {
+        let started = std::time::Instant::now();
+        let tables = run_suite(*suite, args)
+            .await
+            .with_context(|| format!("suite {suite}"))?;
+        let mut section = String::new();
+        for t in &tables {
+            println!("{}", t.markdown());
+            section.push_str(&t.markdown());
+        }
+        section.push_str(&format!(
+            "_Suite {suite} measured {} in {:.0} s by `{}`._\n\n",
+            report::now(),
+            started.elapsed().as_secs_f64(),
+            command_line()
+        ));
+        save_section(args, *suite, &section)?;
+        write_report(args)?;
+    }
+    Ok(())
+}
+
+/// Where each suite's latest tables are kept, so suites run separately end up in one report.
+fn sections_dir(args: &RunArgs) -> PathBuf {
+    args.sections.clone()
+}
+
+fn save_section(args: &RunArgs, suite: u32, text: &str) -> anyhow::Result<()> {
+    let dir = sections_dir(args);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(format!("suite-{suite}.md")), text)?;
+    Ok(())
+}
+
+async fn run_suite(suite: u32, args: &RunArgs) -> anyhow::Result<Vec<Table>> {
+    match suite {
+        1 => {
+            let opts = agent_apply::Options {
+                sizes: args.sizes.clone(),
+                changes: args.changes,
+                baseline_cap: Duration::from_secs(args.baseline_cap_secs),
+                baseline_max: args.baseline_max,
+            };
+            let agent = sibling("kubenft-agent", args.agent_bin.as_ref())?;
+            agent_apply::run(&opts, &agent).await
+        }
+        2 => {
+            let opts = dataplane::Options {
+                sizes: args.dataplane_sizes.clone(),
+                connections: args.connections,
+                warmup: 200,
+            };
+            dataplane::run(&opts).await
+        }
+        3 | 4 => {
+            let opts = fanout::Options {
+                services: args.fanout_services,
+                agents: args.agents.clone(),
+                changes: args.fanout_changes,
+                storm_agents: args.storm_agents,
+            };
+            let controller = sibling("kubenft-controller", args.controller_bin.as_ref())?;
+            if suite == 3 {
+                fanout::run_fanout(&opts, &controller).await
+            } else {
+                fanout::run_storm(&opts, &controller).await
+            }
+        }
+        other => anyhow::bail!("no suite {other} (1-4)"),
+    }
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+/// Writes the report: the machine, then every suite's latest section.
+fn write_report(args: &RunArgs) -> anyhow::Result<()> {
+    if args.out.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let mut text = String::from("# kubenft benchmarks\n\n");
+    text.push_str(
+        "Generated by `scripts/bench.sh` (`kubenft-bench`, crate `bench/`); each suite's tables were measured in one run of it on this machine, so every figure has its baseline beside it.\n\n",
+    );
+    text.push_str(&report::machine());
+    text.push_str(&format!(
+        "\nRun `scripts/bench.sh` for every suite, or e.g. `scripts/bench.sh --suite 1,2 --sizes 1000,10000` for a quick run (each suite section names the command that produced it). Last command: `{}`\n\n",
+        command_line()
+    ));
+    for suite in 1..=4 {
+        if let Ok(section) =
+            std::fs::read_to_string(sections_dir(args).join(format!("suite-{suite}.md")))
+        {
+            text.push_str(&section);
+        }
+    }
+    std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))
+}

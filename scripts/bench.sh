@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs issue 5's benchmarks (crate bench/, binary kubenft-bench) and writes BENCHMARKS.md.
+# Needs root (network namespaces). All four suites take about 30-40 minutes on 2 cores.
+#
+#   scripts/bench.sh                                  # everything
+#   scripts/bench.sh --suite 1,2 --sizes 1000,10000   # a quicker run (flags go to kubenft-bench)
+#
+# Each suite's latest tables are kept in target/kubenft-bench/suite-N.md and BENCHMARKS.md is
+# rebuilt from all of them, so suites may be run separately.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+cargo build --release -p kubenft-bench -p kubenft-agent -p kubenft-controller
+bin="${CARGO_TARGET_DIR:-target}/release"
+
+# Suite 3 opens one HTTP/2 connection per simulated agent on loopback (both ends in this
+# machine): 5,000 agents need more than the default 1,024 descriptors.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+"$bin/kubenft-bench" --agent-bin "$bin/kubenft-agent" --controller-bin "$bin/kubenft-controller" \
+  --out BENCHMARKS.md "$@" &
+pid=$!
+# The bench deletes its namespaces (knb-<pid>-*) itself, also on SIGINT/SIGTERM; this catches
+# a bench that died some other way.
+cleanup() {
+  ip netns list 2>/dev/null | awk '{print $1}' | grep "^knb-$pid-" | while read -r ns; do
+    ip netns del "$ns" || true
+  done
+}
+trap 'kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; cleanup' INT TERM
+trap cleanup EXIT
+wait "$pid"
+echo "bench: wrote BENCHMARKS.md"
