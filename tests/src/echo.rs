@@ -16,7 +16,8 @@
 //!
 //! SCTP uses one-to-one (`SOCK_STREAM`, `IPPROTO_SCTP`) sockets created with socket2 and then
 //! driven through the TCP types (accept/read/write/getpeername are the same syscalls), so it
-//! needs no unsafe code. It only works where the kernel has SCTP (this CI kernel does not).
+//! needs no unsafe code. Where the kernel has no SCTP sockets (this CI's), both sides fall
+//! back to a real INIT / INIT-ACK exchange over raw sockets instead (see [`crate::sctp_raw`]).
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
@@ -31,6 +32,7 @@ use tokio::task::JoinSet;
 
 use crate::Proto;
 use crate::probe::{OTHER, ProbeLine, REFUSED, TIMEOUT, UNREACHABLE};
+use crate::sctp_raw;
 
 /// Marker printed on stdout once every listener is bound.
 pub const READY: &str = "READY";
@@ -133,7 +135,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tasks = JoinSet::new();
-    for (proto, ports) in [(Proto::Tcp, &args.tcp), (Proto::Sctp, &args.sctp)] {
+    // Without kernel SCTP sockets, SCTP is answered through raw sockets (see sctp_raw).
+    let raw_sctp = !args.sctp.is_empty() && !sctp_raw::kernel_has_sctp();
+    if raw_sctp {
+        tasks.spawn(sctp_raw::serve(name.clone(), args.sctp.clone()));
+    }
+    let sctp: &[u16] = if raw_sctp { &[] } else { &args.sctp };
+    for (proto, ports) in [(Proto::Tcp, &args.tcp[..]), (Proto::Sctp, sctp)] {
         for &port in ports {
             let std_listener = stream_listener(args.bind, port, proto)
                 .with_context(|| format!("listening on {proto} port {port}"))?;
@@ -288,10 +296,12 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let check_echo = args.payload_bytes.is_some();
+    let kernel_sctp = proto != Proto::Sctp || sctp_raw::kernel_has_sctp();
     let stdout = io::stdout();
     for _ in 0..args.count {
         let line = match proto {
             Proto::Udp => udp_attempt(target, args.source_port, timeout, &payload, check_echo),
+            Proto::Sctp if !kernel_sctp => sctp_raw::attempt(target, args.source_port, timeout),
             _ => stream_attempt(
                 proto,
                 target,

@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod netns;
 pub mod probe;
 pub mod process;
+pub mod sctp_raw;
 pub mod topology;
 
 use std::fmt;
