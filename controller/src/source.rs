@@ -205,31 +205,36 @@ fn add_document(file: &str, index: usize, doc: Value, objects: &mut Objects) {
     }
 }
 
+/// Reads one manifest file (refusing oversized or unreadable ones) into `objects`.
+fn read_file(path: &Path, objects: &mut Objects) {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_FILE_BYTES => Err(format!(
+            "{} bytes is larger than the {MAX_FILE_BYTES} allowed",
+            m.len()
+        )),
+        _ => std::fs::read_to_string(path).map_err(|e| format!("unreadable: {e}")),
+    };
+    match text {
+        Ok(text) => parse_manifest(&file, &text, objects),
+        Err(message) => objects.rejections.push(Rejection {
+            kind: "File",
+            namespace: String::new(),
+            name: file,
+            field: String::new(),
+            message,
+        }),
+    }
+}
+
 /// Reads every `*.yaml`, `*.yml` and `*.json` file of a directory.
 pub fn read_dir(dir: &Path) -> Objects {
     let mut objects = Objects::default();
     for path in manifest_files(dir) {
-        let file = path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let text = match std::fs::metadata(&path) {
-            Ok(m) if m.len() > MAX_FILE_BYTES => Err(format!(
-                "{} bytes is larger than the {MAX_FILE_BYTES} allowed",
-                m.len()
-            )),
-            _ => std::fs::read_to_string(&path).map_err(|e| format!("unreadable: {e}")),
-        };
-        match text {
-            Ok(text) => parse_manifest(&file, &text, &mut objects),
-            Err(message) => objects.rejections.push(Rejection {
-                kind: "File",
-                namespace: String::new(),
-                name: file,
-                field: String::new(),
-                message,
-            }),
-        }
+        read_file(&path, &mut objects);
     }
     objects
 }
@@ -253,17 +258,78 @@ fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// What identifies the directory's current content without reading it.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    manifest_files(dir)
-        .into_iter()
-        .map(|p| {
-            let meta = std::fs::metadata(&p).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            let mtime = meta.and_then(|m| m.modified().ok());
-            (p, len, mtime)
+/// What identifies a file's content without reading it: a rewrite through rename changes the
+/// inode, an in-place rewrite the length or the (nanosecond) modification time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: Option<SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            len: meta.len(),
+            mtime: meta.modified().ok(),
+            inode: meta.ino(),
         })
-        .collect()
+    }
+}
+
+/// The directory's files as last read: each file is parsed again only when its stamp changes,
+/// so a change to one small file of thousands costs one parse, not thousands.
+#[derive(Default)]
+struct DirCache {
+    files: BTreeMap<PathBuf, (Stamp, Objects)>,
+}
+
+impl DirCache {
+    /// Re-reads the files that changed; `true` if anything did (a file changed, appeared or
+    /// went away).
+    fn refresh(&mut self, dir: &Path) -> bool {
+        let mut changed = false;
+        let mut seen = BTreeMap::new();
+        for path in manifest_files(dir) {
+            let stamp = Stamp::of(&path);
+            let current = self.files.get(&path).map(|(s, _)| s);
+            if stamp.is_none() || current != stamp.as_ref() {
+                let mut objects = Objects::default();
+                read_file(&path, &mut objects);
+                seen.insert(
+                    path,
+                    (
+                        stamp.unwrap_or(Stamp {
+                            len: 0,
+                            mtime: None,
+                            inode: 0,
+                        }),
+                        objects,
+                    ),
+                );
+                changed = true;
+            } else if let Some(entry) = self.files.remove(&path) {
+                seen.insert(path, entry);
+            }
+        }
+        changed |= !self.files.is_empty();
+        self.files = seen;
+        changed
+    }
+
+    /// Every object, in file order (the first definition of a duplicate wins).
+    fn objects(&self) -> Objects {
+        let mut all = Objects::default();
+        for (_, objects) in self.files.values() {
+            all.services.extend(objects.services.iter().cloned());
+            all.slices.extend(objects.slices.iter().cloned());
+            all.nodes.extend(objects.nodes.iter().cloned());
+            all.rejections.extend(objects.rejections.iter().cloned());
+        }
+        all
+    }
 }
 
 /// Watches a directory and publishes validated inputs on every change. The first value is
@@ -275,25 +341,28 @@ pub async fn run_dir(
     tx: watch::Sender<Option<std::sync::Arc<Inputs>>>,
     shutdown: CancellationToken,
 ) {
-    let mut last = None;
+    let mut cache = DirCache::default();
+    let mut first = true;
     loop {
-        let current = fingerprint(&dir);
-        if last.as_ref() != Some(&current) {
-            let objects = read_dir(&dir);
-            let inputs = objects_to_inputs(objects, &limits);
+        let started = std::time::Instant::now();
+        if cache.refresh(&dir) || first {
+            first = false;
+            let read_ms = started.elapsed().as_millis() as u64;
+            let inputs = objects_to_inputs(cache.objects(), &limits);
             info!(
                 dir = %dir.display(),
                 services = inputs.services.len(),
                 slices = inputs.slices.len(),
                 nodes = inputs.nodes.len(),
                 rejected = inputs.rejections.len(),
+                read_ms,
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 "read manifests"
             );
             for r in &inputs.rejections {
                 warn!(rejection = %r, "object refused");
             }
             tx.send_replace(Some(std::sync::Arc::new(inputs)));
-            last = Some(current);
         }
         tokio::select! {
             biased;
@@ -473,5 +542,40 @@ metadata: {name: b}
         assert_eq!(slice.trigger_ms, Some(1_795_320_000_000));
         assert!(inputs.nodes["a"].deleting);
         assert!(!inputs.nodes["b"].deleting);
+    }
+
+    #[test]
+    fn the_directory_cache_rereads_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
+            )
+        };
+        std::fs::write(dir.path().join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), svc("b", "10.96.0.2")).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let mut cache = DirCache::default();
+        assert!(cache.refresh(dir.path()), "first read");
+        assert_eq!(cache.objects().services.len(), 2);
+        assert!(!cache.refresh(dir.path()), "nothing changed");
+
+        // A rewrite through rename (as kubectl-style tools and the lab do).
+        let tmp = dir.path().join(".b.yaml.tmp");
+        std::fs::write(&tmp, svc("b", "10.96.0.3")).unwrap();
+        std::fs::rename(&tmp, dir.path().join("b.yaml")).unwrap();
+        assert!(cache.refresh(dir.path()), "b rewritten");
+        let inputs = objects_to_inputs(cache.objects(), &Limits::default());
+        let ips: Vec<String> = inputs
+            .services
+            .values()
+            .map(|s| s.cluster_ips[0].to_string())
+            .collect();
+        assert_eq!(ips, ["10.96.0.1", "10.96.0.3"]);
+        assert!(!cache.refresh(dir.path()));
+
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert!(cache.refresh(dir.path()), "a removed");
+        assert_eq!(cache.objects().services.len(), 1);
     }
 }

@@ -5,15 +5,14 @@
 //! the difference. Changes that happen while one is in flight are merged into the next one,
 //! because the next diff is always taken against the latest desired state.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
 use kubenft_proto::v1::{
-    AgentMessage, Change, ControllerMessage, Hello, Resource, TriggerTime, agent_message,
-    controller_message, rule_stream_server::RuleStream,
+    AgentMessage, Change, ControllerMessage, Hello, Resource, ResourceVersion, TriggerTime,
+    agent_message, controller_message, rule_stream_server::RuleStream,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -78,13 +77,13 @@ impl RuleStream for RuleStreamService {
             )));
         }
         let (tx, rx) = mpsc::channel(4);
+        let span = info_span!("agent", node = %hello.node_name);
         let session = Session::open(
             self.hub.clone(),
             self.metrics.clone(),
             self.large_changes.clone(),
-            &hello,
+            hello,
         );
-        let span = info_span!("agent", node = %hello.node_name);
         tokio::spawn(
             session
                 .run(inbound, tx, self.shutdown.clone())
@@ -106,18 +105,46 @@ struct InFlight {
 
 /// What the agent holds.
 enum Known {
-    /// As it said in its Hello: resource name → version.
-    Hello(BTreeMap<String, String>),
+    /// As its Hello stated: versions sorted by name, and the system version it claims.
+    Hello {
+        applied: Vec<ResourceVersion>,
+        system_version: String,
+    },
     /// A rule set it acknowledged (shares its storage with the hub's).
     Acked(Arc<NodeRuleSet>),
 }
 
 impl Known {
+    fn from_hello(applied: Vec<ResourceVersion>, system_version: String) -> Known {
+        let mut applied = applied;
+        if !applied.is_sorted_by(|a, b| a.name < b.name) {
+            applied.sort_by(|a, b| a.name.cmp(&b.name));
+            applied.dedup_by(|a, b| a.name == b.name);
+        }
+        Known::Hello {
+            applied,
+            system_version,
+        }
+    }
+
     fn version(&self, name: &str) -> Option<&str> {
         match self {
-            Known::Hello(map) => map.get(name).map(String::as_str),
+            Known::Hello { applied, .. } => applied
+                .binary_search_by(|rv| rv.name.as_str().cmp(name))
+                .ok()
+                .map(|i| applied[i].version.as_str()),
             Known::Acked(set) => set.get(name).map(|r| r.version.as_str()),
         }
+    }
+
+    /// Whether the agent holds exactly `desired`, judged by system versions alone: this is
+    /// what lets a thousand current agents reconnect without a thousand full comparisons.
+    fn holds(&self, desired: &NodeRuleSet) -> bool {
+        let held = match self {
+            Known::Hello { system_version, .. } => system_version,
+            Known::Acked(set) => &set.system_version,
+        };
+        !held.is_empty() && *held == desired.system_version
     }
 
     /// The names whose version may differ from `desired`'s: since the acknowledged revision
@@ -130,12 +157,47 @@ impl Known {
         }
         let mut names: Vec<String> = desired.iter().map(|r| r.name.clone()).collect();
         match self {
-            Known::Hello(map) => names.extend(map.keys().cloned()),
+            Known::Hello { applied, .. } => names.extend(applied.iter().map(|r| r.name.clone())),
             Known::Acked(set) => names.extend(set.iter().map(|r| r.name.clone())),
         }
         names.sort();
         names.dedup();
         names
+    }
+}
+
+/// What the agent lacks: resources to send (shared, not yet copied) and names to remove.
+#[derive(Default)]
+struct Diff {
+    resources: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+}
+
+impl Diff {
+    fn between(known: &Known, desired: &NodeRuleSet) -> Diff {
+        let mut diff = Diff::default();
+        if known.holds(desired) {
+            return diff;
+        }
+        for name in known.candidates(desired) {
+            let held = known.version(&name);
+            match desired.get(&name) {
+                Some(r) if held != Some(r.version.as_str()) => diff.resources.push(r.clone()),
+                Some(_) => {}
+                None if held.is_some() => diff.removed.push(name),
+                None => {}
+            }
+        }
+        diff
+    }
+
+    fn is_empty(&self) -> bool {
+        self.resources.is_empty() && self.removed.is_empty()
+    }
+
+    /// A first sync, in practice: worth waiting for a slot before it is copied and encoded.
+    fn is_large(&self) -> bool {
+        self.resources.len() > LARGE_CHANGE
     }
 }
 
@@ -159,7 +221,7 @@ impl Session {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         large_changes: Arc<Semaphore>,
-        hello: &Hello,
+        hello: Hello,
     ) -> Self {
         let addresses = hello
             .addresses
@@ -168,21 +230,14 @@ impl Session {
             .collect();
         let desired = hub.attach(&hello.node_name, addresses, hello.agent_version.clone());
         metrics.agents_connected.inc();
-        let known = Known::Hello(
-            hello
-                .applied
-                .iter()
-                .map(|rv| (rv.name.clone(), rv.version.clone()))
-                .collect(),
-        );
         info!(node = %hello.node_name, applied = hello.applied.len(), "agent connected");
         Session {
             hub,
             metrics,
             large_changes,
-            node: hello.node_name.clone(),
+            node: hello.node_name,
             desired,
-            known,
+            known: Known::from_hello(hello.applied, hello.system_version),
             in_flight: None,
             refused: None,
             next_id: 1,
@@ -218,18 +273,20 @@ impl Session {
     ) {
         loop {
             if self.in_flight.is_none()
-                && let Some(change) = self.next_change()
+                && let Some((desired, diff)) = self.pending()
             {
-                if self.is_large(&change) {
-                    let permit = tokio::select! {
+                // The slot is taken before the resources are copied and encoded, so agents
+                // waiting for one hold only shared pointers.
+                let permit = if diff.is_large() {
+                    tokio::select! {
                         biased;
                         () = shutdown.cancelled() => return,
                         p = self.large_changes.clone().acquire_owned() => p.ok(),
-                    };
-                    if let Some(f) = self.in_flight.as_mut() {
-                        f._permit = permit;
                     }
-                }
+                } else {
+                    None
+                };
+                let change = self.start(desired, diff, permit);
                 if tx.send(Ok(change)).await.is_err() {
                     return;
                 }
@@ -270,57 +327,55 @@ impl Session {
             .collect()
     }
 
-    fn is_large(&self, change: &ControllerMessage) -> bool {
-        matches!(&change.message, Some(controller_message::Message::Change(c)) if c.resources.len() > LARGE_CHANGE)
-    }
-
-    /// The difference between what the agent holds and what it should hold, if any (and the
-    /// one empty confirmation a current agent gets on connect).
-    fn next_change(&mut self) -> Option<ControllerMessage> {
+    /// The difference between what the agent holds and what it should hold, if something
+    /// must be sent: a difference, or the one empty confirmation a current agent gets on
+    /// connect. A current agent is otherwise just recorded as current.
+    fn pending(&mut self) -> Option<(Arc<NodeRuleSet>, Diff)> {
         let desired = self.desired.borrow_and_update().clone();
         if self.refused.as_deref() == Some(desired.system_version.as_str()) {
             return None;
         }
-        let mut resources: Vec<Resource> = Vec::new();
-        let mut removed: Vec<String> = Vec::new();
-        for name in self.known.candidates(&desired) {
-            let held = self.known.version(&name);
-            match desired.get(&name) {
-                Some(r) if held != Some(r.version.as_str()) => resources.push(Resource::clone(r)),
-                Some(_) => {}
-                None if held.is_some() => removed.push(name),
-                None => {}
-            }
-        }
-        if resources.is_empty() && removed.is_empty() && self.confirmed {
+        let diff = Diff::between(&self.known, &desired);
+        if diff.is_empty() && self.confirmed {
             self.hub.acked(&self.node, &desired.system_version);
             self.known = Known::Acked(desired);
             return None;
         }
+        Some((desired, diff))
+    }
+
+    /// Puts `diff` in flight as the next Change.
+    fn start(
+        &mut self,
+        desired: Arc<NodeRuleSet>,
+        diff: Diff,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> ControllerMessage {
         self.confirmed = true;
         let change_id = self.next_id;
         self.next_id += 1;
-        let payload = !resources.is_empty() || !removed.is_empty();
-        if payload {
+        if !diff.is_empty() {
             self.hub.sent(&self.node);
             self.metrics.changes_sent.inc();
         }
-        debug!(change_id, resources = resources.len(), removed = removed.len(), version = %desired.system_version, "sending change");
+        let resources: Vec<Resource> = diff.resources.iter().map(|r| Resource::clone(r)).collect();
+        debug!(change_id, resources = resources.len(), removed = diff.removed.len(), version = %desired.system_version, "sending change");
+        let system_version = desired.system_version.clone();
         self.in_flight = Some(InFlight {
             change_id,
-            target: desired.clone(),
+            target: desired,
             sent_at: tokio::time::Instant::now(),
-            _permit: None,
+            _permit: permit,
         });
-        Some(ControllerMessage {
+        ControllerMessage {
             message: Some(controller_message::Message::Change(Change {
                 change_id,
-                system_version: desired.system_version.clone(),
+                system_version,
                 trigger_times: self.trigger_times(&resources),
                 resources,
-                removed,
+                removed: diff.removed,
             })),
-        })
+        }
     }
 
     fn on_message(&mut self, msg: AgentMessage) {

@@ -334,6 +334,7 @@ async fn connect_agent(
             addresses: vec![],
             applied: vec![],
             agent_version: "test".into(),
+            system_version: String::new(),
         })),
     })
     .await

@@ -103,6 +103,24 @@ impl Controller {
     }
 
     async fn connect(&self, applied: Vec<ResourceVersion>) -> Agent {
+        // An honest agent states the version of what it lists (none when it lists nothing).
+        let system_version = if applied.is_empty() {
+            String::new()
+        } else {
+            kubenft_proto::system_version(
+                applied
+                    .iter()
+                    .map(|r| (r.name.as_str(), r.version.as_str())),
+            )
+        };
+        self.connect_claiming(applied, system_version).await
+    }
+
+    async fn connect_claiming(
+        &self,
+        applied: Vec<ResourceVersion>,
+        system_version: String,
+    ) -> Agent {
         let url = format!("http://{}", self.grpc);
         let mut client = None;
         for _ in 0..100 {
@@ -122,6 +140,7 @@ impl Controller {
                 addresses: vec![],
                 applied,
                 agent_version: "test".into(),
+                system_version,
             })),
         })
         .await
@@ -259,15 +278,29 @@ async fn a_current_agent_gets_only_a_confirmation() {
     let applied: Vec<ResourceVersion> = full.resources.iter().map(|r| r.name_version()).collect();
     drop(agent);
 
-    let mut again = ctl.connect(applied).await;
+    let mut again = ctl.connect(applied.clone()).await;
     let confirmation = again.next().await;
     assert!(confirmation.resources.is_empty() && confirmation.removed.is_empty());
     assert_eq!(confirmation.system_version, full.system_version);
     again.ack(&confirmation).await;
     again.nothing_for(Duration::from_millis(500)).await;
+    drop(again);
+
+    // The stated system version alone confirms an agent (no name-by-name comparison: the
+    // list is not even looked at) ...
+    let mut by_version = ctl
+        .connect_claiming(Vec::new(), full.system_version.clone())
+        .await;
+    let confirmation = by_version.next().await;
+    assert!(confirmation.resources.is_empty() && confirmation.removed.is_empty());
+    drop(by_version);
+    // ... and without one (an older agent), the names are compared.
+    let mut by_names = ctl.connect_claiming(applied.clone(), String::new()).await;
+    let confirmation = by_names.next().await;
+    assert!(confirmation.resources.is_empty() && confirmation.removed.is_empty());
+    drop(by_names);
 
     // An agent holding something stale gets just the difference.
-    drop(again);
     let mut stale = ctl
         .connect(vec![ResourceVersion {
             name: "default/gone/tcp/http/ipv4".into(),

@@ -148,11 +148,21 @@ async fn hello<N: Nft>(cfg: &StreamConfig, applier: &Applier<N>) -> v1::Hello {
         tracing::warn!(error = %e, "cannot list the node's addresses");
         Vec::new()
     });
-    let applied = applier.state().read().hello_applied();
+    let (applied, system_version) = {
+        let state = applier.state().read();
+        let applied = state.hello_applied();
+        let version = if applied.is_empty() {
+            String::new()
+        } else {
+            state.system_version()
+        };
+        (applied, version)
+    };
     v1::Hello {
         node_name: cfg.node_name.clone(),
         addresses,
         applied,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        system_version,
     }
 }

@@ -65,7 +65,7 @@ pub struct Fleet {
     bytes: AtomicU64,
     armed: Mutex<Option<Armed>>,
     /// What each agent held when its stream closed (suite 4).
-    held: Mutex<Vec<(u32, Vec<ResourceVersion>)>>,
+    held: Mutex<Vec<(u32, Held)>>,
     stop: watch::Sender<bool>,
 }
 
@@ -163,7 +163,7 @@ impl Fleet {
     }
 
     /// Waits for every stream to close; returns what each agent held.
-    pub async fn wait_closed(&self, wait: Duration) -> Vec<(u32, Vec<ResourceVersion>)> {
+    pub async fn wait_closed(&self, wait: Duration) -> Vec<(u32, Held)> {
         let started = Instant::now();
         while self.open.load(Ordering::Relaxed) > 0 && started.elapsed() < wait {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -249,7 +249,7 @@ pub async fn connect_all(
         }
         let end = (next + BATCH).min(k);
         let firsts: Vec<_> = (next..end)
-            .map(|id| spawn_agent(fleet.clone(), addr, id, Vec::new(), keep))
+            .map(|id| spawn_agent(fleet.clone(), addr, id, Held::default(), keep))
             .collect();
         await_firsts(firsts, SYNC_BUDGET).await?;
         next = end;
@@ -261,12 +261,12 @@ pub async fn connect_all(
 pub async fn reconnect_all(
     fleet: &Arc<Fleet>,
     addr: SocketAddr,
-    held: Vec<(u32, Vec<ResourceVersion>)>,
+    held: Vec<(u32, Held)>,
     watchdog: &Watchdog,
 ) -> anyhow::Result<()> {
     let firsts: Vec<_> = held
         .into_iter()
-        .map(|(id, applied)| spawn_agent(fleet.clone(), addr, id, applied, false))
+        .map(|(id, held)| spawn_agent(fleet.clone(), addr, id, held, false))
         .collect();
     let result = await_firsts(firsts, Duration::from_secs(120)).await;
     if let Some(why) = watchdog.tripped() {
@@ -298,13 +298,13 @@ fn spawn_agent(
     fleet: Arc<Fleet>,
     addr: SocketAddr,
     id: u32,
-    applied: Vec<ResourceVersion>,
+    held: Held,
     keep: bool,
 ) -> oneshot::Receiver<Result<(), String>> {
     let (first_tx, first_rx) = oneshot::channel();
     tokio::spawn(async move {
         let mut first = Some(first_tx);
-        if let Err(e) = agent(&fleet, addr, id, applied, keep, &mut first).await
+        if let Err(e) = agent(&fleet, addr, id, held, keep, &mut first).await
             && let Some(f) = first.take()
         {
             let _ = f.send(Err(e.to_string()));
@@ -317,7 +317,7 @@ async fn agent(
     fleet: &Fleet,
     addr: SocketAddr,
     id: u32,
-    applied: Vec<ResourceVersion>,
+    held: Held,
     keep: bool,
     first: &mut Option<oneshot::Sender<Result<(), String>>>,
 ) -> anyhow::Result<()> {
@@ -326,6 +326,10 @@ async fn agent(
         .connect()
         .await?;
     let (tx, rx) = mpsc::channel(4);
+    let Held {
+        applied,
+        mut system_version,
+    } = held;
     let mut known: BTreeMap<String, String> = applied
         .iter()
         .map(|rv| (rv.name.clone(), rv.version.clone()))
@@ -335,6 +339,7 @@ async fn agent(
         addresses: Vec::new(),
         applied,
         agent_version: "kubenft-bench".into(),
+        system_version: system_version.clone(),
     };
     tx.send(message(agent_message::Message::Hello(hello)))
         .await?;
@@ -374,6 +379,7 @@ async fn agent(
             for name in &change.removed {
                 known.remove(name);
             }
+            system_version.clone_from(&change.system_version);
         }
         if let Some(f) = first.take() {
             fleet.synced.fetch_add(1, Ordering::Relaxed);
@@ -382,13 +388,23 @@ async fn agent(
     }
     fleet.open.fetch_sub(1, Ordering::Relaxed);
     if keep {
-        let held = known
-            .into_iter()
-            .map(|(name, version)| ResourceVersion { name, version })
-            .collect();
+        let held = Held {
+            applied: known
+                .into_iter()
+                .map(|(name, version)| ResourceVersion { name, version })
+                .collect(),
+            system_version,
+        };
         fleet.held.lock().expect("lock").push((id, held));
     }
     Ok(())
+}
+
+/// What a simulated agent holds: as its Hello states it.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub applied: Vec<ResourceVersion>,
+    pub system_version: String,
 }
 
 fn message(m: agent_message::Message) -> AgentMessage {
