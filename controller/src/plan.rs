@@ -627,14 +627,27 @@ pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> 
         .iter()
         .filter(|c| c.model.conditions.ready && c.model.node_name.as_deref() == Some(site.name))
         .count();
+    // With internalTrafficPolicy Local and no external path, this node only ever uses its
+    // own endpoints: everything about endpoints elsewhere is left out (beyond whether there
+    // are any), so that their changes reach only the nodes they are on.
+    let cluster_unused = svc.internal_policy == TrafficPolicy::Local
+        && plan.port.node_port.is_none()
+        && plan.external_ips.is_empty()
+        && plan.load_balancer_ips.is_empty();
     let mut serving_ips: Vec<String> = plan
         .candidates
         .iter()
         .filter(|c| c.model.conditions.serving)
+        .filter(|c| !cluster_unused || c.model.node_name.as_deref() == Some(site.name))
         .map(|c| c.ip.to_string())
         .collect();
     serving_ips.sort();
     serving_ips.dedup();
+    let (cluster_endpoints, endpoints_elsewhere) = if cluster_unused {
+        (Vec::new(), !sel.cluster.is_empty())
+    } else {
+        (pick(&sel.cluster), false)
+    };
     ServicePortRules {
         namespace: svc.id.namespace.clone(),
         service: svc.id.name.clone(),
@@ -657,7 +670,8 @@ pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> 
         affinity: svc
             .affinity_timeout
             .map(|t| SessionAffinity { timeout_seconds: t }),
-        cluster_endpoints: pick(&sel.cluster),
+        cluster_endpoints,
+        endpoints_elsewhere,
         local_endpoints: pick(&sel.local),
         health_check_node_port: svc.health_check_node_port.map_or(0, |p| u32::from(p.get())),
         local_ready_endpoints: u32::try_from(local_ready).unwrap_or(u32::MAX),

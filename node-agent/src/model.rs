@@ -129,8 +129,18 @@ pub struct ServicePort {
     pub internal_traffic_local: bool,
     pub cluster_endpoints: Vec<Endpoint>,
     pub local_endpoints: Vec<Endpoint>,
+    /// Usable endpoints exist though `cluster_endpoints` is empty (it is not sent where no
+    /// path uses it).
+    pub endpoints_elsewhere: bool,
     /// ClientIP session affinity timeout in seconds.
     pub affinity: Option<std::num::NonZeroU32>,
+}
+
+impl ServicePort {
+    /// Whether the Service has any usable endpoint: if not, its traffic is rejected.
+    pub fn has_endpoints(&self) -> bool {
+        !self.cluster_endpoints.is_empty() || self.endpoints_elsewhere
+    }
 }
 
 /// A validated `NodeRules`: the node-wide settings behind the constant chains and node sets.
@@ -301,6 +311,7 @@ fn service_port(sp: &v1::ServicePortRules) -> Result<ServicePort, FieldError> {
         internal_traffic_local: sp.internal_traffic_local,
         cluster_endpoints: endpoints("cluster_endpoints", &sp.cluster_endpoints)?,
         local_endpoints: endpoints("local_endpoints", &sp.local_endpoints)?,
+        endpoints_elsewhere: sp.endpoints_elsewhere,
         affinity: sp
             .affinity
             .as_ref()

@@ -62,7 +62,7 @@ fn addr_key(sp: &ServicePort, addr: IpAddr) -> AddrKey {
 fn cluster_ip_elements(sp: &ServicePort, ip: IpAddr, out: &mut BTreeSet<Element>) {
     let key = addr_key(sp, ip);
     let entry = EntryKey::Addr(key);
-    if sp.cluster_endpoints.is_empty() {
+    if !sp.has_endpoints() {
         out.insert(Element::NoEndpoint(entry, NoEndpoint::Reject));
     } else if sp.internal_traffic_local {
         out.insert(Element::ServiceIp(key, EntryChain::SvcLocal));
@@ -75,7 +75,7 @@ fn cluster_ip_elements(sp: &ServicePort, ip: IpAddr, out: &mut BTreeSet<Element>
 
 /// External IPs, load-balancer IPs and NodePorts: externalTrafficPolicy applies.
 fn external_elements(sp: &ServicePort, key: EntryKey, out: &mut BTreeSet<Element>) {
-    if sp.cluster_endpoints.is_empty() {
+    if !sp.has_endpoints() {
         out.insert(Element::NoEndpoint(key, NoEndpoint::Reject));
         return;
     }
@@ -440,6 +440,7 @@ mod tests {
             internal_traffic_local: false,
             cluster_endpoints: vec![ep("10.1.0.1", true), ep("10.1.1.1", false)],
             local_endpoints: vec![ep("10.1.0.1", true)],
+            endpoints_elsewhere: false,
             affinity: None,
         }
     }
@@ -476,6 +477,17 @@ mod tests {
         assert!(t.contains(&"no-endpoint-services 10.96.0.10 . tcp . 80 : drop".into()));
         // The entry point stays (per spec); the filter hook drops what NAT did not redirect.
         assert!(t.contains(&"service-ips 10.96.0.10 . tcp . 80 : goto svc-local".into()));
+        // The compact form (no path uses the cluster-wide endpoints, so they are not sent):
+        // endpoints elsewhere still mean a drop, and none anywhere a reject.
+        s.cluster_endpoints.clear();
+        s.endpoints_elsewhere = true;
+        let t = texts(&service_elements(&s));
+        assert!(t.contains(&"no-endpoint-services 10.96.0.10 . tcp . 80 : drop".into()));
+        s.endpoints_elsewhere = false;
+        let t = texts(&service_elements(&s));
+        assert!(
+            t.contains(&"no-endpoint-services 10.96.0.10 . tcp . 80 : goto reject-chain".into())
+        );
     }
 
     #[test]

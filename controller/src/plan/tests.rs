@@ -466,3 +466,71 @@ fn nodes_share_the_generic_view_and_updates_touch_only_what_changed() {
         );
     }
 }
+
+/// internalTrafficPolicy Local without external paths: a node never uses endpoints elsewhere,
+/// so an endpoint moving from node a to node c changes the rule sets of a and c only; b and
+/// every other node keep the very same version (and so receive nothing). Without endpoints
+/// anywhere, every node's view changes (drop becomes reject).
+#[test]
+fn local_only_ports_change_only_on_the_nodes_whose_endpoints_moved() {
+    let mut web = svc("web", &["10.96.0.10"], &[("http", Protocol::Tcp, 80, None)]);
+    web.internal_policy = TrafficPolicy::Local;
+    let s = |eps: Vec<EndpointModel>| {
+        inputs(
+            vec![web.clone()],
+            if eps.is_empty() {
+                vec![]
+            } else {
+                vec![slice("web-1", "web", &[("http", Protocol::Tcp, 8080)], eps)]
+            },
+        )
+    };
+    let policy = Arc::new(ClusterPolicy::default());
+    let c1 = Catalog::build(
+        policy.clone(),
+        &s(vec![
+            ep("10.244.1.10", "a", READY),
+            ep("10.244.4.10", "d", READY),
+        ]),
+        None,
+    );
+    let c2 = Catalog::build(
+        policy.clone(),
+        &s(vec![
+            ep("10.244.3.10", "c", READY),
+            ep("10.244.4.10", "d", READY),
+        ]),
+        Some(&c1),
+    );
+    let name = "default/web/tcp/http/ipv4";
+    for (node, changes) in [
+        ("a", true),
+        ("b", false),
+        ("c", true),
+        ("d", false),
+        ("x", false),
+    ] {
+        let before = rules(&c1, &facts(node));
+        let after = c2.update(&before, &facts(node));
+        assert_eq!(after.is_some(), changes, "node {node}");
+        let after = after.unwrap_or(before);
+        assert_eq!(
+            after.system_version,
+            rules(&c2, &facts(node)).system_version
+        );
+        let p = port_of(&after, name);
+        assert!(p.cluster_endpoints.is_empty(), "node {node}: {p:?}");
+        assert!(p.endpoints_elsewhere, "node {node}");
+        let local: Vec<String> = endpoints(&p.local_endpoints);
+        assert_eq!(
+            !local.is_empty(),
+            matches!(node, "c" | "d"),
+            "node {node}: {local:?}"
+        );
+    }
+    // No endpoints anywhere: b's view changes too (its traffic is now rejected, not dropped).
+    let c3 = Catalog::build(policy, &s(vec![]), Some(&c2));
+    let b = rules(&c2, &facts("b"));
+    let b3 = c3.update(&b, &facts("b")).expect("b's view changed");
+    assert!(!port_of(&b3, name).endpoints_elsewhere);
+}
