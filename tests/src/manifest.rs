@@ -570,6 +570,8 @@ struct Endpoint {
     node: Option<String>,
     zone: Option<String>,
     cond: Cond,
+    /// `hints` (forZones / forNodes), if any.
+    hints: Option<Value>,
 }
 
 /// A discovery.k8s.io/v1 EndpointSlice for one Service and one address family.
@@ -640,6 +642,7 @@ impl Slice {
             node: Some(pod.node.clone()),
             zone: Some(pod.zone.clone()),
             cond,
+            hints: None,
         });
         self
     }
@@ -667,7 +670,28 @@ impl Slice {
             node: node.map(str::to_string),
             zone: zone.map(str::to_string),
             cond,
+            hints: None,
         });
+        self
+    }
+
+    /// Sets topology hints `forZones` on the most recently added endpoint (as the
+    /// EndpointSlice controller writes them for `trafficDistribution`).
+    pub fn zone_hints(self, zones: &[&str]) -> Self {
+        self.hint("forZones", zones)
+    }
+
+    /// Sets topology hints `forNodes` on the most recently added endpoint.
+    pub fn node_hints(self, nodes: &[&str]) -> Self {
+        self.hint("forNodes", nodes)
+    }
+
+    fn hint(mut self, key: &str, names: &[&str]) -> Self {
+        if let Some(e) = self.endpoints.last_mut() {
+            let list: Vec<Value> = names.iter().map(|n| json!({"name": n})).collect();
+            let hints = e.hints.get_or_insert_with(|| json!({}));
+            hints[key] = Value::Array(list);
+        }
         self
     }
 
@@ -702,6 +726,9 @@ impl ToJson for Slice {
                 }
                 if let Some(z) = &e.zone {
                     v["zone"] = json!(z);
+                }
+                if let Some(h) = &e.hints {
+                    v["hints"] = h.clone();
                 }
                 Some(v)
             })
@@ -783,6 +810,21 @@ mod tests {
         );
         assert_eq!(eps[0]["conditions"]["terminating"], true);
         assert_eq!(eps[0]["nodeName"], "a");
+    }
+
+    #[test]
+    fn slice_hints() {
+        let v = Slice::for_service("web")
+            .endpoint_addr("10.0.0.1".parse().unwrap(), Some("a"), None, Cond::READY)
+            .zone_hints(&["z1"])
+            .node_hints(&["a"])
+            .endpoint_addr("10.0.0.2".parse().unwrap(), Some("b"), None, Cond::READY)
+            .to_json();
+        assert_eq!(
+            v["endpoints"][0]["hints"],
+            json!({"forZones": [{"name": "z1"}], "forNodes": [{"name": "a"}]})
+        );
+        assert!(v["endpoints"][1].get("hints").is_none());
     }
 
     #[test]
