@@ -92,6 +92,37 @@ impl Cluster {
         Self::start_with(lab, &[])
     }
 
+    /// Starts the controller with exactly `controller_args` — no lab defaults; derive them
+    /// from [`Lab::controller_default_args`], e.g. to leave out `--cluster-cidr` — and one
+    /// agent per node.
+    pub fn start_with_exact_args(lab: Lab, controller_args: &[String]) -> Cluster {
+        let bin = lab
+            .binary("kubenft-controller")
+            .unwrap_or_else(|e| panic!("finding the controller: {e}"));
+        let bin = bin.display().to_string();
+        let argv: Vec<&str> = std::iter::once(bin.as_str())
+            .chain(controller_args.iter().map(String::as_str))
+            .collect();
+        let controller = lab
+            .spawn("controller", Host::ControlPlane, &argv)
+            .unwrap_or_else(|e| panic!("starting the controller: {e}"));
+        let agents = lab
+            .nodes()
+            .iter()
+            .map(|n| {
+                let p = lab
+                    .spawn_agent(&n.name, &[])
+                    .unwrap_or_else(|e| panic!("starting agent {}: {e}", n.name));
+                (n.name.clone(), p)
+            })
+            .collect();
+        Cluster {
+            lab,
+            controller,
+            agents,
+        }
+    }
+
     pub fn agent(&self, node: &str) -> &Process {
         &self.agents[node]
     }
