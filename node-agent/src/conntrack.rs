@@ -117,6 +117,18 @@ fn parse_line(line: &str) -> Option<Entry> {
     })
 }
 
+/// Whether an entry of a checked target is stale: its reply does not come from an address
+/// serving the target.
+///
+/// That includes entries that were never DNATed (the reply is expected from the destination
+/// itself), as kube-proxy has it: packets that slipped past the proxy — sent before the agent
+/// first programmed the Service, or while its rules were missing — keep such an entry alive
+/// as long as the client keeps sending, a permanent blackhole no rule change can reach
+/// (kubernetes #105657, #126934).
+fn is_stale(serving: &BTreeSet<IpAddr>, e: &Entry) -> bool {
+    !serving.contains(&e.reply_src)
+}
+
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn conntrack(args: &[String]) -> std::io::Result<(bool, String)> {
@@ -164,7 +176,7 @@ async fn clean_target(target: &Target, serving: &BTreeSet<IpAddr>) -> std::io::R
         let stale: BTreeSet<(IpAddr, u16, IpAddr)> = out
             .lines()
             .filter_map(parse_line)
-            .filter(|e| !serving.contains(&e.reply_src) && e.reply_src != e.orig_dst)
+            .filter(|e| is_stale(serving, e))
             .map(|e| (e.orig_dst, e.orig_dport, e.reply_src))
             .collect();
         for (dst, dport, reply_src) in stale {
@@ -249,6 +261,22 @@ mod tests {
             parse_line("conntrack v1.4.7 (conntrack-tools): 1 flow entries have been shown."),
             None
         );
+    }
+
+    #[test]
+    fn entries_not_dnated_to_a_serving_address_are_stale() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let entry = |dst: &str, reply: &str| Entry {
+            orig_dst: ip(dst),
+            orig_dport: 53,
+            reply_src: ip(reply),
+        };
+        let serving = BTreeSet::from([ip("10.1.0.2")]);
+        assert!(!is_stale(&serving, &entry("10.96.0.10", "10.1.0.2")));
+        assert!(is_stale(&serving, &entry("10.96.0.10", "10.1.0.1")));
+        // Never DNATed: the reply would come from the Service address itself.
+        assert!(is_stale(&serving, &entry("10.96.0.10", "10.96.0.10")));
+        assert!(is_stale(&BTreeSet::new(), &entry("10.96.0.10", "10.1.0.2")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP endpoints: `/healthz` and `/livez` (kube-proxy's semantics and JSON), and
 //! `/metrics` and `/proxyMode` on the metrics address.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -23,6 +24,18 @@ struct HealthBody {
     current_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     node_eligible: Option<bool>,
+    healthy: bool,
+    /// Per IP family, as kube-proxy (1.33+) reports its per-family proxiers: each family's
+    /// table is current as of `lastUpdated`. Both tables change in one nft transaction, so the
+    /// two entries always agree; they appear once the first change is committed.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    status: BTreeMap<&'static str, FamilyHealth>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FamilyHealth {
+    last_updated: String,
     healthy: bool,
 }
 
@@ -59,11 +72,29 @@ pub fn health_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
 fn health_reply(health: &Health, with_node: bool) -> Response {
     let status = health.status();
     let now = SystemTime::now();
+    let family_status = status
+        .last_updated
+        .map(|t| {
+            ["IPv4", "IPv6"]
+                .into_iter()
+                .map(|f| {
+                    (
+                        f,
+                        FamilyHealth {
+                            last_updated: rfc3339(t),
+                            healthy: status.healthy,
+                        },
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let body = HealthBody {
         last_updated: status.last_updated.map(rfc3339).unwrap_or_default(),
         current_time: rfc3339(now),
         node_eligible: with_node.then_some(status.node_eligible),
         healthy: status.healthy,
+        status: family_status,
     };
     let code = if status.healthy && (status.node_eligible || !with_node) {
         StatusCode::OK
@@ -145,6 +176,13 @@ mod tests {
         assert_eq!(json["healthy"], true);
         assert_eq!(json["nodeEligible"], true);
         assert!(json["lastUpdated"].as_str().unwrap().ends_with('Z'));
+        for family in ["IPv4", "IPv6"] {
+            assert_eq!(json["status"][family]["healthy"], true, "{body}");
+            assert_eq!(
+                json["status"][family]["lastUpdated"], json["lastUpdated"],
+                "{body}"
+            );
+        }
         let (code, body) = get_text(router(), "/livez").await;
         assert_eq!(code, 200);
         assert!(!body.contains("nodeEligible"));

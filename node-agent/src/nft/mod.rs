@@ -126,6 +126,25 @@ impl Transaction {
             .count()
     }
 
+    /// The families whose tables this transaction changes beyond the generation number that
+    /// every transaction writes into both: what per-family sync metrics count.
+    pub fn changed_families(&self) -> Vec<Family> {
+        let bookkeeping = |c: &Command| {
+            matches!(
+                c,
+                Command::FlushSet(SetId::Generation) | Command::AddElement(Element::Generation(_))
+            )
+        };
+        Family::ALL
+            .into_iter()
+            .filter(|f| {
+                self.ops
+                    .iter()
+                    .any(|op| op.family == *f && !bookkeeping(&op.command))
+            })
+            .collect()
+    }
+
     /// The families this transaction touches.
     pub fn families(&self) -> Vec<Family> {
         Family::ALL

@@ -1,0 +1,536 @@
+//! End to end through the real controller and agents: §5.42, IPv6 single-stack and
+//! dual-stack Services (`ipFamilies` [IPv6], [IPv4, IPv6] and [IPv6, IPv4]) — scenarios 1, 2,
+//! 7, 11, 14, 17, 24 and 29 on the IPv6 ClusterIPs and the nodes' IPv6 addresses — and each
+//! family's health and metrics reported separately.
+//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kubenft_lab::manifest::ToJson;
+use kubenft_lab::topology::EXT_V6;
+use kubenft_lab::{
+    Cond, Host, IpFamily, Pod, ProbeOpts, ProbeResult, Proto, Service, Slice, TrafficPolicy,
+    wait_until,
+};
+use serde_json::{Value, json};
+
+/// The IPv6 addresses configured in `host` (link-local ones excluded).
+fn v6_addresses_of(c: &Cluster, host: Host<'_>) -> BTreeSet<IpAddr> {
+    c.lab
+        .exec_ok(host, &["ip", "-6", "-o", "addr", "show", "scope", "global"])
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            it.position(|w| w == "inet6")?;
+            it.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// A TCP http + UDP dns Service port pair's IPv6 slice (and the IPv4 one for dual-stack).
+fn slices(service: &str, pods: &[Pod]) -> (Slice, Slice) {
+    let v4 = Slice::for_service(service)
+        .port("http", TCP)
+        .port_proto("dns", UDP, Proto::Udp)
+        .endpoints(pods, Cond::READY);
+    let v6 = v4.clone().named(&format!("{service}-v6")).ipv6();
+    (v4, v6)
+}
+
+fn spread(c: &Cluster, proto: Proto, target: SocketAddr, count: u32, src: IpAddr, all: &[&str]) {
+    let rs = c.probe(Host::Pod("client"), proto, target, &ProbeOpts::count(count));
+    let t = assert_all_from(&rs, src, &format!("{count} {proto} to {target}"));
+    eprintln!("{proto} {target}: {t:?}");
+    for p in all {
+        assert!(
+            t.contains_key(*p),
+            "{proto} {target}: {p} never answered: {t:?}"
+        );
+    }
+}
+
+/// §5.42 with 1, 2 and 24: a single-stack IPv6 Service and dual-stack ones in both family
+/// orders, 3 pods on 2 nodes. On every IPv6 ClusterIP, 60 TCP connections and 45 UDP datagrams
+/// from a pod are all answered, by all three pods, with the client's own IPv6 address as the
+/// source (the dual-stack Services' IPv4 ClusterIPs too, with its IPv4 address). With
+/// `sessionAffinity: ClientIP` on an IPv6 ClusterIP, 15 requests from each of two clients all
+/// reach one pod per client.
+#[test]
+fn ipv6_and_dual_stack_clusterips_spread_tcp_and_udp_and_keep_client_ip_affinity() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b"), ("web-3", "b")]);
+    let cl = client(&lab, "client", "a");
+    client(&lab, "client-b", "b");
+    let c = Cluster::start(lab);
+    let with_ports = |s: Service| {
+        s.port("http", 80, TCP, Proto::Tcp)
+            .port("dns", 53, UDP, Proto::Udp)
+    };
+    let six = with_ports(Service::cluster_ip("six", "fd00:96::61"));
+    let dual46 = with_ports(Service::cluster_ips(
+        "dual46",
+        &["10.96.0.62", "fd00:96::62"],
+    ));
+    let dual64 = with_ports(
+        Service::cluster_ips("dual64", &["fd00:96::63", "10.96.0.63"])
+            .ip_families(&[IpFamily::V6, IpFamily::V4]),
+    );
+    let sticky =
+        with_ports(Service::cluster_ip("sticky6", "fd00:96::64")).session_affinity_client_ip(None);
+    assert_eq!(
+        six.to_json()["spec"]["ipFamilies"],
+        json!(["IPv6"]),
+        "single-stack IPv6"
+    );
+    assert_eq!(
+        dual64.to_json()["spec"]["ipFamilies"],
+        json!(["IPv6", "IPv4"])
+    );
+    for svc in [&six, &dual46, &dual64, &sticky] {
+        let (v4, v6) = slices(svc.name(), &backends);
+        let objects: Vec<&dyn ToJson> = if svc.name().starts_with("dual") {
+            vec![svc, &v4, &v6]
+        } else {
+            vec![svc, &v6]
+        };
+        c.write(&format!("{}.yaml", svc.name()), &objects);
+    }
+    let all = ["web-1", "web-2", "web-3"];
+    let (src4, src6) = (IpAddr::from(cl.ipv4), IpAddr::from(cl.ipv6));
+    for ip in ["fd00:96::61", "fd00:96::62", "fd00:96::63"] {
+        let (tcp, udp) = (
+            sock(ip.parse::<IpAddr>().unwrap(), 80),
+            sock(ip.parse::<IpAddr>().unwrap(), 53),
+        );
+        c.wait_answers(Host::Pod("client"), Proto::Tcp, tcp, START);
+        spread(&c, Proto::Tcp, tcp, 60, src6, &all);
+        spread(&c, Proto::Udp, udp, 45, src6, &all);
+    }
+    for ip in ["10.96.0.62", "10.96.0.63"] {
+        let tcp = sock(ip.parse::<IpAddr>().unwrap(), 80);
+        c.wait_answers(Host::Pod("client"), Proto::Tcp, tcp, START);
+        spread(&c, Proto::Tcp, tcp, 24, src4, &all);
+    }
+
+    // ClientIP affinity on the IPv6 ClusterIP, for a client on each node.
+    let target = vip("[fd00:96::64]:80");
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
+    for who in ["client", "client-b"] {
+        let rs = c.probe(Host::Pod(who), Proto::Tcp, target, &ProbeOpts::count(15));
+        let t = assert_all_ok(&rs, &format!("{who} -> {target}"));
+        assert_eq!(
+            t.len(),
+            1,
+            "{who}: affinity must keep one pod over 15 requests: {t:?}"
+        );
+        eprintln!("{who} sticks to {t:?}");
+    }
+    // Without affinity the same client spreads (so the check above can fail).
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip("[fd00:96::61]:80"),
+        &ProbeOpts::count(15),
+    );
+    assert!(assert_all_ok(&rs, "no affinity").len() > 1);
+}
+
+/// §5.42 with 7 and 14: a single-stack IPv6 NodePort (externalTrafficPolicy Cluster) whose
+/// only endpoint is on node b answers ext on both nodes' IPv6 addresses, the backend seeing a
+/// node's IPv6 address (SNAT), never ext's. A dual-stack (IPv6 first) NodePort with
+/// externalTrafficPolicy Local answers on node b's IPv6 address with ext's own IPv6 address as
+/// the source, and node a (no local endpoint) drops — a timeout.
+#[test]
+fn ipv6_nodeports_answer_on_every_node_and_local_policy_keeps_the_source() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let web = pods(&lab, &[("web-1", "b")]);
+    let c = Cluster::start(lab);
+    let cluster = Service::cluster_ip("np6", "fd00:96::71")
+        .port("http", 80, TCP, Proto::Tcp)
+        .node_port(30171)
+        .external_traffic_policy(TrafficPolicy::Cluster);
+    let local = Service::cluster_ips("local6", &["fd00:96::72", "10.96.0.72"])
+        .port("http", 80, TCP, Proto::Tcp)
+        .node_port(30172)
+        .external_traffic_policy(TrafficPolicy::Local);
+    let (_, np6_slice) = slices("np6", &web);
+    let (l4, l6) = slices("local6", &web);
+    c.write("np6.yaml", &[&cluster, &np6_slice]);
+    c.write("local6.yaml", &[&local, &l4, &l6]);
+    let (a, b) = (c.lab.node("a").ipv6, c.lab.node("b").ipv6);
+    let mut node_addrs = v6_addresses_of(&c, Host::Node("a"));
+    node_addrs.extend(v6_addresses_of(&c, Host::Node("b")));
+
+    for node in [a, b] {
+        let target = sock(node, 30171);
+        c.wait_answers(Host::External, Proto::Tcp, target, START);
+        let rs = c.probe(Host::External, Proto::Tcp, target, &ProbeOpts::count(6));
+        let t = assert_all_ok(&rs, &format!("ext -> {target}"));
+        assert_eq!(t.get("web-1"), Some(&6), "{t:?}");
+        for r in &rs {
+            let src = r.client().unwrap().ip();
+            assert_ne!(src, IpAddr::from(EXT_V6), "ETP=Cluster must SNAT ext: {r}");
+            assert!(
+                node_addrs.contains(&src),
+                "source {src} via {target} is not a node IPv6 address {node_addrs:?}"
+            );
+        }
+        eprintln!("via {target}: backend saw {}", rs[0].client().unwrap());
+    }
+
+    let target = sock(b, 30172);
+    c.wait_answers(Host::External, Proto::Tcp, target, START);
+    let rs = c.probe(Host::External, Proto::Tcp, target, &ProbeOpts::count(6));
+    let t = assert_all_from(&rs, EXT_V6.into(), "ETP=Local via the endpoint's node b");
+    assert_eq!(t.get("web-1"), Some(&6), "{t:?}");
+    c.wait_synced(START);
+    let rs = c.probe(
+        Host::External,
+        Proto::Tcp,
+        sock(a, 30172),
+        &ProbeOpts::count(2).timeout(DROP_WAIT),
+    );
+    assert_eq!(
+        rs,
+        vec![ProbeResult::Timeout; 2],
+        "ETP=Local via node a (no local endpoint) must be dropped"
+    );
+}
+
+/// §5.42 with 11, 17 and 29 on IPv6 ClusterIPs.
+/// - Hairpin: the only endpoint reaches its own IPv6 ClusterIP 10/10, seeing an IPv6 address
+///   of its node as the source (masqueraded), not its own.
+/// - No endpoints: TCP and UDP to the IPv6 ClusterIP and to the NodePorts on the nodes' IPv6
+///   addresses are refused within 1 s. A squatter listens on node a's NodePorts, so only the
+///   proxy's reject can produce the refusal there.
+/// - Stale UDP conntrack: a client keeping its source port moves to the new endpoint within
+///   2 s when its endpoint is replaced (the old pod keeps running), and `conntrack -f ipv6`
+///   has no entry for the ClusterIP replying from the old pod.
+#[test]
+fn ipv6_hairpin_no_endpoint_rejects_and_stale_udp_entries() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let solo = pods(&lab, &[("solo", "a")]).remove(0);
+    let udp = pods(&lab, &[("udp-1", "b"), ("udp-2", "b")]);
+    client(&lab, "client", "a");
+    let echo = lab.binary("kubenft-echo").unwrap();
+    lab.spawn(
+        "squatter-a",
+        Host::Node("a"),
+        &[
+            echo.to_str().unwrap(),
+            "serve",
+            "--name",
+            "squatter",
+            "--tcp",
+            "30181",
+            "--udp",
+            "30182",
+        ],
+    )
+    .unwrap()
+    .wait_for_stdout("READY", Duration::from_secs(5))
+    .unwrap();
+    let (a6, b6) = (lab.node("a").ipv6, lab.node("b").ipv6);
+    let before = lab
+        .probe_once(Host::External, Proto::Tcp, sock(a6, 30181))
+        .unwrap();
+    assert_eq!(before.server(), Some("squatter"), "{before}");
+    let c = Cluster::start(lab);
+
+    // Hairpin.
+    let solo_svc = Service::cluster_ip("solo6", "fd00:96::81").port("http", 80, TCP, Proto::Tcp);
+    let solo_slice = Slice::for_service("solo6")
+        .ipv6()
+        .port("http", TCP)
+        .endpoint(&solo, Cond::READY);
+    c.write("solo6.yaml", &[&solo_svc, &solo_slice]);
+    // No endpoints.
+    let empty = Service::cluster_ip("empty6", "fd00:96::82")
+        .port("http", 80, TCP, Proto::Tcp)
+        .node_port(30181)
+        .port("dns", 53, UDP, Proto::Udp)
+        .node_port(30182);
+    let empty_slice = Slice::for_service("empty6")
+        .ipv6()
+        .port("http", TCP)
+        .port_proto("dns", UDP, Proto::Udp);
+    c.write("empty6.yaml", &[&empty, &empty_slice]);
+    // Stale UDP.
+    let dns = Service::cluster_ip("dns6", "fd00:96::83").port("dns", 53, UDP, Proto::Udp);
+    let on = |pod: &Pod| {
+        Slice::for_service("dns6")
+            .ipv6()
+            .port_proto("dns", UDP, Proto::Udp)
+            .endpoint(pod, Cond::READY)
+    };
+    c.write("dns6.yaml", &[&dns, &on(&udp[0])]);
+
+    let target = vip("[fd00:96::81]:80");
+    c.wait_answers(Host::Pod("solo"), Proto::Tcp, target, START);
+    let rs = c.probe(Host::Pod("solo"), Proto::Tcp, target, &ProbeOpts::count(10));
+    let t = assert_all_ok(&rs, "IPv6 hairpin 10/10");
+    assert_eq!(t.get("solo"), Some(&10), "{t:?}");
+    let node_addrs = v6_addresses_of(&c, Host::Node("a"));
+    for r in &rs {
+        let src = r.client().unwrap().ip();
+        assert_ne!(
+            src,
+            IpAddr::from(solo.ipv6),
+            "hairpin must be masqueraded: {r}"
+        );
+        assert!(
+            node_addrs.contains(&src),
+            "hairpin source {src} is not an IPv6 address of node a {node_addrs:?}"
+        );
+    }
+    eprintln!("IPv6 hairpin source: {}", rs[0].client().unwrap().ip());
+
+    c.wait_synced(START);
+    c.wait_probe(
+        "IPv6 ClusterIP without endpoints refused",
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip("[fd00:96::82]:80"),
+        START,
+        |r| *r == ProbeResult::Refused,
+    );
+    // One probe each: the kernel rate-limits the ICMPv6 errors a reject sends to one client.
+    let cases = [
+        (Host::Pod("client"), Proto::Udp, vip("[fd00:96::82]:53")),
+        (Host::External, Proto::Tcp, sock(a6, 30181)),
+        (Host::External, Proto::Udp, sock(a6, 30182)),
+        (Host::External, Proto::Tcp, sock(b6, 30181)),
+        (Host::External, Proto::Udp, sock(b6, 30182)),
+    ];
+    for (from, proto, target) in cases {
+        let start = Instant::now();
+        let r = c.probe1(from, proto, target, Duration::from_secs(2));
+        let took = start.elapsed();
+        assert_eq!(r, ProbeResult::Refused, "{proto} {target} from {from:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{proto} {target}: refusal took {took:?}"
+        );
+    }
+
+    // Stale UDP conntrack on the IPv6 ClusterIP.
+    let target = vip("[fd00:96::83]:53");
+    let opts = ProbeOpts::default()
+        .timeout(Duration::from_millis(400))
+        .source_port(12345);
+    let send = || {
+        c.probe(Host::Pod("client"), Proto::Udp, target, &opts)
+            .remove(0)
+    };
+    c.wait_probe(
+        "udp-1 answers",
+        Host::Pod("client"),
+        Proto::Udp,
+        target,
+        START,
+        |r| r.server() == Some("udp-1"),
+    );
+    assert_eq!(send().server(), Some("udp-1"));
+    let old = udp[0].ipv6.to_string();
+    let entries = || {
+        let out = c
+            .lab
+            .exec(
+                Host::Node("a"),
+                &[
+                    "conntrack",
+                    "-L",
+                    "-f",
+                    "ipv6",
+                    "-p",
+                    "udp",
+                    "--orig-dst",
+                    "fd00:96::83",
+                ],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(entries().contains(&format!("src={old}")), "{}", entries());
+    c.write("dns6.yaml", &[&dns, &on(&udp[1])]);
+    let mut last = None;
+    wait_until(CONVERGE, Duration::from_millis(100), || {
+        let r = send();
+        let moved = r.server() == Some("udp-2");
+        last = Some(r);
+        Ok::<_, std::io::Error>(moved)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the client never left udp-1 (stale IPv6 conntrack entry): {e}; last {last:?}\n{}",
+            entries()
+        )
+    });
+    assert!(
+        !entries().contains(&format!("src={old} ")),
+        "an entry still replies from udp-1:\n{}",
+        entries()
+    );
+}
+
+/// `GET http://127.0.0.1:PORT/PATH` in node `node`: (status code, body).
+fn http_get(c: &Cluster, node: &str, port: u16, path: &str) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let out = c
+        .lab
+        .exec_ok(
+            Host::Node(node),
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+        )
+        .unwrap();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// `<metric>{ip_family="<family>"}` samples of the agent's /metrics on `node`, by family.
+fn per_family(c: &Cluster, node: &str, metric: &str) -> BTreeMap<String, f64> {
+    let (code, text) = http_get(c, node, 10249, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(metric)?.strip_prefix("{ip_family=\"")?;
+            let (family, value) = rest.split_once("\"} ")?;
+            Some((family.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Now as RFC 3339 (what `endpoints.kubernetes.io/last-change-trigger-time` holds).
+fn rfc3339_now(c: &Cluster) -> String {
+    c.lab
+        .exec_ok(Host::ControlPlane, &["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// §5.42 (health and metrics): each family is reported on its own. A change to an IPv6-only
+/// Service counts a sync for IPv6 only, one to an IPv4-only Service for IPv4 only
+/// (`kubeproxy_sync_proxy_rules_duration_seconds{ip_family}`); EndpointSlices with a trigger
+/// time give `kubeproxy_network_programming_duration_seconds` samples of their own family; and
+/// `/healthz` and `/livez` carry a healthy `status` per family, as kube-proxy's do.
+#[test]
+fn each_ip_family_reports_its_own_health_and_metrics() {
+    let lab = Cluster::lab(&["a"]);
+    let web = pods(&lab, &[("web-1", "a"), ("web-2", "a")]);
+    client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let svc4 = Service::cluster_ip("four", "10.96.0.91").port("http", 80, TCP, Proto::Tcp);
+    let svc6 = Service::cluster_ip("six", "fd00:96::91").port("http", 80, TCP, Proto::Tcp);
+    let slice = |svc: &str, v6: bool, pods: &[&Pod]| {
+        let s = Slice::for_service(svc)
+            .port("http", TCP)
+            .endpoints(pods.iter().copied(), Cond::READY)
+            .merge(json!({"metadata": {"annotations": {
+                "endpoints.kubernetes.io/last-change-trigger-time": rfc3339_now(&c)
+            }}}));
+        if v6 { s.ipv6() } else { s }
+    };
+    c.write("four.yaml", &[&svc4, &slice("four", false, &[&web[0]])]);
+    c.write("six.yaml", &[&svc6, &slice("six", true, &[&web[0]])]);
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, vip("10.96.0.91:80"), START);
+    c.wait_answers(
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip("[fd00:96::91]:80"),
+        START,
+    );
+    c.wait_synced(START);
+    let syncs = || per_family(&c, "a", "kubeproxy_sync_proxy_rules_duration_seconds_count");
+    let programming = || {
+        per_family(
+            &c,
+            "a",
+            "kubeproxy_network_programming_duration_seconds_count",
+        )
+    };
+    let base = syncs();
+    eprintln!("syncs: {base:?}, programming: {:?}", programming());
+    for family in ["IPv4", "IPv6"] {
+        assert!(
+            base.get(family).is_some_and(|n| *n >= 1.0),
+            "{family}: {base:?}"
+        );
+        assert!(
+            programming().get(family).is_some_and(|n| *n >= 1.0),
+            "{family}: {:?}",
+            programming()
+        );
+    }
+
+    // An IPv6-only change: only IPv6 counts a sync; then the same for IPv4.
+    let mut last = base.clone();
+    for (file, objects, changed) in [
+        (
+            "six.yaml",
+            (&svc6, slice("six", true, &[&web[0], &web[1]])),
+            "IPv6",
+        ),
+        (
+            "four.yaml",
+            (&svc4, slice("four", false, &[&web[0], &web[1]])),
+            "IPv4",
+        ),
+    ] {
+        c.write(file, &[objects.0, &objects.1]);
+        let target = if changed == "IPv6" {
+            vip("[fd00:96::91]:80")
+        } else {
+            vip("10.96.0.91:80")
+        };
+        c.wait_all_seen(
+            Host::Pod("client"),
+            Proto::Tcp,
+            target,
+            &["web-1", "web-2"],
+            CONVERGE,
+        );
+        c.wait_synced(START);
+        let now = syncs();
+        eprintln!("after the {changed} change: {now:?}");
+        for family in ["IPv4", "IPv6"] {
+            let (was, is) = (last[family], now[family]);
+            if family == changed {
+                assert!(is > was, "{family} sync not counted: {last:?} -> {now:?}");
+            } else {
+                assert_eq!(is, was, "a {changed}-only change counted a {family} sync");
+            }
+        }
+        last = now;
+    }
+
+    for path in ["/healthz", "/livez"] {
+        let (code, body) = http_get(&c, "a", 10256, path);
+        assert_eq!(code, 200, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} {body}: {e}"));
+        for family in ["IPv4", "IPv6"] {
+            assert_eq!(v["status"][family]["healthy"], true, "{path}: {body}");
+            assert!(
+                v["status"][family]["lastUpdated"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with('Z')),
+                "{path}: {body}"
+            );
+        }
+        eprintln!("{path}: {body}");
+    }
+}
