@@ -101,7 +101,7 @@ impl<N: Nft> Applier<N> {
         }
         let elapsed = started.elapsed();
         self.metrics
-            .synced(&plan.tx.families(), elapsed.as_secs_f64());
+            .synced(&plan.tx.changed_families(), elapsed.as_secs_f64());
         let (ops, full) = (plan.tx.element_ops(), plan.full);
         let (file, cleanup) = {
             let mut state = self.state.write();
@@ -111,10 +111,9 @@ impl<N: Nft> Applier<N> {
                 .map(|r| r.name.as_str())
                 .chain(change.removed.iter().map(String::as_str))
                 .collect();
-            let old: Vec<v1::Resource> = state
-                .resources()
-                .filter(|r| touched.contains(r.name.as_str()))
-                .cloned()
+            let old: Vec<v1::Resource> = touched
+                .iter()
+                .filter_map(|name| state.resource(name))
                 .collect();
             state.commit(plan);
             if let Some(ports) = &self.hc_ports {
@@ -176,7 +175,7 @@ impl<N: Nft> Applier<N> {
 
     /// Writes the state file. A failure only costs a full reconcile after a restart (the
     /// file's generation will not match the table's), so it is logged, not fatal.
-    async fn persist(&self, file: state::StateFile) {
+    async fn persist(&self, file: state::EncodedStateFile) {
         let dir = self.state_dir.clone();
         let saved = tokio::task::spawn_blocking(move || state::save(&dir, &file)).await;
         match saved {
@@ -230,7 +229,7 @@ pub async fn recover<N: Nft>(
         Ok(state) => {
             tracing::info!(
                 generation = state.generation(),
-                resources = state.resources().count(),
+                resources = state.len(),
                 "adopted the applied state"
             );
             state

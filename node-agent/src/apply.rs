@@ -64,10 +64,7 @@ pub fn plan(
     let mut overlays = Family::ALL.map(|f| Overlay::new(state.table(f)));
     // Release everything the old versions held before taking what the new ones want, so an
     // element moving between resources in one change is not a conflict.
-    let touched = upserts
-        .iter()
-        .map(|a| &a.resource.name)
-        .chain(&change.removed);
+    let touched = upserts.iter().map(|a| &a.name).chain(&change.removed);
     for name in touched {
         if let Some(Spec::ServicePort(old)) = state.resources.get(name).map(|a| &a.spec) {
             let overlay = &mut overlays[old.family as usize];
@@ -80,7 +77,7 @@ pub fn plan(
         if let Spec::ServicePort(new) = &applied.spec {
             let overlay = &mut overlays[new.family as usize];
             for element in render::service_elements(new) {
-                overlay.retain(element, &applied.resource.name)?;
+                overlay.retain(element, &applied.name)?;
             }
         }
     }
@@ -114,10 +111,7 @@ fn validate(change: &v1::Change) -> Result<Vec<Applied>, PlanError> {
             return Err(PlanError::Duplicate(res.name.clone()));
         }
         let spec = model::validate(res)?;
-        out.push(Applied {
-            resource: res.clone(),
-            spec,
-        });
+        out.push(Applied::new(res, spec));
     }
     if let Some(both) = change.removed.iter().find(|n| names.contains(n.as_str())) {
         return Err(PlanError::Duplicate(both.clone()));
@@ -350,8 +344,7 @@ impl AppliedState {
             self.resources.remove(name);
         }
         for applied in c.upserts {
-            self.resources
-                .insert(applied.resource.name.clone(), applied);
+            self.resources.insert(applied.name.clone(), applied);
         }
         if let Some(node) = c.node {
             self.node = node;

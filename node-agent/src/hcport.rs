@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use crate::model::{ServicePort, Spec};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kubenft_proto::v1::resource;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -40,22 +40,20 @@ pub struct Desired {
 /// families) of one Service share its health-check port; the largest count wins.
 pub fn desired(state: &AppliedState) -> Desired {
     let mut ports: BTreeMap<u16, Target> = BTreeMap::new();
-    for res in state.resources() {
-        let Some(resource::Kind::ServicePort(sp)) = &res.kind else {
-            continue;
-        };
-        let Some(port) = u16::try_from(sp.health_check_node_port)
-            .ok()
-            .filter(|p| *p != 0)
+    for applied in state.applied() {
+        let Spec::ServicePort(ServicePort {
+            health_check: Some(hc),
+            ..
+        }) = &applied.spec
         else {
             continue;
         };
-        let target = ports.entry(port).or_insert_with(|| Target {
-            namespace: sp.namespace.clone(),
-            name: sp.service.clone(),
+        let target = ports.entry(hc.port.get()).or_insert_with(|| Target {
+            namespace: hc.namespace.clone(),
+            name: hc.service.clone(),
             local_endpoints: 0,
         });
-        target.local_endpoints = target.local_endpoints.max(sp.local_ready_endpoints);
+        target.local_endpoints = target.local_endpoints.max(hc.local_ready);
     }
     let node = state.node();
     let addresses = if node.node_port_all_addresses {

@@ -34,7 +34,7 @@ impl<N: Nft> AgentInspect for Inspect<N> {
         Ok(Response::new(v1::AppliedState {
             node: self.node.clone(),
             system_version: state.system_version(),
-            resources: state.resources().cloned().collect(),
+            resources: state.resources().collect(),
             last_error: state.last_error.clone(),
             last_applied_unix_ms: state
                 .last_applied

@@ -134,6 +134,19 @@ pub struct ServicePort {
     pub endpoints_elsewhere: bool,
     /// ClientIP session affinity timeout in seconds.
     pub affinity: Option<std::num::NonZeroU32>,
+    /// The health-check node port this port asks for (LoadBalancer, externalTrafficPolicy
+    /// Local).
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A health-check node port and what it reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: Port,
+    pub namespace: String,
+    pub service: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_ready: u32,
 }
 
 impl ServicePort {
@@ -316,6 +329,15 @@ fn service_port(sp: &v1::ServicePortRules) -> Result<ServicePort, FieldError> {
             .affinity
             .as_ref()
             .and_then(|a| std::num::NonZeroU32::new(a.timeout_seconds)),
+        health_check: match sp.health_check_node_port {
+            0 => None,
+            n => Some(HealthCheck {
+                port: parse_port(n).map_err(|r| ("health_check_node_port".to_owned(), r))?,
+                namespace: sp.namespace.clone(),
+                service: sp.service.clone(),
+                local_ready: sp.local_ready_endpoints,
+            }),
+        },
     })
 }
 

@@ -214,7 +214,15 @@ pub fn chain_rules(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> 
             format!("{p} daddr @{} reject", SetId::ClusterIps),
             format!("{p} daddr @{} drop", SetId::ServiceCidrs),
         ],
-        Chain::RejectChain => vec!["reject".into()],
+        // TCP gets a reset rather than an ICMP error: both read as "connection refused", but
+        // an ICMP error that arrives while connect() still holds the socket — as it does when
+        // the client is on this node and the whole exchange runs in its syscall — is dropped
+        // by the kernel (TcpExtLockDroppedIcmps), so the client only learns on its first SYN
+        // retransmission, a second later (always, over IPv6). A reset is queued instead.
+        Chain::RejectChain => vec![
+            "meta l4proto tcp reject with tcp reset".into(),
+            "reject".into(),
+        ],
         Chain::FirewallCheck => vec![format!(
             "{p} daddr . meta l4proto . th dport @{} {p} daddr . meta l4proto . th dport . {p} saddr != @{} drop",
             SetId::FirewallIps,
@@ -442,6 +450,7 @@ mod tests {
             local_endpoints: vec![ep("10.1.0.1", true)],
             endpoints_elsewhere: false,
             affinity: None,
+            health_check: None,
         }
     }
 

@@ -65,11 +65,33 @@ impl Created {
     }
 }
 
-/// A resource as received and as understood.
+/// A resource as received and as understood. The received form is kept protobuf-encoded:
+/// it is read only for inspection, conntrack cleanup and the state file (which is made of
+/// it), and encoded it takes a fraction of the memory of its decoded form.
 #[derive(Clone, Debug)]
 pub struct Applied {
-    pub resource: v1::Resource,
+    pub name: String,
+    pub version: String,
+    encoded: Box<[u8]>,
     pub spec: Spec,
+}
+
+impl Applied {
+    pub fn new(resource: &v1::Resource, spec: Spec) -> Applied {
+        Applied {
+            name: resource.name.clone(),
+            version: resource.version.clone(),
+            encoded: resource.encode_to_vec().into_boxed_slice(),
+            spec,
+        }
+    }
+
+    /// The resource as received.
+    pub fn resource(&self) -> v1::Resource {
+        // These bytes were encoded from a decoded message by this process: decoding them
+        // cannot fail (the default is unreachable, not a fallback).
+        v1::Resource::decode(&*self.encoded).unwrap_or_default()
+    }
 }
 
 /// Everything the agent has applied.
@@ -113,8 +135,26 @@ impl AppliedState {
     }
 
     /// Applied resources in name order.
-    pub fn resources(&self) -> impl Iterator<Item = &v1::Resource> {
-        self.resources.values().map(|a| &a.resource)
+    pub fn applied(&self) -> impl Iterator<Item = &Applied> {
+        self.resources.values()
+    }
+
+    /// Applied resources, decoded, in name order.
+    pub fn resources(&self) -> impl Iterator<Item = v1::Resource> + '_ {
+        self.applied().map(Applied::resource)
+    }
+
+    /// One applied resource, decoded.
+    pub fn resource(&self, name: &str) -> Option<v1::Resource> {
+        self.resources.get(name).map(Applied::resource)
+    }
+
+    pub fn len(&self) -> usize {
+        self.resources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
     }
 
     /// What the Hello reports: nothing while the kernel state is unknown.
@@ -122,13 +162,18 @@ impl AppliedState {
         if !self.synced {
             return Vec::new();
         }
-        self.resources().map(v1::Resource::name_version).collect()
+        self.applied()
+            .map(|a| v1::ResourceVersion {
+                name: a.name.clone(),
+                version: a.version.clone(),
+            })
+            .collect()
     }
 
     pub fn system_version(&self) -> String {
         kubenft_proto::system_version(
-            self.resources()
-                .map(|r| (r.name.as_str(), r.version.as_str())),
+            self.applied()
+                .map(|a| (a.name.as_str(), a.version.as_str())),
         )
     }
 
@@ -147,13 +192,31 @@ impl AppliedState {
     }
 
     /// The on-disk form of this state.
-    pub fn to_file(&self, table: &TableName) -> StateFile {
-        StateFile {
-            table: table.to_string(),
+    /// Encoded as [`StateFile`] straight from the kept encodings (no resource is decoded or
+    /// copied field by field).
+    pub fn to_file(&self, table: &TableName) -> EncodedStateFile {
+        use prost::encoding::{WireType, encode_key, encode_varint, string, uint32};
+        let size: usize = self.applied().map(|a| a.encoded.len() + 8).sum();
+        let mut bytes = Vec::with_capacity(size + 64);
+        string::encode(1, &table.to_string(), &mut bytes);
+        uint32::encode(2, &self.generation, &mut bytes);
+        for a in self.applied() {
+            encode_key(3, WireType::LengthDelimited, &mut bytes);
+            encode_varint(a.encoded.len() as u64, &mut bytes);
+            bytes.extend_from_slice(&a.encoded);
+        }
+        EncodedStateFile {
             generation: self.generation,
-            resources: self.resources().cloned().collect(),
+            bytes,
         }
     }
+}
+
+/// A [`StateFile`], encoded.
+#[derive(Debug)]
+pub struct EncodedStateFile {
+    pub generation: u32,
+    pub bytes: Vec<u8>,
 }
 
 /// The content of `applied.pb`.
@@ -201,7 +264,7 @@ pub fn load(dir: &Path) -> Result<Option<StateFile>, StateFileError> {
 }
 
 /// Writes the state file atomically: a reader sees the old file or the new one, never a part.
-pub fn save(dir: &Path, file: &StateFile) -> Result<(), StateFileError> {
+pub fn save(dir: &Path, file: &EncodedStateFile) -> Result<(), StateFileError> {
     let path = state_path(dir);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
     let io = |path: &Path| {
@@ -210,7 +273,7 @@ pub fn save(dir: &Path, file: &StateFile) -> Result<(), StateFileError> {
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    out.write_all(&file.encode_to_vec()).map_err(io(&tmp))?;
+    out.write_all(&file.bytes).map_err(io(&tmp))?;
     out.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))
 }
@@ -268,7 +331,11 @@ mod tests {
                 v1::resource::Kind::Node(v1::NodeRules::default()),
             )],
         };
-        save(&dir.0, &file).unwrap();
+        let encoded = EncodedStateFile {
+            generation: file.generation,
+            bytes: file.encode_to_vec(),
+        };
+        save(&dir.0, &encoded).unwrap();
         assert_eq!(load(&dir.0).unwrap(), Some(file));
         remove(&dir.0).unwrap();
         remove(&dir.0).unwrap();
