@@ -85,6 +85,7 @@ pub fn single_change(svc: &Service, change_id: u64) -> v1::Change {
         system_version: String::new(),
         resources: vec![workload::service_resource(svc, 0)],
         removed: Vec::new(),
+        continued: false,
     }
 }
 

@@ -105,6 +105,7 @@ fn changes(services: u32, chunk: usize) -> Vec<v1::Change> {
             system_version: String::new(),
             resources: part.to_vec(),
             removed: Vec::new(),
+            continued: false,
         })
         .collect()
 }

@@ -51,15 +51,28 @@ impl Controller {
         grpc: std::net::SocketAddr,
     ) -> anyhow::Result<Controller> {
         let http = free_port()?;
+        // KUBENFT_BENCH_CONTROLLER_LOG=FILE keeps the controller's info log (diagnostics).
+        let (log_level, stderr) = match std::env::var_os("KUBENFT_BENCH_CONTROLLER_LOG") {
+            Some(path) => (
+                "info",
+                Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)?,
+                ),
+            ),
+            None => ("warn", Stdio::null()),
+        };
         let child = tokio::process::Command::new(bin)
             .arg(format!("--source=dir:{}", dir.display()))
             .args(["--grpc-listen", &grpc.to_string()])
             .args(["--http-listen", &http.to_string()])
             .args(["--cluster-cidr", crate::workload::CLUSTER_CIDR])
             .args(["--service-cidr", crate::workload::SERVICE_CIDR])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_level)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()?;
         let controller = Controller { child, grpc };

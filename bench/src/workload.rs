@@ -171,6 +171,7 @@ pub fn full_change(
         system_version: system_version(&resources),
         resources,
         removed: Vec::new(),
+        continued: false,
     }
 }
 

@@ -32,6 +32,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// of the whole rule set in memory.
 const LARGE_CHANGE: usize = 512;
 const LARGE_CHANGES_IN_FLIGHT: usize = 16;
+/// Resources per message of a change sent in parts: tonic keeps each stream's encode buffer
+/// at the size of the largest message it sent, so a whole first sync in one message would
+/// stay allocated per agent for the life of its stream.
+const PART_RESOURCES: usize = 256;
 
 pub struct RuleStreamService {
     hub: Arc<Hub>,
@@ -286,9 +290,10 @@ impl Session {
                 } else {
                     None
                 };
-                let change = self.start(desired, diff, permit);
-                if tx.send(Ok(change)).await.is_err() {
-                    return;
+                for part in self.start(desired, diff, permit) {
+                    if tx.send(Ok(part)).await.is_err() {
+                        return;
+                    }
                 }
             }
             tokio::select! {
@@ -344,13 +349,13 @@ impl Session {
         Some((desired, diff))
     }
 
-    /// Puts `diff` in flight as the next Change.
+    /// Puts `diff` in flight as the next Change, in as many parts as it needs.
     fn start(
         &mut self,
         desired: Arc<NodeRuleSet>,
         diff: Diff,
         permit: Option<OwnedSemaphorePermit>,
-    ) -> ControllerMessage {
+    ) -> Vec<ControllerMessage> {
         self.confirmed = true;
         let change_id = self.next_id;
         self.next_id += 1;
@@ -367,15 +372,23 @@ impl Session {
             sent_at: tokio::time::Instant::now(),
             _permit: permit,
         });
-        ControllerMessage {
-            message: Some(controller_message::Message::Change(Change {
+        let trigger_times = self.trigger_times(&resources);
+        split(
+            Change {
                 change_id,
                 system_version,
-                trigger_times: self.trigger_times(&resources),
+                trigger_times,
                 resources,
                 removed: diff.removed,
-            })),
-        }
+                continued: false,
+            },
+            PART_RESOURCES,
+        )
+        .into_iter()
+        .map(|c| ControllerMessage {
+            message: Some(controller_message::Message::Change(c)),
+        })
+        .collect()
     }
 
     fn on_message(&mut self, msg: AgentMessage) {
@@ -410,5 +423,82 @@ impl Session {
                 warn!("unexpected message on an open stream")
             }
         }
+    }
+}
+
+/// Splits a change into parts of at most `max` resources (removals go in the last part);
+/// every part but the last is marked `continued`.
+fn split(change: Change, max: usize) -> Vec<Change> {
+    if change.resources.len() <= max {
+        return vec![change];
+    }
+    let Change {
+        change_id,
+        system_version,
+        trigger_times,
+        resources,
+        removed,
+        ..
+    } = change;
+    let mut parts: Vec<Change> = Vec::with_capacity(resources.len().div_ceil(max));
+    let mut resources = resources.into_iter().peekable();
+    while resources.peek().is_some() {
+        parts.push(Change {
+            change_id,
+            system_version: system_version.clone(),
+            resources: resources.by_ref().take(max).collect(),
+            continued: true,
+            ..Default::default()
+        });
+    }
+    if let Some(last) = parts.last_mut() {
+        last.continued = false;
+        last.removed = removed;
+        last.trigger_times = trigger_times;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_changes_are_split_into_parts() {
+        let change = Change {
+            change_id: 7,
+            system_version: "v".into(),
+            resources: (0..600)
+                .map(|i| Resource {
+                    name: format!("r{i:03}"),
+                    ..Default::default()
+                })
+                .collect(),
+            removed: vec!["gone".into()],
+            ..Default::default()
+        };
+        let parts = split(change.clone(), 256);
+        assert_eq!(
+            parts.iter().map(|p| p.resources.len()).collect::<Vec<_>>(),
+            [256, 256, 88]
+        );
+        assert_eq!(
+            parts.iter().map(|p| p.continued).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.change_id == 7 && p.system_version == "v")
+        );
+        assert_eq!(parts[2].removed, ["gone"]);
+        let joined: Vec<Resource> = parts.into_iter().flat_map(|p| p.resources).collect();
+        assert_eq!(joined, change.resources);
+        // Small changes go out whole.
+        let small = Change {
+            resources: change.resources[..10].to_vec(),
+            ..change
+        };
+        assert_eq!(split(small.clone(), 256), [small]);
     }
 }

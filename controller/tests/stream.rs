@@ -342,3 +342,40 @@ async fn a_nack_is_visible_and_not_retried_blindly() {
     assert_eq!(ctl.node_state().await.0, SyncState::Synced);
     ctl.stop().await;
 }
+
+/// A first sync larger than one part arrives as several messages of one change: every part
+/// but the last is marked `continued`, together they hold every resource once, and the one
+/// Ack after the last part settles the node.
+#[tokio::test]
+async fn a_large_change_arrives_in_parts_answered_once() {
+    let ctl = Controller::start().await;
+    let many: String = (0..600)
+        .map(|i| {
+            service(
+                &format!("s{i:03}"),
+                &format!("10.96.{}.{}", 1 + i / 200, i % 200 + 1),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n");
+    write(&ctl.dir.0, "many.yaml", &many);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut agent = ctl.connect(vec![]).await;
+    let mut parts = vec![agent.next().await];
+    while parts.last().unwrap().continued {
+        parts.push(agent.next().await);
+    }
+    assert!(parts.len() >= 3, "{} parts", parts.len());
+    assert!(parts.iter().all(|p| p.change_id == parts[0].change_id));
+    let names: Vec<&str> = parts.iter().flat_map(names).collect();
+    assert_eq!(names.len(), 602, "600 Services, web and the node");
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, names, "in name order, each once");
+    agent.ack(parts.last().unwrap()).await;
+    agent.nothing_for(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ctl.node_state().await.0, SyncState::Synced);
+    ctl.stop().await;
+}

@@ -112,6 +112,7 @@ async fn session<N: Nft>(
     *established = true;
     metrics.set_connected(true);
     tracing::info!(controller = %url, "connected to controller");
+    let mut parts = Parts::default();
     loop {
         let next = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
@@ -123,7 +124,10 @@ async fn session<N: Nft>(
             }
             continue;
         };
-        let controller_message::Message::Change(change) = msg;
+        let controller_message::Message::Change(part) = msg;
+        let Some(change) = parts.add(part) else {
+            continue;
+        };
         let reply = match applier.handle(&change).await {
             Ok(()) => agent_message::Message::Ack(v1::Ack {
                 change_id: change.change_id,
@@ -136,6 +140,37 @@ async fn session<N: Nft>(
         tx.send(message(reply))
             .await
             .map_err(|_| SessionError::Closed)?;
+    }
+}
+
+/// Reassembles a change sent in parts (see `Change.continued`).
+#[derive(Default)]
+struct Parts {
+    pending: Option<v1::Change>,
+}
+
+impl Parts {
+    /// The whole change once its last part has arrived. A part of a different change than
+    /// the one pending replaces it (the controller never interleaves changes; this only
+    /// guards against a confused peer).
+    fn add(&mut self, part: v1::Change) -> Option<v1::Change> {
+        let whole = match self.pending.take() {
+            Some(mut acc) if acc.change_id == part.change_id => {
+                acc.resources.extend(part.resources);
+                acc.removed.extend(part.removed);
+                acc.trigger_times.extend(part.trigger_times);
+                acc.system_version = part.system_version;
+                acc.continued = part.continued;
+                acc
+            }
+            _ => part,
+        };
+        if whole.continued {
+            self.pending = Some(whole);
+            None
+        } else {
+            Some(whole)
+        }
     }
 }
 
@@ -164,5 +199,43 @@ async fn hello<N: Nft>(cfg: &StreamConfig, applier: &Applier<N>) -> v1::Hello {
         applied,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         system_version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(id: u64, names: &[&str], continued: bool) -> v1::Change {
+        v1::Change {
+            change_id: id,
+            system_version: format!("v{id}"),
+            resources: names
+                .iter()
+                .map(|n| v1::Resource {
+                    name: (*n).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            continued,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn parts_are_applied_as_one_change_after_the_last() {
+        let mut parts = Parts::default();
+        assert!(parts.add(part(1, &["a", "b"], true)).is_none());
+        assert!(parts.add(part(1, &["c"], true)).is_none());
+        let whole = parts.add(part(1, &["d"], false)).expect("last part");
+        let names: Vec<&str> = whole.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        assert!(!whole.continued);
+        // A single-part change passes straight through; a stray part of another change
+        // does not leak into it.
+        assert!(parts.add(part(2, &["x"], true)).is_none());
+        let next = parts.add(part(3, &["y"], false)).expect("complete");
+        assert_eq!(next.change_id, 3);
+        assert_eq!(next.resources.len(), 1);
     }
 }

@@ -324,7 +324,8 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| b'a' + (i % 26) as u8).collect()
 }
 
-fn classify(phase: &str, e: &io::Error) -> ProbeLine {
+/// A failed attempt's line: refused, timeout or unreachable as the error says.
+pub(crate) fn classify(phase: &str, e: &io::Error) -> ProbeLine {
     let class = match e.kind() {
         ErrorKind::ConnectionRefused => REFUSED,
         ErrorKind::TimedOut | ErrorKind::WouldBlock => TIMEOUT,

@@ -13,14 +13,15 @@
 //! Where the kernel does have SCTP, the echo tool uses real one-to-one sockets instead (a
 //! live SCTP stack would abort these hand-made associations).
 
-use std::io::{self, ErrorKind};
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::probe::{OTHER, ProbeLine, REFUSED, TIMEOUT, UNREACHABLE};
+use crate::echo::classify;
+use crate::probe::{OTHER, ProbeLine, TIMEOUT};
 
 const IPPROTO_SCTP: i32 = 132;
 const SOCK_RAW: i32 = 3;
@@ -205,16 +206,6 @@ async fn answer_inits(
     }
 }
 
-fn classify(phase: &str, e: &io::Error) -> ProbeLine {
-    let class = match e.kind() {
-        ErrorKind::ConnectionRefused => REFUSED,
-        ErrorKind::TimedOut | ErrorKind::WouldBlock => TIMEOUT,
-        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => UNREACHABLE,
-        _ => OTHER,
-    };
-    ProbeLine::failure(class, format!("sctp {phase}: {e}"))
-}
-
 /// One handshake attempt: INIT to `target`, then wait for the INIT-ACK that answers it.
 /// The raw socket is connected, so ICMP errors (a reject) surface as `ECONNREFUSED` /
 /// `EHOSTUNREACH`, and only packets from `target` (the un-NATed reply) are read.
@@ -222,7 +213,7 @@ pub fn attempt(target: SocketAddr, source_port: Option<u16>, timeout: Duration) 
     let start = Instant::now();
     let sock = match raw_socket(Domain::for_address(target)) {
         Ok(s) => s,
-        Err(e) => return classify("raw socket", &e),
+        Err(e) => return classify("sctp raw socket", &e),
     };
     let tag = fresh_tag();
     let src_port = source_port.unwrap_or(32_768 + (tag % 28_000) as u16);
@@ -240,7 +231,7 @@ pub fn attempt(target: SocketAddr, source_port: Option<u16>, timeout: Duration) 
         .connect(peer)
         .and_then(|()| sock.send(&init.encode()).map(drop))
     {
-        return classify("send INIT", &e);
+        return classify("sctp send INIT", &e);
     }
     let mut buf = vec![0u8; 65_536];
     let deadline = start + timeout;
@@ -250,11 +241,11 @@ pub fn attempt(target: SocketAddr, source_port: Option<u16>, timeout: Duration) 
             return ProbeLine::failure(TIMEOUT, "sctp: no INIT-ACK");
         }
         if let Err(e) = sock.set_read_timeout(Some(left)) {
-            return classify("setsockopt", &e);
+            return classify("sctp setsockopt", &e);
         }
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) => return classify("await INIT-ACK", &e),
+            Err(e) => return classify("sctp await INIT-ACK", &e),
         };
         let Some(ack) = transport_payload(&buf[..n], target).and_then(Packet::decode) else {
             continue;

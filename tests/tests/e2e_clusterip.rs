@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -11,20 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use kubenft_lab::manifest::ToJson;
 use kubenft_lab::{Cond, EchoPorts, Host, ProbeOpts, ProbeResult, Proto, Service, Slice};
-
-/// The IPv4 addresses configured in `host` (a node's fabric IP, its pod gateway address...).
-fn addresses_of(c: &Cluster, host: Host<'_>) -> BTreeSet<IpAddr> {
-    c.lab
-        .exec_ok(host, &["ip", "-4", "-o", "addr", "show"])
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            it.position(|w| w == "inet")?;
-            it.next()?.split('/').next()?.parse().ok()
-        })
-        .collect()
-}
 
 /// §5.1: 3 pods on 2 nodes, 60 new TCP connections from a pod on node a: every one answered,
 /// all three pods seen.
@@ -196,7 +181,7 @@ fn hairpin_to_own_clusterip_is_masqueraded_to_the_node() {
     let rs = c.probe(Host::Pod("solo"), Proto::Tcp, target, &ProbeOpts::count(10));
     let t = assert_all_ok(&rs, "hairpin 10/10");
     assert_eq!(t.get("solo"), Some(&10), "{t:?}");
-    let node_addrs = addresses_of(&c, Host::Node("a"));
+    let node_addrs = c.ipv4_addresses(Host::Node("a"));
     for r in &rs {
         let src = r.client().unwrap().ip();
         assert_ne!(

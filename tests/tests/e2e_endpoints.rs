@@ -18,20 +18,6 @@ use kubenft_lab::{
     wait_until,
 };
 
-/// The IPv4 addresses configured in `host` (a node's fabric IP, its pod gateway address...).
-fn addresses_of(c: &Cluster, host: Host<'_>) -> BTreeSet<IpAddr> {
-    c.lab
-        .exec_ok(host, &["ip", "-4", "-o", "addr", "show"])
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            it.position(|w| w == "inet")?;
-            it.next()?.split('/').next()?.parse().ok()
-        })
-        .collect()
-}
-
 /// Waits until every node has acknowledged a rule set different from `before` (the versions
 /// [`Cluster::wait_synced`] returned before a change), so the change is in every kernel.
 /// Needed where the expected outcome (still answering, still dropped) is indistinguishable
@@ -107,21 +93,6 @@ fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
-/// An HTTP GET from `host` with curl: (status code, response); status 0 when nothing answered.
-fn http_get(c: &Cluster, host: Host<'_>, url: &str) -> (u16, String) {
-    let out = c
-        .lab
-        .exec(host, &["curl", "-s", "-i", "--max-time", "2", url])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
-}
-
 /// §5.12: hairpin with several endpoints. web-1 (node a) connects to its own Service 30
 /// times: every attempt succeeds, it reaches itself, the other pod on its node and the pod
 /// on node b. When it lands on itself the source it sees is node a's (masquerade) address;
@@ -156,7 +127,7 @@ fn hairpin_with_several_endpoints_masquerades_only_the_self_hits() {
         assert!(t.contains_key(p), "{p} never answered: {t:?}");
     }
     let own = IpAddr::from(web[0].ipv4);
-    let node_a = addresses_of(&c, Host::Node("a"));
+    let node_a = c.ipv4_addresses(Host::Node("a"));
     for r in &rs {
         let src = r.client().unwrap().ip();
         if r.server() == Some("web-1") {
@@ -343,7 +314,7 @@ fn terminating_fallback_with_local_policies_stays_on_the_endpoint_node() {
     let wait_hc = |want: u16| {
         let mut last = (0, String::new());
         wait_until(CONVERGE, POLL, || {
-            last = http_get(&c, Host::External, &hc_a);
+            last = c.http_get(Host::External, &hc_a);
             Ok::<_, std::io::Error>(last.0 == want)
         })
         .unwrap_or_else(|e| panic!("health check on a: wanted {want}, last {last:?}: {e}"));
@@ -354,7 +325,7 @@ fn terminating_fallback_with_local_policies_stays_on_the_endpoint_node() {
     c.wait_answers(Host::Pod("client-a"), Proto::Tcp, cip, START);
     // Give the health server its start-up cap too (first sync), then expect 200.
     wait_until(START, POLL, || {
-        Ok::<_, std::io::Error>(http_get(&c, Host::External, &hc_a).0 == 200)
+        Ok::<_, std::io::Error>(c.http_get(Host::External, &hc_a).0 == 200)
     })
     .unwrap_or_else(|e| panic!("health check on a never said 200 with a ready endpoint: {e}"));
 
@@ -384,7 +355,7 @@ fn terminating_fallback_with_local_policies_stays_on_the_endpoint_node() {
     assert_all_from(&rs, EXT_V4.into(), "ETP Local keeps ext's address");
     assert_dropped(&c, Host::External, np_b, 3, "ext -> node b NodePort");
     // Still 503 while the traffic above flowed.
-    let (code, body) = http_get(&c, Host::External, &hc_a);
+    let (code, body) = c.http_get(Host::External, &hc_a);
     assert_eq!(code, 503, "{body}");
 }
 

@@ -45,20 +45,6 @@ fn route_ext_via(c: &Cluster, dest: &str, node: &str) {
         .unwrap_or_else(|e| panic!("route {dest} via node {node}: {e}"));
 }
 
-/// The IPv4 addresses configured on `node` (fabric IP, pod gateway address).
-fn node_addresses(c: &Cluster, node: &str) -> BTreeSet<IpAddr> {
-    c.lab
-        .exec_ok(Host::Node(node), &["ip", "-4", "-o", "addr", "show"])
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            it.position(|w| w == "inet")?;
-            it.next()?.split('/').next()?.parse().ok()
-        })
-        .collect()
-}
-
 /// `n` new TCP connections from `from`, all of which must be answered.
 fn all_ok(c: &Cluster, from: Host<'_>, target: SocketAddr, n: u32) -> Vec<ProbeResult> {
     let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(n));
@@ -69,7 +55,7 @@ fn all_ok(c: &Cluster, from: Host<'_>, target: SocketAddr, n: u32) -> Vec<ProbeR
 /// Asserts every answer was seen coming from one of `node`'s addresses (masqueraded there).
 #[track_caller]
 fn assert_masqueraded_to(c: &Cluster, rs: &[ProbeResult], node: &str, what: &str) {
-    let addrs = node_addresses(c, node);
+    let addrs = c.ipv4_addresses(Host::Node(node));
     for r in rs {
         let src = r.client().expect("answered").ip();
         assert!(
@@ -102,7 +88,7 @@ fn assert_host_masqueraded(c: &Cluster, node: &str, r: &ProbeResult, sport: u16,
     let own = sock(c.lab.node(node).ipv4, sport);
     assert_ne!(seen, own, "{what}: not masqueraded: {r}");
     assert!(
-        node_addresses(c, node).contains(&seen.ip()),
+        c.ipv4_addresses(Host::Node(node)).contains(&seen.ip()),
         "{what}: masqueraded to {seen}, not to an address of node {node}"
     );
     eprintln!("{what}: server saw {seen} (own {own})");

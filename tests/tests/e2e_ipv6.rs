@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -18,20 +18,6 @@ use kubenft_lab::{
     wait_until,
 };
 use serde_json::{Value, json};
-
-/// The IPv6 addresses configured in `host` (link-local ones excluded).
-fn v6_addresses_of(c: &Cluster, host: Host<'_>) -> BTreeSet<IpAddr> {
-    c.lab
-        .exec_ok(host, &["ip", "-6", "-o", "addr", "show", "scope", "global"])
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            it.position(|w| w == "inet6")?;
-            it.next()?.split('/').next()?.parse().ok()
-        })
-        .collect()
-}
 
 /// A TCP http + UDP dns Service port pair's IPv6 slice (and the IPv4 one for dual-stack).
 fn slices(service: &str, pods: &[Pod]) -> (Slice, Slice) {
@@ -164,8 +150,8 @@ fn ipv6_nodeports_answer_on_every_node_and_local_policy_keeps_the_source() {
     c.write("np6.yaml", &[&cluster, &np6_slice]);
     c.write("local6.yaml", &[&local, &l4, &l6]);
     let (a, b) = (c.lab.node("a").ipv6, c.lab.node("b").ipv6);
-    let mut node_addrs = v6_addresses_of(&c, Host::Node("a"));
-    node_addrs.extend(v6_addresses_of(&c, Host::Node("b")));
+    let mut node_addrs = c.ipv6_addresses(Host::Node("a"));
+    node_addrs.extend(c.ipv6_addresses(Host::Node("b")));
 
     for node in [a, b] {
         let target = sock(node, 30171);
@@ -276,7 +262,7 @@ fn ipv6_hairpin_no_endpoint_rejects_and_stale_udp_entries() {
     let rs = c.probe(Host::Pod("solo"), Proto::Tcp, target, &ProbeOpts::count(10));
     let t = assert_all_ok(&rs, "IPv6 hairpin 10/10");
     assert_eq!(t.get("solo"), Some(&10), "{t:?}");
-    let node_addrs = v6_addresses_of(&c, Host::Node("a"));
+    let node_addrs = c.ipv6_addresses(Host::Node("a"));
     for r in &rs {
         let src = r.client().unwrap().ip();
         assert_ne!(

@@ -90,21 +90,6 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
     );
 }
 
-/// An HTTP GET from `host` with curl: (status code, body); status 0 when nothing answered.
-fn http_get(c: &Cluster, host: Host<'_>, url: &str) -> (u16, String) {
-    let out = c
-        .lab
-        .exec(host, &["curl", "-s", "-i", "--max-time", "2", url])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
-}
-
 /// §5.15: the health-check node port of an ETP=Local LoadBalancer Service answers 200 with
 /// `localEndpoints` on the endpoint's node and 503 elsewhere, follows the endpoint when it
 /// moves, and closes when the policy becomes Cluster.
@@ -135,7 +120,7 @@ fn health_check_node_port_follows_local_endpoints() {
     let wait_code = |node: &str, want: u16| {
         let mut last = (0, String::new());
         kubenft_lab::wait_until(CONVERGE * 2, POLL, || {
-            last = http_get(&c, Host::External, &url(node));
+            last = c.http_get(Host::External, &url(node));
             Ok::<_, std::io::Error>(last.0 == want)
         })
         .unwrap_or_else(|e| panic!("node {node}: wanted {want}, last {last:?}: {e}"));

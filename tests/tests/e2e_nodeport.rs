@@ -13,19 +13,11 @@ use kubenft_lab::{Cond, Host, ProbeOpts, ProbeResult, Proto, Service, Slice, Tra
 
 /// Every IPv4 address configured on any lab node (fabric IPs, pod gateway addresses).
 fn all_node_addresses(c: &Cluster) -> BTreeSet<IpAddr> {
-    let mut out = BTreeSet::new();
-    for n in c.lab.nodes() {
-        let text = c
-            .lab
-            .exec_ok(Host::Node(&n.name), &["ip", "-4", "-o", "addr", "show"])
-            .unwrap();
-        out.extend(text.lines().filter_map(|l| {
-            let mut it = l.split_whitespace();
-            it.position(|w| w == "inet")?;
-            it.next()?.split('/').next()?.parse::<IpAddr>().ok()
-        }));
-    }
-    out
+    c.lab
+        .nodes()
+        .iter()
+        .flat_map(|n| c.ipv4_addresses(Host::Node(&n.name)))
+        .collect()
 }
 
 /// §5.7 and §5.13: a NodePort (ETP=Cluster) whose only endpoint is on node b answers ext on

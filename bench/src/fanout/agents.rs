@@ -361,15 +361,18 @@ async fn agent(
         else {
             break;
         };
-        let ack = v1::Ack {
-            change_id: change.change_id,
-        };
-        if tx
-            .send(message(agent_message::Message::Ack(ack)))
-            .await
-            .is_err()
-        {
-            break;
+        // A change sent in parts is answered once, after its last part.
+        if !change.continued {
+            let ack = v1::Ack {
+                change_id: change.change_id,
+            };
+            if tx
+                .send(message(agent_message::Message::Ack(ack)))
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
         fleet.received(id, &change, change.encoded_len());
         if keep {
@@ -380,6 +383,9 @@ async fn agent(
                 known.remove(name);
             }
             system_version.clone_from(&change.system_version);
+        }
+        if change.continued {
+            continue;
         }
         if let Some(f) = first.take() {
             fleet.synced.fetch_add(1, Ordering::Relaxed);

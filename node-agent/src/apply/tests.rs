@@ -50,6 +50,7 @@ fn change(id: u64, resources: Vec<v1::Resource>, removed: &[&str]) -> v1::Change
         system_version: String::new(),
         resources,
         removed: removed.iter().map(|s| s.to_string()).collect(),
+        continued: false,
     }
 }
 

