@@ -38,11 +38,20 @@ pub struct Objects {
 /// Validates objects into planner inputs. Invalid objects become rejections; duplicates keep
 /// the first one seen.
 pub fn objects_to_inputs(objects: Objects, limits: &Limits) -> Inputs {
+    parts_to_inputs(&[&objects], limits)
+}
+
+/// [`objects_to_inputs`] over objects kept in parts (one per file), in order, without first
+/// copying them into one.
+fn parts_to_inputs(parts: &[&Objects], limits: &Limits) -> Inputs {
     let mut inputs = Inputs {
-        rejections: objects.rejections,
+        rejections: parts
+            .iter()
+            .flat_map(|o| o.rejections.iter().cloned())
+            .collect(),
         ..Default::default()
     };
-    for svc in &objects.services {
+    for svc in parts.iter().flat_map(|o| &o.services) {
         match model::service(svc, limits) {
             ServiceOutcome::Proxied(m) => {
                 if inputs.services.contains_key(&m.id) {
@@ -66,7 +75,7 @@ pub fn objects_to_inputs(objects: Objects, limits: &Limits) -> Inputs {
             ServiceOutcome::Rejected(r) => inputs.rejections.push(r),
         }
     }
-    for slice in &objects.slices {
+    for slice in parts.iter().flat_map(|o| &o.slices) {
         match model::endpoint_slice(slice) {
             Ok((m, problems)) => {
                 inputs.rejections.extend(problems);
@@ -79,7 +88,7 @@ pub fn objects_to_inputs(objects: Objects, limits: &Limits) -> Inputs {
             Err(r) => inputs.rejections.push(r),
         }
     }
-    for node in &objects.nodes {
+    for node in parts.iter().flat_map(|o| &o.nodes) {
         match model::node(node) {
             Ok(m) => {
                 inputs.nodes.entry(m.name.clone()).or_insert(m);
@@ -319,16 +328,10 @@ impl DirCache {
         changed
     }
 
-    /// Every object, in file order (the first definition of a duplicate wins).
-    fn objects(&self) -> Objects {
-        let mut all = Objects::default();
-        for (_, objects) in self.files.values() {
-            all.services.extend(objects.services.iter().cloned());
-            all.slices.extend(objects.slices.iter().cloned());
-            all.nodes.extend(objects.nodes.iter().cloned());
-            all.rejections.extend(objects.rejections.iter().cloned());
-        }
-        all
+    /// Validates every object, in file order (the first definition of a duplicate wins).
+    fn inputs(&self, limits: &Limits) -> Inputs {
+        let parts: Vec<&Objects> = self.files.values().map(|(_, o)| o).collect();
+        parts_to_inputs(&parts, limits)
     }
 }
 
@@ -348,7 +351,7 @@ pub async fn run_dir(
         if cache.refresh(&dir) || first {
             first = false;
             let read_ms = started.elapsed().as_millis() as u64;
-            let inputs = objects_to_inputs(cache.objects(), &limits);
+            let inputs = cache.inputs(&limits);
             info!(
                 dir = %dir.display(),
                 services = inputs.services.len(),
@@ -557,7 +560,7 @@ metadata: {name: b}
         std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
         let mut cache = DirCache::default();
         assert!(cache.refresh(dir.path()), "first read");
-        assert_eq!(cache.objects().services.len(), 2);
+        assert_eq!(cache.inputs(&Limits::default()).services.len(), 2);
         assert!(!cache.refresh(dir.path()), "nothing changed");
 
         // A rewrite through rename (as kubectl-style tools and the lab do).
@@ -565,7 +568,7 @@ metadata: {name: b}
         std::fs::write(&tmp, svc("b", "10.96.0.3")).unwrap();
         std::fs::rename(&tmp, dir.path().join("b.yaml")).unwrap();
         assert!(cache.refresh(dir.path()), "b rewritten");
-        let inputs = objects_to_inputs(cache.objects(), &Limits::default());
+        let inputs = cache.inputs(&Limits::default());
         let ips: Vec<String> = inputs
             .services
             .values()
@@ -576,6 +579,6 @@ metadata: {name: b}
 
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
         assert!(cache.refresh(dir.path()), "a removed");
-        assert_eq!(cache.objects().services.len(), 1);
+        assert_eq!(cache.inputs(&Limits::default()).services.len(), 1);
     }
 }

@@ -324,25 +324,7 @@ fn ipv6_hairpin_no_endpoint_rejects_and_stale_udp_entries() {
     );
     assert_eq!(send().server(), Some("udp-1"));
     let old = udp[0].ipv6.to_string();
-    let entries = || {
-        let out = c
-            .lab
-            .exec(
-                Host::Node("a"),
-                &[
-                    "conntrack",
-                    "-L",
-                    "-f",
-                    "ipv6",
-                    "-p",
-                    "udp",
-                    "--orig-dst",
-                    "fd00:96::83",
-                ],
-            )
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let entries = || c.udp_entries("a", "fd00:96::83");
     assert!(entries().contains(&format!("src={old}")), "{}", entries());
     c.write("dns6.yaml", &[&dns, &on(&udp[1])]);
     let mut last = None;

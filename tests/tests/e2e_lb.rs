@@ -165,17 +165,6 @@ fn health_check_node_port_follows_local_endpoints() {
     wait_code("b", 0);
 }
 
-/// Entries of the node's conntrack table for UDP to `vip`, as text.
-fn udp_entries(c: &Cluster, node: &str, vip: &str) -> String {
-    c.lab
-        .exec(
-            Host::Node(node),
-            &["conntrack", "-L", "-p", "udp", "--orig-dst", vip],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default()
-}
-
 /// §5.29 and §5.32: a UDP client that keeps one source port keeps one conntrack entry. When
 /// its endpoint is replaced the agent deletes the stale entry, so the client reaches the new
 /// endpoint although the old pod still runs; scaled to zero it is refused rather than
@@ -224,7 +213,7 @@ fn stale_udp_conntrack_entries_are_cleaned() {
     .unwrap_or_else(|e| {
         panic!(
             "the client never left udp-1 (stale conntrack entry): {e}; last {last:?}\n{}",
-            udp_entries(&c, "a", "10.96.0.92")
+            c.udp_entries("a", "10.96.0.92")
         )
     });
 
@@ -242,7 +231,7 @@ fn stale_udp_conntrack_entries_are_cleaned() {
     .unwrap_or_else(|e| {
         panic!(
             "scaled to zero but not refused: {e}\n{}",
-            udp_entries(&c, "a", "10.96.0.92")
+            c.udp_entries("a", "10.96.0.92")
         )
     });
 
@@ -260,13 +249,14 @@ fn stale_udp_conntrack_entries_are_cleaned() {
     let pod_ip = p[1].ipv4.to_string();
     kubenft_lab::wait_until(CONVERGE, Duration::from_millis(100), || {
         Ok::<_, std::io::Error>(
-            !udp_entries(&c, "a", "10.96.0.92").contains(&format!("src={pod_ip}")),
+            !c.udp_entries("a", "10.96.0.92")
+                .contains(&format!("src={pod_ip}")),
         )
     })
     .unwrap_or_else(|e| {
         panic!(
             "a stale entry survived the Service: {e}\n{}",
-            udp_entries(&c, "a", "10.96.0.92")
+            c.udp_entries("a", "10.96.0.92")
         )
     });
 }

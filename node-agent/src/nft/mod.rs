@@ -144,14 +144,6 @@ impl Transaction {
             })
             .collect()
     }
-
-    /// The families this transaction touches.
-    pub fn families(&self) -> Vec<Family> {
-        Family::ALL
-            .into_iter()
-            .filter(|f| self.ops.iter().any(|op| op.family == *f))
-            .collect()
-    }
 }
 
 impl fmt::Display for Transaction {

