@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::view::{NodeRuleSet, Resources};
+use imbl::OrdMap;
 use ipnet::IpNet;
 use kubenft_proto::v1::{
     Endpoint, IpFamily, NodeRules, Protocol, Resource, ServicePortRules, SessionAffinity, resource,
@@ -24,6 +24,11 @@ use crate::model::{
     SliceModel, TrafficPolicy, family_of,
 };
 use crate::select::{self, Candidate, NodeSite, TopologyMode};
+
+mod catalog;
+mod claims;
+
+pub use catalog::Catalog;
 
 /// Where NodePorts are served (`--node-port-addresses`).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -47,16 +52,18 @@ pub struct ClusterPolicy {
     pub limits: Limits,
 }
 
-/// Everything read from the source, validated.
+/// Everything read from the source, validated. The maps are persistent: a copy is O(1), and
+/// two versions that share most of their content are compared in time proportional to what
+/// differs.
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
-    pub services: BTreeMap<ObjectName, ServiceModel>,
-    pub slices: BTreeMap<ObjectName, SliceModel>,
-    pub nodes: BTreeMap<String, NodeModel>,
+    pub services: OrdMap<ObjectName, Arc<ServiceModel>>,
+    pub slices: OrdMap<ObjectName, Arc<SliceModel>>,
+    pub nodes: OrdMap<String, Arc<NodeModel>>,
     /// Objects (or parts of them) refused while reading.
     pub rejections: Vec<Rejection>,
     /// Services deliberately not proxied, and why.
-    pub ignored: BTreeMap<ObjectName, String>,
+    pub ignored: OrdMap<ObjectName, String>,
 }
 
 /// One endpoint of a Service port, before node-specific selection.
@@ -176,26 +183,6 @@ impl PlannedPort {
     }
 }
 
-/// The node-independent part of planning.
-#[derive(Debug, Default)]
-pub struct Catalog {
-    pub policy: Arc<ClusterPolicy>,
-    /// By resource name.
-    pub ports: BTreeMap<String, Arc<PlannedPort>>,
-    /// Every port's generic resource: the part of every node's rule set they share.
-    pub base: Resources,
-    /// For each node, the ports it sees differently.
-    specific_by_node: BTreeMap<String, BTreeSet<String>>,
-    /// Ports every node sees differently.
-    specific_everywhere: BTreeSet<String>,
-    /// Port names whose plan differs from the previous catalog's (all of them for the first).
-    pub changed: Vec<String>,
-    /// Rejections from reading and from conflicts.
-    pub rejections: Vec<Rejection>,
-    pub ignored: BTreeMap<ObjectName, String>,
-    pub nodes: BTreeMap<String, NodeModel>,
-}
-
 /// What a node's view depends on besides the catalog.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
@@ -234,173 +221,6 @@ pub fn resource_name(svc: &ObjectName, port: &ServicePortModel, family: IpFamily
 /// The resource name of a node's own settings.
 pub const NODE_RESOURCE: &str = "node";
 
-/// A (address, protocol, port) or (NodePort, protocol) a Service port claims on every node.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Claim {
-    Address(IpAddr, i32, u16),
-    NodePort(i32, u16),
-}
-
-impl Catalog {
-    /// The catalog before the first complete view.
-    pub fn empty(policy: Arc<ClusterPolicy>) -> Catalog {
-        Catalog {
-            policy,
-            ..Default::default()
-        }
-    }
-
-    /// Resolves every Service port against its EndpointSlices, per family. Two Services
-    /// claiming the same address and port (or NodePort): the older keeps it, the newer is refused.
-    /// Ports whose plan did not change since `previous` keep their computed resources.
-    pub fn build(
-        policy: Arc<ClusterPolicy>,
-        inputs: &Inputs,
-        previous: Option<&Catalog>,
-    ) -> Catalog {
-        let mut rejections = inputs.rejections.clone();
-        let mut plans = BTreeMap::new();
-        let slices_by_service = index_slices(&inputs.slices);
-
-        let mut order: Vec<&ServiceModel> = inputs.services.values().collect();
-        order.sort_by(|a, b| (a.created.as_str(), &a.id).cmp(&(b.created.as_str(), &b.id)));
-        let mut claimed: BTreeMap<Claim, ObjectName> = BTreeMap::new();
-        for svc in order {
-            let service_plans = plan_service(
-                svc,
-                slices_by_service
-                    .get(&svc.id)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]),
-            );
-            match claim_all(svc, &service_plans, &mut claimed) {
-                Ok(()) => plans.extend(service_plans.into_iter().map(|p| (p.name.clone(), p))),
-                Err(r) => rejections.push(r),
-            }
-        }
-        rejections.sort();
-
-        let mut base = previous.map(|p| p.base.clone()).unwrap_or_default();
-        let mut changed = Vec::new();
-        let mut ports = BTreeMap::new();
-        for (name, plan) in plans {
-            let kept = previous
-                .and_then(|p| p.ports.get(&name))
-                .filter(|old| old.plan == plan)
-                .cloned();
-            let port = kept.unwrap_or_else(|| {
-                changed.push(name.clone());
-                Arc::new(PlannedPort::new(plan))
-            });
-            base.insert(name.clone(), port.generic.clone());
-            ports.insert(name, port);
-        }
-        if let Some(previous) = previous {
-            for name in previous.ports.keys().filter(|n| !ports.contains_key(*n)) {
-                base.remove(name);
-                changed.push(name.clone());
-            }
-        }
-        changed.sort();
-
-        let mut specific_by_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut specific_everywhere = BTreeSet::new();
-        for (name, port) in &ports {
-            match &port.specific {
-                Specific::Every => {
-                    specific_everywhere.insert(name.clone());
-                }
-                Specific::Nodes(nodes) => {
-                    for node in nodes {
-                        specific_by_node
-                            .entry(node.clone())
-                            .or_default()
-                            .insert(name.clone());
-                    }
-                }
-            }
-        }
-        Catalog {
-            policy,
-            ports,
-            base,
-            specific_by_node,
-            specific_everywhere,
-            changed,
-            rejections,
-            ignored: inputs.ignored.clone(),
-            nodes: inputs.nodes.clone(),
-        }
-    }
-
-    /// What `node` holds for `name` beyond the shared base: its own settings, a port it sees
-    /// differently, or `None` (it follows the base, or the name is gone).
-    pub fn node_value(&self, facts: &NodeFacts, name: &str) -> Option<Arc<Resource>> {
-        let node = self.nodes.get(&facts.name);
-        if name == NODE_RESOURCE {
-            return Some(Arc::new(Resource::versioned(
-                NODE_RESOURCE.to_owned(),
-                resource::Kind::Node(node_rules(&self.policy, node, facts)),
-            )));
-        }
-        let port = self
-            .ports
-            .get(name)
-            .filter(|p| p.is_specific_to(&facts.name))?;
-        let site = NodeSite {
-            name: &facts.name,
-            zone: node.and_then(|n| n.zone.as_deref()),
-        };
-        let node_ips = node_ips(node, facts);
-        Some(Arc::new(Resource::versioned(
-            name.to_owned(),
-            resource::Kind::ServicePort(port_rules(&port.plan, &site, &node_ips)),
-        )))
-    }
-
-    /// The names a node overrides: its settings and the ports specific to it.
-    fn override_names(&self, node: &str) -> impl Iterator<Item = &String> {
-        static NODE: std::sync::LazyLock<String> =
-            std::sync::LazyLock::new(|| NODE_RESOURCE.to_owned());
-        std::iter::once(&*NODE)
-            .chain(self.specific_by_node.get(node).into_iter().flatten())
-            .chain(&self.specific_everywhere)
-    }
-
-    /// The full rule set of one node, at revision `rev`.
-    pub fn rules_for(&self, facts: &NodeFacts, rev: u64) -> NodeRuleSet {
-        let overrides: Resources = self
-            .override_names(&facts.name)
-            .filter_map(|name| self.node_value(facts, name).map(|r| (name.clone(), r)))
-            .collect();
-        NodeRuleSet::build(facts.name.clone(), self.base.clone(), overrides, rev)
-    }
-
-    /// The next revision of a node's rule set after this catalog replaced `previous`, touching
-    /// only the changed ports (and the node's own settings); `None` if nothing it holds changed.
-    pub fn update(&self, current: &NodeRuleSet, facts: &NodeFacts) -> Option<NodeRuleSet> {
-        let mut names: Vec<String> = self.changed.clone();
-        names.push(NODE_RESOURCE.to_owned());
-        current.next(&self.base, &names, |name| self.node_value(facts, name))
-    }
-
-    /// Human-readable reasons for how one node programs one Service.
-    pub fn explain(&self, facts: &NodeFacts, svc: &ObjectName) -> Vec<String> {
-        let mut notes = Vec::new();
-        if let Some(why) = self.ignored.get(svc) {
-            notes.push(format!("not proxied: {why}"));
-        }
-        let site = NodeSite {
-            name: &facts.name,
-            zone: self.nodes.get(&facts.name).and_then(|n| n.zone.as_deref()),
-        };
-        for port in self.ports.values().filter(|p| p.plan.service.id == *svc) {
-            notes.extend(explain_port(&port.plan, &site));
-        }
-        notes
-    }
-}
-
 fn node_ips(node: Option<&NodeModel>, facts: &NodeFacts) -> Vec<IpAddr> {
     node.map(|n| n.internal_ips.as_slice())
         .unwrap_or_default()
@@ -410,78 +230,9 @@ fn node_ips(node: Option<&NodeModel>, facts: &NodeFacts) -> Vec<IpAddr> {
         .collect()
 }
 
-fn index_slices(
-    slices: &BTreeMap<ObjectName, SliceModel>,
-) -> BTreeMap<ObjectName, Vec<&SliceModel>> {
-    let mut by_service: BTreeMap<ObjectName, Vec<&SliceModel>> = BTreeMap::new();
-    for slice in slices.values() {
-        let svc = ObjectName {
-            namespace: slice.id.namespace.clone(),
-            name: slice.service.clone(),
-        };
-        by_service.entry(svc).or_default().push(slice);
-    }
-    by_service
-}
-
-fn claim_all(
-    svc: &ServiceModel,
-    plans: &[PortPlan],
-    claimed: &mut BTreeMap<Claim, ObjectName>,
-) -> Result<(), Rejection> {
-    let mut mine = Vec::new();
-    for plan in plans {
-        let proto = plan.port.protocol as i32;
-        let port = plan.port.port.get();
-        let addresses = std::iter::once(plan.cluster_ip)
-            .chain(plan.external_ips.iter().copied())
-            .chain(plan.load_balancer_ips.iter().copied());
-        for ip in addresses {
-            mine.push((
-                Claim::Address(ip, proto, port),
-                format!("spec.ports[{}].port", plan.port.index),
-                format!("{ip} port {port}"),
-            ));
-        }
-        if let Some(np) = plan.port.node_port {
-            mine.push((
-                Claim::NodePort(proto, np.get()),
-                format!("spec.ports[{}].nodePort", plan.port.index),
-                format!("nodePort {np}"),
-            ));
-        }
-    }
-    for (claim, field, what) in &mine {
-        if let Some(owner) = claimed.get(claim).filter(|o| **o != svc.id) {
-            return Err(Rejection {
-                kind: "Service",
-                namespace: svc.id.namespace.clone(),
-                name: svc.id.name.clone(),
-                field: field.clone(),
-                message: format!(
-                    "{what}/{} is already used by Service {}",
-                    protocol_name(plan_protocol(claim)).to_uppercase(),
-                    owner
-                ),
-            });
-        }
-    }
-    for (claim, _, _) in mine {
-        claimed.insert(claim, svc.id.clone());
-    }
-    Ok(())
-}
-
-fn plan_protocol(claim: &Claim) -> Protocol {
-    let raw = match claim {
-        Claim::Address(_, p, _) | Claim::NodePort(p, _) => *p,
-    };
-    Protocol::try_from(raw).unwrap_or(Protocol::Tcp)
-}
-
 /// Resolves each port of a Service in each of its families.
-fn plan_service(svc: &ServiceModel, slices: &[&SliceModel]) -> Vec<PortPlan> {
-    let service = Arc::new(svc.clone());
+fn plan_service(service: &Arc<ServiceModel>, slices: &[&SliceModel]) -> Vec<PortPlan> {
+    let svc = &**service;
     let mut plans = Vec::new();
     for cluster_ip in &svc.cluster_ips {
         let family = family_of(cluster_ip);

@@ -7,24 +7,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
+pub mod dir;
 pub mod kube;
+mod store;
 
-use crate::model::{self, Limits, ObjectName, Rejection, ServiceOutcome, clip};
+pub use dir::run_dir;
+pub use store::{Batch, Store};
+
+use crate::model::{Limits, Rejection, clip};
 use crate::plan::Inputs;
 
 /// A manifest file larger than this is refused whole (it cannot be a sane set of objects).
 pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;
-/// How often the directory is checked for changes.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The Kubernetes objects a source currently sees, plus what could not even be parsed.
 #[derive(Debug, Default)]
@@ -38,76 +38,9 @@ pub struct Objects {
 /// Validates objects into planner inputs. Invalid objects become rejections; duplicates keep
 /// the first one seen.
 pub fn objects_to_inputs(objects: Objects, limits: &Limits) -> Inputs {
-    parts_to_inputs(&[&objects], limits)
-}
-
-/// [`objects_to_inputs`] over objects kept in parts (one per file), in order, without first
-/// copying them into one.
-fn parts_to_inputs(parts: &[&Objects], limits: &Limits) -> Inputs {
-    let mut inputs = Inputs {
-        rejections: parts
-            .iter()
-            .flat_map(|o| o.rejections.iter().cloned())
-            .collect(),
-        ..Default::default()
-    };
-    for svc in parts.iter().flat_map(|o| &o.services) {
-        match model::service(svc, limits) {
-            ServiceOutcome::Proxied(m) => {
-                if inputs.services.contains_key(&m.id) {
-                    inputs.rejections.push(duplicate("Service", &m.id));
-                } else {
-                    inputs.services.insert(m.id.clone(), m);
-                }
-            }
-            ServiceOutcome::Ignored(why) => {
-                let id = ObjectName {
-                    namespace: svc
-                        .metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into()),
-                    name: svc.metadata.name.clone().unwrap_or_default(),
-                };
-                debug!(service = %clip(&id.to_string()), %why, "service not proxied");
-                inputs.ignored.insert(id, why);
-            }
-            ServiceOutcome::Rejected(r) => inputs.rejections.push(r),
-        }
-    }
-    for slice in parts.iter().flat_map(|o| &o.slices) {
-        match model::endpoint_slice(slice) {
-            Ok((m, problems)) => {
-                inputs.rejections.extend(problems);
-                if inputs.slices.contains_key(&m.id) {
-                    inputs.rejections.push(duplicate("EndpointSlice", &m.id));
-                } else {
-                    inputs.slices.insert(m.id.clone(), m);
-                }
-            }
-            Err(r) => inputs.rejections.push(r),
-        }
-    }
-    for node in parts.iter().flat_map(|o| &o.nodes) {
-        match model::node(node) {
-            Ok(m) => {
-                inputs.nodes.entry(m.name.clone()).or_insert(m);
-            }
-            Err(r) => inputs.rejections.push(r),
-        }
-    }
-    inputs.rejections.sort();
-    inputs
-}
-
-fn duplicate(kind: &'static str, id: &ObjectName) -> Rejection {
-    Rejection {
-        kind,
-        namespace: id.namespace.clone(),
-        name: id.name.clone(),
-        field: "metadata.name".into(),
-        message: "defined more than once; the first definition is used".into(),
-    }
+    let mut store = Store::default();
+    store.set((), Batch::validate(&objects, limits));
+    store.inputs()
 }
 
 /// Parses one manifest file's text (multi-document YAML, `kind: List` accepted).
@@ -248,6 +181,14 @@ pub fn read_dir(dir: &Path) -> Objects {
     objects
 }
 
+/// Whether a file name is one the directory source reads.
+fn is_manifest_name(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
 fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -255,124 +196,10 @@ fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                )
-        })
+        .filter(|p| p.is_file() && is_manifest_name(p))
         .collect();
     files.sort();
     files
-}
-
-/// What identifies a file's content without reading it: a rewrite through rename changes the
-/// inode, an in-place rewrite the length or the (nanosecond) modification time.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    mtime: Option<SystemTime>,
-    inode: u64,
-}
-
-impl Stamp {
-    fn of(path: &Path) -> Option<Stamp> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(path).ok()?;
-        Some(Stamp {
-            len: meta.len(),
-            mtime: meta.modified().ok(),
-            inode: meta.ino(),
-        })
-    }
-}
-
-/// The directory's files as last read: each file is parsed again only when its stamp changes,
-/// so a change to one small file of thousands costs one parse, not thousands.
-#[derive(Default)]
-struct DirCache {
-    files: BTreeMap<PathBuf, (Stamp, Objects)>,
-}
-
-impl DirCache {
-    /// Re-reads the files that changed; `true` if anything did (a file changed, appeared or
-    /// went away).
-    fn refresh(&mut self, dir: &Path) -> bool {
-        let mut changed = false;
-        let mut seen = BTreeMap::new();
-        for path in manifest_files(dir) {
-            let stamp = Stamp::of(&path);
-            let current = self.files.get(&path).map(|(s, _)| s);
-            if stamp.is_none() || current != stamp.as_ref() {
-                let mut objects = Objects::default();
-                read_file(&path, &mut objects);
-                seen.insert(
-                    path,
-                    (
-                        stamp.unwrap_or(Stamp {
-                            len: 0,
-                            mtime: None,
-                            inode: 0,
-                        }),
-                        objects,
-                    ),
-                );
-                changed = true;
-            } else if let Some(entry) = self.files.remove(&path) {
-                seen.insert(path, entry);
-            }
-        }
-        changed |= !self.files.is_empty();
-        self.files = seen;
-        changed
-    }
-
-    /// Validates every object, in file order (the first definition of a duplicate wins).
-    fn inputs(&self, limits: &Limits) -> Inputs {
-        let parts: Vec<&Objects> = self.files.values().map(|(_, o)| o).collect();
-        parts_to_inputs(&parts, limits)
-    }
-}
-
-/// Watches a directory and publishes validated inputs on every change. The first value is
-/// published before this returns control to the caller's loop, so a consumer can wait for
-/// "synced" by waiting for the first change.
-pub async fn run_dir(
-    dir: PathBuf,
-    limits: Limits,
-    tx: watch::Sender<Option<std::sync::Arc<Inputs>>>,
-    shutdown: CancellationToken,
-) {
-    let mut cache = DirCache::default();
-    let mut first = true;
-    loop {
-        let started = std::time::Instant::now();
-        if cache.refresh(&dir) || first {
-            first = false;
-            let read_ms = started.elapsed().as_millis() as u64;
-            let inputs = cache.inputs(&limits);
-            info!(
-                dir = %dir.display(),
-                services = inputs.services.len(),
-                slices = inputs.slices.len(),
-                nodes = inputs.nodes.len(),
-                rejected = inputs.rejections.len(),
-                read_ms,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "read manifests"
-            );
-            for r in &inputs.rejections {
-                warn!(rejection = %r, "object refused");
-            }
-            tx.send_replace(Some(std::sync::Arc::new(inputs)));
-        }
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(POLL_INTERVAL) => {}
-        }
-    }
 }
 
 /// Counts rejections by kind, for metrics.
@@ -545,40 +372,5 @@ metadata: {name: b}
         assert_eq!(slice.trigger_ms, Some(1_795_320_000_000));
         assert!(inputs.nodes["a"].deleting);
         assert!(!inputs.nodes["b"].deleting);
-    }
-
-    #[test]
-    fn the_directory_cache_rereads_only_what_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let svc = |name: &str, ip: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
-            )
-        };
-        std::fs::write(dir.path().join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
-        std::fs::write(dir.path().join("b.yaml"), svc("b", "10.96.0.2")).unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
-        let mut cache = DirCache::default();
-        assert!(cache.refresh(dir.path()), "first read");
-        assert_eq!(cache.inputs(&Limits::default()).services.len(), 2);
-        assert!(!cache.refresh(dir.path()), "nothing changed");
-
-        // A rewrite through rename (as kubectl-style tools and the lab do).
-        let tmp = dir.path().join(".b.yaml.tmp");
-        std::fs::write(&tmp, svc("b", "10.96.0.3")).unwrap();
-        std::fs::rename(&tmp, dir.path().join("b.yaml")).unwrap();
-        assert!(cache.refresh(dir.path()), "b rewritten");
-        let inputs = cache.inputs(&Limits::default());
-        let ips: Vec<String> = inputs
-            .services
-            .values()
-            .map(|s| s.cluster_ips[0].to_string())
-            .collect();
-        assert_eq!(ips, ["10.96.0.1", "10.96.0.3"]);
-        assert!(!cache.refresh(dir.path()));
-
-        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        assert!(cache.refresh(dir.path()), "a removed");
-        assert_eq!(cache.inputs(&Limits::default()).services.len(), 1);
     }
 }

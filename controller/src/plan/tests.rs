@@ -5,6 +5,7 @@ use kubenft_proto::v1::{IpFamily, Protocol, resource};
 
 use super::*;
 use crate::model::{Conditions, ServiceType, SlicePort};
+use crate::view::NodeRuleSet;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -107,14 +108,20 @@ fn node(name: &str, ips: &[&str]) -> NodeModel {
 
 fn inputs(services: Vec<ServiceModel>, slices: Vec<SliceModel>) -> Inputs {
     Inputs {
-        services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
-        slices: slices.into_iter().map(|s| (s.id.clone(), s)).collect(),
+        services: services
+            .into_iter()
+            .map(|s| (s.id.clone(), Arc::new(s)))
+            .collect(),
+        slices: slices
+            .into_iter()
+            .map(|s| (s.id.clone(), Arc::new(s)))
+            .collect(),
         nodes: [
             node("a", &["192.168.50.11", "fd00:50::11"]),
             node("b", &["192.168.50.12"]),
         ]
         .into_iter()
-        .map(|n| (n.name.clone(), n))
+        .map(|n| (n.name.clone(), Arc::new(n)))
         .collect(),
         ..Default::default()
     }
@@ -320,6 +327,34 @@ fn the_newer_of_two_services_claiming_a_node_port_is_refused() {
         "{}",
         r.message
     );
+
+    // The older one goes away: the refused one is planned in the next (incremental) build,
+    // and the untouched one keeps its computed port.
+    let udp_port = c.ports["default/cccc/udp/dns/ipv4"].clone();
+    let mut next = inputs(vec![], vec![]);
+    next.services = c_inputs_without(&c, "aa");
+    let c2 = Catalog::build(c.policy.clone(), &next, Some(&c));
+    assert!(!c2.ports.contains_key("default/aa/tcp/http/ipv4"));
+    assert!(c2.ports.contains_key("default/bbb/tcp/http/ipv4"));
+    assert!(Arc::ptr_eq(
+        &udp_port,
+        &c2.ports["default/cccc/udp/dns/ipv4"]
+    ));
+    assert_eq!(
+        c2.changed,
+        ["default/aa/tcp/http/ipv4", "default/bbb/tcp/http/ipv4"]
+    );
+    assert!(c2.rejections.is_empty(), "{:?}", c2.rejections);
+}
+
+/// The services of the inputs `c` was built from, less one.
+fn c_inputs_without(c: &Catalog, name: &str) -> imbl::OrdMap<ObjectName, Arc<ServiceModel>> {
+    c.inputs()
+        .services
+        .iter()
+        .filter(|(id, _)| id.name != name)
+        .map(|(id, s)| (id.clone(), s.clone()))
+        .collect()
 }
 
 #[test]

@@ -2,17 +2,18 @@
 //!
 //! ```text
 //!  watcher(Service)       ─┐  (default_backoff: list, watch, relist on 410, bounded retries)
-//!  watcher(EndpointSlice) ─┼─▶ reflector Writers ─▶ debounce ─▶ objects_to_inputs ─▶ watch::Sender
-//!  watcher(Node)          ─┘   (one Store per kind)  (≤20 ms quiet, ≤100 ms total)
+//!  watcher(EndpointSlice) ─┼─▶ validate each object ─▶ Cache (Store) ─▶ debounce ─▶ watch::Sender
+//!  watcher(Node)          ─┘                                          (≤20 ms quiet, ≤100 ms total)
 //! ```
 //!
 //! Nothing is published until every kind's initial list is complete: a cold cache must never
 //! push an empty rule set (an agent would delete every Service's rules). After that, each burst
-//! of events becomes one snapshot of the three stores, so a rolling update that touches many
-//! EndpointSlices costs one replan rather than one per event. Watch restarts, `410 Gone` and
-//! relists are the watcher's job; here they are logged and counted. During a relist the
-//! reflector keeps serving the previous complete list until the new one is done, so a relist
-//! never publishes a partial view either.
+//! of events becomes one published view, so a rolling update that touches many EndpointSlices
+//! costs one replan rather than one per event. Each object is validated once, when it arrives,
+//! and only what it defines is updated. Watch restarts, `410 Gone` and relists are the
+//! watcher's job; here they are logged and counted. During a relist the cache keeps the
+//! previous complete list until the new one is done, so a relist never publishes a partial
+//! view either.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -22,7 +23,6 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -30,9 +30,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Objects, objects_to_inputs};
+use super::{Batch, Objects, Store};
 use crate::metrics::Metrics;
-use crate::model::Limits;
+use crate::model::{Limits, ObjectName};
 use crate::plan::Inputs;
 
 /// Quiet time after an event before publishing (more events in it are merged).
@@ -77,7 +77,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
 }
 
 /// The kinds watched, as metric labels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Service,
     EndpointSlice,
@@ -98,17 +98,17 @@ impl Kind {
     }
 }
 
-/// What one watcher step did, reduced to what the publishing loop needs.
-#[derive(Clone, Debug)]
+/// What one watcher step did, with its object already validated.
+#[derive(Debug)]
 enum Outcome {
     /// A (re)list started.
     Init,
-    /// An object of a list in progress (not visible in the store until `InitDone`).
-    InitApply,
-    /// A list completed: the store now holds it.
+    /// An object of a list in progress (not visible until `InitDone`).
+    InitApply(ObjectName, Batch),
+    /// A list completed: it replaces what was known of the kind.
     InitDone,
-    Apply,
-    Delete,
+    Apply(ObjectName, Batch),
+    Delete(ObjectName),
     Error(String),
 }
 
@@ -116,51 +116,99 @@ impl Outcome {
     fn label(&self) -> &'static str {
         match self {
             Outcome::Init => "init",
-            Outcome::InitApply => "init_apply",
+            Outcome::InitApply(..) => "init_apply",
             Outcome::InitDone => "init_done",
-            Outcome::Apply => "apply",
-            Outcome::Delete => "delete",
+            Outcome::Apply(..) => "apply",
+            Outcome::Delete(_) => "delete",
             Outcome::Error(_) => "error",
         }
     }
 
-    /// Whether the store's visible content may have changed.
+    /// Whether the visible view may have changed.
     fn changes_store(&self) -> bool {
-        matches!(self, Outcome::InitDone | Outcome::Apply | Outcome::Delete)
+        matches!(
+            self,
+            Outcome::InitDone | Outcome::Apply(..) | Outcome::Delete(_)
+        )
     }
 }
 
 type Steps = Pin<Box<dyn Stream<Item = (Kind, Outcome)> + Send>>;
 
-/// One kind's watcher feeding its reflector writer; yields what each step did.
-fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind) -> (Store<K>, Steps)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+/// One object as the validation step sees it.
+trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
 {
-    let (store, mut writer) = reflector::store::<K>();
+    fn into_objects(self) -> Objects;
+}
+
+impl Watched for Service {
+    fn into_objects(self) -> Objects {
+        Objects {
+            services: vec![self],
+            ..Default::default()
+        }
+    }
+}
+
+impl Watched for EndpointSlice {
+    fn into_objects(self) -> Objects {
+        Objects {
+            slices: vec![self],
+            ..Default::default()
+        }
+    }
+}
+
+impl Watched for Node {
+    fn into_objects(self) -> Objects {
+        Objects {
+            nodes: vec![self],
+            ..Default::default()
+        }
+    }
+}
+
+fn key_of<K: kube::Resource>(obj: &K) -> ObjectName {
+    let meta = obj.meta();
+    ObjectName {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+/// One kind's watcher, each object validated as it arrives; yields what each step did.
+fn watch_kind<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    limits: Limits,
+) -> Steps {
+    let validated = move |obj: K| (key_of(&obj), Batch::validate(&obj.into_objects(), &limits));
     let steps = watcher(api, config).default_backoff().map(move |r| {
         let outcome = match r {
-            Ok(event) => {
-                writer.apply_watcher_event(&event);
-                match event {
-                    watcher::Event::Init => Outcome::Init,
-                    watcher::Event::InitApply(_) => Outcome::InitApply,
-                    watcher::Event::InitDone => Outcome::InitDone,
-                    watcher::Event::Apply(_) => Outcome::Apply,
-                    watcher::Event::Delete(_) => Outcome::Delete,
-                }
+            Ok(watcher::Event::Init) => Outcome::Init,
+            Ok(watcher::Event::InitApply(obj)) => {
+                let (key, batch) = validated(obj);
+                Outcome::InitApply(key, batch)
             }
+            Ok(watcher::Event::InitDone) => Outcome::InitDone,
+            Ok(watcher::Event::Apply(obj)) => {
+                let (key, batch) = validated(obj);
+                Outcome::Apply(key, batch)
+            }
+            Ok(watcher::Event::Delete(obj)) => Outcome::Delete(key_of(&obj)),
             Err(e) => Outcome::Error(describe(&e)),
         };
         (kind, outcome)
     });
-    (store, Box::pin(steps))
+    Box::pin(steps)
 }
 
 /// A watcher error in one line, saying what the watcher will do about it.
@@ -173,23 +221,41 @@ fn describe(e: &watcher::Error) -> String {
     }
 }
 
-/// The three stores.
-struct Stores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
+/// What the watchers have delivered: the visible objects of every kind, and the lists in
+/// progress (a relist becomes visible whole, when it completes, as the reflector does).
+#[derive(Default)]
+struct Cache {
+    store: Store<(Kind, ObjectName)>,
+    listing: [Option<Vec<(ObjectName, Batch)>>; 3],
 }
 
-impl Stores {
-    fn snapshot(&self) -> Objects {
-        fn owned<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
-            v.into_iter().map(Arc::unwrap_or_clone).collect()
-        }
-        Objects {
-            services: owned(self.services.state()),
-            slices: owned(self.slices.state()),
-            nodes: owned(self.nodes.state()),
-            rejections: Vec::new(),
+impl Cache {
+    fn apply(&mut self, kind: Kind, outcome: Outcome) {
+        match outcome {
+            Outcome::Init => self.listing[kind.index()] = Some(Vec::new()),
+            Outcome::InitApply(key, batch) => self.listing[kind.index()]
+                .get_or_insert_with(Vec::new)
+                .push((key, batch)),
+            Outcome::InitDone => {
+                let listed = self.listing[kind.index()].take().unwrap_or_default();
+                let keep: std::collections::BTreeSet<&ObjectName> =
+                    listed.iter().map(|(k, _)| k).collect();
+                let gone: Vec<(Kind, ObjectName)> = self
+                    .store
+                    .keys()
+                    .filter(|(k, name)| *k == kind && !keep.contains(name))
+                    .cloned()
+                    .collect();
+                for key in &gone {
+                    self.store.remove(key);
+                }
+                for (key, batch) in listed {
+                    self.store.set((kind, key), batch);
+                }
+            }
+            Outcome::Apply(key, batch) => self.store.set((kind, key), batch),
+            Outcome::Delete(key) => self.store.remove(&(kind, key)),
+            Outcome::Error(_) => {}
         }
     }
 }
@@ -203,41 +269,39 @@ pub async fn run_kube(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let (services, s1) = watch_kind(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-        Kind::Service,
-    );
-    let (slices, s2) = watch_kind(
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(SERVICE_NAME_LABEL),
-        Kind::EndpointSlice,
-    );
-    let (nodes, s3) = watch_kind(
-        Api::<Node>::all(client),
-        watcher::Config::default(),
-        Kind::Node,
-    );
-    let stores = Stores {
-        services,
-        slices,
-        nodes,
-    };
-    let steps = futures::stream::select_all([s1, s2, s3]);
-    publish_loop(steps, &stores, &limits, &tx, &metrics, &shutdown)
+    let steps = futures::stream::select_all([
+        watch_kind(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            Kind::Service,
+            limits.clone(),
+        ),
+        watch_kind(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            Kind::EndpointSlice,
+            limits.clone(),
+        ),
+        watch_kind(
+            Api::<Node>::all(client),
+            watcher::Config::default(),
+            Kind::Node,
+            limits,
+        ),
+    ]);
+    publish_loop(steps, &tx, &metrics, &shutdown)
         .instrument(info_span!("source", kind = "kube"))
         .await;
 }
 
-/// Debounces store changes into published snapshots.
+/// Applies watcher steps to the cache and debounces its changes into published views.
 async fn publish_loop(
     mut steps: impl Stream<Item = (Kind, Outcome)> + Unpin,
-    stores: &Stores,
-    limits: &Limits,
     tx: &watch::Sender<Option<Arc<Inputs>>>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) {
+    let mut cache = Cache::default();
     let mut listed = [false; 3];
     let mut pending = Debounce::default();
     loop {
@@ -247,12 +311,14 @@ async fn publish_loop(
             () = shutdown.cancelled() => return,
             () = sleep_until_opt(deadline) => {
                 pending = Debounce::default();
-                publish(stores, limits, tx);
+                publish(&cache, tx);
             }
             step = steps.next() => {
                 let Some((kind, outcome)) = step else { return };
                 record(kind, &outcome, &mut listed, metrics);
-                if outcome.changes_store() && listed.iter().all(|l| *l) {
+                let visible = outcome.changes_store();
+                cache.apply(kind, outcome);
+                if visible && listed.iter().all(|l| *l) {
                     pending.touch(Instant::now());
                 }
             }
@@ -276,12 +342,12 @@ fn record(kind: Kind, outcome: &Outcome, listed: &mut [bool; 3], metrics: &Metri
             metrics.source_error(kind.label());
             warn!(kind = kind.label(), error = %e, "watch error");
         }
-        Outcome::InitApply | Outcome::Apply | Outcome::Delete => {}
+        Outcome::InitApply(..) | Outcome::Apply(..) | Outcome::Delete(_) => {}
     }
 }
 
-fn publish(stores: &Stores, limits: &Limits, tx: &watch::Sender<Option<Arc<Inputs>>>) {
-    let inputs = objects_to_inputs(stores.snapshot(), limits);
+fn publish(cache: &Cache, tx: &watch::Sender<Option<Arc<Inputs>>>) {
+    let inputs = cache.store.inputs();
     info!(
         services = inputs.services.len(),
         slices = inputs.slices.len(),
@@ -342,8 +408,8 @@ mod tests {
     #[test]
     fn only_visible_changes_trigger_a_publish() {
         assert!(Outcome::InitDone.changes_store());
-        assert!(Outcome::Delete.changes_store());
-        assert!(!Outcome::InitApply.changes_store());
+        assert!(Outcome::Delete(ObjectName::default()).changes_store());
+        assert!(!Outcome::InitApply(ObjectName::default(), Batch::default()).changes_store());
         assert!(!Outcome::Init.changes_store());
         assert!(!Outcome::Error(String::new()).changes_store());
     }

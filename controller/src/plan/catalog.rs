@@ -1,0 +1,300 @@
+//! The catalog: every Service port planned once for all nodes, kept up to date incrementally.
+//!
+//! Inputs arrive as persistent maps, so the difference between two views is found by skipping
+//! the subtrees they share: a change to one EndpointSlice among 100,000 replans one Service,
+//! not all of them. Every big field here is persistent too, so the next catalog starts as an
+//! O(1) copy of the previous one.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use imbl::{OrdMap, OrdSet, ordmap::DiffItem};
+use kubenft_proto::v1::{Resource, resource};
+
+use super::{
+    ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, Specific, claims, explain_port,
+    node_ips, node_rules, plan_service, port_rules,
+};
+use crate::model::{NodeModel, ObjectName, Rejection, SliceModel};
+use crate::select::NodeSite;
+use crate::view::{NodeRuleSet, Resources};
+
+/// The node-independent part of planning.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub policy: Arc<ClusterPolicy>,
+    /// The inputs this catalog reflects (the next build diffs against them).
+    inputs: Inputs,
+    /// By resource name.
+    pub ports: OrdMap<String, Arc<PlannedPort>>,
+    /// Every port's generic resource: the part of every node's rule set they share.
+    pub base: Resources,
+    /// The port names of each planned Service.
+    by_service: OrdMap<ObjectName, Arc<[String]>>,
+    /// The EndpointSlices of each Service (by the slice's service label).
+    slices_by_service: OrdMap<ObjectName, OrdSet<ObjectName>>,
+    /// Services refused because an older one holds one of their addresses or NodePorts.
+    conflicts: OrdMap<ObjectName, Rejection>,
+    /// For each node, the ports it sees differently.
+    specific_by_node: OrdMap<String, OrdSet<String>>,
+    /// Ports every node sees differently.
+    specific_everywhere: OrdSet<String>,
+    /// Port names whose plan differs from the previous catalog's (all of them for the first).
+    pub changed: Vec<String>,
+    /// Rejections from reading and from conflicts.
+    pub rejections: Vec<Rejection>,
+    pub ignored: OrdMap<ObjectName, String>,
+    pub nodes: OrdMap<String, Arc<NodeModel>>,
+}
+
+impl Catalog {
+    /// The catalog before the first complete view.
+    pub fn empty(policy: Arc<ClusterPolicy>) -> Catalog {
+        Catalog {
+            policy,
+            ..Default::default()
+        }
+    }
+
+    /// The inputs this catalog reflects.
+    pub fn inputs(&self) -> &Inputs {
+        &self.inputs
+    }
+
+    /// Resolves every Service port against its EndpointSlices, per family. Two Services
+    /// claiming the same address and port (or NodePort): the older keeps it, the newer is
+    /// refused. Only the Services whose object, slices or claims changed since `previous` are
+    /// planned again; the other ports keep their computed resources.
+    pub fn build(
+        policy: Arc<ClusterPolicy>,
+        inputs: &Inputs,
+        previous: Option<&Catalog>,
+    ) -> Catalog {
+        let mut next = match previous {
+            Some(p) if Arc::ptr_eq(&p.policy, &policy) => Catalog {
+                changed: Vec::new(),
+                ..p.clone()
+            },
+            _ => Catalog::empty(policy),
+        };
+        let before = std::mem::replace(&mut next.inputs, inputs.clone());
+        next.nodes = inputs.nodes.clone();
+        next.ignored = inputs.ignored.clone();
+
+        let mut affected = BTreeSet::new();
+        let mut services_changed = false;
+        for item in before.services.diff(&inputs.services) {
+            services_changed = true;
+            affected.insert(diff_key(&item).clone());
+        }
+        for item in before.slices.diff(&inputs.slices) {
+            match item {
+                DiffItem::Add(_, s) => affected.insert(next.index_slice(s, true)),
+                DiffItem::Remove(_, s) => affected.insert(next.index_slice(s, false)),
+                DiffItem::Update { old, new } => {
+                    affected.insert(next.index_slice(old.1, false));
+                    affected.insert(next.index_slice(new.1, true))
+                }
+            };
+        }
+        if services_changed {
+            let conflicts = claims::conflicts(&inputs.services);
+            affected.extend(
+                next.conflicts
+                    .keys()
+                    .chain(conflicts.keys())
+                    .filter(|id| next.conflicts.contains_key(*id) != conflicts.contains_key(*id))
+                    .cloned(),
+            );
+            next.conflicts = conflicts;
+        }
+        for id in &affected {
+            next.replan_service(id);
+        }
+        next.changed.sort();
+        next.changed.dedup();
+        next.rejections = inputs
+            .rejections
+            .iter()
+            .chain(next.conflicts.values())
+            .cloned()
+            .collect();
+        next.rejections.sort();
+        next
+    }
+
+    /// Adds (or removes) a slice in the per-Service index; returns its Service.
+    fn index_slice(&mut self, slice: &SliceModel, add: bool) -> ObjectName {
+        let svc = ObjectName {
+            namespace: slice.id.namespace.clone(),
+            name: slice.service.clone(),
+        };
+        let set = self.slices_by_service.entry(svc.clone()).or_default();
+        if add {
+            set.insert(slice.id.clone());
+        } else {
+            set.remove(&slice.id);
+            if set.is_empty() {
+                self.slices_by_service.remove(&svc);
+            }
+        }
+        svc
+    }
+
+    /// Plans one Service's ports again (none if it is gone or refused), keeping each port
+    /// whose plan came out the same.
+    fn replan_service(&mut self, id: &ObjectName) {
+        let old_names = self.by_service.remove(id).unwrap_or_else(|| Arc::new([]));
+        let plans = match self.inputs.services.get(id) {
+            Some(svc) if !self.conflicts.contains_key(id) => {
+                let slices: Vec<&SliceModel> = self
+                    .slices_by_service
+                    .get(id)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| self.inputs.slices.get(s).map(|s| &**s))
+                    .collect();
+                plan_service(svc, &slices)
+            }
+            _ => Vec::new(),
+        };
+        let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
+        for plan in plans {
+            if self
+                .ports
+                .get(&plan.name)
+                .is_none_or(|old| old.plan != plan)
+            {
+                self.set_port(plan.name.clone(), Some(Arc::new(PlannedPort::new(plan))));
+            }
+        }
+        for gone in old_names.iter().filter(|n| !names.contains(n)) {
+            self.set_port(gone.clone(), None);
+        }
+        if !names.is_empty() {
+            self.by_service.insert(id.clone(), names.into());
+        }
+    }
+
+    /// Replaces (or removes) one port everywhere it is indexed, and records the change.
+    fn set_port(&mut self, name: String, port: Option<Arc<PlannedPort>>) {
+        if let Some(old) = self.ports.remove(&name) {
+            self.base.remove(&name);
+            self.index_specific(&name, &old.specific, false);
+        }
+        if let Some(port) = port {
+            self.index_specific(&name, &port.specific, true);
+            self.base.insert(name.clone(), port.generic.clone());
+            self.ports.insert(name.clone(), port);
+        }
+        self.changed.push(name);
+    }
+
+    fn index_specific(&mut self, name: &str, specific: &Specific, add: bool) {
+        match specific {
+            Specific::Every if add => {
+                self.specific_everywhere.insert(name.to_owned());
+            }
+            Specific::Every => {
+                self.specific_everywhere.remove(name);
+            }
+            Specific::Nodes(nodes) => {
+                for node in nodes {
+                    let set = self.specific_by_node.entry(node.clone()).or_default();
+                    if add {
+                        set.insert(name.to_owned());
+                    } else {
+                        set.remove(name);
+                        if set.is_empty() {
+                            self.specific_by_node.remove(node);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// What `node` holds for `name` beyond the shared base: its own settings, a port it sees
+    /// differently, or `None` (it follows the base, or the name is gone).
+    pub fn node_value(&self, facts: &NodeFacts, name: &str) -> Option<Arc<Resource>> {
+        let node = self.nodes.get(&facts.name).map(|n| &**n);
+        if name == NODE_RESOURCE {
+            return Some(Arc::new(Resource::versioned(
+                NODE_RESOURCE.to_owned(),
+                resource::Kind::Node(node_rules(&self.policy, node, facts)),
+            )));
+        }
+        let port = self
+            .ports
+            .get(name)
+            .filter(|p| p.is_specific_to(&facts.name))?;
+        let site = NodeSite {
+            name: &facts.name,
+            zone: node.and_then(|n| n.zone.as_deref()),
+        };
+        let node_ips = node_ips(node, facts);
+        Some(Arc::new(Resource::versioned(
+            name.to_owned(),
+            resource::Kind::ServicePort(port_rules(&port.plan, &site, &node_ips)),
+        )))
+    }
+
+    /// The names a node overrides: its settings and the ports specific to it.
+    fn override_names(&self, node: &str) -> impl Iterator<Item = &String> {
+        static NODE: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| NODE_RESOURCE.to_owned());
+        std::iter::once(&*NODE)
+            .chain(self.specific_by_node.get(node).into_iter().flatten())
+            .chain(&self.specific_everywhere)
+    }
+
+    /// The full rule set of one node, at revision `rev`.
+    pub fn rules_for(&self, facts: &NodeFacts, rev: u64) -> NodeRuleSet {
+        let overrides: Resources = self
+            .override_names(&facts.name)
+            .filter_map(|name| self.node_value(facts, name).map(|r| (name.clone(), r)))
+            .collect();
+        NodeRuleSet::build(facts.name.clone(), self.base.clone(), overrides, rev)
+    }
+
+    /// The next revision of a node's rule set after this catalog replaced the one it was
+    /// planned from, touching only the changed ports; `None` if nothing it holds changed. The
+    /// node's own settings depend only on the node and the policy: when those change the
+    /// caller rebuilds instead.
+    pub fn update(&self, current: &NodeRuleSet, facts: &NodeFacts) -> Option<NodeRuleSet> {
+        current.next(&self.base, &self.changed, |name| {
+            self.node_value(facts, name)
+        })
+    }
+
+    /// Human-readable reasons for how one node programs one Service.
+    pub fn explain(&self, facts: &NodeFacts, svc: &ObjectName) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(why) = self.ignored.get(svc) {
+            notes.push(format!("not proxied: {why}"));
+        }
+        if let Some(r) = self.conflicts.get(svc) {
+            notes.push(format!("not proxied: {r}"));
+        }
+        let site = NodeSite {
+            name: &facts.name,
+            zone: self.nodes.get(&facts.name).and_then(|n| n.zone.as_deref()),
+        };
+        let names = self
+            .by_service
+            .get(svc)
+            .cloned()
+            .unwrap_or_else(|| Arc::new([]));
+        for port in names.iter().filter_map(|n| self.ports.get(n)) {
+            notes.extend(explain_port(&port.plan, &site));
+        }
+        notes
+    }
+}
+
+fn diff_key<'a, K, V>(item: &DiffItem<'a, 'a, K, V>) -> &'a K {
+    match item {
+        DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+        DiffItem::Update { new, .. } => new.0,
+    }
+}
