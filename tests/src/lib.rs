@@ -20,9 +20,10 @@
 //! Modules: [`netns`] (commands, namespaces, sweeping), [`topology`] (the [`Lab`]),
 //! [`process`] (managed child processes), [`manifest`] (Kubernetes objects for the
 //! controller's `--source dir:`), [`probe`] (typed probe results), [`echo`] (the
-//! `kubenft-echo` server and probe client).
+//! `kubenft-echo` server and probe client), [`burst`] (the `kubenft-burst` many-flow counter).
 #![forbid(unsafe_code)]
 
+pub mod burst;
 pub mod echo;
 pub mod manifest;
 pub mod netns;
