@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::Stream;
 use kubenft_proto::v1::{
-    AgentMessage, Change, ControllerMessage, Hello, Resource, ResourceVersion, TriggerTime,
-    agent_message, controller_message, rule_stream_server::RuleStream,
+    AgentMessage, Change, ControllerMessage, Hello, InventoryRequest, Resource, ResourceVersion,
+    TriggerTime, agent_message, controller_message, rule_stream_server::RuleStream,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -109,7 +109,10 @@ struct InFlight {
 
 /// What the agent holds.
 enum Known {
-    /// As its Hello stated: versions sorted by name, and the system version it claims.
+    /// Its Hello stated only the system version (the list comes on request).
+    Unlisted { system_version: String },
+    /// As its Hello or Inventory listed it: versions sorted by name, and the system version
+    /// it claims.
     Hello {
         applied: Vec<ResourceVersion>,
         system_version: String,
@@ -131,8 +134,24 @@ impl Known {
         }
     }
 
+    fn from(hello: &mut Hello) -> Known {
+        let system_version = std::mem::take(&mut hello.system_version);
+        if hello.applied_on_request && !system_version.is_empty() {
+            Known::Unlisted { system_version }
+        } else {
+            Known::from_hello(std::mem::take(&mut hello.applied), system_version)
+        }
+    }
+
+    /// Whether the agent's list is needed to know what it lacks.
+    fn needs_inventory(&self, desired: &NodeRuleSet) -> bool {
+        matches!(self, Known::Unlisted { .. }) && !self.holds(desired)
+    }
+
     fn version(&self, name: &str) -> Option<&str> {
         match self {
+            // Never diffed (the inventory is asked for first); as if it held nothing.
+            Known::Unlisted { .. } => None,
             Known::Hello { applied, .. } => applied
                 .binary_search_by(|rv| rv.name.as_str().cmp(name))
                 .ok()
@@ -145,7 +164,9 @@ impl Known {
     /// what lets a thousand current agents reconnect without a thousand full comparisons.
     fn holds(&self, desired: &NodeRuleSet) -> bool {
         let held = match self {
-            Known::Hello { system_version, .. } => system_version,
+            Known::Unlisted { system_version } | Known::Hello { system_version, .. } => {
+                system_version
+            }
             Known::Acked(set) => &set.system_version,
         };
         !held.is_empty() && *held == desired.system_version
@@ -161,6 +182,7 @@ impl Known {
         }
         let mut names: Vec<String> = desired.iter().map(|r| r.name.clone()).collect();
         match self {
+            Known::Unlisted { .. } => {}
             Known::Hello { applied, .. } => names.extend(applied.iter().map(|r| r.name.clone())),
             Known::Acked(set) => names.extend(set.iter().map(|r| r.name.clone())),
         }
@@ -213,6 +235,8 @@ struct Session {
     node: String,
     desired: watch::Receiver<Arc<NodeRuleSet>>,
     known: Known,
+    /// An InventoryRequest is unanswered: nothing is sent until the Inventory arrives.
+    inventory_asked: bool,
     in_flight: Option<InFlight>,
     /// System version of the last refused change: not sent again until something changes.
     refused: Option<String>,
@@ -225,7 +249,7 @@ impl Session {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         large_changes: Arc<Semaphore>,
-        hello: Hello,
+        mut hello: Hello,
     ) -> Self {
         let addresses = hello
             .addresses
@@ -234,14 +258,21 @@ impl Session {
             .collect();
         let desired = hub.attach(&hello.node_name, addresses, hello.agent_version.clone());
         metrics.agents_connected.inc();
-        info!(node = %hello.node_name, applied = hello.applied.len(), "agent connected");
+        info!(
+            node = %hello.node_name,
+            applied = hello.applied.len(),
+            on_request = hello.applied_on_request,
+            "agent connected"
+        );
+        let known = Known::from(&mut hello);
         Session {
             hub,
             metrics,
             large_changes,
             node: hello.node_name,
             desired,
-            known: Known::from_hello(hello.applied, hello.system_version),
+            known,
+            inventory_asked: false,
             in_flight: None,
             refused: None,
             next_id: 1,
@@ -276,7 +307,20 @@ impl Session {
         shutdown: &CancellationToken,
     ) {
         loop {
-            if self.in_flight.is_none()
+            if self.inventory_asked {
+                // Wait for the inventory.
+            } else if self.known.needs_inventory(&self.desired.borrow()) {
+                debug!("asking for the agent's inventory");
+                self.inventory_asked = true;
+                let ask = ControllerMessage {
+                    message: Some(controller_message::Message::InventoryRequest(
+                        InventoryRequest {},
+                    )),
+                };
+                if tx.send(Ok(ask)).await.is_err() {
+                    return;
+                }
+            } else if self.in_flight.is_none()
                 && let Some((desired, diff)) = self.pending()
             {
                 // The slot is taken before the resources are copied and encoded, so agents
@@ -393,6 +437,11 @@ impl Session {
 
     fn on_message(&mut self, msg: AgentMessage) {
         match msg.message {
+            Some(agent_message::Message::Inventory(inv)) => {
+                debug!(applied = inv.applied.len(), "inventory received");
+                self.inventory_asked = false;
+                self.known = Known::from_hello(inv.applied, inv.system_version);
+            }
             Some(agent_message::Message::Ack(ack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.change_id == ack.change_id) else {
                     warn!(change_id = ack.change_id, "ack for a change not in flight");

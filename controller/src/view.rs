@@ -16,6 +16,54 @@ use kubenft_proto::v1::Resource;
 /// Resources by name.
 pub type Resources = OrdMap<String, Arc<Resource>>;
 
+/// The resources every node shares, with the XOR of their version terms kept up to date, so
+/// that a node's rule set is built in time proportional to what it overrides.
+#[derive(Clone, Debug, Default)]
+pub struct Base {
+    resources: Resources,
+    combined: u64,
+}
+
+impl Base {
+    pub fn insert(&mut self, resource: Arc<Resource>) {
+        self.combined ^= resource.version_term();
+        if let Some(old) = self
+            .resources
+            .insert(resource.name.clone(), resource.clone())
+        {
+            self.combined ^= old.version_term();
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if let Some(old) = self.resources.remove(name) {
+            self.combined ^= old.version_term();
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
+        self.resources.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.resources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
+    }
+}
+
+impl FromIterator<Arc<Resource>> for Base {
+    fn from_iter<I: IntoIterator<Item = Arc<Resource>>>(iter: I) -> Self {
+        let mut base = Base::default();
+        for r in iter {
+            base.insert(r);
+        }
+        base
+    }
+}
+
 /// How many revisions of change history a rule set keeps; a stream task further behind than
 /// that diffs the whole set once.
 const LOG_REVISIONS: u64 = 256;
@@ -43,19 +91,21 @@ pub struct NodeRuleSet {
 }
 
 impl NodeRuleSet {
-    /// A rule set built from scratch.
-    pub fn build(node: String, base: Resources, overrides: Resources, rev: u64) -> Self {
+    /// A rule set built from scratch: O(overrides), the base's share of the version being
+    /// known already.
+    pub fn build(node: String, base: &Base, overrides: Resources, rev: u64) -> Self {
+        let combined = overrides.values().fold(base.combined, |acc, r| {
+            acc ^ r.version_term() ^ base.get(&r.name).map_or(0, |b| b.version_term())
+        });
         let mut set = NodeRuleSet {
             node,
-            base,
+            base: base.resources.clone(),
             overrides,
-            combined: 0,
-            system_version: String::new(),
+            combined,
+            system_version: format_version(combined),
             rev,
             log: OrdMap::new(),
         };
-        set.combined = set.iter().fold(0, |acc, r| acc ^ r.version_term());
-        set.system_version = format_version(set.combined);
         set.log.insert(rev, Touched::All);
         set
     }
@@ -102,12 +152,12 @@ impl NodeRuleSet {
     /// nothing this node holds changed.
     pub fn next(
         &self,
-        base: &Resources,
+        base: &Base,
         names: &[String],
         node_value: impl Fn(&str) -> Option<Arc<Resource>>,
     ) -> Option<NodeRuleSet> {
         let mut next = self.clone();
-        next.base = base.clone();
+        next.base = base.resources.clone();
         let mut touched = Vec::new();
         for name in names {
             let before = self.get(name).map(|r| r.version_term());
@@ -183,10 +233,14 @@ mod tests {
             .collect()
     }
 
+    fn base(items: &[(&str, &str)]) -> Base {
+        items.iter().map(|(n, v)| res(n, v)).collect()
+    }
+
     #[test]
     fn overlay_iteration_and_versions() {
-        let base = map(&[("a", "1"), ("b", "1"), ("c", "1")]);
-        let set = NodeRuleSet::build("n".into(), base.clone(), map(&[("b", "2"), ("d", "1")]), 1);
+        let base = base(&[("a", "1"), ("b", "1"), ("c", "1")]);
+        let set = NodeRuleSet::build("n".into(), &base, map(&[("b", "2"), ("d", "1")]), 1);
         let seen: Vec<(String, String)> = set
             .iter()
             .map(|r| (r.name.clone(), r.version.clone()))
@@ -200,13 +254,16 @@ mod tests {
         );
 
         // The base changes "a"; the node stops overriding "b".
-        let base2 = map(&[("a", "9"), ("b", "1"), ("c", "1")]);
+        let mut base2 = base.clone();
+        base2.insert(res("a", "9"));
+        base2.remove("c");
+        base2.insert(res("c", "1"));
         let next = set
             .next(&base2, &["a".into(), "b".into()], |_| None)
             .unwrap();
         assert_eq!(next.rev, 2);
         assert_eq!(next.get("b").unwrap().version, res("b", "1").version);
-        let rebuilt = NodeRuleSet::build("n".into(), base2.clone(), map(&[("d", "1")]), 2);
+        let rebuilt = NodeRuleSet::build("n".into(), &base2, map(&[("d", "1")]), 2);
         assert_eq!(next.system_version, rebuilt.system_version);
         assert_eq!(next.changed_since(1), Some(vec!["a".into(), "b".into()]));
         assert_eq!(

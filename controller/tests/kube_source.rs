@@ -335,6 +335,7 @@ async fn connect_agent(
             applied: vec![],
             agent_version: "test".into(),
             system_version: String::new(),
+            applied_on_request: false,
         })),
     })
     .await

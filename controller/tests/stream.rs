@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
 use kubenft_proto::v1::{
-    Ack, AgentMessage, Change, ControllerMessage, Hello, ListNodesRequest, Nack, ResourceVersion,
-    SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
+    Ack, AgentMessage, Change, ControllerMessage, Hello, Inventory, ListNodesRequest, Nack,
+    ResourceVersion, SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
     controller_message, rule_stream_client::RuleStreamClient,
 };
 use tokio::sync::mpsc;
@@ -121,6 +121,31 @@ impl Controller {
         applied: Vec<ResourceVersion>,
         system_version: String,
     ) -> Agent {
+        self.open(Hello {
+            node_name: "a".into(),
+            addresses: vec![],
+            applied,
+            agent_version: "test".into(),
+            system_version,
+            applied_on_request: false,
+        })
+        .await
+    }
+
+    /// An agent stating its version only (the list on request).
+    async fn connect_on_request(&self, system_version: String) -> Agent {
+        self.open(Hello {
+            node_name: "a".into(),
+            addresses: vec![],
+            applied: vec![],
+            agent_version: "test".into(),
+            system_version,
+            applied_on_request: true,
+        })
+        .await
+    }
+
+    async fn open(&self, hello: Hello) -> Agent {
         let url = format!("http://{}", self.grpc);
         let mut client = None;
         for _ in 0..100 {
@@ -135,13 +160,7 @@ impl Controller {
         let mut client = client.expect("controller never listened");
         let (tx, rx) = mpsc::channel(8);
         tx.send(AgentMessage {
-            message: Some(agent_message::Message::Hello(Hello {
-                node_name: "a".into(),
-                addresses: vec![],
-                applied,
-                agent_version: "test".into(),
-                system_version,
-            })),
+            message: Some(agent_message::Message::Hello(hello)),
         })
         .await
         .unwrap();
@@ -185,16 +204,37 @@ struct Agent {
 }
 
 impl Agent {
-    async fn next(&mut self) -> Change {
+    async fn message(&mut self) -> controller_message::Message {
         let msg = tokio::time::timeout(WAIT, self.inbound.message())
             .await
-            .expect("no change within 5 s")
+            .expect("no message within 5 s")
             .unwrap()
             .expect("stream ended");
-        match msg.message {
-            Some(controller_message::Message::Change(c)) => c,
-            None => panic!("empty message"),
+        msg.message.expect("empty message")
+    }
+
+    async fn next(&mut self) -> Change {
+        match self.message().await {
+            controller_message::Message::Change(c) => c,
+            other => panic!("expected a change, got {other:?}"),
         }
+    }
+
+    async fn send_inventory(&self, applied: Vec<ResourceVersion>) {
+        let system_version = kubenft_proto::system_version(
+            applied
+                .iter()
+                .map(|r| (r.name.as_str(), r.version.as_str())),
+        );
+        self.tx
+            .send(AgentMessage {
+                message: Some(agent_message::Message::Inventory(Inventory {
+                    applied,
+                    system_version,
+                })),
+            })
+            .await
+            .unwrap();
     }
 
     async fn nothing_for(&mut self, d: Duration) {
@@ -309,6 +349,49 @@ async fn a_current_agent_gets_only_a_confirmation() {
         .await;
     let diff = stale.next().await;
     assert_eq!(names(&diff), ["default/web/tcp/http/ipv4", "node"]);
+    assert_eq!(diff.removed, ["default/gone/tcp/http/ipv4"]);
+    ctl.stop().await;
+}
+
+/// A Hello may state the version alone: a current agent is confirmed without listing anything,
+/// a stale one is asked for its inventory and then gets just the difference.
+#[tokio::test]
+async fn an_agent_lists_what_it_holds_only_when_asked() {
+    let ctl = Controller::start().await;
+    let mut agent = ctl.connect(vec![]).await;
+    let full = agent.next().await;
+    agent.ack(&full).await;
+    drop(agent);
+
+    let mut current = ctl.connect_on_request(full.system_version.clone()).await;
+    let confirmation = current.next().await;
+    assert!(confirmation.resources.is_empty() && confirmation.removed.is_empty());
+    assert_eq!(confirmation.system_version, full.system_version);
+    drop(current);
+
+    let web = full
+        .resources
+        .iter()
+        .find(|r| r.name == "default/web/tcp/http/ipv4")
+        .unwrap()
+        .name_version();
+    let held = vec![
+        ResourceVersion {
+            name: "default/gone/tcp/http/ipv4".into(),
+            version: "0".into(),
+        },
+        web,
+    ];
+    let claimed =
+        kubenft_proto::system_version(held.iter().map(|r| (r.name.as_str(), r.version.as_str())));
+    let mut stale = ctl.connect_on_request(claimed).await;
+    match stale.message().await {
+        controller_message::Message::InventoryRequest(_) => {}
+        other => panic!("expected an inventory request, got {other:?}"),
+    }
+    stale.send_inventory(held).await;
+    let diff = stale.next().await;
+    assert_eq!(names(&diff), ["node"], "web is current: not resent");
     assert_eq!(diff.removed, ["default/gone/tcp/http/ipv4"]);
     ctl.stop().await;
 }

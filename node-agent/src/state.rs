@@ -170,6 +170,15 @@ impl AppliedState {
             .collect()
     }
 
+    /// The system version the Hello states: empty while the kernel state is unknown or
+    /// nothing is applied (then the agent has nothing worth confirming).
+    pub fn hello_version(&self) -> String {
+        if !self.synced || self.is_empty() {
+            return String::new();
+        }
+        self.system_version()
+    }
+
     pub fn system_version(&self) -> String {
         kubenft_proto::system_version(
             self.applied()

@@ -2,7 +2,8 @@
 //! bounded exponential backoff across the configured controllers.
 //!
 //! Losing the controller never touches the data path: the tables stay as last applied, and a
-//! fresh Hello on reconnect tells the controller what that is.
+//! fresh Hello on reconnect tells the controller what that is (its version; the list of names
+//! and versions only if the controller asks).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,7 +125,17 @@ async fn session<N: Nft>(
             }
             continue;
         };
-        let controller_message::Message::Change(part) = msg;
+        let part = match msg {
+            controller_message::Message::Change(part) => part,
+            controller_message::Message::InventoryRequest(_) => {
+                tx.send(message(agent_message::Message::Inventory(inventory(
+                    applier,
+                ))))
+                .await
+                .map_err(|_| SessionError::Closed)?;
+                continue;
+            }
+        };
         let Some(change) = parts.add(part) else {
             continue;
         };
@@ -178,27 +189,30 @@ fn message(m: agent_message::Message) -> AgentMessage {
     AgentMessage { message: Some(m) }
 }
 
+/// The Hello states the system version only: a controller that agrees the agent is current
+/// needs nothing more, and one that does not asks for the [`inventory`].
 async fn hello<N: Nft>(cfg: &StreamConfig, applier: &Applier<N>) -> v1::Hello {
     let addresses = addrs::node_addresses().await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot list the node's addresses");
         Vec::new()
     });
-    let (applied, system_version) = {
-        let state = applier.state().read();
-        let applied = state.hello_applied();
-        let version = if applied.is_empty() {
-            String::new()
-        } else {
-            state.system_version()
-        };
-        (applied, version)
-    };
+    let system_version = applier.state().read().hello_version();
     v1::Hello {
         node_name: cfg.node_name.clone(),
         addresses,
-        applied,
+        applied: Vec::new(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        applied_on_request: !system_version.is_empty(),
         system_version,
+    }
+}
+
+/// What the agent has applied (an empty version when it holds nothing).
+fn inventory<N: Nft>(applier: &Applier<N>) -> v1::Inventory {
+    let state = applier.state().read();
+    v1::Inventory {
+        applied: state.hello_applied(),
+        system_version: state.hello_version(),
     }
 }
 

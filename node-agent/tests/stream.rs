@@ -112,7 +112,8 @@ async fn hello_ack_nack_and_reconnect() {
         panic!("expected Hello")
     };
     assert_eq!(hello.node_name, "node-a");
-    assert!(hello.applied.is_empty());
+    assert!(hello.applied.is_empty() && !hello.applied_on_request);
+    assert!(hello.system_version.is_empty());
     assert!(!hello.agent_version.is_empty());
 
     use v1::{IpFamily::Ipv4, Protocol::Tcp};
@@ -147,13 +148,32 @@ async fn hello_ack_nack_and_reconnect() {
         }))
     );
 
-    // The controller goes away: the agent reconnects and reports what it has applied.
+    // The controller goes away: the agent reconnects and states the version of what it has
+    // applied, and lists it when asked.
     drop(first);
-    let _second = streams.recv().await.unwrap();
+    let second = streams.recv().await.unwrap();
     let Some(agent_message::Message::Hello(hello)) = next(&mut inbound).await.message else {
         panic!("expected Hello")
     };
-    assert_eq!(hello.applied, vec![svc.name_version()]);
+    let held = vec![svc.name_version()];
+    let version =
+        kubenft_proto::system_version(held.iter().map(|r| (r.name.as_str(), r.version.as_str())));
+    assert!(hello.applied.is_empty() && hello.applied_on_request);
+    assert_eq!(hello.system_version, version);
+    second
+        .send(Ok(ControllerMessage {
+            message: Some(controller_message::Message::InventoryRequest(
+                v1::InventoryRequest {},
+            )),
+        }))
+        .await
+        .unwrap();
+    let Some(agent_message::Message::Inventory(inventory)) = next(&mut inbound).await.message
+    else {
+        panic!("expected Inventory")
+    };
+    assert_eq!(inventory.applied, held);
+    assert_eq!(inventory.system_version, version);
 
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(10), client)

@@ -54,6 +54,7 @@ pub struct Totals {
     pub changes: u64,
     pub resources: u64,
     pub bytes: u64,
+    pub inventories: u64,
 }
 
 /// The simulated agents' shared record.
@@ -63,6 +64,8 @@ pub struct Fleet {
     changes: AtomicU64,
     resources: AtomicU64,
     bytes: AtomicU64,
+    /// InventoryRequests received (an agent not judged current by its version).
+    inventories: AtomicU64,
     armed: Mutex<Option<Armed>>,
     /// What each agent held when its stream closed (suite 4).
     held: Mutex<Vec<(u32, Held)>>,
@@ -77,6 +80,7 @@ impl Default for Fleet {
             changes: AtomicU64::new(0),
             resources: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            inventories: AtomicU64::new(0),
             armed: Mutex::new(None),
             held: Mutex::new(Vec::new()),
             stop: watch::channel(false).0,
@@ -99,6 +103,7 @@ impl Fleet {
             changes: self.changes.load(Ordering::Relaxed),
             resources: self.resources.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            inventories: self.inventories.load(Ordering::Relaxed),
         }
     }
 
@@ -334,12 +339,14 @@ async fn agent(
         .iter()
         .map(|rv| (rv.name.clone(), rv.version.clone()))
         .collect();
+    // As the real agent does: the version only, the list if the controller asks for it.
     let hello = Hello {
         node_name: node_name(id),
         addresses: Vec::new(),
-        applied,
+        applied: Vec::new(),
         agent_version: "kubenft-bench".into(),
         system_version: system_version.clone(),
+        applied_on_request: !system_version.is_empty(),
     };
     tx.send(message(agent_message::Message::Hello(hello)))
         .await?;
@@ -355,11 +362,28 @@ async fn agent(
             _ = stop.changed() => break,
             msg = inbound.message() => msg,
         };
-        let Ok(Some(v1::ControllerMessage {
-            message: Some(controller_message::Message::Change(change)),
-        })) = msg
-        else {
-            break;
+        let change = match msg {
+            Ok(Some(v1::ControllerMessage {
+                message: Some(controller_message::Message::Change(change)),
+            })) => change,
+            Ok(Some(v1::ControllerMessage {
+                message: Some(controller_message::Message::InventoryRequest(_)),
+            })) => {
+                fleet.inventories.fetch_add(1, Ordering::Relaxed);
+                let inventory = v1::Inventory {
+                    applied: applied.clone(),
+                    system_version: system_version.clone(),
+                };
+                if tx
+                    .send(message(agent_message::Message::Inventory(inventory)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            _ => break,
         };
         // A change sent in parts is answered once, after its last part.
         if !change.continued {

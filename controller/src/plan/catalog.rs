@@ -17,7 +17,7 @@ use super::{
 };
 use crate::model::{NodeModel, ObjectName, Rejection, SliceModel};
 use crate::select::NodeSite;
-use crate::view::{NodeRuleSet, Resources};
+use crate::view::{Base, NodeRuleSet, Resources};
 
 /// The node-independent part of planning.
 #[derive(Clone, Debug, Default)]
@@ -28,7 +28,7 @@ pub struct Catalog {
     /// By resource name.
     pub ports: OrdMap<String, Arc<PlannedPort>>,
     /// Every port's generic resource: the part of every node's rule set they share.
-    pub base: Resources,
+    pub base: Base,
     /// The port names of each planned Service.
     by_service: OrdMap<ObjectName, Arc<[String]>>,
     /// The EndpointSlices of each Service (by the slice's service label).
@@ -184,7 +184,7 @@ impl Catalog {
         }
         if let Some(port) = port {
             self.index_specific(&name, &port.specific, true);
-            self.base.insert(name.clone(), port.generic.clone());
+            self.base.insert(port.generic.clone());
             self.ports.insert(name.clone(), port);
         }
         self.changed.push(name);
@@ -254,7 +254,7 @@ impl Catalog {
             .override_names(&facts.name)
             .filter_map(|name| self.node_value(facts, name).map(|r| (name.clone(), r)))
             .collect();
-        NodeRuleSet::build(facts.name.clone(), self.base.clone(), overrides, rev)
+        NodeRuleSet::build(facts.name.clone(), &self.base, overrides, rev)
     }
 
     /// The next revision of a node's rule set after this catalog replaced the one it was
