@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs issue 5's benchmarks (crate bench/, binary kubenft-bench) and writes BENCHMARKS.md.
-# Needs root (network namespaces). All four suites take about 30-40 minutes on 2 cores.
+# Needs root (network namespaces). All five suites take about 30-40 minutes on 2 cores
+# (suite 5, network programming latency in the namespace lab, well under a minute).
 #
 #   scripts/bench.sh                                  # everything
 #   scripts/bench.sh --suite 1,2 --sizes 1000,10000   # a quicker run (flags go to kubenft-bench)
+#   scripts/bench.sh --suite 5 --programming-changes 100
 #
 # Each suite's latest tables are kept in target/kubenft-bench/suite-N.md and BENCHMARKS.md is
 # rebuilt from all of them, so suites may be run separately.
@@ -21,12 +23,14 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 "$bin/kubenft-bench" --agent-bin "$bin/kubenft-agent" --controller-bin "$bin/kubenft-controller" \
   --out BENCHMARKS.md "$@" &
 pid=$!
-# The bench deletes its namespaces (knb-<pid>-*) itself, also on SIGINT/SIGTERM; this catches
-# a bench that died some other way.
+# The bench deletes its namespaces (knb-<pid>-*, suite 5's lab kn<pid>x<n>-*) itself, also on
+# SIGINT/SIGTERM; this catches a bench that died some other way, and the processes left in them.
 cleanup() {
-  ip netns list 2>/dev/null | awk '{print $1}' | grep "^knb-$pid-" | while read -r ns; do
-    ip netns del "$ns" || true
-  done
+  ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^(knb-$pid-|kn${pid}x[0-9]+-)" |
+    while read -r ns; do
+      ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+      ip netns del "$ns" || true
+    done
 }
 trap 'kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; cleanup' INT TERM
 trap cleanup EXIT

@@ -7,11 +7,14 @@
 //!  2  data plane       client ns → node ns (rules) → server ns; kubenft vs a linear rule list
 //!  3  fan-out          the real controller binary, K simulated agents over real gRPC streams
 //!  4  reconnect storm  1,000 current agents reconnect after a controller restart
+//!  5  programming      in the lab (kubenft-lab), the real controller and agents: an
+//!                      EndpointSlice change → the new pod answers a client's probe
 //! ```
 //!
-//! Needs root (network namespaces). Every namespace is named `knb-<pid>-…` and deleted on exit,
-//! also on SIGINT/SIGTERM. Hidden subcommands run inside namespaces: `client`, `echo`,
-//! `fake-controller`.
+//! Needs root (network namespaces). Every namespace is named `knb-<pid>-…` (suite 5's lab:
+//! `kn<pid>x<n>-…`) and deleted on exit, also on SIGINT/SIGTERM. Hidden subcommands run inside
+//! namespaces: `client`, `echo`, `fake-controller`; started as `kubenft-echo` (a symlink suite 5
+//! makes), the binary is the lab's echo server and prober.
 #![forbid(unsafe_code)]
 
 mod agent_apply;
@@ -21,6 +24,7 @@ mod fanout;
 mod kubeproxy;
 mod netns;
 mod nftrun;
+mod programming;
 mod report;
 mod workload;
 
@@ -48,8 +52,9 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Suites to run (1 apply, 2 data plane, 3 fan-out, 4 reconnect storm).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    /// Suites to run (1 apply, 2 data plane, 3 fan-out, 4 reconnect storm, 5 programming
+    /// latency in the lab).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
     suite: Vec<u32>,
     /// Service counts for suite 1.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000")]
@@ -69,6 +74,12 @@ struct RunArgs {
     /// Agents in suite 4.
     #[arg(long, default_value_t = 1000)]
     storm_agents: u32,
+    /// EndpointSlice changes timed in suite 5.
+    #[arg(long, default_value_t = 100)]
+    programming_changes: usize,
+    /// Pause between suite 5's probe attempts, milliseconds (0: back to back).
+    #[arg(long, default_value_t = 1)]
+    programming_interval_ms: u64,
     /// New connections measured per cell in suite 2.
     #[arg(long, default_value_t = 2000)]
     connections: usize,
@@ -81,10 +92,10 @@ struct RunArgs {
     /// Baseline full loads are not attempted above this many Services.
     #[arg(long, default_value_t = 10_000)]
     baseline_max: u32,
-    /// The agent binary (suite 1's memory figure) [default: next to this binary].
+    /// The agent binary (suite 1's memory figure, suite 5) [default: next to this binary].
     #[arg(long)]
     agent_bin: Option<PathBuf>,
-    /// The controller binary (suites 3 and 4) [default: next to this binary].
+    /// The controller binary (suites 3, 4 and 5) [default: next to this binary].
     #[arg(long)]
     controller_bin: Option<PathBuf>,
     /// Where to write the report (nothing is written if empty).
@@ -125,9 +136,21 @@ enum Hidden {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    if programming::invoked_as_echo() {
+        // Before any runtime: the echo server builds its own.
+        let ok = kubenft_lab::echo::main() == std::process::ExitCode::SUCCESS;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let cli = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?
+        .block_on(run_cli(cli))
+}
+
+async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Hidden::Client {
             target,
@@ -164,6 +187,7 @@ async fn cleanup_on_signal() {
     }
     eprintln!("kubenft-bench: interrupted; deleting namespaces");
     netns::cleanup_all();
+    programming::cleanup_on_exit();
     std::process::exit(130);
 }
 
@@ -244,7 +268,18 @@ async fn run_suite(suite: u32, args: &RunArgs) -> anyhow::Result<Vec<Table>> {
                 fanout::run_storm(&opts, &controller).await
             }
         }
-        other => anyhow::bail!("no suite {other} (1-4)"),
+        5 => {
+            let opts = programming::Options {
+                changes: args.programming_changes,
+                interval: Duration::from_millis(args.programming_interval_ms),
+            };
+            let controller = sibling("kubenft-controller", args.controller_bin.as_ref())?;
+            let agent = sibling("kubenft-agent", args.agent_bin.as_ref())?;
+            tokio::task::spawn_blocking(move || programming::run(&opts, &controller, &agent))
+                .await
+                .context("suite 5 panicked")?
+        }
+        other => anyhow::bail!("no suite {other} (1-5)"),
     }
 }
 
@@ -266,7 +301,7 @@ fn write_report(args: &RunArgs) -> anyhow::Result<()> {
         "\nRun `scripts/bench.sh` for every suite, or e.g. `scripts/bench.sh --suite 1,2 --sizes 1000,10000` for a quick run (each suite section names the command that produced it). Last command: `{}`\n\n",
         command_line()
     ));
-    for suite in 1..=4 {
+    for suite in 1..=5 {
         if let Ok(section) =
             std::fs::read_to_string(sections_dir(args).join(format!("suite-{suite}.md")))
         {

@@ -10,7 +10,9 @@
 //!   each datagram with the same line followed by the payload. Listeners bind `::`
 //!   dual-stack (falling back to `0.0.0.0`). A wildcard UDP socket answers from the routing
 //!   source address, so a multi-homed host-network server should be given `--bind`.
-//! - `probe`: sequential attempts, one JSON line each (see [`crate::probe::ProbeLine`]).
+//! - `probe`: sequential attempts, one JSON line each (see [`crate::probe::ProbeLine`]),
+//!   optionally paced (`--interval-ms`) and stopped by the first answer of a given server
+//!   (`--until-server`), so a long-running probe can watch a change take effect.
 //!   Blocking std sockets: one attempt at a time needs no runtime, and every blocking call
 //!   has a timeout.
 //!
@@ -98,6 +100,13 @@ pub struct ProbeArgs {
     /// Send this many bytes and check they come back intact (`echo_ok`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=64 * 1024 * 1024))]
     pub payload_bytes: Option<u64>,
+    /// Pause between attempts, in milliseconds (0: back to back).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub interval_ms: u64,
+    /// Stop after the first attempt answered by the server of this name (still at most
+    /// `--count` attempts).
+    #[arg(long, value_name = "NAME")]
+    pub until_server: Option<String>,
 }
 
 /// Entry point of the `kubenft-echo` binary.
@@ -298,7 +307,11 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
     let check_echo = args.payload_bytes.is_some();
     let kernel_sctp = proto != Proto::Sctp || sctp_raw::kernel_has_sctp();
     let stdout = io::stdout();
-    for _ in 0..args.count {
+    let interval = Duration::from_millis(args.interval_ms);
+    for attempt in 0..args.count {
+        if attempt > 0 && !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
         let line = match proto {
             Proto::Udp => udp_attempt(target, args.source_port, timeout, &payload, check_echo),
             Proto::Sctp if !kernel_sctp => sctp_raw::attempt(target, args.source_port, timeout),
@@ -315,6 +328,9 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
         serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
         out.flush()?;
+        if args.until_server.is_some() && line.server == args.until_server {
+            break;
+        }
     }
     Ok(())
 }
@@ -535,6 +551,25 @@ mod tests {
     fn cli_parses() {
         Cli::try_parse_from(["kubenft-echo", "probe", "--udp", "[::1]:53", "--count", "3"])
             .unwrap();
+        let Cmd::Probe(p) = Cli::try_parse_from([
+            "kubenft-echo",
+            "probe",
+            "--tcp",
+            "10.0.0.1:80",
+            "--interval-ms",
+            "1",
+            "--until-server",
+            "web-2",
+        ])
+        .unwrap()
+        .cmd
+        else {
+            panic!("not a probe");
+        };
+        assert_eq!(
+            (p.interval_ms, p.until_server.as_deref()),
+            (1, Some("web-2"))
+        );
         assert!(Cli::try_parse_from(["kubenft-echo", "probe", "--count", "3"]).is_err());
         assert!(
             Cli::try_parse_from([

@@ -7,6 +7,7 @@
 //! [`sweep_stale`] tell abandoned namespaces (owner SIGKILLed) from live ones, even across
 //! PID namespaces where the pid alone would be ambiguous.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Read;
 use std::path::PathBuf;
@@ -219,6 +220,59 @@ impl Drop for OwnerLock {
 
 fn lock_path(prefix: &str) -> PathBuf {
     PathBuf::from(LOCK_DIR).join(format!("{}.lock", prefix.trim_end_matches('-')))
+}
+
+/// The directory (logs, agent state, manifests) of the lab with `prefix`.
+pub fn lab_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join("kubenft-lab")
+        .join(prefix.trim_end_matches('-'))
+}
+
+/// Deletes every namespace of this process's labs — and so every process in them — with
+/// their lock files and directories. For a process about to exit without dropping its labs
+/// (on a signal, while another thread drives a lab): namespaces that thread is still creating
+/// are caught by repeating until two passes 50 ms apart find none (at most about 5 s).
+pub fn delete_own_labs() {
+    let own_prefix = format!("kn{}x", std::process::id());
+    let own = || -> Vec<(String, String)> {
+        list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|ns| {
+                let prefix = lab_prefix_of(&ns).filter(|p| p.starts_with(&own_prefix))?;
+                Some((prefix.to_string(), ns))
+            })
+            .collect()
+    };
+    let mut prefixes = BTreeSet::new();
+    let mut quiet_passes = 0;
+    for _ in 0..100 {
+        let found = own();
+        if found.is_empty() {
+            quiet_passes += 1;
+            if quiet_passes == 2 {
+                break;
+            }
+        } else {
+            quiet_passes = 0;
+        }
+        for (prefix, ns) in found {
+            // A failure is retried by the next pass (the lab's own thread may be deleting
+            // the same namespaces).
+            let _ = delete(&ns);
+            prefixes.insert(prefix);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<String> = own().into_iter().map(|(_, ns)| ns).collect();
+    if !left.is_empty() {
+        eprintln!("kubenft-lab: could not delete namespaces {left:?}");
+    }
+    for prefix in prefixes {
+        let _ = fs::remove_file(lock_path(&prefix));
+        let _ = fs::remove_dir_all(lab_dir(&prefix));
+    }
 }
 
 /// Whether the lab owning `prefix` is gone: its lock file is missing or can be locked.

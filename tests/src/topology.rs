@@ -272,9 +272,7 @@ impl Lab {
         let echo_bin = find_binary(config.bin_dir.as_deref(), "kubenft-echo")?;
         let prefix = netns::new_prefix();
         let lock = OwnerLock::acquire(&prefix)?;
-        let dir = std::env::temp_dir()
-            .join("kubenft-lab")
-            .join(prefix.trim_end_matches('-'));
+        let dir = netns::lab_dir(&prefix);
         let manifests = dir.join("manifests");
         fs::create_dir_all(&manifests)
             .map_err(|e| LabError::io(format!("creating {}", manifests.display()), e))?;
