@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use prost::Message as _;
 use kubenft_proto::v1::{
     AgentMessage, Change, ControllerMessage, Hello, InventoryRequest, Resource, ResourceVersion,
     TriggerTime, agent_message, controller_message, rule_stream_server::RuleStream,
@@ -32,10 +33,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// of the whole rule set in memory.
 const LARGE_CHANGE: usize = 512;
 const LARGE_CHANGES_IN_FLIGHT: usize = 16;
-/// Resources per message of a change sent in parts: tonic keeps each stream's encode buffer
-/// at the size of the largest message it sent, so a whole first sync in one message would
-/// stay allocated per agent for the life of its stream.
-const PART_RESOURCES: usize = 256;
+/// The encoded size a part of a change stays under (unless one resource alone is larger): tonic
+/// keeps each stream's encode buffer at the size of the largest message it sent, so with
+/// thousands of streams this is what every agent's connection keeps allocated.
+const PART_BYTES: usize = 16 * 1024;
 
 pub struct RuleStreamService {
     hub: Arc<Hub>,
@@ -334,8 +335,13 @@ impl Session {
                 } else {
                     None
                 };
-                for part in self.start(desired, diff, permit) {
-                    if tx.send(Ok(part)).await.is_err() {
+                // Each part is copied only when the channel has room for it, so a stream
+                // holds a few parts of a large change at a time, not the whole of it.
+                for part in self.start(desired, diff, permit).parts(PART_BYTES) {
+                    let message = ControllerMessage {
+                        message: Some(controller_message::Message::Change(part)),
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
                 }
@@ -362,7 +368,7 @@ impl Session {
     }
 
     /// When the changes behind these resources happened, where known.
-    fn trigger_times(&self, resources: &[Resource]) -> Vec<TriggerTime> {
+    fn trigger_times(&self, resources: &[Arc<Resource>]) -> Vec<TriggerTime> {
         let catalog = self.hub.catalog();
         resources
             .iter()
@@ -393,13 +399,13 @@ impl Session {
         Some((desired, diff))
     }
 
-    /// Puts `diff` in flight as the next Change, in as many parts as it needs.
+    /// Puts `diff` in flight as the next Change.
     fn start(
         &mut self,
         desired: Arc<NodeRuleSet>,
         diff: Diff,
         permit: Option<OwnedSemaphorePermit>,
-    ) -> Vec<ControllerMessage> {
+    ) -> Outgoing {
         self.confirmed = true;
         let change_id = self.next_id;
         self.next_id += 1;
@@ -407,32 +413,21 @@ impl Session {
             self.hub.sent(&self.node);
             self.metrics.changes_sent.inc();
         }
-        let resources: Vec<Resource> = diff.resources.iter().map(|r| Resource::clone(r)).collect();
-        debug!(change_id, resources = resources.len(), removed = diff.removed.len(), version = %desired.system_version, "sending change");
-        let system_version = desired.system_version.clone();
+        debug!(change_id, resources = diff.resources.len(), removed = diff.removed.len(), version = %desired.system_version, "sending change");
+        let outgoing = Outgoing {
+            change_id,
+            system_version: desired.system_version.clone(),
+            trigger_times: self.trigger_times(&diff.resources),
+            resources: diff.resources,
+            removed: diff.removed,
+        };
         self.in_flight = Some(InFlight {
             change_id,
             target: desired,
             sent_at: tokio::time::Instant::now(),
             _permit: permit,
         });
-        let trigger_times = self.trigger_times(&resources);
-        split(
-            Change {
-                change_id,
-                system_version,
-                trigger_times,
-                resources,
-                removed: diff.removed,
-                continued: false,
-            },
-            PART_RESOURCES,
-        )
-        .into_iter()
-        .map(|c| ControllerMessage {
-            message: Some(controller_message::Message::Change(c)),
-        })
-        .collect()
+        outgoing
     }
 
     fn on_message(&mut self, msg: AgentMessage) {
@@ -475,37 +470,60 @@ impl Session {
     }
 }
 
-/// Splits a change into parts of at most `max` resources (removals go in the last part);
-/// every part but the last is marked `continued`.
-fn split(change: Change, max: usize) -> Vec<Change> {
-    if change.resources.len() <= max {
-        return vec![change];
-    }
-    let Change {
-        change_id,
-        system_version,
-        trigger_times,
-        resources,
-        removed,
-        ..
-    } = change;
-    let mut parts: Vec<Change> = Vec::with_capacity(resources.len().div_ceil(max));
-    let mut resources = resources.into_iter().peekable();
-    while resources.peek().is_some() {
-        parts.push(Change {
+/// A change on its way out: shared resources, copied part by part as they are sent.
+struct Outgoing {
+    change_id: u64,
+    system_version: String,
+    trigger_times: Vec<TriggerTime>,
+    resources: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+}
+
+impl Outgoing {
+    /// The change in parts of at most `max_bytes` of resources each (one part when it fits; a
+    /// resource larger than that alone in its part), each marked `continued` but the last,
+    /// which carries the removals and trigger times.
+    fn parts(self, max_bytes: usize) -> impl Iterator<Item = Change> {
+        let Outgoing {
             change_id,
-            system_version: system_version.clone(),
-            resources: resources.by_ref().take(max).collect(),
-            continued: true,
-            ..Default::default()
-        });
+            system_version,
+            mut trigger_times,
+            resources,
+            mut removed,
+        } = self;
+        let mut rest = resources.into_iter().peekable();
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            let mut part = Vec::new();
+            let mut bytes = 0;
+            while let Some(next) = rest.peek() {
+                let size = next.encoded_len();
+                if !part.is_empty() && bytes + size > max_bytes {
+                    break;
+                }
+                bytes += size;
+                part.push(Resource::clone(next));
+                rest.next();
+            }
+            let last = rest.peek().is_none();
+            done = last;
+            Some(Change {
+                change_id,
+                system_version: system_version.clone(),
+                resources: part,
+                removed: if last { std::mem::take(&mut removed) } else { Vec::new() },
+                trigger_times: if last {
+                    std::mem::take(&mut trigger_times)
+                } else {
+                    Vec::new()
+                },
+                continued: !last,
+            })
+        })
     }
-    if let Some(last) = parts.last_mut() {
-        last.continued = false;
-        last.removed = removed;
-        last.trigger_times = trigger_times;
-    }
-    parts
 }
 
 #[cfg(test)]
@@ -514,19 +532,24 @@ mod tests {
 
     #[test]
     fn large_changes_are_split_into_parts() {
-        let change = Change {
-            change_id: 7,
-            system_version: "v".into(),
-            resources: (0..600)
-                .map(|i| Resource {
+        let resources: Vec<Arc<Resource>> = (0..600)
+            .map(|i| {
+                Arc::new(Resource {
                     name: format!("r{i:03}"),
+                    version: "0123456789".into(),
                     ..Default::default()
                 })
-                .collect(),
+            })
+            .collect();
+        let each = resources[0].encoded_len();
+        let outgoing = |n: usize| Outgoing {
+            change_id: 7,
+            system_version: "v".into(),
+            trigger_times: Vec::new(),
+            resources: resources[..n].to_vec(),
             removed: vec!["gone".into()],
-            ..Default::default()
         };
-        let parts = split(change.clone(), 256);
+        let parts: Vec<Change> = outgoing(600).parts(256 * each).collect();
         assert_eq!(
             parts.iter().map(|p| p.resources.len()).collect::<Vec<_>>(),
             [256, 256, 88]
@@ -540,14 +563,17 @@ mod tests {
                 .iter()
                 .all(|p| p.change_id == 7 && p.system_version == "v")
         );
+        assert!(parts[0].removed.is_empty());
         assert_eq!(parts[2].removed, ["gone"]);
         let joined: Vec<Resource> = parts.into_iter().flat_map(|p| p.resources).collect();
-        assert_eq!(joined, change.resources);
-        // Small changes go out whole.
-        let small = Change {
-            resources: change.resources[..10].to_vec(),
-            ..change
-        };
-        assert_eq!(split(small.clone(), 256), [small]);
+        let expected: Vec<Resource> = resources.iter().map(|r| Resource::clone(r)).collect();
+        assert_eq!(joined, expected);
+        // Small changes go out whole, an empty one (a confirmation) as one part, and a
+        // resource larger than a part alone in its own.
+        let small: Vec<Change> = outgoing(10).parts(256 * each).collect();
+        assert_eq!(small.len(), 1);
+        assert!(!small[0].continued && small[0].removed == ["gone"]);
+        assert_eq!(outgoing(0).parts(256 * each).count(), 1);
+        assert_eq!(outgoing(3).parts(1).count(), 3);
     }
 }
