@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use prost::Message as _;
 use kubenft_proto::v1::{
     AgentMessage, Change, ControllerMessage, Hello, InventoryRequest, Resource, ResourceVersion,
     TriggerTime, agent_message, controller_message, rule_stream_server::RuleStream,
 };
+use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -514,7 +514,11 @@ impl Outgoing {
                 change_id,
                 system_version: system_version.clone(),
                 resources: part,
-                removed: if last { std::mem::take(&mut removed) } else { Vec::new() },
+                removed: if last {
+                    std::mem::take(&mut removed)
+                } else {
+                    Vec::new()
+                },
                 trigger_times: if last {
                     std::mem::take(&mut trigger_times)
                 } else {
