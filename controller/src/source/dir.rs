@@ -76,6 +76,8 @@ impl DirCache {
     }
 
     /// Checks every file; `true` if anything changed (a file changed, appeared or went away).
+    /// The files to read are read and validated on every core (a first read of thousands of
+    /// files is the controller's start-up time).
     fn rescan(&mut self, dir: &Path) -> bool {
         let files: BTreeSet<PathBuf> = manifest_files(dir).into_iter().collect();
         let gone: Vec<PathBuf> = self
@@ -85,8 +87,21 @@ impl DirCache {
             .cloned()
             .collect();
         let mut changed = false;
-        for path in gone.into_iter().chain(files) {
+        for path in gone {
             changed |= self.check(path);
+        }
+        let stale: Vec<(PathBuf, Option<Stamp>)> = files
+            .into_iter()
+            .map(|p| {
+                let stamp = Stamp::of(&p);
+                (p, stamp)
+            })
+            .filter(|(p, stamp)| stamp.is_none() || self.stamps.get(p) != stamp.as_ref())
+            .collect();
+        changed |= !stale.is_empty();
+        for (path, stamp, batch) in read_all(stale, &self.limits) {
+            self.store.set(path.clone(), batch);
+            self.stamps.insert(path, stamp.unwrap_or(Stamp::NONE));
         }
         changed
     }
@@ -111,10 +126,8 @@ impl DirCache {
         if stamp.is_some() && self.stamps.get(&path) == stamp.as_ref() {
             return false;
         }
-        let mut objects = Objects::default();
-        read_file(&path, &mut objects);
         self.store
-            .set(path.clone(), Batch::validate(&objects, &self.limits));
+            .set(path.clone(), read_batch(&path, &self.limits));
         // A file that vanished between the check and its stat gets an empty stamp, so it is
         // read again next time.
         self.stamps.insert(path, stamp.unwrap_or(Stamp::NONE));
@@ -124,6 +137,55 @@ impl DirCache {
     fn inputs(&self) -> Inputs {
         self.store.inputs()
     }
+}
+
+fn read_batch(path: &Path, limits: &Limits) -> Batch {
+    let mut objects = Objects::default();
+    read_file(path, &mut objects);
+    Batch::validate(&objects, limits)
+}
+
+/// Reads and validates files on every available core, returning them in the order given.
+fn read_all(
+    files: Vec<(PathBuf, Option<Stamp>)>,
+    limits: &Limits,
+) -> Vec<(PathBuf, Option<Stamp>, Batch)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || files.len() < 64 {
+        return files
+            .into_iter()
+            .map(|(p, s)| {
+                let batch = read_batch(&p, limits);
+                (p, s, batch)
+            })
+            .collect();
+    }
+    let chunk = files.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<(PathBuf, Option<Stamp>)>> = Vec::new();
+    let mut rest = files.into_iter().peekable();
+    while rest.peek().is_some() {
+        chunks.push(rest.by_ref().take(chunk).collect());
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(p, s)| {
+                            let batch = read_batch(&p, limits);
+                            (p, s, batch)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }
 
 /// What the directory watch reported.
