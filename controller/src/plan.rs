@@ -124,6 +124,16 @@ pub struct PortPlan {
     pub trigger_ms: Option<i64>,
 }
 
+impl PortPlan {
+    /// Whether a node's rules for this port depend on which endpoints run on it: a Local
+    /// traffic policy that applies (internal, or external on an externally reachable port).
+    fn uses_locality(&self) -> bool {
+        self.service.internal_policy == TrafficPolicy::Local
+            || (self.service.externally_accessible()
+                && self.service.external_policy == TrafficPolicy::Local)
+    }
+}
+
 /// Which nodes see a Service port differently from the rest.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Specific {
@@ -160,13 +170,17 @@ impl PlannedPort {
             .any(|c| c.has_zone_hints() || c.has_node_hints());
         let specific = if hinted || !plan.source_ranges.is_empty() {
             Specific::Every
-        } else {
+        } else if plan.uses_locality() {
             Specific::Nodes(
                 plan.candidates
                     .iter()
                     .filter_map(|c| c.model.node_name.clone())
                     .collect(),
             )
+        } else {
+            // Cluster-wide policies only: every node enforces the same rules (hairpin traffic
+            // is recognised by address, on every node, as kube-proxy does).
+            Specific::Nodes(BTreeSet::new())
         };
         PlannedPort {
             plan,
@@ -341,11 +355,13 @@ fn sorted_strings<T: ToString>(items: &[T]) -> Vec<String> {
     v
 }
 
-fn endpoint(c: &PortCandidate, site: &NodeSite<'_>) -> Endpoint {
+/// `local` is set only where it matters (see [`PortPlan::uses_locality`]): elsewhere the
+/// resource is the same on every node.
+fn endpoint(c: &PortCandidate, site: &NodeSite<'_>, locality: bool) -> Endpoint {
     Endpoint {
         ip: c.ip.to_string(),
         port: u32::from(c.port),
-        local: c.model.node_name.as_deref() == Some(site.name),
+        local: locality && c.model.node_name.as_deref() == Some(site.name),
         ready: c.model.conditions.ready,
     }
 }
@@ -368,9 +384,10 @@ fn source_ranges(plan: &PortPlan, node_ips: &[IpAddr]) -> Vec<String> {
 pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> ServicePortRules {
     let svc = &plan.service;
     let sel = select::categorize(&plan.candidates, site);
+    let locality = plan.uses_locality();
     let pick = |idx: &[usize]| {
         idx.iter()
-            .map(|&i| endpoint(&plan.candidates[i], site))
+            .map(|&i| endpoint(&plan.candidates[i], site, locality))
             .collect::<Vec<_>>()
     };
     let local_ready = plan
@@ -423,9 +440,17 @@ pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> 
             .map(|t| SessionAffinity { timeout_seconds: t }),
         cluster_endpoints,
         endpoints_elsewhere,
-        local_endpoints: pick(&sel.local),
+        local_endpoints: if locality {
+            pick(&sel.local)
+        } else {
+            Vec::new()
+        },
         health_check_node_port: svc.health_check_node_port.map_or(0, |p| u32::from(p.get())),
-        local_ready_endpoints: u32::try_from(local_ready).unwrap_or(u32::MAX),
+        local_ready_endpoints: if locality {
+            u32::try_from(local_ready).unwrap_or(u32::MAX)
+        } else {
+            0
+        },
         serving_ips,
     }
 }

@@ -43,10 +43,12 @@ pub fn service_elements(sp: &ServicePort) -> BTreeSet<Element> {
         });
         external_elements(sp, key, &mut out);
     }
+    // Hairpin (an endpoint reaching itself through the Service) is recognised by address for
+    // every endpoint, local or not, as kube-proxy's per-endpoint masquerade rules are on
+    // every node: a packet can only match where the endpoint itself sent it, and the rules
+    // of a port with cluster-wide policies stay the same on every node.
     for ep in sp.cluster_endpoints.iter().chain(&sp.local_endpoints) {
-        if ep.local {
-            out.insert(Element::Hairpin(ep.addr));
-        }
+        out.insert(Element::Hairpin(ep.addr));
     }
     out
 }
@@ -465,6 +467,7 @@ mod tests {
             [
                 "cluster-ips 10.96.0.10",
                 "hairpin 10.1.0.1 . 10.1.0.1",
+                "hairpin 10.1.1.1 . 10.1.1.1",
                 "service-ips 10.96.0.10 . tcp . 80 : goto svc-cluster",
                 "ip-c-dispatch 10.96.0.10 . tcp . 80 : goto lb-ip-c-2",
                 "ip-c-0-eps 10.96.0.10 . tcp . 80 : 10.1.0.1 . 8080",
@@ -509,6 +512,7 @@ mod tests {
             texts(&service_elements(&s)),
             [
                 "hairpin 10.1.0.1 . 10.1.0.1",
+                "hairpin 10.1.1.1 . 10.1.1.1",
                 "service-nodeports tcp . 30080 : goto np-local",
                 "np-c-dispatch tcp . 30080 : goto lb-np-c-2",
                 "np-l-dispatch tcp . 30080 : goto lb-np-l-1",

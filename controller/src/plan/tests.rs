@@ -192,8 +192,9 @@ fn named_target_ports_resolve_per_endpoint_and_per_port() {
         endpoints(&http.cluster_endpoints),
         ["10.244.1.10:8080", "10.244.2.10:9090"]
     );
-    assert_eq!(endpoints(&http.local_endpoints), ["10.244.1.10:8080"]);
-    assert!(http.cluster_endpoints[0].local && !http.cluster_endpoints[1].local);
+    // Cluster policies: the port is the same on every node (no local marks).
+    assert!(http.local_endpoints.is_empty());
+    assert!(http.cluster_endpoints.iter().all(|e| !e.local));
     let dns = port_of(&rules, "default/web/udp/dns/ipv4");
     assert_eq!(endpoints(&dns.cluster_endpoints), ["10.244.1.10:5353"]);
     assert_eq!(dns.protocol, Protocol::Udp as i32);
@@ -470,9 +471,12 @@ fn nodes_share_the_generic_view_and_updates_touch_only_what_changed() {
         b.get("default/web/tcp/http/ipv4").unwrap(),
         x.get("default/web/tcp/http/ipv4").unwrap()
     ));
-    // Node a hosts it: its view marks the endpoint local.
+    // Node a hosts it, but with cluster-wide policies that changes nothing: the same object.
     let a = rules(&c1, &facts("a"));
-    assert!(port_of(&a, "default/web/tcp/http/ipv4").cluster_endpoints[0].local);
+    assert!(Arc::ptr_eq(
+        a.get("default/web/tcp/http/ipv4").unwrap(),
+        b.get("default/web/tcp/http/ipv4").unwrap()
+    ));
 
     // One endpoint moves: only that port changed, and each node's update equals a rebuild.
     let c2 = Catalog::build(
