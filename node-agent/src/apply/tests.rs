@@ -145,8 +145,6 @@ async fn add_service_then_change_one_endpoint() {
             "flush chain lb-ip-c-2",
             "add rule lb-ip-c-2 numgen random mod 2 vmap { 0 : goto ep-ip-c-0, 1 : goto ep-ip-c-1 }",
             "add element cluster-ips { 10.96.0.10 }",
-            "add element hairpin { 10.1.0.1 . 10.1.0.1 }",
-            "add element hairpin { 10.1.1.1 . 10.1.1.1 }",
             "add element service-ips { 10.96.0.10 . tcp . 80 : goto svc-cluster }",
             "add element ip-c-dispatch { 10.96.0.10 . tcp . 80 : goto lb-ip-c-2 }",
             "add element ip-c-0-eps { 10.96.0.10 . tcp . 80 : 10.1.0.1 . 8080 }",
@@ -164,9 +162,7 @@ async fn add_service_then_change_one_endpoint() {
     assert_eq!(
         f.last(),
         [
-            "delete element hairpin { 10.1.1.1 . 10.1.1.1 }",
             "delete element ip-c-1-eps { 10.96.0.10 . tcp . 80 }",
-            "add element hairpin { 10.1.2.2 . 10.1.2.2 }",
             "add element ip-c-1-eps { 10.96.0.10 . tcp . 80 : 10.1.2.2 . 8080 }",
         ]
     );
@@ -234,7 +230,6 @@ async fn internal_traffic_local_without_local_endpoints_drops() {
         f.last(),
         [
             "add element cluster-ips { 10.96.0.10 }",
-            "add element hairpin { 10.1.1.1 . 10.1.1.1 }",
             "add element service-ips { 10.96.0.10 . tcp . 80 : goto svc-local }",
             "add element no-endpoint-services { 10.96.0.10 . tcp . 80 : drop }",
         ]
@@ -378,10 +373,9 @@ async fn nft_failure_keeps_the_previous_state() {
     let state = f.applier.state().read().clone();
     assert_eq!(state.table(crate::model::Family::V4).elements, before);
     assert_eq!(state.generation(), 1);
-    // A retry diffs against the old state again (the endpoint and its hairpin element, each
-    // replaced).
+    // A retry diffs against the old state again.
     f.apply(change(3, vec![r2], &[])).await.unwrap();
-    assert_eq!(f.last().len(), 4);
+    assert_eq!(f.last().len(), 2);
 }
 
 #[tokio::test]
@@ -521,7 +515,6 @@ async fn scaling_up_creates_only_the_new_slot_and_chain() {
             "add chain lb-ip-c-3",
             "flush chain lb-ip-c-3",
             "add rule lb-ip-c-3 numgen random mod 3 vmap { 0 : goto ep-ip-c-0, 1 : goto ep-ip-c-1, 2 : goto ep-ip-c-2 }",
-            "add element hairpin { 10.1.0.3 . 10.1.0.3 }",
             "add element ip-c-dispatch { 10.96.0.10 . tcp . 80 : goto lb-ip-c-3 }",
             "add element ip-c-2-eps { 10.96.0.10 . tcp . 80 : 10.1.0.3 . 8080 }",
         ]

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::session::{self, Session};
 use super::{TableName, Transaction};
 use crate::model::Family;
 
@@ -53,27 +54,96 @@ pub trait Nft: Send + Sync + 'static {
 }
 
 /// The real `nft` binary, optionally behind a command prefix (e.g. `ip netns exec NS`).
+/// Small transactions go through one long-lived `nft -i` ([`session`]), large ones (a full
+/// apply) through `nft -f -`.
 #[derive(Clone, Debug)]
 pub struct NftCli {
     argv: Vec<String>,
+    session: SessionSlot,
 }
 
 impl Default for NftCli {
     fn default() -> Self {
-        NftCli {
-            argv: vec!["nft".into()],
-        }
+        NftCli::with_argv(vec!["nft".into()])
+    }
+}
+
+/// The long-lived `nft -i`, shared by clones.
+#[derive(Clone, Default)]
+struct SessionSlot(Arc<tokio::sync::Mutex<SessionState>>);
+
+#[derive(Default)]
+enum SessionState {
+    /// Not started yet (or dropped after a failure).
+    #[default]
+    Idle,
+    Ready(Session),
+    /// `nft -i` does not work here (an nft built without its CLI): `nft -f -` only.
+    Unsupported,
+}
+
+impl std::fmt::Debug for SessionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionSlot")
     }
 }
 
 impl NftCli {
+    fn with_argv(argv: Vec<String>) -> NftCli {
+        NftCli {
+            argv,
+            session: SessionSlot::default(),
+        }
+    }
+
     /// `nft` run inside a network namespace (tests).
     pub fn in_netns(netns: &str) -> NftCli {
-        NftCli {
-            argv: ["ip", "netns", "exec", netns, "nft"]
+        NftCli::with_argv(
+            ["ip", "netns", "exec", netns, "nft"]
                 .map(String::from)
                 .into(),
+        )
+    }
+
+    /// Runs a small script through the long-lived session; `None` if there is none to use
+    /// (then the caller runs `nft -f -`). A session that failed other than by nft refusing
+    /// the script is dropped and replaced on the next call.
+    async fn run_in_session(&self, script: &str) -> Option<Result<(), NftError>> {
+        let mut state = self.session.0.lock().await;
+        if let SessionState::Ready(s) = &mut *state
+            && (s.worn() || s.exited())
+        {
+            // Replaced before anything is sent: a session that died while idle (killed, out
+            // of memory) costs nothing.
+            *state = SessionState::Idle;
         }
+        if matches!(*state, SessionState::Idle) {
+            *state = match self.start_session().await {
+                Ok(s) => SessionState::Ready(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "nft -i does not work here; every transaction runs its own nft");
+                    SessionState::Unsupported
+                }
+            };
+        }
+        let SessionState::Ready(session) = &mut *state else {
+            return None;
+        };
+        let result = session.run(script, NFT_TIMEOUT).await;
+        if let Err(e) = &result
+            && !matches!(e, NftError::Refused { .. })
+        {
+            tracing::warn!(error = %e, "nft -i failed; starting another");
+            *state = SessionState::Idle;
+        }
+        Some(result)
+    }
+
+    /// A new session, checked with an empty script.
+    async fn start_session(&self) -> Result<Session, NftError> {
+        let mut session = Session::spawn(&self.argv)?;
+        session.run("", NFT_TIMEOUT).await?;
+        Ok(session)
     }
 
     /// Runs an nft script (`nft -f -`), returning nft's stderr verbatim on failure.
@@ -124,7 +194,13 @@ impl NftCli {
 
 impl Nft for NftCli {
     async fn apply(&self, tx: &Transaction) -> Result<(), NftError> {
-        self.run_script(&tx.to_string()).await
+        let script = tx.to_string();
+        if script.len() <= session::MAX_SCRIPT_BYTES
+            && let Some(result) = self.run_in_session(&script).await
+        {
+            return result;
+        }
+        self.run_script(&script).await
     }
 
     async fn generation(&self, table: &TableName, family: Family) -> Result<Option<u32>, NftError> {

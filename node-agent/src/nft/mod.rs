@@ -8,6 +8,7 @@
 
 mod exec;
 mod objects;
+mod session;
 
 pub use exec::{FakeNft, Nft, NftCli, NftError};
 pub use objects::{
