@@ -311,7 +311,12 @@ fn candidates(
     out.into_values().collect()
 }
 
-fn node_rules(policy: &ClusterPolicy, node: Option<&NodeModel>, facts: &NodeFacts) -> NodeRules {
+fn node_rules(
+    policy: &ClusterPolicy,
+    node: Option<&NodeModel>,
+    facts: &NodeFacts,
+    local_endpoint_ips: Vec<String>,
+) -> NodeRules {
     let (node_port_ips, all) = match &policy.node_port_addresses {
         NodePortAddresses::Primary => (
             node.map(|n| n.internal_ips.clone()).unwrap_or_default(),
@@ -345,6 +350,7 @@ fn node_rules(policy: &ClusterPolicy, node: Option<&NodeModel>, facts: &NodeFact
         node_port_all_addresses: all,
         masquerade_all: policy.masquerade_all,
         deleting: node.is_some_and(|n| n.deleting),
+        local_endpoint_ips,
     }
 }
 

@@ -299,7 +299,9 @@ async fn deltas_with_one_change_in_flight() {
     agent.nothing_for(Duration::from_millis(600)).await;
     agent.ack(&first).await;
     let merged = agent.next().await;
-    assert_eq!(names(&merged), ["default/web/tcp/http/ipv4"]);
+    // The endpoint that moved is on this agent's node: its settings (the node's endpoint
+    // addresses, for hairpin) changed with the port.
+    assert_eq!(names(&merged), ["default/web/tcp/http/ipv4", "node"]);
     assert_eq!(merged.removed, ["default/api/tcp/http/ipv4"]);
     agent.ack(&merged).await;
     agent.nothing_for(Duration::from_millis(300)).await;

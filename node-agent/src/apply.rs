@@ -66,18 +66,33 @@ pub fn plan(
     // element moving between resources in one change is not a conflict.
     let touched = upserts.iter().map(|a| &a.name).chain(&change.removed);
     for name in touched {
-        if let Some(Spec::ServicePort(old)) = state.resources.get(name).map(|a| &a.spec) {
-            let overlay = &mut overlays[old.family as usize];
-            for element in render::service_elements(old) {
-                overlay.release(&element);
+        match state.resources.get(name).map(|a| &a.spec) {
+            Some(Spec::ServicePort(old)) => {
+                let overlay = &mut overlays[old.family as usize];
+                for element in render::service_elements(old) {
+                    overlay.release(&element);
+                }
             }
+            Some(Spec::Node(old)) => {
+                for (f, element) in render::node_hairpin(old) {
+                    overlays[f as usize].release(&element);
+                }
+            }
+            None => {}
         }
     }
     for applied in &upserts {
-        if let Spec::ServicePort(new) = &applied.spec {
-            let overlay = &mut overlays[new.family as usize];
-            for element in render::service_elements(new) {
-                overlay.retain(element, &applied.name)?;
+        match &applied.spec {
+            Spec::ServicePort(new) => {
+                let overlay = &mut overlays[new.family as usize];
+                for element in render::service_elements(new) {
+                    overlay.retain(element, &applied.name)?;
+                }
+            }
+            Spec::Node(new) => {
+                for (f, element) in render::node_hairpin(new) {
+                    overlays[f as usize].retain(element, &applied.name)?;
+                }
             }
         }
     }

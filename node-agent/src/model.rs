@@ -166,6 +166,8 @@ pub struct NodeConfig {
     pub masquerade_all: bool,
     /// The node is being deleted (load balancers should drain it).
     pub deleting: bool,
+    /// Endpoints running on this node (any Service): hairpin traffic from them is masqueraded.
+    pub local_endpoint_ips: Vec<IpAddr>,
 }
 
 impl NodeConfig {
@@ -255,6 +257,7 @@ fn node_config(node: &v1::NodeRules) -> Result<NodeConfig, FieldError> {
         node_port_all_addresses: node.node_port_all_addresses,
         masquerade_all: node.masquerade_all,
         deleting: node.deleting,
+        local_endpoint_ips: parse_all(&node.local_endpoint_ips, "local_endpoint_ips", parse_ip)?,
     })
 }
 

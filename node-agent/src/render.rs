@@ -43,12 +43,12 @@ pub fn service_elements(sp: &ServicePort) -> BTreeSet<Element> {
         });
         external_elements(sp, key, &mut out);
     }
-    // Hairpin (an endpoint reaching itself through the Service) is recognised by address for
-    // every endpoint, local or not, as kube-proxy's per-endpoint masquerade rules are on
-    // every node: a packet can only match where the endpoint itself sent it, and the rules
-    // of a port with cluster-wide policies stay the same on every node.
+    // Hairpin addresses come from the node's settings (every endpoint on this node); a port
+    // marking an endpoint local adds it too (shared, counted per owner).
     for ep in sp.cluster_endpoints.iter().chain(&sp.local_endpoints) {
-        out.insert(Element::Hairpin(ep.addr));
+        if ep.local {
+            out.insert(Element::Hairpin(ep.addr));
+        }
     }
     out
 }
@@ -129,6 +129,13 @@ fn balance(
             port: ep.port,
         });
     }
+}
+
+/// The hairpin elements the node's settings own: one per endpoint running on this node.
+pub fn node_hairpin(cfg: &NodeConfig) -> impl Iterator<Item = (Family, Element)> + '_ {
+    cfg.local_endpoint_ips
+        .iter()
+        .map(|&ip| (Family::of(ip), Element::Hairpin(ip)))
 }
 
 /// The node sets' elements for one family.
@@ -467,7 +474,6 @@ mod tests {
             [
                 "cluster-ips 10.96.0.10",
                 "hairpin 10.1.0.1 . 10.1.0.1",
-                "hairpin 10.1.1.1 . 10.1.1.1",
                 "service-ips 10.96.0.10 . tcp . 80 : goto svc-cluster",
                 "ip-c-dispatch 10.96.0.10 . tcp . 80 : goto lb-ip-c-2",
                 "ip-c-0-eps 10.96.0.10 . tcp . 80 : 10.1.0.1 . 8080",
@@ -512,7 +518,6 @@ mod tests {
             texts(&service_elements(&s)),
             [
                 "hairpin 10.1.0.1 . 10.1.0.1",
-                "hairpin 10.1.1.1 . 10.1.1.1",
                 "service-nodeports tcp . 30080 : goto np-local",
                 "np-c-dispatch tcp . 30080 : goto lb-np-c-2",
                 "np-l-dispatch tcp . 30080 : goto lb-np-l-1",

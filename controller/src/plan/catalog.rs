@@ -6,6 +6,7 @@
 //! O(1) copy of the previous one.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet, ordmap::DiffItem};
@@ -39,6 +40,10 @@ pub struct Catalog {
     specific_by_node: OrdMap<String, OrdSet<String>>,
     /// Ports every node sees differently.
     specific_everywhere: OrdSet<String>,
+    /// For each node, the addresses of the endpoints on it (with how many slices list each).
+    local_ips: OrdMap<String, OrdMap<IpAddr, u32>>,
+    /// Nodes whose set of local endpoint addresses differs from the previous catalog's.
+    pub locals_changed: BTreeSet<String>,
     /// Port names whose plan differs from the previous catalog's (all of them for the first).
     pub changed: Vec<String>,
     /// Rejections from reading and from conflicts.
@@ -73,6 +78,7 @@ impl Catalog {
         let mut next = match previous {
             Some(p) if Arc::ptr_eq(&p.policy, &policy) => Catalog {
                 changed: Vec::new(),
+                locals_changed: BTreeSet::new(),
                 ..p.clone()
             },
             _ => Catalog::empty(policy),
@@ -123,8 +129,14 @@ impl Catalog {
         next
     }
 
-    /// Adds (or removes) a slice in the per-Service index; returns its Service.
+    /// Adds (or removes) a slice in the per-Service index and its endpoints in the per-node
+    /// index; returns its Service.
     fn index_slice(&mut self, slice: &SliceModel, add: bool) -> ObjectName {
+        for ep in &slice.endpoints {
+            if let Some(node) = &ep.node_name {
+                self.count_local(node, ep.ip, add);
+            }
+        }
         let svc = ObjectName {
             namespace: slice.id.namespace.clone(),
             name: slice.service.clone(),
@@ -139,6 +151,29 @@ impl Catalog {
             }
         }
         svc
+    }
+
+    /// Counts one listing of `ip` on `node` in or out; notes the node when the address
+    /// appears or goes.
+    fn count_local(&mut self, node: &str, ip: IpAddr, add: bool) {
+        let ips = self.local_ips.entry(node.to_owned()).or_default();
+        let count = ips.get(&ip).copied().unwrap_or(0);
+        let next = if add {
+            count + 1
+        } else {
+            count.saturating_sub(1)
+        };
+        if next == 0 {
+            ips.remove(&ip);
+            if ips.is_empty() {
+                self.local_ips.remove(node);
+            }
+        } else {
+            ips.insert(ip, next);
+        }
+        if (count == 0) != (next == 0) {
+            self.locals_changed.insert(node.to_owned());
+        }
     }
 
     /// Plans one Service's ports again (none if it is gone or refused), keeping each port
@@ -221,7 +256,16 @@ impl Catalog {
         if name == NODE_RESOURCE {
             return Some(Arc::new(Resource::versioned(
                 NODE_RESOURCE.to_owned(),
-                resource::Kind::Node(node_rules(&self.policy, node, facts)),
+                resource::Kind::Node(node_rules(
+                    &self.policy,
+                    node,
+                    facts,
+                    self.local_ips
+                        .get(&facts.name)
+                        .into_iter()
+                        .flat_map(|ips| ips.keys().map(IpAddr::to_string))
+                        .collect(),
+                )),
             )));
         }
         let port = self
@@ -259,12 +303,17 @@ impl Catalog {
 
     /// The next revision of a node's rule set after this catalog replaced the one it was
     /// planned from, touching only the changed ports; `None` if nothing it holds changed. The
-    /// node's own settings depend only on the node and the policy: when those change the
-    /// caller rebuilds instead.
+    /// node's own settings depend on the node and the policy (when those change the caller
+    /// rebuilds instead) and on the endpoints it hosts (included here when they changed).
     pub fn update(&self, current: &NodeRuleSet, facts: &NodeFacts) -> Option<NodeRuleSet> {
-        current.next(&self.base, &self.changed, |name| {
-            self.node_value(facts, name)
-        })
+        let value = |name: &str| self.node_value(facts, name);
+        if self.locals_changed.contains(&facts.name) {
+            let mut names = self.changed.clone();
+            names.push(NODE_RESOURCE.to_owned());
+            current.next(&self.base, &names, value)
+        } else {
+            current.next(&self.base, &self.changed, value)
+        }
     }
 
     /// Human-readable reasons for how one node programs one Service.

@@ -499,11 +499,27 @@ fn nodes_share_the_generic_view_and_updates_touch_only_what_changed() {
             rules(&c2, &facts(node)).system_version,
             "node {node}"
         );
+        // Node a hosts the endpoint that moved: its own settings (its endpoints' addresses,
+        // for hairpin) changed too.
+        let mut expected = vec!["default/web/tcp/http/ipv4".to_owned()];
+        if node == "a" {
+            expected.push(NODE_RESOURCE.to_owned());
+        }
         assert_eq!(
             after.changed_since(before.rev),
-            Some(vec!["default/web/tcp/http/ipv4".to_owned()])
+            Some(expected),
+            "node {node}"
         );
     }
+    assert_eq!(
+        node_of(&rules(&c2, &facts("a"))).local_endpoint_ips,
+        ["10.244.1.11"]
+    );
+    assert!(
+        node_of(&rules(&c2, &facts("b")))
+            .local_endpoint_ips
+            .is_empty()
+    );
 }
 
 /// internalTrafficPolicy Local without external paths: a node never uses endpoints elsewhere,

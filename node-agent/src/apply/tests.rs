@@ -520,3 +520,50 @@ async fn scaling_up_creates_only_the_new_slot_and_chain() {
         ]
     );
 }
+
+/// The node's settings list the endpoints running on it: each is a hairpin element, shared
+/// with a port that marks the same endpoint local, and added or removed element by element
+/// as the list changes (the node sets are not rewritten).
+#[tokio::test]
+async fn node_local_endpoints_own_hairpin_elements() {
+    let f = Fixture::synced();
+    let with = |ips: &[&str]| {
+        node(v1::NodeRules {
+            local_endpoint_ips: ips.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+    };
+    f.apply(change(1, vec![with(&["10.1.0.1", "10.1.0.2"])], &[]))
+        .await
+        .unwrap();
+    let last = f.last();
+    let hairpin: Vec<&String> = last.iter().filter(|l| l.contains("hairpin")).collect();
+    assert_eq!(
+        hairpin,
+        [
+            "add element hairpin { 10.1.0.1 . 10.1.0.1 }",
+            "add element hairpin { 10.1.0.2 . 10.1.0.2 }"
+        ]
+    );
+    // A port marking 10.1.0.2 local shares the element: nothing to add.
+    let port = svc(
+        "a",
+        port_rules("10.96.0.10", vec![ep("10.1.0.2", 8080, true)]),
+    );
+    f.apply(change(2, vec![port], &[])).await.unwrap();
+    assert!(
+        !f.last().iter().any(|l| l.contains("hairpin")),
+        "{:?}",
+        f.last()
+    );
+    // The node stops listing both: only 10.1.0.1 goes (the port still holds 10.1.0.2).
+    f.apply(change(3, vec![with(&[])], &[])).await.unwrap();
+    let last = f.last();
+    let hairpin: Vec<&String> = last.iter().filter(|l| l.contains("hairpin")).collect();
+    assert_eq!(hairpin, ["delete element hairpin { 10.1.0.1 . 10.1.0.1 }"]);
+    assert!(
+        !last
+            .iter()
+            .any(|l| l.starts_with("flush set") && !l.contains("generation"))
+    );
+}

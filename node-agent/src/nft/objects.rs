@@ -422,7 +422,7 @@ pub enum Element {
     NodePortIp(IpAddr),
     Generation(u32),
     ClusterIp(IpAddr),
-    /// `e . e` for a local endpoint `e`: traffic from a pod to itself through a service.
+    /// `e . e` for an endpoint `e`: traffic from a pod to itself through a service.
     Hairpin(IpAddr),
     ServiceIp(AddrKey, EntryChain),
     /// `proto . port : goto np-cluster|np-local`.
