@@ -77,7 +77,7 @@ enum SessionState {
     /// Not started yet (or dropped after a failure).
     #[default]
     Idle,
-    Ready(Session),
+    Ready(Box<Session>),
     /// `nft -i` does not work here (an nft built without its CLI): `nft -f -` only.
     Unsupported,
 }
@@ -119,7 +119,7 @@ impl NftCli {
         }
         if matches!(*state, SessionState::Idle) {
             *state = match self.start_session().await {
-                Ok(s) => SessionState::Ready(s),
+                Ok(s) => SessionState::Ready(Box::new(s)),
                 Err(e) => {
                     tracing::warn!(error = %e, "nft -i does not work here; every transaction runs its own nft");
                     SessionState::Unsupported
