@@ -18,6 +18,10 @@ pub struct Netns {
 }
 
 impl Netns {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Creates `knb-<pid>-<role><n>` with loopback up.
     pub fn create(role: &str) -> anyhow::Result<Netns> {
         static N: AtomicU32 = AtomicU32::new(0);
