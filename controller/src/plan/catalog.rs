@@ -40,7 +40,7 @@ pub struct Catalog {
     specific_by_node: OrdMap<String, OrdSet<String>>,
     /// Ports every node sees differently.
     specific_everywhere: OrdSet<String>,
-    /// For each node, the addresses of the endpoints on it (with how many slices list each).
+    /// For each node, the addresses of the endpoints on it (with how many ports use each).
     local_ips: OrdMap<String, OrdMap<IpAddr, u32>>,
     /// Nodes whose set of local endpoint addresses differs from the previous catalog's.
     pub locals_changed: BTreeSet<String>,
@@ -129,14 +129,8 @@ impl Catalog {
         next
     }
 
-    /// Adds (or removes) a slice in the per-Service index and its endpoints in the per-node
-    /// index; returns its Service.
+    /// Adds (or removes) a slice in the per-Service index; returns its Service.
     fn index_slice(&mut self, slice: &SliceModel, add: bool) -> ObjectName {
-        for ep in &slice.endpoints {
-            if let Some(node) = &ep.node_name {
-                self.count_local(node, ep.ip, add);
-            }
-        }
         let svc = ObjectName {
             namespace: slice.id.namespace.clone(),
             name: slice.service.clone(),
@@ -151,6 +145,16 @@ impl Catalog {
             }
         }
         svc
+    }
+
+    /// Counts a planned port's endpoints in or out of their nodes' local addresses (only
+    /// proxied Services' endpoints: an ignored Service leaves no trace on any node).
+    fn count_locals(&mut self, port: &PlannedPort, add: bool) {
+        for c in &port.plan.candidates {
+            if let Some(node) = &c.model.node_name {
+                self.count_local(node, c.ip, add);
+            }
+        }
     }
 
     /// Counts one listing of `ip` on `node` in or out; notes the node when the address
@@ -216,9 +220,11 @@ impl Catalog {
         if let Some(old) = self.ports.remove(&name) {
             self.base.remove(&name);
             self.index_specific(&name, &old.specific, false);
+            self.count_locals(&old, false);
         }
         if let Some(port) = port {
             self.index_specific(&name, &port.specific, true);
+            self.count_locals(&port, true);
             self.base.insert(port.generic.clone());
             self.ports.insert(name.clone(), port);
         }
