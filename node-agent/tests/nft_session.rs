@@ -25,6 +25,12 @@ fn tx(commands: Vec<Command>) -> Transaction {
     tx
 }
 
+async fn add_cluster_ip(nft: &NftCli, addr: &str) {
+    nft.apply(&tx(vec![Command::AddElement(Element::ClusterIp(ip(addr)))]))
+        .await
+        .unwrap_or_else(|e| panic!("adding {addr}: {e}"));
+}
+
 fn cluster_ips(ns: &common::Netns) -> String {
     let (ok, out, err) = ns.exec(&["nft", "list", "set", "ip", TABLE, "cluster-ips"]);
     assert!(ok, "{err}");
@@ -84,11 +90,7 @@ async fn transactions_through_the_session_are_atomic_and_survive_its_death() {
     assert!(!cluster_ips(&ns).contains("10.96.0.2"));
 
     // The same session goes on.
-    nft.apply(&tx(vec![Command::AddElement(Element::ClusterIp(ip(
-        "10.96.0.3",
-    )))]))
-    .await
-    .unwrap();
+    add_cluster_ip(&nft, "10.96.0.3").await;
     assert!(cluster_ips(&ns).contains("10.96.0.3"));
 
     // Killed while idle: the next transaction starts another and is applied.
@@ -100,11 +102,7 @@ async fn transactions_through_the_session_are_atomic_and_survive_its_death() {
             .unwrap();
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    nft.apply(&tx(vec![Command::AddElement(Element::ClusterIp(ip(
-        "10.96.0.4",
-    )))]))
-    .await
-    .unwrap();
+    add_cluster_ip(&nft, "10.96.0.4").await;
     assert!(cluster_ips(&ns).contains("10.96.0.4"));
     let after = sessions(&ns);
     assert_eq!(after.len(), 1);
