@@ -27,6 +27,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// The largest Change an agent accepts (a full rule set of tens of thousands of Services).
 pub const MAX_CHANGE_BYTES: usize = 1 << 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Resources in a change after which the freed memory is handed back (see [`crate::memory`]).
+const LARGE_CHANGE: usize = 512;
 
 pub struct StreamConfig {
     pub controllers: Vec<String>,
@@ -151,6 +153,12 @@ async fn session<N: Nft>(
         tx.send(message(reply))
             .await
             .map_err(|_| SessionError::Closed)?;
+        // A large change (a first sync) peaks far above what the agent keeps: once it is
+        // applied and gone, the freed pages go back to the system.
+        if change.resources.len() > LARGE_CHANGE {
+            drop(change);
+            crate::memory::release_freed();
+        }
     }
 }
 

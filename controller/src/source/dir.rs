@@ -287,6 +287,7 @@ pub async fn run_dir(
     cache.rescan(&dir);
     publish(&cache, &dir, &tx, started);
     let mut last_rescan = Instant::now();
+    let mut last_watch_attempt = Instant::now();
     loop {
         let wait = match &watch {
             Some(_) => RESCAN_INTERVAL.saturating_sub(last_rescan.elapsed()),
@@ -304,6 +305,11 @@ pub async fn run_dir(
             watch = watch_or_poll(&dir);
         }
         let changed = if events.rescan || events.lost {
+            if watch.is_none() && last_watch_attempt.elapsed() >= RESCAN_INTERVAL {
+                // Polling: try to watch again now and then (the directory may be back).
+                last_watch_attempt = Instant::now();
+                watch = DirWatch::new(&dir).ok();
+            }
             last_rescan = Instant::now();
             cache.rescan(&dir)
         } else {
