@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
+use kubenft_controller::plan::{ClusterPolicy, endpoint_bucket, node_endpoints_name};
+use kubenft_controller::{Config, cli::SourceArg};
 use kubenft_proto::v1::{
     Ack, AgentMessage, Change, ControllerMessage, Hello, Inventory, ListNodesRequest, Nack,
     ResourceVersion, SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
@@ -271,6 +272,11 @@ fn names(c: &Change) -> Vec<&str> {
     c.resources.iter().map(|r| r.name.as_str()).collect()
 }
 
+/// The `node-endpoints` resource an endpoint address of node a is listed in.
+fn bucket_of(ip: &str) -> String {
+    node_endpoints_name(endpoint_bucket(&ip.parse().unwrap()))
+}
+
 /// A new agent gets everything, then only what changes; changes made while one is in flight are
 /// merged into a single next change.
 #[tokio::test]
@@ -278,7 +284,14 @@ async fn deltas_with_one_change_in_flight() {
     let ctl = Controller::start().await;
     let mut agent = ctl.connect(vec![]).await;
     let full = agent.next().await;
-    assert_eq!(names(&full), ["default/web/tcp/http/ipv4", "node"]);
+    assert_eq!(
+        names(&full),
+        [
+            "default/web/tcp/http/ipv4",
+            "node",
+            &bucket_of("10.244.1.10")
+        ]
+    );
     agent.ack(&full).await;
 
     // Two edits while nothing is acked: the first goes out, the second waits and is merged.
@@ -299,10 +312,15 @@ async fn deltas_with_one_change_in_flight() {
     agent.nothing_for(Duration::from_millis(600)).await;
     agent.ack(&first).await;
     let merged = agent.next().await;
-    // The endpoint that moved is on this agent's node: its settings (the node's endpoint
-    // addresses, for hairpin) changed with the port.
-    assert_eq!(names(&merged), ["default/web/tcp/http/ipv4", "node"]);
-    assert_eq!(merged.removed, ["default/api/tcp/http/ipv4"]);
+    // The endpoint that moved is on this agent's node: the bucket of its endpoints'
+    // addresses (for hairpin) that gained the new address is sent, the one left empty removed.
+    let (old, new) = (bucket_of("10.244.1.10"), bucket_of("10.244.1.11"));
+    assert_eq!(names(&merged), ["default/web/tcp/http/ipv4", new.as_str()]);
+    let mut removed = vec!["default/api/tcp/http/ipv4".to_owned()];
+    if old != new {
+        removed.push(old);
+    }
+    assert_eq!(merged.removed, removed);
     agent.ack(&merged).await;
     agent.nothing_for(Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -350,7 +368,14 @@ async fn a_current_agent_gets_only_a_confirmation() {
         }])
         .await;
     let diff = stale.next().await;
-    assert_eq!(names(&diff), ["default/web/tcp/http/ipv4", "node"]);
+    assert_eq!(
+        names(&diff),
+        [
+            "default/web/tcp/http/ipv4",
+            "node",
+            &bucket_of("10.244.1.10")
+        ]
+    );
     assert_eq!(diff.removed, ["default/gone/tcp/http/ipv4"]);
     ctl.stop().await;
 }
@@ -393,7 +418,11 @@ async fn an_agent_lists_what_it_holds_only_when_asked() {
     }
     stale.send_inventory(held).await;
     let diff = stale.next().await;
-    assert_eq!(names(&diff), ["node"], "web is current: not resent");
+    assert_eq!(
+        names(&diff),
+        ["node", &bucket_of("10.244.1.10")],
+        "web is current: not resent"
+    );
     assert_eq!(diff.removed, ["default/gone/tcp/http/ipv4"]);
     ctl.stop().await;
 }
@@ -419,7 +448,8 @@ async fn a_nack_is_visible_and_not_retried_blindly() {
         [
             "default/api/tcp/http/ipv4",
             "default/web/tcp/http/ipv4",
-            "node"
+            "node",
+            &bucket_of("10.244.1.10")
         ]
     );
     agent.ack(&retry).await;
@@ -453,7 +483,11 @@ async fn a_large_change_arrives_in_parts_answered_once() {
     assert!(parts.len() >= 3, "{} parts", parts.len());
     assert!(parts.iter().all(|p| p.change_id == parts[0].change_id));
     let names: Vec<&str> = parts.iter().flat_map(names).collect();
-    assert_eq!(names.len(), 602, "600 Services, web and the node");
+    assert_eq!(
+        names.len(),
+        603,
+        "600 Services, web, the node and its endpoints' bucket"
+    );
     let mut sorted = names.clone();
     sorted.sort();
     sorted.dedup();

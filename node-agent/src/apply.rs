@@ -73,12 +73,12 @@ pub fn plan(
                     overlay.release(&element);
                 }
             }
-            Some(Spec::Node(old)) => {
-                for (f, element) in render::node_hairpin(old) {
+            Some(Spec::NodeEndpoints(old)) => {
+                for (f, element) in render::endpoint_hairpin(old) {
                     overlays[f as usize].release(&element);
                 }
             }
-            None => {}
+            Some(Spec::Node(_)) | None => {}
         }
     }
     for applied in &upserts {
@@ -89,11 +89,12 @@ pub fn plan(
                     overlay.retain(element, &applied.name)?;
                 }
             }
-            Spec::Node(new) => {
-                for (f, element) in render::node_hairpin(new) {
+            Spec::NodeEndpoints(new) => {
+                for (f, element) in render::endpoint_hairpin(new) {
                     overlays[f as usize].retain(element, &applied.name)?;
                 }
             }
+            Spec::Node(_) => {}
         }
     }
     let generation = state.generation.wrapping_add(1);
@@ -138,7 +139,7 @@ fn validate(change: &v1::Change) -> Result<Vec<Applied>, PlanError> {
 fn node_change(upserts: &[Applied], removed: &[String]) -> Option<NodeConfig> {
     let updated = upserts.iter().find_map(|a| match &a.spec {
         Spec::Node(cfg) => Some(cfg.clone()),
-        Spec::ServicePort(_) => None,
+        Spec::ServicePort(_) | Spec::NodeEndpoints(_) => None,
     });
     updated.or_else(|| {
         removed

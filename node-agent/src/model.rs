@@ -166,8 +166,6 @@ pub struct NodeConfig {
     pub masquerade_all: bool,
     /// The node is being deleted (load balancers should drain it).
     pub deleting: bool,
-    /// Endpoints running on this node (any Service): hairpin traffic from them is masqueraded.
-    pub local_endpoint_ips: Vec<IpAddr>,
 }
 
 impl NodeConfig {
@@ -209,6 +207,9 @@ fn of_family(nets: &[IpNet], family: Family) -> Vec<IpNet> {
 pub enum Spec {
     Node(NodeConfig),
     ServicePort(ServicePort),
+    /// Addresses of endpoints running on this node (one `node-endpoints/<bucket>` resource):
+    /// hairpin traffic from them is masqueraded.
+    NodeEndpoints(Vec<IpAddr>),
 }
 
 /// Why a resource from the controller was refused.
@@ -243,7 +244,20 @@ pub fn validate(res: &v1::Resource) -> Result<Spec, InvalidResource> {
         Some(resource::Kind::ServicePort(sp)) => service_port(sp)
             .map(Spec::ServicePort)
             .map_err(|(f, r)| fail(&f, r)),
+        Some(resource::Kind::NodeEndpoints(_)) if !is_node_endpoints_name(&res.name) => Err(fail(
+            "name",
+            "node endpoints must be named \"node-endpoints/<bucket>\"".into(),
+        )),
+        Some(resource::Kind::NodeEndpoints(e)) => parse_all(&e.ips, "ips", parse_ip)
+            .map(Spec::NodeEndpoints)
+            .map_err(|(f, r)| fail(&f, r)),
     }
+}
+
+/// "node-endpoints/" and a bucket number.
+fn is_node_endpoints_name(name: &str) -> bool {
+    name.strip_prefix("node-endpoints/")
+        .is_some_and(|b| !b.is_empty() && b.len() <= 3 && b.bytes().all(|c| c.is_ascii_digit()))
 }
 
 /// A field path and the reason it was refused.
@@ -257,7 +271,6 @@ fn node_config(node: &v1::NodeRules) -> Result<NodeConfig, FieldError> {
         node_port_all_addresses: node.node_port_all_addresses,
         masquerade_all: node.masquerade_all,
         deleting: node.deleting,
-        local_endpoint_ips: parse_all(&node.local_endpoint_ips, "local_endpoint_ips", parse_ip)?,
     })
 }
 

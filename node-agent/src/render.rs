@@ -43,8 +43,8 @@ pub fn service_elements(sp: &ServicePort) -> BTreeSet<Element> {
         });
         external_elements(sp, key, &mut out);
     }
-    // Hairpin addresses come from the node's settings (every endpoint on this node); a port
-    // marking an endpoint local adds it too (shared, counted per owner).
+    // Hairpin addresses come from the node's `node-endpoints` resources (every endpoint on
+    // this node); a port marking an endpoint local adds it too (shared, counted per owner).
     for ep in sp.cluster_endpoints.iter().chain(&sp.local_endpoints) {
         if ep.local {
             out.insert(Element::Hairpin(ep.addr));
@@ -131,11 +131,9 @@ fn balance(
     }
 }
 
-/// The hairpin elements the node's settings own: one per endpoint running on this node.
-pub fn node_hairpin(cfg: &NodeConfig) -> impl Iterator<Item = (Family, Element)> + '_ {
-    cfg.local_endpoint_ips
-        .iter()
-        .map(|&ip| (Family::of(ip), Element::Hairpin(ip)))
+/// The hairpin elements a `node-endpoints` resource owns: one per endpoint on this node.
+pub fn endpoint_hairpin(ips: &[IpAddr]) -> impl Iterator<Item = (Family, Element)> + '_ {
+    ips.iter().map(|&ip| (Family::of(ip), Element::Hairpin(ip)))
 }
 
 /// The node sets' elements for one family.

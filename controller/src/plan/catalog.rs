@@ -5,16 +5,17 @@
 //! not all of them. Every big field here is persistent too, so the next catalog starts as an
 //! O(1) copy of the previous one.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet, ordmap::DiffItem};
-use kubenft_proto::v1::{Resource, resource};
+use kubenft_proto::v1::{NodeEndpoints, Resource, resource};
 
 use super::{
-    ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, Specific, claims, explain_port,
-    node_ips, node_rules, plan_service, port_rules,
+    ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, Specific, claims,
+    endpoint_bucket, explain_port, node_endpoints_name, node_ips, node_rules,
+    parse_node_endpoints_name, plan_service, port_rules,
 };
 use crate::model::{NodeModel, ObjectName, Rejection, SliceModel};
 use crate::select::NodeSite;
@@ -42,8 +43,9 @@ pub struct Catalog {
     specific_everywhere: OrdSet<String>,
     /// For each node, the addresses of the endpoints on it (with how many ports use each).
     local_ips: OrdMap<String, OrdMap<IpAddr, u32>>,
-    /// Nodes whose set of local endpoint addresses differs from the previous catalog's.
-    pub locals_changed: BTreeSet<String>,
+    /// For each node, the `node-endpoints` buckets whose addresses differ from the previous
+    /// catalog's.
+    locals_changed: BTreeMap<String, BTreeSet<u8>>,
     /// Port names whose plan differs from the previous catalog's (all of them for the first).
     pub changed: Vec<String>,
     /// Rejections from reading and from conflicts.
@@ -78,7 +80,7 @@ impl Catalog {
         let mut next = match previous {
             Some(p) if Arc::ptr_eq(&p.policy, &policy) => Catalog {
                 changed: Vec::new(),
-                locals_changed: BTreeSet::new(),
+                locals_changed: BTreeMap::new(),
                 ..p.clone()
             },
             _ => Catalog::empty(policy),
@@ -176,7 +178,10 @@ impl Catalog {
             ips.insert(ip, next);
         }
         if (count == 0) != (next == 0) {
-            self.locals_changed.insert(node.to_owned());
+            self.locals_changed
+                .entry(node.to_owned())
+                .or_default()
+                .insert(endpoint_bucket(&ip));
         }
     }
 
@@ -262,17 +267,24 @@ impl Catalog {
         if name == NODE_RESOURCE {
             return Some(Arc::new(Resource::versioned(
                 NODE_RESOURCE.to_owned(),
-                resource::Kind::Node(node_rules(
-                    &self.policy,
-                    node,
-                    facts,
-                    self.local_ips
-                        .get(&facts.name)
-                        .into_iter()
-                        .flat_map(|ips| ips.keys().map(IpAddr::to_string))
-                        .collect(),
-                )),
+                resource::Kind::Node(node_rules(&self.policy, node, facts)),
             )));
+        }
+        if let Some(bucket) = parse_node_endpoints_name(name) {
+            let ips: Vec<String> = self
+                .local_ips
+                .get(&facts.name)
+                .into_iter()
+                .flat_map(|ips| ips.keys())
+                .filter(|ip| endpoint_bucket(ip) == bucket)
+                .map(IpAddr::to_string)
+                .collect();
+            return (!ips.is_empty()).then(|| {
+                Arc::new(Resource::versioned(
+                    name.to_owned(),
+                    resource::Kind::NodeEndpoints(NodeEndpoints { ips }),
+                ))
+            });
         }
         let port = self
             .ports
@@ -289,36 +301,52 @@ impl Catalog {
         )))
     }
 
-    /// The names a node overrides: its settings and the ports specific to it.
-    fn override_names(&self, node: &str) -> impl Iterator<Item = &String> {
-        static NODE: std::sync::LazyLock<String> =
-            std::sync::LazyLock::new(|| NODE_RESOURCE.to_owned());
-        std::iter::once(&*NODE)
-            .chain(self.specific_by_node.get(node).into_iter().flatten())
-            .chain(&self.specific_everywhere)
+    /// The names a node overrides: its settings, the buckets of its endpoints' addresses,
+    /// and the ports specific to it.
+    fn override_names(&self, node: &str) -> Vec<String> {
+        let buckets: BTreeSet<u8> = self
+            .local_ips
+            .get(node)
+            .into_iter()
+            .flat_map(|ips| ips.keys().map(endpoint_bucket))
+            .collect();
+        std::iter::once(NODE_RESOURCE.to_owned())
+            .chain(buckets.into_iter().map(node_endpoints_name))
+            .chain(
+                self.specific_by_node
+                    .get(node)
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            )
+            .chain(self.specific_everywhere.iter().cloned())
+            .collect()
     }
 
     /// The full rule set of one node, at revision `rev`.
     pub fn rules_for(&self, facts: &NodeFacts, rev: u64) -> NodeRuleSet {
         let overrides: Resources = self
             .override_names(&facts.name)
-            .filter_map(|name| self.node_value(facts, name).map(|r| (name.clone(), r)))
+            .into_iter()
+            .filter_map(|name| self.node_value(facts, &name).map(|r| (name, r)))
             .collect();
         NodeRuleSet::build(facts.name.clone(), &self.base, overrides, rev)
     }
 
     /// The next revision of a node's rule set after this catalog replaced the one it was
     /// planned from, touching only the changed ports; `None` if nothing it holds changed. The
-    /// node's own settings depend on the node and the policy (when those change the caller
-    /// rebuilds instead) and on the endpoints it hosts (included here when they changed).
+    /// node's own settings depend only on the node and the policy (when those change the
+    /// caller rebuilds instead); the buckets of its endpoints' addresses that changed are
+    /// included here.
     pub fn update(&self, current: &NodeRuleSet, facts: &NodeFacts) -> Option<NodeRuleSet> {
         let value = |name: &str| self.node_value(facts, name);
-        if self.locals_changed.contains(&facts.name) {
-            let mut names = self.changed.clone();
-            names.push(NODE_RESOURCE.to_owned());
-            current.next(&self.base, &names, value)
-        } else {
-            current.next(&self.base, &self.changed, value)
+        match self.locals_changed.get(&facts.name) {
+            Some(buckets) => {
+                let mut names = self.changed.clone();
+                names.extend(buckets.iter().map(|&b| node_endpoints_name(b)));
+                current.next(&self.base, &names, value)
+            }
+            None => current.next(&self.base, &self.changed, value),
         }
     }
 

@@ -1,3 +1,4 @@
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 
@@ -499,11 +500,15 @@ fn nodes_share_the_generic_view_and_updates_touch_only_what_changed() {
             rules(&c2, &facts(node)).system_version,
             "node {node}"
         );
-        // Node a hosts the endpoint that moved: its own settings (its endpoints' addresses,
-        // for hairpin) changed too.
+        // Node a hosts the endpoint that moved: the buckets of its endpoints' addresses (for
+        // hairpin) that lost the old address and gained the new one changed too, and only
+        // those.
+        let (old_ip, new_ip) = (ip("10.244.1.10"), ip("10.244.1.11"));
         let mut expected = vec!["default/web/tcp/http/ipv4".to_owned()];
         if node == "a" {
-            expected.push(NODE_RESOURCE.to_owned());
+            let buckets: BTreeSet<u8> = [endpoint_bucket(&old_ip), endpoint_bucket(&new_ip)].into();
+            expected.extend(buckets.into_iter().map(node_endpoints_name));
+            expected.sort();
         }
         assert_eq!(
             after.changed_since(before.rev),
@@ -511,15 +516,18 @@ fn nodes_share_the_generic_view_and_updates_touch_only_what_changed() {
             "node {node}"
         );
     }
-    assert_eq!(
-        node_of(&rules(&c2, &facts("a"))).local_endpoint_ips,
-        ["10.244.1.11"]
-    );
-    assert!(
-        node_of(&rules(&c2, &facts("b")))
-            .local_endpoint_ips
-            .is_empty()
-    );
+    let bucket_of = |node: &str, ip: IpAddr| {
+        let rules = rules(&c2, &facts(node));
+        match rules
+            .get(&node_endpoints_name(endpoint_bucket(&ip)))
+            .and_then(|r| r.kind.clone())
+        {
+            Some(resource::Kind::NodeEndpoints(e)) => e.ips,
+            _ => Vec::new(),
+        }
+    };
+    assert_eq!(bucket_of("a", ip("10.244.1.11")), ["10.244.1.11"]);
+    assert!(bucket_of("b", ip("10.244.1.11")).is_empty());
 }
 
 /// internalTrafficPolicy Local without external paths: a node never uses endpoints elsewhere,

@@ -521,25 +521,38 @@ async fn scaling_up_creates_only_the_new_slot_and_chain() {
     );
 }
 
-/// The node's settings list the endpoints running on it: each is a hairpin element, shared
-/// with a port that marks the same endpoint local, and added or removed element by element
-/// as the list changes (the node sets are not rewritten).
+/// `node-endpoints` resources list the endpoints running on this node: each is a hairpin
+/// element, shared with a port that marks the same endpoint local, and added or removed
+/// element by element as the lists change.
 #[tokio::test]
-async fn node_local_endpoints_own_hairpin_elements() {
+async fn node_endpoints_own_hairpin_elements() {
     let f = Fixture::synced();
-    let with = |ips: &[&str]| {
-        node(v1::NodeRules {
-            local_endpoint_ips: ips.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
+    let bucket = |name: &str, ips: &[&str]| {
+        v1::Resource::versioned(
+            name.into(),
+            v1::resource::Kind::NodeEndpoints(v1::NodeEndpoints {
+                ips: ips.iter().map(|s| s.to_string()).collect(),
+            }),
+        )
     };
-    f.apply(change(1, vec![with(&["10.1.0.1", "10.1.0.2"])], &[]))
-        .await
-        .unwrap();
-    let last = f.last();
-    let hairpin: Vec<&String> = last.iter().filter(|l| l.contains("hairpin")).collect();
+    let hairpin = |f: &Fixture| -> Vec<String> {
+        f.last()
+            .into_iter()
+            .filter(|l| l.contains("hairpin"))
+            .collect()
+    };
+    f.apply(change(
+        1,
+        vec![
+            bucket("node-endpoints/1", &["10.1.0.1"]),
+            bucket("node-endpoints/2", &["10.1.0.2"]),
+        ],
+        &[],
+    ))
+    .await
+    .unwrap();
     assert_eq!(
-        hairpin,
+        hairpin(&f),
         [
             "add element hairpin { 10.1.0.1 . 10.1.0.1 }",
             "add element hairpin { 10.1.0.2 . 10.1.0.2 }"
@@ -551,19 +564,19 @@ async fn node_local_endpoints_own_hairpin_elements() {
         port_rules("10.96.0.10", vec![ep("10.1.0.2", 8080, true)]),
     );
     f.apply(change(2, vec![port], &[])).await.unwrap();
-    assert!(
-        !f.last().iter().any(|l| l.contains("hairpin")),
-        "{:?}",
-        f.last()
+    assert!(hairpin(&f).is_empty(), "{:?}", f.last());
+    // Both buckets go: only 10.1.0.1 is deleted (the port still holds 10.1.0.2).
+    f.apply(change(3, vec![], &["node-endpoints/1", "node-endpoints/2"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        hairpin(&f),
+        ["delete element hairpin { 10.1.0.1 . 10.1.0.1 }"]
     );
-    // The node stops listing both: only 10.1.0.1 goes (the port still holds 10.1.0.2).
-    f.apply(change(3, vec![with(&[])], &[])).await.unwrap();
-    let last = f.last();
-    let hairpin: Vec<&String> = last.iter().filter(|l| l.contains("hairpin")).collect();
-    assert_eq!(hairpin, ["delete element hairpin { 10.1.0.1 . 10.1.0.1 }"]);
-    assert!(
-        !last
-            .iter()
-            .any(|l| l.starts_with("flush set") && !l.contains("generation"))
-    );
+    // A misnamed one is refused.
+    let err = f
+        .apply(change(4, vec![bucket("node", &["10.1.0.3"])], &[]))
+        .await
+        .unwrap_err();
+    assert!(err.contains("node-endpoints/<bucket>"), "{err}");
 }

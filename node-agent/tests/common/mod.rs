@@ -138,8 +138,17 @@ pub fn node_rules() -> v1::Resource {
             node_port_all_addresses: false,
             masquerade_all: false,
             deleting: false,
-            // One of them backs no port here: the node's settings alone add its hairpin.
-            local_endpoint_ips: vec![
+        }),
+    )
+}
+
+/// Endpoints on this node, as the controller sends them (one bucket here). One of them backs
+/// no port of the set: its hairpin element comes from this resource alone.
+pub fn node_endpoints() -> v1::Resource {
+    v1::Resource::versioned(
+        "node-endpoints/3".into(),
+        resource::Kind::NodeEndpoints(v1::NodeEndpoints {
+            ips: vec![
                 "10.244.1.5".into(),
                 "10.244.1.9".into(),
                 "fd00:10:244:1::5".into(),
@@ -153,7 +162,7 @@ pub fn node_rules() -> v1::Resource {
 /// local endpoint and source ranges, and a service without endpoints.
 pub fn representative() -> Vec<v1::Resource> {
     use v1::{IpFamily::*, Protocol::*};
-    let mut out = vec![node_rules()];
+    let mut out = vec![node_rules(), node_endpoints()];
     for (fam, suffix, c, pod) in [
         (Ipv4, "IPv4", "10.96.0.", "10.244."),
         (Ipv6, "IPv6", "fd00:10:96::", "fd00:10:244:"),
