@@ -31,6 +31,8 @@ cleanup() {
       ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
       ip netns del "$ns" || true
     done
+  # Nothing left over is the usual case (grep then fails): not an error.
+  return 0
 }
 trap 'kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; cleanup' INT TERM
 trap cleanup EXIT

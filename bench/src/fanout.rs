@@ -347,7 +347,7 @@ fn fanout_table(opts: &Options, results: &[FanoutResult]) -> Table {
         }
     }
     t.note(format!(
-        "{} Services × 10 endpoints ({} endpoints), endpoints spread over the agents' nodes; every 10th Service has internalTrafficPolicy Local. A change rewrites one EndpointSlice file (one endpoint moves to a new address); the clock runs from the write to the last ACK of an agent whose Change carries that Service (the controller polls its directory every 100 ms and re-parses the files that changed). Up to {} changes, at most {} s per agent count; a change not seen by every expected agent within {} s counts as timed out.",
+        "{} Services × 10 endpoints ({} endpoints), endpoints spread over the agents' nodes; every 10th Service has internalTrafficPolicy Local. A change rewrites one EndpointSlice file (one endpoint moves to a new address); the clock runs from the write to the last ACK of an agent whose Change carries that Service (the controller follows its directory with inotify and reads only the file that changed). Up to {} changes, at most {} s per agent count; a change not seen by every expected agent within {} s counts as timed out.",
         opts.services,
         u64::from(opts.services) * 10,
         opts.changes,
