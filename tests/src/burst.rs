@@ -32,7 +32,7 @@ use clap::{ArgGroup, Parser};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::probe::{OTHER, REFUSED, TIMEOUT, UNREACHABLE};
+use crate::probe::{OTHER, REFUSED, TIMEOUT, UNREACHABLE, attempt_args};
 use crate::{Host, Lab, LabError, Proto, Result, netns};
 
 /// Upper bound on `--count`.
@@ -305,16 +305,13 @@ impl BurstOpts {
 
     /// The `kubenft-burst` arguments after the target.
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec![
-            "--count".to_string(),
-            self.count.to_string(),
-            "--timeout-ms".to_string(),
-            self.timeout.as_millis().to_string(),
+        let mut a = attempt_args(self.count, self.timeout);
+        a.extend([
             "--max-failures".to_string(),
             self.max_failures.to_string(),
             "--deadline-ms".to_string(),
             self.deadline.as_millis().to_string(),
-        ];
+        ]);
         if let Some(r) = &self.source_ports {
             a.extend([
                 "--source-ports".to_string(),

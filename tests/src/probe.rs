@@ -240,12 +240,7 @@ impl ProbeOpts {
 
     /// The `kubenft-echo probe` arguments after the target.
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec![
-            "--count".to_string(),
-            self.count.to_string(),
-            "--timeout-ms".to_string(),
-            self.timeout.as_millis().to_string(),
-        ];
+        let mut a = attempt_args(self.count, self.timeout);
         if let Some(p) = self.source_port {
             a.extend(["--source-port".to_string(), p.to_string()]);
         }
@@ -260,6 +255,17 @@ impl ProbeOpts {
     pub fn deadline(&self) -> Duration {
         self.timeout * 3 * self.count.max(1) + Duration::from_secs(5)
     }
+}
+
+/// `--count N --timeout-ms T`: how many attempts and how long each may take, as both the
+/// probe and `kubenft-burst` read them.
+pub(crate) fn attempt_args(count: impl ToString, timeout: std::time::Duration) -> Vec<String> {
+    vec![
+        "--count".to_string(),
+        count.to_string(),
+        "--timeout-ms".to_string(),
+        timeout.as_millis().to_string(),
+    ]
 }
 
 #[cfg(test)]
