@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs issue 5's benchmarks (crate bench/, binary kubenft-bench) and writes BENCHMARKS.md.
-# Needs root (network namespaces). All five suites take about 30-40 minutes on 2 cores
+# Needs root (network namespaces). All five suites take about 15 minutes on 2 cores
 # (suite 5, network programming latency in the namespace lab, well under a minute).
 #
 #   scripts/bench.sh                                  # everything
