@@ -78,7 +78,7 @@ impl Hub {
         state.synced = true;
         state.catalog = catalog.clone();
         // Nodes known from Node objects, plus nodes with a connected agent.
-        for name in catalog.nodes.keys() {
+        for name in catalog.nodes().keys() {
             state
                 .nodes
                 .entry(name.clone())
@@ -86,9 +86,9 @@ impl Hub {
         }
         state
             .nodes
-            .retain(|name, e| e.status.streams > 0 || catalog.nodes.contains_key(name));
+            .retain(|name, e| e.status.streams > 0 || catalog.nodes().contains_key(name));
         for (name, entry) in state.nodes.iter_mut() {
-            let node_changed = previous.nodes.get(name) != catalog.nodes.get(name);
+            let node_changed = previous.nodes().get(name) != catalog.nodes().get(name);
             entry.replan(&catalog, node_changed);
         }
     }
@@ -128,7 +128,7 @@ impl Hub {
 
     pub fn detach(&self, node: &str) {
         let mut state = self.state.lock();
-        let known = state.catalog.nodes.contains_key(node);
+        let known = state.catalog.nodes().contains_key(node);
         if let Some(entry) = state.nodes.get_mut(node) {
             entry.status.streams = entry.status.streams.saturating_sub(1);
             if entry.status.streams == 0 && !known {
@@ -207,7 +207,7 @@ impl Hub {
     }
 
     pub fn rejections(&self) -> Vec<Rejection> {
-        self.state.lock().catalog.rejections.clone()
+        self.state.lock().catalog.rejections()
     }
 }
 

@@ -232,34 +232,10 @@ pub fn resource_name(svc: &ObjectName, port: &ServicePortModel, family: IpFamily
     )
 }
 
-/// The resource name of a node's own settings.
-pub const NODE_RESOURCE: &str = "node";
-/// How many `node-endpoints/<bucket>` resources a node's endpoint addresses are spread over.
-pub const ENDPOINT_BUCKETS: u8 = 16;
-
-/// The bucket of an endpoint address (FNV-1a of its octets): stable across controllers and
-/// restarts, so every replica names the same resources.
-pub fn endpoint_bucket(ip: &IpAddr) -> u8 {
-    let octets: Vec<u8> = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    let hash = octets.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (hash % u64::from(ENDPOINT_BUCKETS)) as u8
-}
-
-/// "node-endpoints/<bucket>".
-pub fn node_endpoints_name(bucket: u8) -> String {
-    format!("node-endpoints/{bucket}")
-}
-
-/// The bucket a `node-endpoints/<bucket>` name stands for.
-fn parse_node_endpoints_name(name: &str) -> Option<u8> {
-    let bucket: u8 = name.strip_prefix("node-endpoints/")?.parse().ok()?;
-    (bucket < ENDPOINT_BUCKETS && node_endpoints_name(bucket) == name).then_some(bucket)
-}
+pub use kubenft_proto::{
+    ENDPOINT_BUCKETS, NODE_RESOURCE, endpoint_bucket, node_endpoints_name,
+    parse_node_endpoints_name,
+};
 
 fn node_ips(node: Option<&NodeModel>, facts: &NodeFacts) -> Vec<IpAddr> {
     node.map(|n| n.internal_ips.as_slice())

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use kubenft_proto::v1::{self, resource};
 
 /// The name of the node-wide resource.
-pub const NODE_RESOURCE: &str = "node";
+pub use kubenft_proto::NODE_RESOURCE;
 
 /// An IP family: one nft table each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -244,20 +244,18 @@ pub fn validate(res: &v1::Resource) -> Result<Spec, InvalidResource> {
         Some(resource::Kind::ServicePort(sp)) => service_port(sp)
             .map(Spec::ServicePort)
             .map_err(|(f, r)| fail(&f, r)),
-        Some(resource::Kind::NodeEndpoints(_)) if !is_node_endpoints_name(&res.name) => Err(fail(
-            "name",
-            "node endpoints must be named \"node-endpoints/<bucket>\"".into(),
-        )),
+        Some(resource::Kind::NodeEndpoints(_))
+            if kubenft_proto::parse_node_endpoints_name(&res.name).is_none() =>
+        {
+            Err(fail(
+                "name",
+                "node endpoints must be named \"node-endpoints/<bucket>\"".into(),
+            ))
+        }
         Some(resource::Kind::NodeEndpoints(e)) => parse_all(&e.ips, "ips", parse_ip)
             .map(Spec::NodeEndpoints)
             .map_err(|(f, r)| fail(&f, r)),
     }
-}
-
-/// "node-endpoints/" and a bucket number.
-fn is_node_endpoints_name(name: &str) -> bool {
-    name.strip_prefix("node-endpoints/")
-        .is_some_and(|b| !b.is_empty() && b.len() <= 3 && b.bytes().all(|c| c.is_ascii_digit()))
 }
 
 /// A field path and the reason it was refused.

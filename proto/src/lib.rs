@@ -12,6 +12,11 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("kubenft_descriptor");
 }
 
+mod names;
 mod version;
 
+pub use names::{
+    ENDPOINT_BUCKETS, NODE_RESOURCE, endpoint_bucket, node_endpoints_name,
+    parse_node_endpoints_name,
+};
 pub use version::{format_version, resource_version, system_version, version_term};

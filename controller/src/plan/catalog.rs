@@ -41,17 +41,14 @@ pub struct Catalog {
     specific_by_node: OrdMap<String, OrdSet<String>>,
     /// Ports every node sees differently.
     specific_everywhere: OrdSet<String>,
-    /// For each node, the addresses of the endpoints on it (with how many ports use each).
-    local_ips: OrdMap<String, OrdMap<IpAddr, u32>>,
+    /// For each node, the addresses of the endpoints on it by `node-endpoints` bucket (with
+    /// how many ports use each).
+    local_ips: OrdMap<String, OrdMap<(u8, IpAddr), u32>>,
     /// For each node, the `node-endpoints` buckets whose addresses differ from the previous
     /// catalog's.
     locals_changed: BTreeMap<String, BTreeSet<u8>>,
     /// Port names whose plan differs from the previous catalog's (all of them for the first).
     pub changed: Vec<String>,
-    /// Rejections from reading and from conflicts.
-    pub rejections: Vec<Rejection>,
-    pub ignored: OrdMap<ObjectName, String>,
-    pub nodes: OrdMap<String, Arc<NodeModel>>,
 }
 
 impl Catalog {
@@ -66,6 +63,23 @@ impl Catalog {
     /// The inputs this catalog reflects.
     pub fn inputs(&self) -> &Inputs {
         &self.inputs
+    }
+
+    pub fn nodes(&self) -> &OrdMap<String, Arc<NodeModel>> {
+        &self.inputs.nodes
+    }
+
+    /// Objects refused while reading, and Services refused for a conflict, sorted.
+    pub fn rejections(&self) -> Vec<Rejection> {
+        let mut all: Vec<Rejection> = self
+            .inputs
+            .rejections
+            .iter()
+            .chain(self.conflicts.values())
+            .cloned()
+            .collect();
+        all.sort();
+        all
     }
 
     /// Resolves every Service port against its EndpointSlices, per family. Two Services
@@ -86,8 +100,6 @@ impl Catalog {
             _ => Catalog::empty(policy),
         };
         let before = std::mem::replace(&mut next.inputs, inputs.clone());
-        next.nodes = inputs.nodes.clone();
-        next.ignored = inputs.ignored.clone();
 
         let mut affected = BTreeSet::new();
         let mut services_changed = false;
@@ -121,13 +133,6 @@ impl Catalog {
         }
         next.changed.sort();
         next.changed.dedup();
-        next.rejections = inputs
-            .rejections
-            .iter()
-            .chain(next.conflicts.values())
-            .cloned()
-            .collect();
-        next.rejections.sort();
         next
     }
 
@@ -162,26 +167,27 @@ impl Catalog {
     /// Counts one listing of `ip` on `node` in or out; notes the node when the address
     /// appears or goes.
     fn count_local(&mut self, node: &str, ip: IpAddr, add: bool) {
+        let key = (endpoint_bucket(&ip), ip);
         let ips = self.local_ips.entry(node.to_owned()).or_default();
-        let count = ips.get(&ip).copied().unwrap_or(0);
+        let count = ips.get(&key).copied().unwrap_or(0);
         let next = if add {
             count + 1
         } else {
             count.saturating_sub(1)
         };
         if next == 0 {
-            ips.remove(&ip);
+            ips.remove(&key);
             if ips.is_empty() {
                 self.local_ips.remove(node);
             }
         } else {
-            ips.insert(ip, next);
+            ips.insert(key, next);
         }
         if (count == 0) != (next == 0) {
             self.locals_changed
                 .entry(node.to_owned())
                 .or_default()
-                .insert(endpoint_bucket(&ip));
+                .insert(key.0);
         }
     }
 
@@ -263,7 +269,7 @@ impl Catalog {
     /// What `node` holds for `name` beyond the shared base: its own settings, a port it sees
     /// differently, or `None` (it follows the base, or the name is gone).
     pub fn node_value(&self, facts: &NodeFacts, name: &str) -> Option<Arc<Resource>> {
-        let node = self.nodes.get(&facts.name).map(|n| &**n);
+        let node = self.nodes().get(&facts.name).map(|n| &**n);
         if name == NODE_RESOURCE {
             return Some(Arc::new(Resource::versioned(
                 NODE_RESOURCE.to_owned(),
@@ -276,8 +282,9 @@ impl Catalog {
                 .get(&facts.name)
                 .into_iter()
                 .flat_map(|ips| ips.keys())
-                .filter(|ip| endpoint_bucket(ip) == bucket)
-                .map(IpAddr::to_string)
+                .skip_while(|(b, _)| *b < bucket)
+                .take_while(|(b, _)| *b == bucket)
+                .map(|(_, ip)| ip.to_string())
                 .collect();
             return (!ips.is_empty()).then(|| {
                 Arc::new(Resource::versioned(
@@ -308,7 +315,7 @@ impl Catalog {
             .local_ips
             .get(node)
             .into_iter()
-            .flat_map(|ips| ips.keys().map(endpoint_bucket))
+            .flat_map(|ips| ips.keys().map(|(b, _)| *b))
             .collect();
         std::iter::once(NODE_RESOURCE.to_owned())
             .chain(buckets.into_iter().map(node_endpoints_name))
@@ -353,7 +360,7 @@ impl Catalog {
     /// Human-readable reasons for how one node programs one Service.
     pub fn explain(&self, facts: &NodeFacts, svc: &ObjectName) -> Vec<String> {
         let mut notes = Vec::new();
-        if let Some(why) = self.ignored.get(svc) {
+        if let Some(why) = self.inputs.ignored.get(svc) {
             notes.push(format!("not proxied: {why}"));
         }
         if let Some(r) = self.conflicts.get(svc) {
@@ -361,7 +368,10 @@ impl Catalog {
         }
         let site = NodeSite {
             name: &facts.name,
-            zone: self.nodes.get(&facts.name).and_then(|n| n.zone.as_deref()),
+            zone: self
+                .nodes()
+                .get(&facts.name)
+                .and_then(|n| n.zone.as_deref()),
         };
         let names = self
             .by_service

@@ -319,7 +319,8 @@ fn the_newer_of_two_services_claiming_a_node_port_is_refused() {
     assert!(c.ports.contains_key("default/aa/tcp/http/ipv4"));
     assert!(!c.ports.contains_key("default/bbb/tcp/http/ipv4"));
     assert!(c.ports.contains_key("default/cccc/udp/dns/ipv4"));
-    let r = &c.rejections[0];
+    let rejections = c.rejections();
+    let r = &rejections[0];
     assert_eq!(
         (r.name.as_str(), r.field.as_str()),
         ("bbb", "spec.ports[0].nodePort")
@@ -346,7 +347,7 @@ fn the_newer_of_two_services_claiming_a_node_port_is_refused() {
         c2.changed,
         ["default/aa/tcp/http/ipv4", "default/bbb/tcp/http/ipv4"]
     );
-    assert!(c2.rejections.is_empty(), "{:?}", c2.rejections);
+    assert!(c2.rejections().is_empty(), "{:?}", c2.rejections());
 }
 
 /// The services of the inputs `c` was built from, less one.

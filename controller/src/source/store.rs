@@ -119,6 +119,31 @@ impl<N: Ord + Clone, O: Ord, V> Definitions<N, O, V> {
         }
     }
 
+    /// Replaces the definitions one batch (`key`, by position) made: `old` names what it
+    /// defined, `new` what it defines now. Returns every name either one touches.
+    fn exchange<'a, K: Ord + Clone>(
+        &mut self,
+        key: &K,
+        old: impl Iterator<Item = &'a N>,
+        new: impl Iterator<Item = (&'a N, &'a V)>,
+    ) -> BTreeSet<N>
+    where
+        N: 'a,
+        V: Clone + 'a,
+        O: From<(K, usize)>,
+    {
+        let mut touched = BTreeSet::new();
+        for (i, name) in old.enumerate() {
+            self.remove(name, &O::from((key.clone(), i)));
+            touched.insert(name.clone());
+        }
+        for (i, (name, value)) in new.enumerate() {
+            self.insert(name.clone(), O::from((key.clone(), i)), value.clone());
+            touched.insert(name.clone());
+        }
+        touched
+    }
+
     /// The definition in use.
     fn first(&self, name: &N) -> Option<&V> {
         self.by_name.get(name)?.values().next()
@@ -205,38 +230,26 @@ impl<K: Ord + Clone> Store<K> {
     /// Retracts `old`'s definitions and enters `new`'s, then republishes every name either
     /// one defines.
     fn exchange(&mut self, key: &K, old: Option<&Batch>, new: Option<&Batch>) {
-        let origin = |i: usize| (key.clone(), i);
-        let mut services = BTreeSet::new();
-        let mut slices = BTreeSet::new();
-        let mut nodes = BTreeSet::new();
-        if let Some(old) = old {
-            for (i, (id, _)) in old.services.iter().enumerate() {
-                self.services.remove(id, &origin(i));
-                services.insert(id.clone());
-            }
-            for (i, s) in old.slices.iter().enumerate() {
-                self.slices.remove(&s.id, &origin(i));
-                slices.insert(s.id.clone());
-            }
-            for (i, n) in old.nodes.iter().enumerate() {
-                self.nodes.remove(&n.name, &origin(i));
-                nodes.insert(n.name.clone());
-            }
-        }
-        if let Some(new) = new {
-            for (i, (id, entry)) in new.services.iter().enumerate() {
-                self.services.insert(id.clone(), origin(i), entry.clone());
-                services.insert(id.clone());
-            }
-            for (i, s) in new.slices.iter().enumerate() {
-                self.slices.insert(s.id.clone(), origin(i), s.clone());
-                slices.insert(s.id.clone());
-            }
-            for (i, n) in new.nodes.iter().enumerate() {
-                self.nodes.insert(n.name.clone(), origin(i), n.clone());
-                nodes.insert(n.name.clone());
-            }
-        }
+        let services = self.services.exchange(
+            key,
+            old.into_iter()
+                .flat_map(|b| b.services.iter().map(|(id, _)| id)),
+            new.into_iter()
+                .flat_map(|b| b.services.iter().map(|(id, e)| (id, e))),
+        );
+        let slices = self.slices.exchange(
+            key,
+            old.into_iter().flat_map(|b| b.slices.iter().map(|s| &s.id)),
+            new.into_iter()
+                .flat_map(|b| b.slices.iter().map(|s| (&s.id, s))),
+        );
+        let nodes = self.nodes.exchange(
+            key,
+            old.into_iter()
+                .flat_map(|b| b.nodes.iter().map(|n| &n.name)),
+            new.into_iter()
+                .flat_map(|b| b.nodes.iter().map(|n| (&n.name, n))),
+        );
         for id in &services {
             let entry = self.services.first(id);
             let proxied = match entry {
