@@ -110,8 +110,9 @@ struct InFlight {
 
 /// What the agent holds.
 enum Known {
-    /// Its Hello stated only the system version (the list comes on request).
-    Unlisted { system_version: String },
+    /// Its Hello stated only the system version (the list comes on request); `asked` once
+    /// an InventoryRequest is out, and nothing is sent until the Inventory arrives.
+    Unlisted { system_version: String, asked: bool },
     /// As its Hello or Inventory listed it: versions sorted by name, and the system version
     /// it claims.
     Hello {
@@ -138,15 +139,23 @@ impl Known {
     fn from(hello: &mut Hello) -> Known {
         let system_version = std::mem::take(&mut hello.system_version);
         if hello.applied_on_request && !system_version.is_empty() {
-            Known::Unlisted { system_version }
+            Known::Unlisted {
+                system_version,
+                asked: false,
+            }
         } else {
             Known::from_hello(std::mem::take(&mut hello.applied), system_version)
         }
     }
 
-    /// Whether the agent's list is needed to know what it lacks.
+    /// Whether the agent's list is needed to know what it lacks, and not yet asked for.
     fn needs_inventory(&self, desired: &NodeRuleSet) -> bool {
-        matches!(self, Known::Unlisted { .. }) && !self.holds(desired)
+        matches!(self, Known::Unlisted { asked: false, .. }) && !self.holds(desired)
+    }
+
+    /// Whether an InventoryRequest is unanswered.
+    fn awaits_inventory(&self) -> bool {
+        matches!(self, Known::Unlisted { asked: true, .. })
     }
 
     fn version(&self, name: &str) -> Option<&str> {
@@ -165,7 +174,7 @@ impl Known {
     /// what lets a thousand current agents reconnect without a thousand full comparisons.
     fn holds(&self, desired: &NodeRuleSet) -> bool {
         let held = match self {
-            Known::Unlisted { system_version } | Known::Hello { system_version, .. } => {
+            Known::Unlisted { system_version, .. } | Known::Hello { system_version, .. } => {
                 system_version
             }
             Known::Acked(set) => &set.system_version,
@@ -236,8 +245,6 @@ struct Session {
     node: String,
     desired: watch::Receiver<Arc<NodeRuleSet>>,
     known: Known,
-    /// An InventoryRequest is unanswered: nothing is sent until the Inventory arrives.
-    inventory_asked: bool,
     in_flight: Option<InFlight>,
     /// System version of the last refused change: not sent again until something changes.
     refused: Option<String>,
@@ -273,7 +280,6 @@ impl Session {
             node: hello.node_name,
             desired,
             known,
-            inventory_asked: false,
             in_flight: None,
             refused: None,
             next_id: 1,
@@ -308,11 +314,13 @@ impl Session {
         shutdown: &CancellationToken,
     ) {
         loop {
-            if self.inventory_asked {
+            if self.known.awaits_inventory() {
                 // Wait for the inventory.
             } else if self.known.needs_inventory(&self.desired.borrow()) {
                 debug!("asking for the agent's inventory");
-                self.inventory_asked = true;
+                if let Known::Unlisted { asked, .. } = &mut self.known {
+                    *asked = true;
+                }
                 let ask = ControllerMessage {
                     message: Some(controller_message::Message::InventoryRequest(
                         InventoryRequest {},
@@ -434,7 +442,6 @@ impl Session {
         match msg.message {
             Some(agent_message::Message::Inventory(inv)) => {
                 debug!(applied = inv.applied.len(), "inventory received");
-                self.inventory_asked = false;
                 self.known = Known::from_hello(inv.applied, inv.system_version);
             }
             Some(agent_message::Message::Ack(ack)) => {
