@@ -66,35 +66,15 @@ pub fn plan(
     // element moving between resources in one change is not a conflict.
     let touched = upserts.iter().map(|a| &a.name).chain(&change.removed);
     for name in touched {
-        match state.resources.get(name).map(|a| &a.spec) {
-            Some(Spec::ServicePort(old)) => {
-                let overlay = &mut overlays[old.family as usize];
-                for element in render::service_elements(old) {
-                    overlay.release(&element);
-                }
+        if let Some(old) = state.resources.get(name) {
+            for (f, element) in render::owned_elements(&old.spec) {
+                overlays[f as usize].release(&element);
             }
-            Some(Spec::NodeEndpoints(old)) => {
-                for (f, element) in render::endpoint_hairpin(old) {
-                    overlays[f as usize].release(&element);
-                }
-            }
-            Some(Spec::Node(_)) | None => {}
         }
     }
     for applied in &upserts {
-        match &applied.spec {
-            Spec::ServicePort(new) => {
-                let overlay = &mut overlays[new.family as usize];
-                for element in render::service_elements(new) {
-                    overlay.retain(element, &applied.name)?;
-                }
-            }
-            Spec::NodeEndpoints(new) => {
-                for (f, element) in render::endpoint_hairpin(new) {
-                    overlays[f as usize].retain(element, &applied.name)?;
-                }
-            }
-            Spec::Node(_) => {}
+        for (f, element) in render::owned_elements(&applied.spec) {
+            overlays[f as usize].retain(element, &applied.name)?;
         }
     }
     let generation = state.generation.wrapping_add(1);

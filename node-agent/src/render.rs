@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use crate::model::{Endpoint, Family, NodeConfig, ServicePort};
+use crate::model::{Endpoint, Family, NodeConfig, ServicePort, Spec};
 use crate::nft::{
     AddrKey, Chain, Command, Element, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
     PortKey, Rule, Scope, SetId, Slot, TableName, Transaction,
@@ -131,9 +131,21 @@ fn balance(
     }
 }
 
-/// The hairpin elements a `node-endpoints` resource owns: one per endpoint on this node.
-pub fn endpoint_hairpin(ips: &[IpAddr]) -> impl Iterator<Item = (Family, Element)> + '_ {
-    ips.iter().map(|&ip| (Family::of(ip), Element::Hairpin(ip)))
+/// The elements one resource owns, with the family of the table each goes in: a Service
+/// port's, or a `node-endpoints` resource's hairpin pairs. Node settings own none (their sets
+/// are rewritten whole).
+pub fn owned_elements(spec: &Spec) -> Vec<(Family, Element)> {
+    match spec {
+        Spec::ServicePort(sp) => service_elements(sp)
+            .into_iter()
+            .map(|e| (sp.family, e))
+            .collect(),
+        Spec::NodeEndpoints(ips) => ips
+            .iter()
+            .map(|&ip| (Family::of(ip), Element::Hairpin(ip)))
+            .collect(),
+        Spec::Node(_) => Vec::new(),
+    }
 }
 
 /// The node sets' elements for one family.
