@@ -211,6 +211,17 @@ pub fn rejections_by_kind(rejections: &[Rejection]) -> BTreeMap<&'static str, us
     counts
 }
 
+/// Manifests for the sources' unit tests.
+#[cfg(test)]
+pub(crate) mod test_manifest {
+    /// A one-port ClusterIP Service in the default namespace.
+    pub(crate) fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,11 +108,7 @@ impl Controller {
         let system_version = if applied.is_empty() {
             String::new()
         } else {
-            kubenft_proto::system_version(
-                applied
-                    .iter()
-                    .map(|r| (r.name.as_str(), r.version.as_str())),
-            )
+            version_of(&applied)
         };
         self.connect_claiming(applied, system_version).await
     }
@@ -222,11 +218,7 @@ impl Agent {
     }
 
     async fn send_inventory(&self, applied: Vec<ResourceVersion>) {
-        let system_version = kubenft_proto::system_version(
-            applied
-                .iter()
-                .map(|r| (r.name.as_str(), r.version.as_str())),
-        );
+        let system_version = version_of(&applied);
         self.tx
             .send(AgentMessage {
                 message: Some(agent_message::Message::Inventory(Inventory {
@@ -270,6 +262,15 @@ impl Agent {
 
 fn names(c: &Change) -> Vec<&str> {
     c.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+/// The system version of what an agent lists (as an honest agent states it).
+fn version_of(applied: &[ResourceVersion]) -> String {
+    kubenft_proto::system_version(
+        applied
+            .iter()
+            .map(|r| (r.name.as_str(), r.version.as_str())),
+    )
 }
 
 /// The `node-endpoints` resource an endpoint address of node a is listed in.
@@ -409,9 +410,7 @@ async fn an_agent_lists_what_it_holds_only_when_asked() {
         },
         web,
     ];
-    let claimed =
-        kubenft_proto::system_version(held.iter().map(|r| (r.name.as_str(), r.version.as_str())));
-    let mut stale = ctl.connect_on_request(claimed).await;
+    let mut stale = ctl.connect_on_request(version_of(&held)).await;
     match stale.message().await {
         controller_message::Message::InventoryRequest(_) => {}
         other => panic!("expected an inventory request, got {other:?}"),

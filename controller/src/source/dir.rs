@@ -369,12 +369,7 @@ fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn svc(name: &str, ip: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
-        )
-    }
+    use crate::source::test_manifest::service as svc;
 
     fn cluster_ips(cache: &DirCache) -> Vec<String> {
         cache

@@ -315,17 +315,12 @@ fn duplicate(kind: &'static str, id: &ObjectName) -> Rejection {
 mod tests {
     use super::*;
     use crate::source::parse_manifest;
+    use crate::source::test_manifest::service as svc;
 
     fn batch(text: &str) -> Batch {
         let mut objects = Objects::default();
         parse_manifest("t.yaml", text, &mut objects);
         Batch::validate(&objects, &Limits::default())
-    }
-
-    fn svc(name: &str, ip: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
-        )
     }
 
     #[test]
