@@ -30,9 +30,7 @@ cleanup() {
     while read -r ns; do
       ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
       ip netns del "$ns" || true
-    done
-  # Nothing left over is the usual case (grep then fails): not an error.
-  return 0
+    done || true # nothing left over is the usual case (grep then fails): not an error
 }
 trap 'kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; cleanup' INT TERM
 trap cleanup EXIT
