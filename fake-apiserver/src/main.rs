@@ -40,6 +40,8 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A closed stderr must not turn every log line into a panic of the task logging it.
+        .log_internal_errors(false)
         .init();
     let server = FakeApiServer::start(args.listen).await?;
     if let Some(dir) = &args.manifests {

@@ -1,0 +1,92 @@
+//! The controller binary as a process: it keeps serving and still shuts down cleanly when its
+//! log output goes nowhere (a container runtime that closed the pipe, `| head`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The status line of `GET path`, or None if nothing answers.
+fn http_status(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines().next().map(str::to_owned)
+}
+
+#[test]
+fn a_closed_stderr_neither_stops_the_controller_nor_its_shutdown() {
+    let dir = std::env::temp_dir().join(format!("kubenft-lifecycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n",
+    )
+    .unwrap();
+    let http = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kubenft-controller"))
+        .arg(format!("--source=dir:{}", dir.display()))
+        .args(["--grpc-listen", &free_port().to_string()])
+        .args(["--http-listen", &http.to_string()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody will ever read the log: every line the controller writes fails with EPIPE.
+    drop(child.stderr.take());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = None;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        ready = http_status(http, "/readyz");
+        if ready.as_deref().is_some_and(|l| l.contains(" 200 ")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exited_early = child.try_wait().unwrap();
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = None;
+    while Instant::now() < deadline {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(
+        exited_early, None,
+        "the controller died while logging to a closed pipe"
+    );
+    assert!(
+        ready.as_deref().is_some_and(|l| l.contains(" 200 ")),
+        "never ready: {ready:?}"
+    );
+    assert!(stopped.success());
+    let status = status.expect("SIGTERM did not stop the controller within 10 s");
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}

@@ -1,0 +1,81 @@
+//! The agent binary as a process: it keeps running and still shuts down cleanly when its log
+//! output goes nowhere (a container runtime that closed the pipe, `| head`).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Netns, TempDir, require_root};
+
+const METRICS: &str = "127.0.0.1:10249";
+
+#[test]
+fn a_closed_stderr_neither_stops_the_agent_nor_its_shutdown() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).0);
+    let state = TempDir::new();
+    // `ip netns exec` execs the agent, so the child is the agent itself.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kubenft-agent")])
+        .args(["--node-name", "n1", "--controller", "http://127.0.0.1:9"])
+        .args([
+            "--healthz-listen",
+            "127.0.0.1:10256",
+            "--metrics-listen",
+            METRICS,
+        ])
+        .args(["--state-dir", state.0.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody will ever read the log: every line the agent writes fails with EPIPE. The agent
+    // logs each failed attempt to reach its (absent) controller.
+    drop(child.stderr.take());
+
+    let url = format!("http://{METRICS}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answered = String::new();
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        let (_, code, _) = ns.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+        answered = code;
+        if answered == "200" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Long enough for several reconnection attempts, each logged.
+    std::thread::sleep(Duration::from_secs(2));
+    let exited_early = child.try_wait().unwrap();
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = None;
+    while Instant::now() < deadline {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    assert_eq!(
+        exited_early, None,
+        "the agent died while logging to a closed pipe"
+    );
+    assert_eq!(answered, "200", "/metrics never answered");
+    assert!(stopped.success());
+    let status = status.expect("SIGTERM did not stop the agent within 10 s");
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
