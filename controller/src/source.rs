@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Deserialize as _;
 use serde_json::Value;
 use tracing::warn;
 
@@ -52,7 +53,10 @@ pub fn parse_manifest(file: &str, text: &str, objects: &mut Objects) {
         field: String::new(),
         message,
     };
-    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    let docs: Result<Vec<Value>, _> = yaml_serde::Deserializer::from_str(text)
+        .map(Value::deserialize)
+        .collect();
+    let docs = match docs {
         Ok(docs) => docs,
         Err(e) => {
             objects.rejections.push(file_error(format!(
@@ -280,6 +284,25 @@ endpoints:
         );
         let i = inputs("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n");
         assert!(i.rejections.is_empty() && i.services.is_empty());
+    }
+
+    #[test]
+    fn hostile_yaml_is_refused_as_a_file_error() {
+        // An alias bomb (9 levels of 9 aliases: ~387 million nodes if expanded) and nesting
+        // far past any real manifest.
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..10 {
+            let prev = format!("*a{}", level - 1);
+            let items = [prev.as_str(); 9].join(", ");
+            bomb.push_str(&format!("a{level}: &a{level} [{items}]\n"));
+        }
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        for text in [bomb, deep] {
+            let i = inputs(&text);
+            assert_eq!(i.rejections.len(), 1, "{:?}", i.rejections);
+            assert_eq!(i.rejections[0].kind, "File");
+            assert!(i.rejections[0].message.contains("not valid YAML"));
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
@@ -33,7 +33,9 @@ fn documents() -> Vec<(String, Value)> {
     let mut docs = Vec::new();
     for file in manifest_files() {
         let text = std::fs::read_to_string(deploy_dir().join(&file)).unwrap();
-        let values: Vec<Value> = serde_saphyr::from_multiple(&text)
+        let values: Vec<Value> = yaml_serde::Deserializer::from_str(&text)
+            .map(Value::deserialize)
+            .collect::<Result<_, _>>()
             .unwrap_or_else(|e| panic!("{file}: not valid YAML: {e}"));
         docs.extend(
             values
@@ -128,7 +130,7 @@ fn every_document_matches_its_schema() {
 
 #[test]
 fn the_round_trip_catches_a_misspelled_field() {
-    let doc: Value = serde_saphyr::from_str(
+    let doc: Value = yaml_serde::from_str(
         "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIp: None}\n",
     )
     .unwrap();
@@ -139,7 +141,7 @@ fn the_round_trip_catches_a_misspelled_field() {
 #[test]
 fn kustomization_lists_every_manifest() {
     let text = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap();
-    let k: Value = serde_saphyr::from_str(&text).unwrap();
+    let k: Value = yaml_serde::from_str(&text).unwrap();
     assert_eq!(k["namespace"], "kubenft-system");
     let listed: BTreeSet<String> = k["resources"]
         .as_array()

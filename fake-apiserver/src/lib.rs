@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -252,8 +252,10 @@ pub fn read_manifests(dir: &Path) -> Result<Vec<Value>> {
             message,
         };
         let text = std::fs::read_to_string(&path).map_err(|e| manifest_err(e.to_string()))?;
-        let docs: Vec<Value> =
-            serde_saphyr::from_multiple(&text).map_err(|e| manifest_err(e.to_string()))?;
+        let docs: Vec<Value> = yaml_serde::Deserializer::from_str(&text)
+            .map(Value::deserialize)
+            .collect::<Result<_, _>>()
+            .map_err(|e| manifest_err(e.to_string()))?;
         for doc in docs {
             flatten(doc, &mut objects);
         }
