@@ -281,10 +281,14 @@ pub async fn run_dir(
     tx: watch::Sender<Option<Arc<Inputs>>>,
     shutdown: CancellationToken,
 ) {
-    let mut cache = DirCache::new(limits);
     let mut watch = watch_or_poll(&dir);
     let started = Instant::now();
-    cache.rescan(&dir);
+    let scan_dir = dir.clone();
+    let Some((mut cache, _)) =
+        on_blocking_thread(DirCache::new(limits), move |c| c.rescan(&scan_dir)).await
+    else {
+        return;
+    };
     publish(&cache, &dir, &tx, started);
     let mut last_rescan = Instant::now();
     let mut last_watch_attempt = Instant::now();
@@ -311,13 +315,39 @@ pub async fn run_dir(
                 watch = DirWatch::new(&dir).ok();
             }
             last_rescan = Instant::now();
-            cache.rescan(&dir)
+            let scan_dir = dir.clone();
+            on_blocking_thread(cache, move |c| c.rescan(&scan_dir)).await
         } else {
-            cache.check_names(&dir, events.names)
+            let scan_dir = dir.clone();
+            on_blocking_thread(cache, move |c| c.check_names(&scan_dir, events.names)).await
         };
+        let Some((back, changed)) = changed else {
+            return;
+        };
+        cache = back;
         if changed {
             publish(&cache, &dir, &tx, started);
         }
+    }
+}
+
+/// Runs `f` on the cache on a blocking thread: reading and validating thousands of files
+/// must not hold up the runtime's workers, which serve agent handshakes and health checks
+/// meanwhile. `None` if the runtime is shutting down.
+async fn on_blocking_thread<T: Send + 'static>(
+    mut cache: DirCache,
+    f: impl FnOnce(&mut DirCache) -> T + Send + 'static,
+) -> Option<(DirCache, T)> {
+    let task = tokio::task::spawn_blocking(move || {
+        let out = f(&mut cache);
+        (cache, out)
+    });
+    match task.await {
+        Ok(done) => Some(done),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
     }
 }
 
