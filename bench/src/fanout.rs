@@ -51,10 +51,11 @@ impl Controller {
         grpc: std::net::SocketAddr,
     ) -> anyhow::Result<Controller> {
         let http = free_port()?;
-        // KUBENFT_BENCH_CONTROLLER_LOG=FILE keeps the controller's info log (diagnostics).
+        // KUBENFT_BENCH_CONTROLLER_LOG=FILE keeps the controller's log (diagnostics), at
+        // KUBENFT_BENCH_CONTROLLER_LOG_LEVEL (a RUST_LOG filter; default info).
         let (log_level, stderr) = match std::env::var_os("KUBENFT_BENCH_CONTROLLER_LOG") {
             Some(path) => (
-                "info",
+                std::env::var("KUBENFT_BENCH_CONTROLLER_LOG_LEVEL").unwrap_or("info".into()),
                 Stdio::from(
                     std::fs::OpenOptions::new()
                         .create(true)
@@ -62,7 +63,7 @@ impl Controller {
                         .open(path)?,
                 ),
             ),
-            None => ("warn", Stdio::null()),
+            None => ("warn".into(), Stdio::null()),
         };
         let child = tokio::process::Command::new(bin)
             .arg(format!("--source=dir:{}", dir.display()))
@@ -70,7 +71,7 @@ impl Controller {
             .args(["--http-listen", &http.to_string()])
             .args(["--cluster-cidr", crate::workload::CLUSTER_CIDR])
             .args(["--service-cidr", crate::workload::SERVICE_CIDR])
-            .env("RUST_LOG", log_level)
+            .env("RUST_LOG", &log_level)
             .stdout(Stdio::null())
             .stderr(stderr)
             .kill_on_drop(true)
@@ -374,6 +375,7 @@ pub async fn run_storm(opts: &Options, bin: &Path) -> anyhow::Result<Vec<Table>>
     }
     controller.kill().await;
     let held = fleet.wait_closed(Duration::from_secs(30)).await;
+    let reconnecting = held.len();
     let restarted = Instant::now();
     let controller = Controller::start(bin, &dir.0, grpc).await?;
     let listening = restarted.elapsed();
@@ -400,9 +402,12 @@ pub async fn run_storm(opts: &Options, bin: &Path) -> anyhow::Result<Vec<Table>>
             "bytes received",
         ],
     );
-    let met = outcome.is_ok() && synced <= Duration::from_secs(2) && totals.resources == 0;
+    let met = outcome.is_ok()
+        && reconnecting == synced_before as usize
+        && synced <= Duration::from_secs(2)
+        && totals.resources == 0;
     t.row(vec![
-        format!("{synced_before} of {k}"),
+        format!("{synced_before} of {k}, {reconnecting} reconnect"),
         ms(listening),
         match &outcome {
             Ok(()) => ms(synced),

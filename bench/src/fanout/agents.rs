@@ -335,10 +335,16 @@ async fn agent(
         applied,
         mut system_version,
     } = held;
-    let mut known: BTreeMap<String, String> = applied
-        .iter()
-        .map(|rv| (rv.name.clone(), rv.version.clone()))
-        .collect();
+    // Only an agent that keeps its state tracks it: building a map of 10k names per agent
+    // would have 1,000 simulated agents compete with the controller for the same cores.
+    let mut known: BTreeMap<String, String> = if keep {
+        applied
+            .iter()
+            .map(|rv| (rv.name.clone(), rv.version.clone()))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     // As the real agent does: the version only, the list if the controller asks for it.
     let hello = Hello {
         node_name: node_name(id),
@@ -416,7 +422,6 @@ async fn agent(
             let _ = f.send(Ok(()));
         }
     }
-    fleet.open.fetch_sub(1, Ordering::Relaxed);
     if keep {
         let held = Held {
             applied: known
@@ -427,6 +432,8 @@ async fn agent(
         };
         fleet.held.lock().expect("lock").push((id, held));
     }
+    // Only now: `wait_closed` counts on every closed agent's state being recorded.
+    fleet.open.fetch_sub(1, Ordering::Relaxed);
     Ok(())
 }
 
