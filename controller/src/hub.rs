@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::cores;
 use crate::model::Rejection;
 use crate::plan::{Catalog, ClusterPolicy, Inputs, NodeFacts};
 use crate::view::NodeRuleSet;
@@ -87,10 +88,12 @@ impl Hub {
         state
             .nodes
             .retain(|name, e| e.status.streams > 0 || catalog.nodes().contains_key(name));
-        for (name, entry) in state.nodes.iter_mut() {
-            let node_changed = previous.nodes().get(name) != catalog.nodes().get(name);
+        // After a restart every connected agent's rule set is built here, on every core.
+        let mut entries: Vec<(&String, &mut NodeEntry)> = state.nodes.iter_mut().collect();
+        cores::for_each_mut(&mut entries, |(name, entry)| {
+            let node_changed = previous.nodes().get(*name) != catalog.nodes().get(*name);
             entry.replan(&catalog, node_changed);
-        }
+        });
     }
 
     /// Whether the source has delivered a complete view (before that, nothing is served: a cold

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+mod cores;
 pub mod http;
 pub mod hub;
 pub mod inspect;
@@ -28,6 +29,7 @@ use kubenft_proto::v1::controller_inspect_server::ControllerInspectServer;
 use kubenft_proto::v1::rule_stream_server::RuleStreamServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tracing::{error, info};
 
 use crate::hub::Hub;
@@ -43,6 +45,12 @@ pub enum Error {
         addr: SocketAddr,
         #[source]
         source: tonic::transport::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
@@ -168,6 +176,22 @@ async fn plan_on_change(
     }
 }
 
+/// Every agent reconnects at once when a controller restarts. With the standard library's
+/// backlog of 128, the accept queue overflows into SYN cookies and SYN retransmissions (a
+/// second each) and, now and then, a reset connection. The kernel caps it at somaxconn.
+const GRPC_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As the standard library does: a restarted controller binds over TIME_WAIT connections.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 async fn serve_grpc(
     addr: SocketAddr,
     hub: Arc<Hub>,
@@ -194,6 +218,10 @@ async fn serve_grpc(
         metrics,
         shutdown.clone(),
     ));
+    let incoming = TcpIncoming::from(
+        listen(addr, GRPC_BACKLOG).map_err(|source| Error::Listen { addr, source })?,
+    )
+    .with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
@@ -204,7 +232,7 @@ async fn serve_grpc(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_shutdown(addr, shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;
     result.map_err(|source| {
         error!(%addr, error = %source, "gRPC server failed");

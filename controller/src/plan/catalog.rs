@@ -17,11 +17,21 @@ use super::{
     endpoint_bucket, explain_port, node_endpoints_name, node_ips, node_rules,
     parse_node_endpoints_name, plan_service, port_rules,
 };
+use crate::cores;
 use crate::model::{NodeModel, ObjectName, Rejection, SliceModel};
 use crate::select::NodeSite;
 use crate::view::{Base, NodeRuleSet, Resources};
 
 /// The node-independent part of planning.
+/// One Service planned again, before the catalog indexes it.
+struct Replanned {
+    id: ObjectName,
+    /// Its ports' names now (empty if it is gone or refused).
+    names: Vec<String>,
+    /// The ports whose plan changed.
+    changed: Vec<Arc<PlannedPort>>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     pub policy: Arc<ClusterPolicy>,
@@ -128,8 +138,11 @@ impl Catalog {
             );
             next.conflicts = conflicts;
         }
-        for id in &affected {
-            next.replan_service(id);
+        // Planning is the costly part and reads only the catalog: on every core when a first
+        // read or a relist affects thousands of Services. Indexing the results is sequential.
+        let affected: Vec<ObjectName> = affected.into_iter().collect();
+        for replanned in cores::map(&affected, |id| next.plan_again(id)) {
+            next.apply(replanned);
         }
         next.changed.sort();
         next.changed.dedup();
@@ -191,10 +204,9 @@ impl Catalog {
         }
     }
 
-    /// Plans one Service's ports again (none if it is gone or refused), keeping each port
-    /// whose plan came out the same.
-    fn replan_service(&mut self, id: &ObjectName) {
-        let old_names = self.by_service.remove(id).unwrap_or_else(|| Arc::new([]));
+    /// Plans one Service's ports again (none if it is gone or refused); only the ports whose
+    /// plan came out different are built.
+    fn plan_again(&self, id: &ObjectName) -> Replanned {
         let plans = match self.inputs.services.get(id) {
             Some(svc) if !self.conflicts.contains_key(id) => {
                 let slices: Vec<&SliceModel> = self
@@ -209,20 +221,35 @@ impl Catalog {
             _ => Vec::new(),
         };
         let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
-        for plan in plans {
-            if self
-                .ports
-                .get(&plan.name)
-                .is_none_or(|old| old.plan != plan)
-            {
-                self.set_port(plan.name.clone(), Some(Arc::new(PlannedPort::new(plan))));
-            }
+        let changed = plans
+            .into_iter()
+            .filter(|plan| {
+                self.ports
+                    .get(&plan.name)
+                    .is_none_or(|old| old.plan != *plan)
+            })
+            .map(|plan| Arc::new(PlannedPort::new(plan)))
+            .collect();
+        Replanned {
+            id: id.clone(),
+            names,
+            changed,
+        }
+    }
+
+    /// Indexes a Service planned again: its changed ports replace the old, its ports that
+    /// are gone are removed.
+    fn apply(&mut self, replanned: Replanned) {
+        let Replanned { id, names, changed } = replanned;
+        let old_names = self.by_service.remove(&id).unwrap_or_else(|| Arc::new([]));
+        for port in changed {
+            self.set_port(port.plan.name.clone(), Some(port));
         }
         for gone in old_names.iter().filter(|n| !names.contains(n)) {
             self.set_port(gone.clone(), None);
         }
         if !names.is_empty() {
-            self.by_service.insert(id.clone(), names.into());
+            self.by_service.insert(id, names.into());
         }
     }
 

@@ -598,3 +598,66 @@ fn local_only_ports_change_only_on_the_nodes_whose_endpoints_moved() {
     let b3 = c3.update(&b, &facts("b")).expect("b's view changed");
     assert!(!port_of(&b3, name).endpoints_elsewhere);
 }
+
+#[test]
+fn a_first_plan_of_thousands_of_services_equals_one_built_step_by_step() {
+    // 1,200 Services is above the threshold where planning is spread over the cores; adding
+    // them 100 at a time stays below it. Both must give every node the same rule set.
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..1200u32 {
+        let name = format!("svc-{i}");
+        let mut s = svc(
+            &name,
+            &[&format!("10.96.{}.{}", i / 250, i % 250 + 1)],
+            &[("http", Protocol::Tcp, 80, None)],
+        );
+        if i % 10 == 5 {
+            s.internal_policy = TrafficPolicy::Local;
+        }
+        services.push(s);
+        let nodes = ["a", "b"];
+        slices.push(slice(
+            &format!("{name}-1"),
+            &name,
+            &[("http", Protocol::Tcp, 8080)],
+            (0..3)
+                .map(|e| {
+                    let k = i * 3 + e;
+                    ep(
+                        &format!("10.244.{}.{}", k / 250, k % 250 + 1),
+                        nodes[(k % 2) as usize],
+                        READY,
+                    )
+                })
+                .collect(),
+        ));
+    }
+    let policy = Arc::new(ClusterPolicy::default());
+    let at_once = Catalog::build(
+        policy.clone(),
+        &inputs(services.clone(), slices.clone()),
+        None,
+    );
+    let mut stepwise: Option<Catalog> = None;
+    for n in (100..=1200).step_by(100) {
+        let part = inputs(services[..n].to_vec(), slices[..n].to_vec());
+        stepwise = Some(Catalog::build(policy.clone(), &part, stepwise.as_ref()));
+    }
+    let stepwise = stepwise.unwrap();
+    for node in ["a", "b", "x"] {
+        let (once, steps) = (
+            rules(&at_once, &facts(node)),
+            rules(&stepwise, &facts(node)),
+        );
+        // Every port, the node's settings, and (on a and b) all 16 buckets of local addresses.
+        let buckets = if node == "x" { 0 } else { 16 };
+        assert_eq!(once.len(), 1200 + 1 + buckets, "node {node}");
+        assert_eq!(once.system_version, steps.system_version, "node {node}");
+        assert!(
+            once.iter()
+                .map(|r| &r.name)
+                .eq(steps.iter().map(|r| &r.name))
+        );
+    }
+}

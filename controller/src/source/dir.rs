@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Batch, Objects, Store, is_manifest_name, manifest_files, read_file};
+use crate::cores;
 use crate::model::Limits;
 use crate::plan::Inputs;
 
@@ -150,41 +151,8 @@ fn read_all(
     files: Vec<(PathBuf, Option<Stamp>)>,
     limits: &Limits,
 ) -> Vec<(PathBuf, Option<Stamp>, Batch)> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 || files.len() < 64 {
-        return files
-            .into_iter()
-            .map(|(p, s)| {
-                let batch = read_batch(&p, limits);
-                (p, s, batch)
-            })
-            .collect();
-    }
-    let chunk = files.len().div_ceil(threads);
-    let mut chunks: Vec<Vec<(PathBuf, Option<Stamp>)>> = Vec::new();
-    let mut rest = files.into_iter().peekable();
-    while rest.peek().is_some() {
-        chunks.push(rest.by_ref().take(chunk).collect());
-    }
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .into_iter()
-                        .map(|(p, s)| {
-                            let batch = read_batch(&p, limits);
-                            (p, s, batch)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+    cores::map(&files, |(path, stamp)| {
+        (path.clone(), stamp.clone(), read_batch(path, limits))
     })
 }
 
