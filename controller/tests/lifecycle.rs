@@ -1,5 +1,6 @@
 //! The controller binary as a process: it keeps serving and still shuts down cleanly when its
-//! log output goes nowhere (a container runtime that closed the pipe, `| head`).
+//! log output goes nowhere (a container runtime that closed the pipe, `| head`), and its gRPC
+//! port can queue a whole fleet's reconnections.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -27,6 +28,17 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<String> {
     text.lines().next().map(str::to_owned)
 }
 
+/// The backlog of the socket listening on `port`, as `ss` reports it.
+fn listen_backlog(port: u16) -> Option<u32> {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // State Recv-Q Send-Q Local-Address:Port Peer-Address:Port
+    text.lines().next()?.split_whitespace().nth(2)?.parse().ok()
+}
+
 #[test]
 fn a_closed_stderr_neither_stops_the_controller_nor_its_shutdown() {
     let dir = std::env::temp_dir().join(format!("kubenft-lifecycle-{}", std::process::id()));
@@ -36,10 +48,10 @@ fn a_closed_stderr_neither_stops_the_controller_nor_its_shutdown() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n",
     )
     .unwrap();
-    let http = free_port();
+    let (http, grpc) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_kubenft-controller"))
         .arg(format!("--source=dir:{}", dir.display()))
-        .args(["--grpc-listen", &free_port().to_string()])
+        .args(["--grpc-listen", &grpc.to_string()])
         .args(["--http-listen", &http.to_string()])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -58,6 +70,7 @@ fn a_closed_stderr_neither_stops_the_controller_nor_its_shutdown() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let backlog = listen_backlog(grpc.port());
     let exited_early = child.try_wait().unwrap();
     let stopped = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -81,6 +94,12 @@ fn a_closed_stderr_neither_stops_the_controller_nor_its_shutdown() {
     assert_eq!(
         exited_early, None,
         "the controller died while logging to a closed pipe"
+    );
+    // `ss` shows a listening socket's backlog as its Send-Q. With the standard library's 128,
+    // 1,000 agents reconnecting at once overflowed into SYN cookies and retransmissions.
+    assert!(
+        backlog.is_some_and(|b| b >= 1024),
+        "gRPC listen backlog {backlog:?}"
     );
     assert!(
         ready.as_deref().is_some_and(|l| l.contains(" 200 ")),
