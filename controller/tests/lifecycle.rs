@@ -40,7 +40,7 @@ fn listen_backlog(port: u16) -> Option<u32> {
 }
 
 #[test]
-fn a_closed_stderr_neither_stops_the_controller_nor_its_shutdown() {
+fn the_controller_survives_a_closed_stderr_stops_on_sigterm_and_queues_a_fleet() {
     let dir = std::env::temp_dir().join(format!("kubenft-lifecycle-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
