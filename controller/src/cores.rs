@@ -49,6 +49,19 @@ pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
     });
 }
 
+/// Runs `f` on a blocking thread, off the async runtime's workers (which keep serving agents
+/// and health checks meanwhile); a panic in `f` resumes here. `None` if the runtime is
+/// shutting down.
+pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(out) => Some(out),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,12 +152,11 @@ async fn plan_on_change(
             // Planning 10k Services for 1,000 nodes takes a good fraction of a second: on a
             // blocking thread, so the runtime's workers keep serving agents meanwhile.
             let (planner, planned) = (hub.clone(), inputs.clone());
-            match tokio::task::spawn_blocking(move || planner.set_inputs(&planned)).await {
-                Ok(()) => {}
-                Err(e) => match e.try_into_panic() {
-                    Ok(panic) => std::panic::resume_unwind(panic),
-                    Err(_) => return,
-                },
+            if cores::off_runtime(move || planner.set_inputs(&planned))
+                .await
+                .is_none()
+            {
+                return;
             }
             metrics.source_updates.inc();
             metrics

@@ -22,7 +22,6 @@ use crate::model::{NodeModel, ObjectName, Rejection, SliceModel};
 use crate::select::NodeSite;
 use crate::view::{Base, NodeRuleSet, Resources};
 
-/// The node-independent part of planning.
 /// One Service planned again, before the catalog indexes it.
 struct Replanned {
     id: ObjectName,
@@ -32,6 +31,7 @@ struct Replanned {
     changed: Vec<Arc<PlannedPort>>,
 }
 
+/// The node-independent part of planning.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     pub policy: Arc<ClusterPolicy>,

@@ -253,7 +253,7 @@ pub async fn run_dir(
     let started = Instant::now();
     let scan_dir = dir.clone();
     let Some((mut cache, _)) =
-        on_blocking_thread(DirCache::new(limits), move |c| c.rescan(&scan_dir)).await
+        with_cache(DirCache::new(limits), move |c| c.rescan(&scan_dir)).await
     else {
         return;
     };
@@ -276,6 +276,7 @@ pub async fn run_dir(
             warn!(dir = %dir.display(), "the directory watch ended; watching it again");
             watch = watch_or_poll(&dir);
         }
+        let scan_dir = dir.clone();
         let changed = if events.rescan || events.lost {
             if watch.is_none() && last_watch_attempt.elapsed() >= RESCAN_INTERVAL {
                 // Polling: try to watch again now and then (the directory may be back).
@@ -283,11 +284,9 @@ pub async fn run_dir(
                 watch = DirWatch::new(&dir).ok();
             }
             last_rescan = Instant::now();
-            let scan_dir = dir.clone();
-            on_blocking_thread(cache, move |c| c.rescan(&scan_dir)).await
+            with_cache(cache, move |c| c.rescan(&scan_dir)).await
         } else {
-            let scan_dir = dir.clone();
-            on_blocking_thread(cache, move |c| c.check_names(&scan_dir, events.names)).await
+            with_cache(cache, move |c| c.check_names(&scan_dir, events.names)).await
         };
         let Some((back, changed)) = changed else {
             return;
@@ -299,24 +298,17 @@ pub async fn run_dir(
     }
 }
 
-/// Runs `f` on the cache on a blocking thread: reading and validating thousands of files
-/// must not hold up the runtime's workers, which serve agent handshakes and health checks
-/// meanwhile. `None` if the runtime is shutting down.
-async fn on_blocking_thread<T: Send + 'static>(
+/// Runs `f` on the cache off the runtime (reading thousands of files must not hold up agent
+/// handshakes). `None` if the runtime is shutting down.
+async fn with_cache<T: Send + 'static>(
     mut cache: DirCache,
     f: impl FnOnce(&mut DirCache) -> T + Send + 'static,
 ) -> Option<(DirCache, T)> {
-    let task = tokio::task::spawn_blocking(move || {
+    cores::off_runtime(move || {
         let out = f(&mut cache);
         (cache, out)
-    });
-    match task.await {
-        Ok(done) => Some(done),
-        Err(e) => match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(_) => None,
-        },
-    }
+    })
+    .await
 }
 
 async fn next_events(watch: Option<&DirWatch>) -> Events {
