@@ -3,14 +3,23 @@
 //! controller restart). Small batches stay on the calling thread: threads cost more than they
 //! save there.
 
+use std::sync::LazyLock;
 use std::thread;
 
 /// Below this many items per thread, the work runs on the calling thread.
 const MIN_PER_THREAD: usize = 256;
 
+/// The machine's cores (or the cgroup's quota), looked up once: the lookup reads files, and
+/// every change asks.
+static CORES: LazyLock<usize> =
+    LazyLock::new(|| thread::available_parallelism().map_or(1, |n| n.get()));
+
 fn threads_for(items: usize) -> usize {
-    let cores = thread::available_parallelism().map_or(1, |n| n.get());
-    cores.min(items / MIN_PER_THREAD).max(1)
+    let most = items / MIN_PER_THREAD;
+    if most < 2 {
+        return 1;
+    }
+    most.min(*CORES)
 }
 
 /// `f` of every item, in order.
