@@ -73,6 +73,9 @@ impl ControllerInspect for InspectService {
                     resources: u32::try_from(desired.len()).unwrap_or(u32::MAX),
                     agent_version: s.agent_version,
                     agent_addresses: s.agent_addresses.iter().map(ToString::to_string).collect(),
+                    dataplane: None,
+                    nack_retries: 0,
+                    next_retry_ms: 0,
                 }
             })
             .collect();

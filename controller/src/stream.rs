@@ -440,6 +440,9 @@ impl Session {
 
     fn on_message(&mut self, msg: AgentMessage) {
         match msg.message {
+            Some(agent_message::Message::Status(status)) => {
+                debug!(state = status.state, "data plane status received");
+            }
             Some(agent_message::Message::Inventory(inv)) => {
                 debug!(applied = inv.applied.len(), "inventory received");
                 self.known = Known::from_hello(inv.applied, inv.system_version);
