@@ -10,12 +10,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::applier::{self, Applier};
+use crate::drift;
 use crate::hcport::HealthCheckPorts;
 use crate::health::Health;
 use crate::http;
 use crate::inspect::{self, Inspect};
 use crate::metrics::Metrics;
 use crate::model::Family;
+use crate::nft::monitor;
 use crate::nft::{Command, Nft, NftError, TableName, Transaction};
 use crate::state::{self, StateFileError};
 use crate::stream::{self, StreamConfig};
@@ -106,6 +108,20 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         controllers: cfg.controllers.clone(),
         node_name: cfg.node_name.clone(),
     };
+    // Self-healing: the monitor reports other programs' changes, the drift loop repairs them.
+    let (notices_tx, notices_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Some(argv) = applier.monitor_argv() {
+        let (table, own, c) = (cfg.table.clone(), applier.own_processes(), cancel.clone());
+        tasks.spawn(async move {
+            monitor::run(argv, table, own, notices_tx, c).await;
+            Ok(())
+        });
+    }
+    let (a, c) = (applier.clone(), cancel.clone());
+    tasks.spawn(async move {
+        drift::run(a, notices_rx, c).await;
+        Ok(())
+    });
     let c = cancel.clone();
     tasks.spawn(async move {
         stream::run(stream_cfg, applier, metrics, c).await;

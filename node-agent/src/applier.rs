@@ -3,21 +3,57 @@
 //!
 //! Other tasks (inspection) only read the state, through the shared lock.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kubenft_proto::v1;
 use parking_lot::RwLock;
 
 use crate::apply;
 use crate::conntrack;
+use crate::drift::Dataplane;
 use crate::hcport::{self, HealthCheckPorts};
 use crate::health::Health;
 use crate::metrics::{ChangeResult, Metrics};
 use crate::model::Family;
-use crate::nft::{Nft, TableName};
+use crate::nft::{Chain, Nft, NftError, SetId, TableName, Transaction};
+use crate::repair::{self, Damage, RepairKind};
 use crate::state::{self, AppliedState};
+
+/// Attempts of the same transaction before falling back to a full reconcile, and the wait
+/// before each retry.
+const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+/// What a NACK or a log line keeps of nft's error: its first lines name the failing command
+/// and object; the rest is the whole script echoed back.
+const ERROR_LINES: usize = 3;
+const ERROR_CHARS: usize = 512;
+
+/// The first lines of an nft error, short enough for a NACK, a log line and `ListNodes`.
+pub fn short_error(error: &str) -> String {
+    let mut out = String::new();
+    for line in error
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .take(ERROR_LINES)
+    {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(line);
+    }
+    if out.len() > ERROR_CHARS {
+        let mut cut = ERROR_CHARS;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
 
 pub type SharedState = Arc<RwLock<AppliedState>>;
 
@@ -30,6 +66,11 @@ pub struct Applier<N> {
     health: Arc<Health>,
     /// Health-check node ports follow the applied state (None in tests that do not serve them).
     hc_ports: Option<Arc<HealthCheckPorts>>,
+    /// Whether the kernel holds the applied state (drift and repairs).
+    dataplane: Arc<Dataplane>,
+    /// One transaction at a time: changes and repairs both plan against the state and must
+    /// see each other's commits.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl<N: Nft> Applier<N> {
@@ -46,10 +87,117 @@ impl<N: Nft> Applier<N> {
             table,
             state_dir,
             state: Arc::new(RwLock::new(state)),
-            metrics,
+            metrics: metrics.clone(),
             health,
             hc_ports: None,
+            dataplane: Arc::new(Dataplane::new(metrics.clone())),
+            writing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    pub fn dataplane(&self) -> &Arc<Dataplane> {
+        &self.dataplane
+    }
+
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// How the kernel is watched for other programs' changes (`nft monitor`), if it can be.
+    pub fn monitor_argv(&self) -> Option<Vec<String>> {
+        self.nft.monitor_argv()
+    }
+
+    pub fn own_processes(&self) -> crate::nft::OwnProcesses {
+        self.nft.own_processes()
+    }
+
+    /// Repairs damage other programs did to our tables, in one transaction; if that is
+    /// refused (the damage was not what the notifications said), by a full reconcile.
+    /// Returns the kinds of repair made (none if the state is unknown: the next change
+    /// rewrites everything anyway).
+    pub async fn repair(&self, damage: &Damage) -> Result<BTreeSet<RepairKind>, String> {
+        let _writing = self.writing.lock().await;
+        let mut tx = {
+            let state = self.state.read();
+            if !state.is_synced() {
+                return Ok(BTreeSet::new());
+            }
+            repair::plan(&state, damage, &self.table)
+        };
+        if damage.full {
+            self.skip_existing(&mut tx).await;
+        }
+        if tx.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let started = Instant::now();
+        match self.nft.apply(&tx).await {
+            Ok(()) => {
+                let kinds = damage.kinds();
+                self.metrics
+                    .repaired(&kinds, started.elapsed().as_secs_f64());
+                return Ok(kinds);
+            }
+            Err(e) if damage.full => return Err(short_error(&e.to_string())),
+            Err(e) => {
+                tracing::warn!(error = %short_error(&e.to_string()), "targeted repair refused; reconciling the whole tables")
+            }
+        }
+        let mut tx = repair::plan(&self.state.read(), &Damage::full(), &self.table);
+        self.skip_existing(&mut tx).await;
+        self.nft
+            .apply(&tx)
+            .await
+            .map_err(|e| short_error(&e.to_string()))?;
+        let kinds = BTreeSet::from([RepairKind::Full]);
+        self.metrics
+            .repaired(&kinds, started.elapsed().as_secs_f64());
+        Ok(kinds)
+    }
+
+    /// Compares the chains and sets in the kernel with those the applied state needs (names
+    /// only: a few milliseconds at any size). What differs is returned as damage.
+    pub async fn check_structure(&self) -> Result<Damage, NftError> {
+        let mut damage = Damage::default();
+        for f in Family::ALL {
+            let objects = self.nft.list_objects(&self.table, f).await?;
+            let state = self.state.read();
+            if !state.is_synced() {
+                return Ok(Damage::default());
+            }
+            let Some(objects) = objects else {
+                return Ok(Damage::full());
+            };
+            let chains: BTreeSet<&str> = objects.chains.iter().map(String::as_str).collect();
+            for chain in repair::expected_chains(&state, f) {
+                if !chains.contains(chain.to_string().as_str()) {
+                    match chain.base() {
+                        Some(_) => {
+                            damage.chains.insert((f, chain));
+                        }
+                        None => return Ok(Damage::full()),
+                    }
+                }
+            }
+            let sets: BTreeSet<&str> = objects.sets.iter().map(|(n, _)| n.as_str()).collect();
+            if repair::expected_sets(&state, f)
+                .any(|set: SetId| !sets.contains(set.to_string().as_str()))
+            {
+                return Ok(Damage::full());
+            }
+            for name in &objects.chains {
+                if Chain::parse(name).is_none() {
+                    damage.note(&crate::nft::monitor::Event::added_chain(f, name));
+                }
+            }
+            for (name, map) in &objects.sets {
+                if SetId::parse(name).is_none() {
+                    damage.note(&crate::nft::monitor::Event::added_set(f, name, *map));
+                }
+            }
+        }
+        Ok(damage)
     }
 
     /// Serves the health-check node ports the applied state asks for, now and after every
@@ -67,6 +215,7 @@ impl<N: Nft> Applier<N> {
     /// Applies one change; `Err` carries the NACK text (nft's stderr verbatim if nft refused).
     pub async fn handle(&self, change: &v1::Change) -> Result<(), String> {
         self.health.received();
+        let _writing = self.writing.lock().await;
         let result = self.apply(change).await;
         match &result {
             Ok(()) => {
@@ -94,11 +243,7 @@ impl<N: Nft> Applier<N> {
             e.to_string()
         })?;
         let started = Instant::now();
-        if let Err(e) = self.nft.apply(&plan.tx).await {
-            self.metrics.sync_failed();
-            tracing::error!(change_id = change.change_id, error = %e, "nft refused the transaction");
-            return Err(e.to_string());
-        }
+        let plan = self.run(plan, change).await?;
         let elapsed = started.elapsed();
         self.metrics
             .synced(&plan.tx.changed_families(), elapsed.as_secs_f64());
@@ -146,6 +291,67 @@ impl<N: Nft> Applier<N> {
         self.observe_programming(change);
         self.persist(file).await;
         Ok(())
+    }
+
+    /// Runs a planned change. A refusal is retried with backoff (a transient failure, or
+    /// drift being repaired meanwhile); if the same transaction keeps failing, the change is
+    /// applied as a full reconcile of our tables; only if that fails too is it refused, with
+    /// the first lines of nft's error.
+    async fn run(&self, mut plan: apply::Plan, change: &v1::Change) -> Result<apply::Plan, String> {
+        let id = change.change_id;
+        if plan.full {
+            self.skip_existing(&mut plan.tx).await;
+        }
+        let mut last = match self.nft.apply(&plan.tx).await {
+            Ok(()) => return Ok(plan),
+            Err(e) => e,
+        };
+        for wait in RETRIES {
+            self.metrics.sync_failed();
+            tracing::warn!(change_id = id, error = %short_error(&last.to_string()), retry_in = ?wait, "nft refused the transaction");
+            tokio::time::sleep(wait).await;
+            match self.nft.apply(&plan.tx).await {
+                Ok(()) => return Ok(plan),
+                Err(e) => last = e,
+            }
+        }
+        self.metrics.sync_failed();
+        if plan.full {
+            return Err(self.refused(id, &last));
+        }
+        tracing::warn!(change_id = id, error = %short_error(&last.to_string()), "the change keeps failing; applying it as a full reconcile");
+        let mut full =
+            apply::plan_full(&self.state.read(), change, &self.table).map_err(|e| e.to_string())?;
+        self.skip_existing(&mut full.tx).await;
+        match self.nft.apply(&full.tx).await {
+            Ok(()) => Ok(full),
+            Err(e) => {
+                self.metrics.sync_failed();
+                Err(self.refused(id, &e))
+            }
+        }
+    }
+
+    /// Leaves out of a full reconcile the declarations of objects that exist (see
+    /// [`Transaction::skip_existing`]); if the tables cannot be listed, declares everything.
+    async fn skip_existing(&self, tx: &mut Transaction) {
+        let mut existing = [None, None];
+        for f in Family::ALL {
+            match self.nft.list_objects(&self.table, f).await {
+                Ok(objects) => existing[f as usize] = objects,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list the tables; declaring every object");
+                    return;
+                }
+            }
+        }
+        tx.skip_existing(&existing);
+    }
+
+    fn refused(&self, change_id: u64, error: &NftError) -> String {
+        let short = short_error(&error.to_string());
+        tracing::error!(change_id, error = %short, "nft refused the change, also as a full reconcile");
+        short
     }
 
     /// Network programming latency: from each change's trigger time to now (committed).

@@ -53,11 +53,31 @@ struct Commit {
     generation: u32,
 }
 
-/// Plans a change against the applied state.
+/// Plans a change against the applied state: element by element, or as a full reconcile if
+/// the kernel's state is unknown.
 pub fn plan(
     state: &AppliedState,
     change: &v1::Change,
     table: &TableName,
+) -> Result<Plan, PlanError> {
+    plan_with(state, change, table, !state.synced)
+}
+
+/// Plans a change as a full reconcile of our tables to the state after it, whatever the
+/// kernel holds now (the fallback when an element-level transaction keeps being refused).
+pub fn plan_full(
+    state: &AppliedState,
+    change: &v1::Change,
+    table: &TableName,
+) -> Result<Plan, PlanError> {
+    plan_with(state, change, table, true)
+}
+
+fn plan_with(
+    state: &AppliedState,
+    change: &v1::Change,
+    table: &TableName,
+    full: bool,
 ) -> Result<Plan, PlanError> {
     let upserts = validate(change)?;
     let node = node_change(&upserts, &change.removed);
@@ -79,7 +99,6 @@ pub fn plan(
     }
     let generation = state.generation.wrapping_add(1);
     let mut tx = Transaction::new(table.clone());
-    let full = !state.synced;
     let created = if full {
         full_transaction(&mut tx, state, node.as_ref(), &overlays, generation)
     } else {

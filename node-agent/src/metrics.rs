@@ -41,8 +41,23 @@ struct ResultLabels {
     result: ChangeResult,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    drift_detected: Counter,
+    repairs: MetricFamily<KindLabels, Counter>,
+    repair_duration: Histogram,
+    dataplane_state: MetricFamily<StateLabels, Gauge>,
+    last_converged: Gauge<f64, AtomicU64>,
     sync_duration: MetricFamily<FamilyLabels, Histogram>,
     sync_failures: Counter,
     last_sync: Gauge<f64, AtomicU64>,
@@ -61,6 +76,11 @@ impl Default for Metrics {
         });
         let metrics = Metrics {
             registry: Registry::default(),
+            drift_detected: Counter::default(),
+            repairs: MetricFamily::default(),
+            repair_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            dataplane_state: MetricFamily::default(),
+            last_converged: Gauge::default(),
             sync_duration,
             sync_failures: Counter::default(),
             last_sync: Gauge::default(),
@@ -133,7 +153,76 @@ impl Metrics {
             "/livez answers by HTTP code",
             self.livez.clone(),
         );
+        r.register(
+            "kubenft_agent_drift_detected",
+            "Commits by other programs that changed the agent's tables (or notifications lost)",
+            self.drift_detected.clone(),
+        );
+        r.register(
+            "kubenft_agent_repairs",
+            "Repairs of the agent's tables, by kind (element, set, chain, foreign, full)",
+            self.repairs.clone(),
+        );
+        r.register(
+            "kubenft_agent_repair_duration_seconds",
+            "Time to repair the agent's tables once drift was seen",
+            self.repair_duration.clone(),
+        );
+        r.register(
+            "kubenft_agent_dataplane_state",
+            "1 for the data plane's current state (converged, repairing, diverged)",
+            self.dataplane_state.clone(),
+        );
+        r.register(
+            "kubenft_agent_dataplane_last_converged_timestamp_seconds",
+            "Unix time the kernel was last known to hold exactly the applied state",
+            self.last_converged.clone(),
+        );
         self
+    }
+
+    pub fn drift_detected(&self, commits: u64) {
+        self.drift_detected.inc_by(commits);
+    }
+
+    pub fn repaired(
+        &self,
+        kinds: &std::collections::BTreeSet<crate::repair::RepairKind>,
+        seconds: f64,
+    ) {
+        for kind in kinds {
+            self.repairs
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str(),
+                })
+                .inc();
+        }
+        self.repair_duration.observe(seconds);
+    }
+
+    /// The data plane's state, and when it last converged.
+    pub fn dataplane(
+        &self,
+        state: crate::drift::State,
+        converged_at: Option<std::time::SystemTime>,
+    ) {
+        use crate::drift::State;
+        for (s, name) in [
+            (State::Converged, "converged"),
+            (State::Repairing, "repairing"),
+            (State::Diverged, "diverged"),
+        ] {
+            self.dataplane_state
+                .get_or_create(&StateLabels { state: name })
+                .set(i64::from(s == state));
+        }
+        if let Some(t) = converged_at {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            self.last_converged.set(secs);
+        }
     }
 
     /// Time from an EndpointSlice change to its rules being in force.

@@ -335,6 +335,16 @@ fn endpoint_rule(slot: Slot, family: Family) -> String {
     )
 }
 
+/// The rules any chain of ours holds (constant or on demand), for repairing it alone.
+pub fn rules_of(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> {
+    match chain {
+        Chain::Lb(lb) => lb_rules(lb, family).into_iter().map(Rule::new).collect(),
+        Chain::Endpoint(slot) => vec![Rule::new(endpoint_rule(slot, family))],
+        Chain::AffinityEndpoint(..) => chain_rules(chain, &NodeConfig::default(), family),
+        _ => chain_rules(chain, cfg, family),
+    }
+}
+
 /// Commands that (re)create a load-balancing chain: idempotent, even if a chain of that name
 /// survived from before a restart. An affinity chain also gets its slots' sticky sets (added,
 /// never flushed) and remembering chains.

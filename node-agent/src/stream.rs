@@ -115,11 +115,23 @@ async fn session<N: Nft>(
     *established = true;
     metrics.set_connected(true);
     tracing::info!(controller = %url, "connected to controller");
+    let mut dataplane = applier.dataplane().subscribe();
+    let status = dataplane.borrow_and_update().clone();
+    tx.send(message(agent_message::Message::Status(status)))
+        .await
+        .map_err(|_| SessionError::Closed)?;
     let mut parts = Parts::default();
     loop {
         let next = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             next = inbound.message() => next?,
+            Ok(()) = dataplane.changed() => {
+                let status = dataplane.borrow_and_update().clone();
+                tx.send(message(agent_message::Message::Status(status)))
+                    .await
+                    .map_err(|_| SessionError::Closed)?;
+                continue;
+            }
         };
         let Some(v1::ControllerMessage { message: Some(msg) }) = next else {
             if next.is_none() {

@@ -11,7 +11,9 @@ use kubenft_agent::applier::{self, Applier};
 use kubenft_agent::health::Health;
 use kubenft_agent::metrics::Metrics;
 use kubenft_agent::model::Family;
-use kubenft_agent::nft::{Nft, NftCli, NftError, TableName, Transaction};
+use kubenft_agent::nft::{
+    Nft, NftCli, NftError, OwnProcesses, TableName, TableObjects, Transaction,
+};
 use kubenft_agent::state::AppliedState;
 use kubenft_proto::v1;
 
@@ -38,6 +40,22 @@ impl Nft for PoisonableNft {
 
     async fn list_table(&self, table: &TableName, family: Family) -> Result<String, NftError> {
         self.nft.list_table(table, family).await
+    }
+
+    async fn list_objects(
+        &self,
+        table: &TableName,
+        family: Family,
+    ) -> Result<Option<TableObjects>, NftError> {
+        self.nft.list_objects(table, family).await
+    }
+
+    fn own_processes(&self) -> OwnProcesses {
+        self.nft.own_processes()
+    }
+
+    fn monitor_argv(&self) -> Option<Vec<String>> {
+        self.nft.monitor_argv()
     }
 }
 

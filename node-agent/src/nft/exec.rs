@@ -51,6 +51,101 @@ pub trait Nft: Send + Sync + 'static {
         table: &TableName,
         family: Family,
     ) -> impl Future<Output = Result<String, NftError>> + Send;
+
+    /// The names of the chains and sets (maps included) of one table, cheaply: no rules, no
+    /// elements (a few milliseconds whatever the table holds). `None` if the table is absent.
+    fn list_objects(
+        &self,
+        table: &TableName,
+        family: Family,
+    ) -> impl Future<Output = Result<Option<TableObjects>, NftError>> + Send;
+
+    /// The processes this runner started, so that `nft monitor` can tell our commits from
+    /// other programs'.
+    fn own_processes(&self) -> OwnProcesses;
+
+    /// How to run `nft monitor` in the same place as the transactions; `None` if there is no
+    /// kernel to watch (the fake).
+    fn monitor_argv(&self) -> Option<Vec<String>>;
+}
+
+/// The chains and sets of one table, by name (`map`: whether a set is a map).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableObjects {
+    pub chains: Vec<String>,
+    pub sets: Vec<(String, bool)>,
+}
+
+impl TableObjects {
+    /// Reads `nft -j list chains FAMILY` and `nft -j -t list sets|maps FAMILY` output.
+    fn parse(
+        table: &TableName,
+        chains: &str,
+        sets: &[String],
+    ) -> Result<Option<TableObjects>, NftError> {
+        let mut out = TableObjects::default();
+        let listings = std::iter::once((chains, &["chain"][..]))
+            .chain(sets.iter().map(|s| (s.as_str(), &["set", "map"][..])));
+        for (json, kinds) in listings {
+            let doc: serde_json::Value =
+                serde_json::from_str(json).map_err(|e| NftError::Output(e.to_string()))?;
+            let objects = doc["nftables"]
+                .as_array()
+                .ok_or_else(|| NftError::Output("no \"nftables\" array".into()))?;
+            for object in objects {
+                for kind in kinds {
+                    let Some(o) = object.get(*kind) else { continue };
+                    if o["table"].as_str() != Some(table.as_str()) {
+                        continue;
+                    }
+                    let name = o["name"].as_str().unwrap_or_default().to_owned();
+                    match *kind {
+                        "chain" => out.chains.push(name),
+                        kind => out.sets.push((name, kind == "map")),
+                    }
+                }
+            }
+        }
+        Ok((!out.chains.is_empty() || !out.sets.is_empty()).then_some(out))
+    }
+}
+
+/// The nft processes one runner started (the most recent ones: a PID is recycled only after
+/// thousands of other processes), and how many of its transactions committed.
+#[derive(Clone, Default, Debug)]
+pub struct OwnProcesses(Arc<Mutex<OwnInner>>);
+
+#[derive(Default, Debug)]
+struct OwnInner {
+    recent: std::collections::VecDeque<u32>,
+    commits: u64,
+}
+
+/// PIDs remembered: more than one transaction's notifications can be in flight at once.
+const OWN_PIDS_KEPT: usize = 64;
+
+impl OwnProcesses {
+    pub fn started(&self, pid: Option<u32>) {
+        let Some(pid) = pid else { return };
+        let mut inner = self.0.lock();
+        if inner.recent.len() == OWN_PIDS_KEPT {
+            inner.recent.pop_front();
+        }
+        inner.recent.push_back(pid);
+    }
+
+    pub fn contains(&self, pid: u32) -> bool {
+        self.0.lock().recent.contains(&pid)
+    }
+
+    pub fn committed(&self) {
+        self.0.lock().commits += 1;
+    }
+
+    /// Transactions of ours that committed (each one kernel generation).
+    pub fn commits(&self) -> u64 {
+        self.0.lock().commits
+    }
 }
 
 /// The real `nft` binary, optionally behind a command prefix (e.g. `ip netns exec NS`).
@@ -60,6 +155,7 @@ pub trait Nft: Send + Sync + 'static {
 pub struct NftCli {
     argv: Vec<String>,
     session: SessionSlot,
+    own: OwnProcesses,
 }
 
 impl Default for NftCli {
@@ -93,6 +189,7 @@ impl NftCli {
         NftCli {
             argv,
             session: SessionSlot::default(),
+            own: OwnProcesses::default(),
         }
     }
 
@@ -142,6 +239,7 @@ impl NftCli {
     /// A new session, checked with an empty script.
     async fn start_session(&self) -> Result<Session, NftError> {
         let mut session = Session::spawn(&self.argv)?;
+        self.own.started(session.pid());
         session.run("", NFT_TIMEOUT).await?;
         Ok(session)
     }
@@ -169,6 +267,7 @@ impl NftCli {
             .kill_on_drop(true)
             .spawn()
             .map_err(spawn_err)?;
+        self.own.started(child.id());
         let io = async {
             if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
                 pipe.write_all(text.as_bytes()).await?;
@@ -195,12 +294,44 @@ impl NftCli {
 impl Nft for NftCli {
     async fn apply(&self, tx: &Transaction) -> Result<(), NftError> {
         let script = tx.to_string();
-        if script.len() <= session::MAX_SCRIPT_BYTES
-            && let Some(result) = self.run_in_session(&script).await
-        {
-            return result;
+        let result = match script.len() <= session::MAX_SCRIPT_BYTES {
+            true => match self.run_in_session(&script).await {
+                Some(result) => result,
+                None => self.run_script(&script).await,
+            },
+            false => self.run_script(&script).await,
+        };
+        if result.is_ok() {
+            self.own.committed();
         }
-        self.run_script(&script).await
+        result
+    }
+
+    async fn list_objects(
+        &self,
+        table: &TableName,
+        family: Family,
+    ) -> Result<Option<TableObjects>, NftError> {
+        let chains = self
+            .run(&["-j", "list", "chains", family.nft()], None)
+            .await?;
+        let sets = self
+            .run(&["-j", "-t", "list", "sets", family.nft()], None)
+            .await?;
+        let maps = self
+            .run(&["-j", "-t", "list", "maps", family.nft()], None)
+            .await?;
+        TableObjects::parse(table, &chains, &[sets, maps])
+    }
+
+    fn own_processes(&self) -> OwnProcesses {
+        self.own.clone()
+    }
+
+    fn monitor_argv(&self) -> Option<Vec<String>> {
+        let mut argv = self.argv.clone();
+        argv.push("monitor".into());
+        Some(argv)
     }
 
     async fn generation(&self, table: &TableName, family: Family) -> Result<Option<u32>, NftError> {
@@ -261,6 +392,7 @@ struct FakeState {
     applied: Vec<Transaction>,
     fail_next: Option<String>,
     generation: Option<u32>,
+    objects: Option<TableObjects>,
 }
 
 impl FakeNft {
@@ -296,6 +428,22 @@ impl Nft for FakeNft {
 
     async fn list_table(&self, table: &TableName, family: Family) -> Result<String, NftError> {
         Ok(format!("table {} {table} {{\n}}\n", family.nft()))
+    }
+
+    async fn list_objects(
+        &self,
+        _: &TableName,
+        _: Family,
+    ) -> Result<Option<TableObjects>, NftError> {
+        Ok(self.inner.lock().objects.clone())
+    }
+
+    fn own_processes(&self) -> OwnProcesses {
+        OwnProcesses::default()
+    }
+
+    fn monitor_argv(&self) -> Option<Vec<String>> {
+        None
     }
 }
 

@@ -7,10 +7,12 @@
 //! built by [`crate::render`] alone. A [`Transaction`] renders with `Display`.
 
 mod exec;
+pub mod monitor;
 mod objects;
+pub mod parse;
 mod session;
 
-pub use exec::{FakeNft, Nft, NftCli, NftError};
+pub use exec::{FakeNft, Nft, NftCli, NftError, OwnProcesses, TableObjects};
 pub use objects::{
     AddrKey, Chain, Element, ElementKey, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
     PortKey, Rule, Scope, SetId, Slot,
@@ -58,6 +60,23 @@ impl fmt::Display for TableName {
     }
 }
 
+/// The name of a chain or set another program put in our table: kept only if nft can take it
+/// back as a plain identifier, so that deleting it never splices arbitrary text into a script.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ForeignName(String);
+
+impl ForeignName {
+    pub fn new(name: &str) -> Option<ForeignName> {
+        TableName::new(name).ok().map(|t| ForeignName(t.0))
+    }
+}
+
+impl fmt::Display for ForeignName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl std::str::FromStr for TableName {
     type Err = InvalidTableName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -78,6 +97,16 @@ pub enum Command {
     AddRule(Chain, Rule),
     AddElement(Element),
     DeleteElement(ElementKey),
+    /// An on-demand chain or set no longer needed (after whatever referenced it is gone).
+    DeleteChain(Chain),
+    DeleteSet(SetId),
+    /// Objects another program added to our table.
+    FlushForeignChain(ForeignName),
+    DeleteForeignChain(ForeignName),
+    DeleteForeignSet {
+        name: ForeignName,
+        map: bool,
+    },
 }
 
 /// A command with the family of the table it applies to.
@@ -112,6 +141,31 @@ impl Transaction {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// Drops the declarations (`add table|set|map|chain`) of objects that already exist, as
+    /// listed per family. Redeclaring an existing set is a no-op for the kernel, but nft
+    /// 1.0.6's `nft monitor` dies of a segmentation fault printing the elements of an
+    /// interval-concatenation set (`firewall-allow`) declared in the same batch, and every
+    /// agent watches its tables with it.
+    pub fn skip_existing(&mut self, existing: &[Option<TableObjects>; 2]) {
+        self.ops.retain(|op| {
+            let Some(objects) = &existing[op.family as usize] else {
+                return true;
+            };
+            match &op.command {
+                Command::AddTable => false,
+                Command::AddSet(set) => {
+                    let name = set.to_string();
+                    !objects.sets.iter().any(|(n, _)| *n == name)
+                }
+                Command::AddChain(chain) => {
+                    let name = chain.to_string();
+                    !objects.chains.contains(&name)
+                }
+                _ => true,
+            }
+        });
     }
 
     /// Element additions and deletions, the measure of a change's size.
@@ -229,6 +283,19 @@ impl Transaction {
             },
             Command::FlushChain(c) => writeln!(f, "flush chain {fam} {t} {c}"),
             Command::AddRule(c, r) => writeln!(f, "add rule {fam} {t} {c} {r}"),
+            Command::DeleteChain(c) => writeln!(f, "delete chain {fam} {t} {c}"),
+            Command::DeleteSet(s) => writeln!(
+                f,
+                "delete {} {fam} {t} {s}",
+                if s.is_map() { "map" } else { "set" }
+            ),
+            Command::FlushForeignChain(c) => writeln!(f, "flush chain {fam} {t} {c}"),
+            Command::DeleteForeignChain(c) => writeln!(f, "delete chain {fam} {t} {c}"),
+            Command::DeleteForeignSet { name, map } => writeln!(
+                f,
+                "delete {} {fam} {t} {name}",
+                if *map { "map" } else { "set" }
+            ),
             Command::AddElement(e) => {
                 writeln!(f, "add element {fam} {t} {} {{ {e} }}", e.set())
             }

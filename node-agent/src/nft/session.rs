@@ -64,6 +64,10 @@ impl Session {
         })
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Whether the nft process has ended.
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))

@@ -1,0 +1,265 @@
+//! Self-healing: what the kernel holds converges back to what the agent applied.
+//!
+//! [`run`] owns the loop. It takes notices from [`crate::nft::monitor`] (another program
+//! changed our tables, or notifications were lost), waits a moment for the rest of a burst,
+//! and has the [`Applier`] repair exactly the damage in one transaction. Independently it
+//! checks the tables' structure (do our chains and sets exist, is anything foreign in our
+//! table) every [`VERIFY_INTERVAL`]: a listing of chains and set declarations costs a few
+//! milliseconds whatever the number of Services, and catches what a monitor that was not
+//! running could not see. A repair that fails is retried with backoff; the node is reported
+//! DIVERGED while it keeps failing.
+//!
+//! [`Dataplane`] is the state everyone else reads: `/healthz`, metrics, and the controller
+//! (through the stream, as `DataplaneStatus`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kubenft_proto::v1;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::applier::Applier;
+use crate::metrics::Metrics;
+use crate::nft::Nft;
+use crate::nft::monitor::Notice;
+use crate::repair::{Damage, RepairKind};
+
+/// How long a burst of foreign changes may go on before the repair starts.
+const SETTLE: Duration = Duration::from_millis(20);
+/// How often the structure of the tables is checked when nothing else happens.
+pub const VERIFY_INTERVAL: Duration = Duration::from_secs(10);
+const MIN_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+/// Nothing pending: only notices and the periodic check wake the loop.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// The data plane's state as the agent knows it.
+pub struct Dataplane {
+    inner: Mutex<Inner>,
+    status: watch::Sender<v1::DataplaneStatus>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Inner {
+    state: State,
+    drift: u64,
+    repairs: BTreeMap<RepairKind, u64>,
+    converged_at: Option<SystemTime>,
+    /// Since when the kernel has not held the applied state (repairing or diverged).
+    unconverged_since: Option<Instant>,
+    error: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum State {
+    #[default]
+    Converged,
+    Repairing,
+    Diverged,
+}
+
+/// A snapshot for health and metrics.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub state: State,
+    pub drift: u64,
+    pub repairs: BTreeMap<RepairKind, u64>,
+    pub converged_at: Option<SystemTime>,
+    pub unconverged_since: Option<Instant>,
+    pub error: String,
+}
+
+impl Dataplane {
+    pub fn new(metrics: Arc<Metrics>) -> Dataplane {
+        let inner = Inner::default();
+        let (status, _) = watch::channel(to_proto(&inner));
+        metrics.dataplane(inner.state, inner.converged_at);
+        Dataplane {
+            inner: Mutex::new(inner),
+            status,
+            metrics,
+        }
+    }
+
+    /// Follows the status the controller is told.
+    pub fn subscribe(&self) -> watch::Receiver<v1::DataplaneStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.inner.lock();
+        Snapshot {
+            state: inner.state,
+            drift: inner.drift,
+            repairs: inner.repairs.clone(),
+            converged_at: inner.converged_at,
+            unconverged_since: inner.unconverged_since,
+            error: inner.error.clone(),
+        }
+    }
+
+    /// The kernel was seen to hold exactly the applied state (a commit, a repair, a check).
+    pub fn converged(&self) {
+        self.update(|inner| {
+            inner.state = State::Converged;
+            inner.converged_at = Some(SystemTime::now());
+            inner.unconverged_since = None;
+            inner.error.clear();
+        });
+    }
+
+    /// Another program changed our tables (`count` commits of it).
+    pub fn drift_seen(&self, count: u64) {
+        self.metrics.drift_detected(count);
+        self.update(|inner| {
+            inner.drift += count;
+            if inner.state == State::Converged {
+                inner.state = State::Repairing;
+            }
+            inner.unconverged_since.get_or_insert_with(Instant::now);
+        });
+    }
+
+    pub fn repaired(&self, kinds: impl IntoIterator<Item = RepairKind>) {
+        self.update(|inner| {
+            for kind in kinds {
+                *inner.repairs.entry(kind).or_default() += 1;
+            }
+        });
+        self.converged();
+    }
+
+    /// A repair failed: the kernel does not hold the applied state.
+    pub fn diverged(&self, error: &str) {
+        self.update(|inner| {
+            inner.state = State::Diverged;
+            inner.unconverged_since.get_or_insert_with(Instant::now);
+            inner.error = error.to_owned();
+        });
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Inner)) {
+        let status = {
+            let mut inner = self.inner.lock();
+            f(&mut inner);
+            self.metrics.dataplane(inner.state, inner.converged_at);
+            to_proto(&inner)
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+}
+
+fn to_proto(inner: &Inner) -> v1::DataplaneStatus {
+    let state = match inner.state {
+        State::Converged => v1::DataplaneState::DataplaneConverged,
+        State::Repairing => v1::DataplaneState::DataplaneRepairing,
+        State::Diverged => v1::DataplaneState::DataplaneDiverged,
+    };
+    v1::DataplaneStatus {
+        state: state as i32,
+        drift_detected: inner.drift,
+        repairs: inner
+            .repairs
+            .iter()
+            .map(|(kind, count)| v1::RepairCount {
+                kind: kind.as_str().to_owned(),
+                count: *count,
+            })
+            .collect(),
+        converged_unix_ms: inner.converged_at.map_or(0, |t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        }),
+        error: inner.error.clone(),
+    }
+}
+
+/// Turns one notice into damage; returns how many foreign commits it stands for.
+fn absorb(notice: Notice, damage: &mut Damage) -> u64 {
+    match notice {
+        Notice::Changed { events, overflow } => {
+            for event in &events {
+                damage.note(event);
+            }
+            damage.full |= overflow;
+            1
+        }
+        Notice::Lost => {
+            damage.full = true;
+            1
+        }
+    }
+}
+
+/// Runs until cancelled: repairs what the monitor reports and what the periodic check finds.
+pub async fn run<N: Nft>(
+    applier: Arc<Applier<N>>,
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    cancel: CancellationToken,
+) {
+    let dataplane = applier.dataplane().clone();
+    let mut pending = Damage::default();
+    let mut retry = MIN_RETRY;
+    let mut verify = tokio::time::interval(VERIFY_INTERVAL);
+    verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let wait = if pending.is_empty() { IDLE } else { retry };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            notice = notices.recv() => {
+                let Some(notice) = notice else { return };
+                let mut seen = absorb(notice, &mut pending);
+                // The rest of a burst (a script of several commands is several commits).
+                tokio::time::sleep(SETTLE).await;
+                while let Ok(more) = notices.try_recv() {
+                    seen += absorb(more, &mut pending);
+                }
+                dataplane.drift_seen(seen);
+                tracing::warn!(commits = seen, kinds = ?pending.kinds(), "another program changed our tables; repairing");
+            }
+            _ = verify.tick() => {
+                match applier.check_structure().await {
+                    Ok(found) if found.is_empty() => continue,
+                    Ok(found) => {
+                        dataplane.drift_seen(1);
+                        tracing::warn!(kinds = ?found.kinds(), "the tables' structure differs from what was applied; repairing");
+                        pending.merge(found);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot check the tables");
+                        continue;
+                    }
+                }
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        match applier.repair(&pending).await {
+            Ok(kinds) => {
+                if !kinds.is_empty() {
+                    tracing::info!(kinds = ?kinds, "repaired the tables");
+                }
+                dataplane.repaired(kinds);
+                pending = Damage::default();
+                retry = MIN_RETRY;
+            }
+            Err(error) => {
+                tracing::error!(%error, retry_in = ?retry, "cannot repair the tables");
+                dataplane.diverged(&error);
+                // Whatever else happened meanwhile, the next attempt rewrites everything.
+                pending = Damage::full();
+                retry = (retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
+}
