@@ -24,7 +24,7 @@ use crate::state::{self, AppliedState};
 
 /// Attempts of the same transaction before falling back to a full reconcile, and the wait
 /// before each retry.
-const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+pub const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 /// What a NACK or a log line keeps of nft's error: its first lines name the failing command
 /// and object; the rest is the whole script echoed back.
 const ERROR_LINES: usize = 3;

@@ -57,6 +57,17 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
         .expect("channel open")
 }
 
+/// The next message other than a data plane status (sent on connect and on every change of
+/// the data plane's state, independently of changes and their answers).
+async fn next_reply(rx: &mut mpsc::UnboundedReceiver<AgentMessage>) -> AgentMessage {
+    loop {
+        let msg = next(rx).await;
+        if !matches!(msg.message, Some(agent_message::Message::Status(_))) {
+            return msg;
+        }
+    }
+}
+
 fn change(id: u64, resources: Vec<v1::Resource>) -> Result<ControllerMessage, Status> {
     Ok(ControllerMessage {
         message: Some(controller_message::Message::Change(v1::Change {
@@ -108,10 +119,15 @@ async fn hello_ack_nack_and_reconnect() {
 
     // First stream: Hello with nothing applied (unknown kernel state).
     let first = streams.recv().await.unwrap();
-    let Some(agent_message::Message::Hello(hello)) = next(&mut inbound).await.message else {
+    let Some(agent_message::Message::Hello(hello)) = next_reply(&mut inbound).await.message else {
         panic!("expected Hello")
     };
     assert_eq!(hello.node_name, "node-a");
+    // Right after the Hello, the agent says whether its tables hold what it applied.
+    let Some(agent_message::Message::Status(status)) = next(&mut inbound).await.message else {
+        panic!("expected the data plane status")
+    };
+    assert_eq!(status.state(), v1::DataplaneState::DataplaneConverged);
     assert!(hello.applied.is_empty() && !hello.applied_on_request);
     assert!(hello.system_version.is_empty());
     assert!(!hello.agent_version.is_empty());
@@ -128,31 +144,32 @@ async fn hello_ack_nack_and_reconnect() {
         ),
     );
     first.send(change(1, vec![svc.clone()])).await.unwrap();
-    let msg = next(&mut inbound).await.message;
+    let msg = next_reply(&mut inbound).await.message;
     assert_eq!(
         msg,
         Some(agent_message::Message::Ack(v1::Ack { change_id: 1 }))
     );
 
-    // A refused change is NACKed with nft's text.
-    nft.fail_next("Error: boom\n");
+    // A change refused every time (also as a full reconcile) is NACKed with nft's text.
+    nft.fail_times("Error: boom\n", u32::MAX);
     let mut changed = svc.clone();
     changed.version = "other".into();
     first.send(change(2, vec![changed])).await.unwrap();
-    let msg = next(&mut inbound).await.message;
+    let msg = next_reply(&mut inbound).await.message;
     assert_eq!(
         msg,
         Some(agent_message::Message::Nack(v1::Nack {
             change_id: 2,
-            error: "Error: boom\n".into(),
+            error: "Error: boom".into(),
         }))
     );
+    nft.fail_times("", 0);
 
     // The controller goes away: the agent reconnects and states the version of what it has
     // applied, and lists it when asked.
     drop(first);
     let second = streams.recv().await.unwrap();
-    let Some(agent_message::Message::Hello(hello)) = next(&mut inbound).await.message else {
+    let Some(agent_message::Message::Hello(hello)) = next_reply(&mut inbound).await.message else {
         panic!("expected Hello")
     };
     let held = vec![svc.name_version()];
@@ -168,7 +185,7 @@ async fn hello_ack_nack_and_reconnect() {
         }))
         .await
         .unwrap();
-    let Some(agent_message::Message::Inventory(inventory)) = next(&mut inbound).await.message
+    let Some(agent_message::Message::Inventory(inventory)) = next_reply(&mut inbound).await.message
     else {
         panic!("expected Inventory")
     };

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use kubenft_proto::v1::{self, resource};
 
-use crate::applier::{self, Applier};
+use crate::applier::{self, Applier, RETRIES};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nft::{Command, FakeNft, Nft, TableName, Transaction};
@@ -359,8 +359,14 @@ async fn nft_failure_keeps_the_previous_state() {
         .table(crate::model::Family::V4)
         .elements
         .clone();
-    f.nft
-        .fail_next("Error: Could not process rule: No such file or directory\n");
+    // Refused every time: retried, tried as a full reconcile, then NACKed with the first
+    // lines of nft's error only.
+    let script_echo =
+        "delete element ip kubenft ip-c-0-eps { 10.96.0.10 . tcp . 80 }\n".repeat(200);
+    f.nft.fail_times(
+        &format!("Error: Could not process rule: No such file or directory\n{script_echo}"),
+        u32::MAX,
+    );
     let r2 = svc(
         "a",
         port_rules("10.96.0.10", vec![ep("10.1.9.9", 8080, false)]),
@@ -368,14 +374,53 @@ async fn nft_failure_keeps_the_previous_state() {
     let err = f.apply(change(2, vec![r2.clone()], &[])).await.unwrap_err();
     assert_eq!(
         err,
-        "Error: Could not process rule: No such file or directory\n"
+        "Error: Could not process rule: No such file or directory\n\
+         delete element ip kubenft ip-c-0-eps { 10.96.0.10 . tcp . 80 }\n\
+         delete element ip kubenft ip-c-0-eps { 10.96.0.10 . tcp . 80 }"
     );
+    f.nft.fail_times("", 0);
     let state = f.applier.state().read().clone();
     assert_eq!(state.table(crate::model::Family::V4).elements, before);
     assert_eq!(state.generation(), 1);
     // A retry diffs against the old state again.
     f.apply(change(3, vec![r2], &[])).await.unwrap();
     assert_eq!(f.last().len(), 2);
+}
+
+#[tokio::test]
+async fn a_refusal_is_retried_then_applied_as_a_full_reconcile() {
+    let f = Fixture::synced();
+    let r1 = svc(
+        "a",
+        port_rules("10.96.0.10", vec![ep("10.1.0.1", 8080, false)]),
+    );
+    f.apply(change(1, vec![r1], &[])).await.unwrap();
+    // Refused once (a transient failure): the same transaction again commits it.
+    f.nft
+        .fail_next("Error: Could not process rule: Device or resource busy\n");
+    let r2 = svc(
+        "a",
+        port_rules("10.96.0.10", vec![ep("10.1.9.9", 8080, false)]),
+    );
+    f.apply(change(2, vec![r2], &[])).await.unwrap();
+    let retried = f.last().join("\n");
+    assert!(!retried.contains("flush map"), "{retried}");
+    // Refused as often as it is retried (the kernel no longer holds what the diff assumes):
+    // the change is applied as one full reconcile, without deleting the table.
+    f.nft.fail_times(
+        "Error: Could not process rule: No such file or directory\n",
+        1 + RETRIES.len() as u32,
+    );
+    let r3 = svc(
+        "a",
+        port_rules("10.96.0.10", vec![ep("10.1.7.7", 8080, false)]),
+    );
+    f.apply(change(3, vec![r3], &[])).await.unwrap();
+    let full = f.last().join("\n");
+    assert!(full.contains("flush map ip-c-0-eps"), "{full}");
+    assert!(full.contains("10.1.7.7"), "{full}");
+    assert!(!full.contains("delete table"), "{full}");
+    assert_eq!(f.applier.state().read().generation(), 3);
 }
 
 #[tokio::test]

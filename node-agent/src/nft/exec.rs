@@ -390,7 +390,8 @@ pub struct FakeNft {
 #[derive(Default)]
 struct FakeState {
     applied: Vec<Transaction>,
-    fail_next: Option<String>,
+    /// The stderr of refusals to come, and how many.
+    fail: Option<(String, u32)>,
     generation: Option<u32>,
     objects: Option<TableObjects>,
 }
@@ -398,7 +399,12 @@ struct FakeState {
 impl FakeNft {
     /// Makes the next `apply` fail with this stderr.
     pub fn fail_next(&self, stderr: &str) {
-        self.inner.lock().fail_next = Some(stderr.to_owned());
+        self.fail_times(stderr, 1);
+    }
+
+    /// Makes the next `times` applies fail with this stderr (`u32::MAX`: every one).
+    pub fn fail_times(&self, stderr: &str, times: u32) {
+        self.inner.lock().fail = Some((stderr.to_owned(), times));
     }
 
     /// Sets what `generation` reports.
@@ -415,7 +421,10 @@ impl FakeNft {
 impl Nft for FakeNft {
     async fn apply(&self, tx: &Transaction) -> Result<(), NftError> {
         let mut state = self.inner.lock();
-        if let Some(stderr) = state.fail_next.take() {
+        if let Some((stderr, times)) = state.fail.take().filter(|(_, times)| *times > 0) {
+            if times > 1 {
+                state.fail = Some((stderr.clone(), times - 1));
+            }
             return Err(NftError::Refused { stderr });
         }
         state.applied.push(tx.clone());
