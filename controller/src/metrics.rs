@@ -43,6 +43,8 @@ pub struct Metrics {
     pub changes_sent: Counter,
     pub acks: Counter,
     pub nacks: Counter,
+    /// Refused changes sent again after their backoff.
+    pub nack_retries: Counter,
     pub source_updates: Counter,
     pub rejected_objects: Gauge,
     /// Seconds from sending a change to its acknowledgement.
@@ -56,6 +58,7 @@ impl Metrics {
         let changes_sent = Counter::default();
         let acks = Counter::default();
         let nacks = Counter::default();
+        let nack_retries = Counter::default();
         let source_updates = Counter::default();
         let rejected_objects = Gauge::default();
         let push_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -71,6 +74,11 @@ impl Metrics {
         );
         registry.register("acks", "Changes acknowledged by agents", acks.clone());
         registry.register("nacks", "Changes refused by agents", nacks.clone());
+        registry.register(
+            "nack_retries",
+            "Refused changes sent again after a backoff",
+            nack_retries.clone(),
+        );
         registry.register(
             "source_updates",
             "Views of the cluster read from the source",
@@ -113,6 +121,7 @@ impl Metrics {
             changes_sent,
             acks,
             nacks,
+            nack_retries,
             source_updates,
             rejected_objects,
             push_duration,
