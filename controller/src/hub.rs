@@ -4,7 +4,7 @@
 //!  source ──Inputs──▶ Hub::set_inputs ──Catalog──▶ per node: watch::Sender<Arc<NodeRuleSet>>
 //!                                                        │
 //!  agent stream ──attach(node, addresses)──▶ watch::Receiver ──▶ stream task diffs & sends
-//!  stream task ──acked / nacked / retrying / detached──▶ NodeStatus (inspection, metrics)
+//!  stream task ──acked / nacked / retrying / dataplane / detached──▶ NodeStatus (inspection, metrics)
 //! ```
 //!
 //! Desired state is level-triggered: a stream task only ever looks at the latest rule set, so
@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use kubenft_proto::v1::SyncState;
+use kubenft_proto::v1::{DataplaneState, DataplaneStatus, SyncState};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -37,22 +37,34 @@ pub struct NodeStatus {
     pub nacked: bool,
     /// Since when the desired rule set differs from what the agent acknowledged.
     pub pending_since: Option<Instant>,
+    /// The agent's last report on its data plane (bounded), while the stream that sent it is
+    /// open.
+    pub dataplane: Option<DataplaneStatus>,
     /// Times the refused change has been sent again since the agent last acknowledged one or
     /// the desired rule set changed.
     pub nack_retries: u32,
     /// When the refused change is sent again (none while a change is in flight).
     pub next_retry: Option<Instant>,
-    /// The stream that set the retry fields: only its closing clears them, not that of an
-    /// older stream of the same node still being torn down.
+    /// The streams that set `dataplane` and the retry fields: only their closing clears them,
+    /// not that of an older stream of the same node still being torn down.
+    dataplane_stream: u64,
     retry_stream: u64,
 }
 
 impl NodeStatus {
-    /// The node's state as inspection shows it.
+    /// The node's state as inspection and metrics show it. A data plane being repaired or that
+    /// cannot converge is shown as such whatever the agent acknowledged: such a node does not
+    /// (fully) enforce its rule set, so it is never SYNCED.
     pub fn state(&self, desired_version: &str) -> SyncState {
         if self.streams == 0 {
-            SyncState::NotConnected
-        } else if self.nacked {
+            return SyncState::NotConnected;
+        }
+        match self.dataplane.as_ref().map(|d| d.state()) {
+            Some(DataplaneState::DataplaneDiverged) => return SyncState::Diverged,
+            Some(DataplaneState::DataplaneRepairing) => return SyncState::Repairing,
+            _ => {}
+        }
+        if self.nacked {
             SyncState::Nacked
         } else if self.acked_version == desired_version {
             SyncState::Synced
@@ -165,6 +177,9 @@ impl Hub {
         let known = state.catalog.nodes().contains_key(node);
         if let Some(entry) = state.nodes.get_mut(node) {
             entry.status.streams = entry.status.streams.saturating_sub(1);
+            if entry.status.dataplane_stream == stream {
+                entry.status.dataplane = None;
+            }
             if entry.status.retry_stream == stream {
                 entry.status.nack_retries = 0;
                 entry.status.next_retry = None;
@@ -221,6 +236,14 @@ impl Hub {
             e.status.nack_retries = retries;
             e.status.next_retry = None;
             e.status.retry_stream = stream;
+        }
+    }
+
+    /// Stream `stream`'s agent reported on its data plane.
+    pub fn dataplane(&self, node: &str, stream: u64, status: DataplaneStatus) {
+        if let Some(e) = self.state.lock().nodes.get_mut(node) {
+            e.status.dataplane = Some(status);
+            e.status.dataplane_stream = stream;
         }
     }
 

@@ -67,7 +67,7 @@ impl ControllerInspect for InspectService {
                     resources: u32::try_from(desired.len()).unwrap_or(u32::MAX),
                     agent_version: s.agent_version,
                     agent_addresses: s.agent_addresses.iter().map(ToString::to_string).collect(),
-                    dataplane: None,
+                    dataplane: s.dataplane,
                     nack_retries: s.nack_retries,
                     next_retry_ms: s.next_retry.map_or(0, |t| {
                         // At least 1 while a retry is due, even in the instant it is sent.

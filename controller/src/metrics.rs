@@ -5,6 +5,8 @@
 
 use std::sync::atomic::AtomicU64;
 
+use kubenft_proto::v1::SyncState;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +33,22 @@ pub struct NodeLabels {
     pub node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// A `SyncState` as `ListNodes` shows it, in lower case: `synced`, `repairing`, …
+    pub state: String,
+}
+
+/// The states a node can be in (every one is listed by `kubenft_controller_nodes`).
+const SYNC_STATES: [SyncState; 6] = [
+    SyncState::NotConnected,
+    SyncState::Synced,
+    SyncState::Pending,
+    SyncState::Nacked,
+    SyncState::Repairing,
+    SyncState::Diverged,
+];
+
 pub struct Metrics {
     registry: Registry,
     /// Watcher events by kind and event type (`--source kube`).
@@ -39,6 +57,8 @@ pub struct Metrics {
     pub source_errors: Family<KindLabels, Counter>,
     /// Seconds each node's acknowledged rule set has been behind the desired one.
     pub node_lag: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    /// Nodes in each sync state (every state listed, 0 included).
+    pub nodes: Family<StateLabels, Gauge>,
     pub agents_connected: Gauge,
     pub changes_sent: Counter,
     pub acks: Counter,
@@ -107,6 +127,12 @@ impl Metrics {
             "Kubernetes watcher errors by kind (retried with backoff, or relisted on 410 Gone)",
             source_errors.clone(),
         );
+        let nodes = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "nodes",
+            "Nodes by sync state, as ListNodes shows them (repairing, diverged: the agent reports its data plane is not as applied)",
+            nodes.clone(),
+        );
         registry.register(
             "node_lag_seconds",
             "Seconds since a node's desired rule set first differed from what its agent acknowledged (0 when in sync)",
@@ -117,6 +143,7 @@ impl Metrics {
             source_events,
             source_errors,
             node_lag,
+            nodes,
             agents_connected,
             changes_sent,
             acks,
@@ -145,6 +172,23 @@ impl Metrics {
             self.node_lag
                 .get_or_create(&NodeLabels { node })
                 .set(seconds);
+        }
+    }
+
+    /// Replaces the per-state node counts (called at scrape time); every state is listed.
+    pub fn set_node_states(&self, states: impl IntoIterator<Item = SyncState>) {
+        let mut counts = [0i64; SYNC_STATES.len()];
+        for state in states {
+            if let Some(i) = SYNC_STATES.iter().position(|s| *s == state) {
+                counts[i] += 1;
+            }
+        }
+        for (state, count) in SYNC_STATES.iter().zip(counts) {
+            self.nodes
+                .get_or_create(&StateLabels {
+                    state: state.as_str_name().to_ascii_lowercase(),
+                })
+                .set(count);
         }
     }
 

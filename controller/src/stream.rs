@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use futures::Stream;
 use kubenft_proto::v1::{
-    AgentMessage, Change, ControllerMessage, Hello, InventoryRequest, Resource, ResourceVersion,
-    TriggerTime, agent_message, controller_message, rule_stream_server::RuleStream,
+    AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, Hello,
+    InventoryRequest, RepairCount, Resource, ResourceVersion, TriggerTime, agent_message,
+    controller_message, rule_stream_server::RuleStream,
 };
 use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -46,10 +47,13 @@ const PART_BYTES: usize = 16 * 1024;
 /// The first retry of a refused change, doubled for each retry after it up to the maximum.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// What is kept of text an agent sends (a NACK's error): the peer is not
+/// What is kept of text an agent sends (a NACK's or data plane's error): the peer is not
 /// authenticated yet, and the text is shown by inspection and logs.
 const ERROR_LINES: usize = 3;
 const ERROR_CHARS: usize = 512;
+/// What is kept of a data plane report's repair counts.
+const REPAIR_KINDS: usize = 16;
+const REPAIR_KIND_CHARS: usize = 32;
 
 /// How long to wait before the `retries`-th retry plus one: `RETRY_FIRST` doubled `retries`
 /// times, at most `RETRY_MAX`, less up to a fifth at random so that agents refused together
@@ -89,6 +93,22 @@ fn short_error(text: &str) -> String {
         kept.push_str(" …");
     }
     kept
+}
+
+/// A data plane report bounded to what is worth keeping (the agent is not authenticated yet):
+/// at most `REPAIR_KINDS` kinds of at most `REPAIR_KIND_CHARS`, a short error, a known state.
+fn bounded(mut status: DataplaneStatus) -> DataplaneStatus {
+    status.repairs.truncate(REPAIR_KINDS);
+    for RepairCount { kind, .. } in &mut status.repairs {
+        if let Some((at, _)) = kind.char_indices().nth(REPAIR_KIND_CHARS) {
+            kind.truncate(at);
+        }
+    }
+    status.error = short_error(&status.error);
+    if DataplaneState::try_from(status.state).is_err() {
+        status.state = DataplaneState::Unspecified as i32;
+    }
+    status
 }
 
 pub struct RuleStreamService {
@@ -531,7 +551,14 @@ impl Session {
     fn on_message(&mut self, msg: AgentMessage) {
         match msg.message {
             Some(agent_message::Message::Status(status)) => {
-                debug!(state = status.state, "data plane status received");
+                let status = bounded(status);
+                info!(
+                    state = status.state().as_str_name(),
+                    drift = status.drift_detected,
+                    error = ?status.error,
+                    "data plane status"
+                );
+                self.hub.dataplane(&self.node, self.stream, status);
             }
             Some(agent_message::Message::Inventory(inv)) => {
                 debug!(applied = inv.applied.len(), "inventory received");
@@ -661,12 +688,32 @@ mod tests {
     }
 
     #[test]
-    fn agent_text_is_kept_short() {
+    fn agent_text_is_kept_short_and_bounded() {
         assert_eq!(short_error("nft: Error"), "nft: Error");
         assert_eq!(short_error("a\nb\nc"), "a\nb\nc");
         assert_eq!(short_error("a\nb\nc\nd\ne"), "a\nb\nc …");
         let long = "é".repeat(2000);
         assert_eq!(short_error(&long).chars().count(), ERROR_CHARS + 2);
+        let status = bounded(DataplaneStatus {
+            state: 42,
+            repairs: (0..100)
+                .map(|i| RepairCount {
+                    kind: format!("{i:-<100}"),
+                    count: i,
+                })
+                .collect(),
+            error: "x\n".repeat(10_000),
+            ..Default::default()
+        });
+        assert_eq!(status.state(), DataplaneState::Unspecified);
+        assert_eq!(status.repairs.len(), REPAIR_KINDS);
+        assert!(
+            status
+                .repairs
+                .iter()
+                .all(|r| r.kind.chars().count() == REPAIR_KIND_CHARS)
+        );
+        assert_eq!(status.error, "x\nx\nx …");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The rule stream's semantics against the real controller over a real socket, with a scripted
 //! agent: deltas only, ACK/NACK, retries of refused changes with backoff, one change in flight
-//! with coalescing, and a reconnecting current agent receiving nothing but a confirmation.
+//! with coalescing, a reconnecting current agent receiving nothing but a confirmation, and the
+//! agent's data plane reports in the node's state.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,9 +10,9 @@ use std::time::Duration;
 use kubenft_controller::plan::{ClusterPolicy, endpoint_bucket, node_endpoints_name};
 use kubenft_controller::{Config, cli::SourceArg};
 use kubenft_proto::v1::{
-    Ack, AgentMessage, Change, ControllerMessage, Hello, Inventory, ListNodesRequest, Nack,
-    NodeStatus, ResourceVersion, SyncState, agent_message,
-    controller_inspect_client::ControllerInspectClient, controller_message,
+    Ack, AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, Hello,
+    Inventory, ListNodesRequest, Nack, NodeStatus, RepairCount, ResourceVersion, SyncState,
+    agent_message, controller_inspect_client::ControllerInspectClient, controller_message,
     rule_stream_client::RuleStreamClient,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -292,6 +293,15 @@ impl Agent {
             .unwrap();
     }
 
+    async fn status(&self, status: DataplaneStatus) {
+        self.tx
+            .send(AgentMessage {
+                message: Some(agent_message::Message::Status(status)),
+            })
+            .await
+            .unwrap();
+    }
+
     async fn nack(&self, c: &Change, error: &str) {
         self.tx
             .send(AgentMessage {
@@ -534,6 +544,10 @@ async fn a_refused_change_is_retried_with_backoff() {
         metrics.contains("kubenft_controller_nack_retries_total 2\n"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("kubenft_controller_nodes{state=\"synced\"} 1\n"),
+        "{metrics}"
+    );
     ctl.stop().await;
 }
 
@@ -580,6 +594,116 @@ async fn an_edit_is_sent_at_once_after_a_nack() {
     agent.ack(&again).await;
     let node = ctl.node_in(SyncState::Synced).await;
     assert_eq!(node.nack_retries, 0);
+    ctl.stop().await;
+}
+
+/// A node whose agent reports its data plane under repair, or unable to converge, is shown so
+/// (never SYNCED) though it acknowledged its rule set; a CONVERGED report makes it SYNCED again.
+/// What the agent sent is shown bounded, and goes when its stream closes.
+#[tokio::test]
+async fn the_data_plane_report_decides_health() {
+    let ctl = Controller::start().await;
+    // A Node object keeps node a listed once its agent is gone.
+    write(
+        &ctl.dir.0,
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n",
+    );
+    ctl.node_in(SyncState::NotConnected).await;
+    let mut agent = ctl.connect(vec![]).await;
+    let full = agent.next().await;
+    agent.ack(&full).await;
+    let node = ctl.node_in(SyncState::Synced).await;
+    assert_eq!(node.dataplane, None);
+
+    let repairing = DataplaneStatus {
+        state: DataplaneState::DataplaneRepairing as i32,
+        drift_detected: 3,
+        repairs: vec![RepairCount {
+            kind: "element".into(),
+            count: 2,
+        }],
+        converged_unix_ms: 1_700_000_000_000,
+        error: String::new(),
+    };
+    agent.status(repairing.clone()).await;
+    let node = ctl.node_in(SyncState::Repairing).await;
+    assert_eq!(
+        node.acked_version, node.desired_version,
+        "acked, yet not SYNCED"
+    );
+    assert_eq!(node.dataplane.as_ref(), Some(&repairing));
+    let metrics = ctl.metrics().await;
+    assert!(
+        metrics.contains("kubenft_controller_nodes{state=\"repairing\"} 1\n")
+            && metrics.contains("kubenft_controller_nodes{state=\"synced\"} 0\n"),
+        "{metrics}"
+    );
+
+    agent
+        .status(DataplaneStatus {
+            state: DataplaneState::DataplaneDiverged as i32,
+            repairs: (0..40)
+                .map(|i| RepairCount {
+                    kind: format!("kind-{i:0>60}"),
+                    count: 1,
+                })
+                .collect(),
+            error: format!("nft: Error: busy\n{}", "x".repeat(5000)),
+            ..repairing.clone()
+        })
+        .await;
+    let node = ctl.node_in(SyncState::Diverged).await;
+    let dataplane = node.dataplane.unwrap();
+    assert_eq!(dataplane.repairs.len(), 16);
+    assert!(dataplane.repairs.iter().all(|r| r.kind.len() <= 32));
+    assert!(dataplane.error.starts_with("nft: Error: busy\n") && dataplane.error.len() < 600);
+
+    agent
+        .status(DataplaneStatus {
+            state: DataplaneState::DataplaneConverged as i32,
+            ..repairing.clone()
+        })
+        .await;
+    let node = ctl.node_in(SyncState::Synced).await;
+    assert_eq!(
+        node.dataplane.map(|d| d.state),
+        Some(DataplaneState::DataplaneConverged as i32)
+    );
+
+    // The report goes with the stream that sent it, not with an older one of the same node
+    // closing after a newer one reported.
+    agent.status(repairing.clone()).await;
+    ctl.node_in(SyncState::Repairing).await;
+    let applied: Vec<ResourceVersion> = full.resources.iter().map(|r| r.name_version()).collect();
+    let mut newer = ctl.connect(applied).await;
+    let confirmation = newer.next().await;
+    newer.ack(&confirmation).await;
+    newer
+        .status(DataplaneStatus {
+            state: DataplaneState::DataplaneDiverged as i32,
+            ..repairing
+        })
+        .await;
+    ctl.node_in(SyncState::Diverged).await;
+    drop(agent);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ctl
+        .metrics()
+        .await
+        .contains("kubenft_controller_agents_connected 1\n")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old stream never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let node = ctl.node_in(SyncState::Diverged).await;
+    assert!(node.connected && node.dataplane.is_some());
+    drop(newer);
+    let node = ctl.node_in(SyncState::NotConnected).await;
+    assert_eq!(node.dataplane, None);
     ctl.stop().await;
 }
 
