@@ -1,7 +1,8 @@
 //! Controller metrics (Prometheus text on `/metrics`).
 //!
-//! Counters are updated where things happen; per-node lag is computed from the hub at scrape
-//! time (a stored gauge would be stale for a node whose agent stopped answering).
+//! Counters are updated where things happen; per-node lag and the number of nodes in each
+//! state are computed from the hub at scrape time (a stored gauge would be stale for a node
+//! whose agent stopped answering).
 
 use std::sync::atomic::AtomicU64;
 

@@ -9,6 +9,10 @@
 //! holds, after an exponential backoff (1 s, 2 s, 4 s … 60 s, less up to a fifth as jitter):
 //! the agent may have failed for a passing reason (nft busy, a kernel module loading). A change
 //! of the desired rule set is sent at once and starts the backoff over, and so does an Ack.
+//!
+//! The agent's reports on its data plane (DataplaneStatus) are kept in the hub, bounded, until
+//! the stream closes: a node whose data plane is being repaired or cannot converge is never
+//! shown SYNCED.
 
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
