@@ -38,8 +38,14 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> ([(&'static str, &'static str); 1], String) {
+    let statuses = s.hub.statuses();
+    s.metrics.set_node_states(
+        statuses
+            .iter()
+            .map(|(_, desired, status)| status.state(&desired.system_version)),
+    );
     s.metrics
-        .set_node_lags(s.hub.statuses().into_iter().map(|(node, _, status)| {
+        .set_node_lags(statuses.into_iter().map(|(node, _, status)| {
             let lag = status
                 .pending_since
                 .map_or(0.0, |t| t.elapsed().as_secs_f64());

@@ -4,7 +4,7 @@
 //!  source ──Inputs──▶ Hub::set_inputs ──Catalog──▶ per node: watch::Sender<Arc<NodeRuleSet>>
 //!                                                        │
 //!  agent stream ──attach(node, addresses)──▶ watch::Receiver ──▶ stream task diffs & sends
-//!  stream task ──acked / nacked / detached──▶ NodeStatus (inspection, metrics)
+//!  stream task ──acked / nacked / retrying / dataplane / detached──▶ NodeStatus (inspection, metrics)
 //! ```
 //!
 //! Desired state is level-triggered: a stream task only ever looks at the latest rule set, so
@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use kubenft_proto::v1::{DataplaneState, DataplaneStatus, SyncState};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -36,6 +37,41 @@ pub struct NodeStatus {
     pub nacked: bool,
     /// Since when the desired rule set differs from what the agent acknowledged.
     pub pending_since: Option<Instant>,
+    /// The agent's last report on its data plane (bounded), while the stream that sent it is
+    /// open.
+    pub dataplane: Option<DataplaneStatus>,
+    /// Times the refused change has been sent again since the agent last acknowledged one or
+    /// the desired rule set changed.
+    pub nack_retries: u32,
+    /// When the refused change is sent again (none while a change is in flight).
+    pub next_retry: Option<Instant>,
+    /// The streams that set `dataplane` and the retry fields: only their closing clears them,
+    /// not that of an older stream of the same node still being torn down.
+    dataplane_stream: u64,
+    retry_stream: u64,
+}
+
+impl NodeStatus {
+    /// The node's state as inspection and metrics show it. A data plane being repaired or that
+    /// cannot converge is shown as such whatever the agent acknowledged: such a node does not
+    /// (fully) enforce its rule set, so it is never SYNCED.
+    pub fn state(&self, desired_version: &str) -> SyncState {
+        if self.streams == 0 {
+            return SyncState::NotConnected;
+        }
+        match self.dataplane.as_ref().map(|d| d.state()) {
+            Some(DataplaneState::DataplaneDiverged) => return SyncState::Diverged,
+            Some(DataplaneState::DataplaneRepairing) => return SyncState::Repairing,
+            _ => {}
+        }
+        if self.nacked {
+            SyncState::Nacked
+        } else if self.acked_version == desired_version {
+            SyncState::Synced
+        } else {
+            SyncState::Pending
+        }
+    }
 }
 
 struct NodeEntry {
@@ -49,6 +85,8 @@ struct State {
     nodes: BTreeMap<String, NodeEntry>,
     /// The source has delivered its first complete view.
     synced: bool,
+    /// Agent streams opened so far (numbers them).
+    streams_opened: u64,
 }
 
 /// Shared by the source task, every agent stream and the inspection service.
@@ -65,6 +103,7 @@ impl Hub {
                 catalog: Arc::new(Catalog::empty(policy.clone())),
                 nodes: BTreeMap::new(),
                 synced: false,
+                streams_opened: 0,
             }),
             policy,
         }
@@ -102,14 +141,17 @@ impl Hub {
         self.state.lock().synced
     }
 
-    /// An agent stream for `node` opened. Returns the node's desired rule set channel.
+    /// An agent stream for `node` opened. Returns the node's desired rule set channel and the
+    /// stream's number (for what it reports, and `detach`).
     pub fn attach(
         &self,
         node: &str,
         addresses: Vec<IpAddr>,
         agent_version: String,
-    ) -> watch::Receiver<Arc<NodeRuleSet>> {
+    ) -> (watch::Receiver<Arc<NodeRuleSet>>, u64) {
         let mut state = self.state.lock();
+        state.streams_opened += 1;
+        let stream = state.streams_opened;
         let catalog = state.catalog.clone();
         let synced = state.synced;
         let entry = state
@@ -126,14 +168,22 @@ impl Hub {
         if synced {
             entry.replan(&catalog, facts_changed);
         }
-        entry.desired.subscribe()
+        (entry.desired.subscribe(), stream)
     }
 
-    pub fn detach(&self, node: &str) {
+    /// Stream `stream` of `node` closed: what it reported goes with it.
+    pub fn detach(&self, node: &str, stream: u64) {
         let mut state = self.state.lock();
         let known = state.catalog.nodes().contains_key(node);
         if let Some(entry) = state.nodes.get_mut(node) {
             entry.status.streams = entry.status.streams.saturating_sub(1);
+            if entry.status.dataplane_stream == stream {
+                entry.status.dataplane = None;
+            }
+            if entry.status.retry_stream == stream {
+                entry.status.nack_retries = 0;
+                entry.status.next_retry = None;
+            }
             if entry.status.streams == 0 && !known {
                 state.nodes.remove(node);
             }
@@ -152,17 +202,48 @@ impl Hub {
         if let Some(e) = self.state.lock().nodes.get_mut(node) {
             e.status.acked_version = version.to_owned();
             e.status.nacked = false;
+            e.status.nack_retries = 0;
+            e.status.next_retry = None;
             if e.desired.borrow().system_version == version {
                 e.status.pending_since = None;
             }
         }
     }
 
-    pub fn nacked(&self, node: &str, version: &str, error: &str) {
+    /// The agent refused `version` (`error` already shortened); stream `stream` sends it again
+    /// at `next_retry` unless something changes first.
+    pub fn nacked(
+        &self,
+        node: &str,
+        stream: u64,
+        version: &str,
+        error: String,
+        next_retry: Option<Instant>,
+    ) {
         if let Some(e) = self.state.lock().nodes.get_mut(node) {
             e.status.last_nack_version = version.to_owned();
-            e.status.last_nack_error = error.to_owned();
+            e.status.last_nack_error = error;
             e.status.nacked = true;
+            e.status.next_retry = next_retry;
+            e.status.retry_stream = stream;
+        }
+    }
+
+    /// Stream `stream` sends the refused change again (its `retries`-th retry), or a new one
+    /// (`retries` 0: the desired rule set changed, and the backoff starts over).
+    pub fn retrying(&self, node: &str, stream: u64, retries: u32) {
+        if let Some(e) = self.state.lock().nodes.get_mut(node) {
+            e.status.nack_retries = retries;
+            e.status.next_retry = None;
+            e.status.retry_stream = stream;
+        }
+    }
+
+    /// Stream `stream`'s agent reported on its data plane.
+    pub fn dataplane(&self, node: &str, stream: u64, status: DataplaneStatus) {
+        if let Some(e) = self.state.lock().nodes.get_mut(node) {
+            e.status.dataplane = Some(status);
+            e.status.dataplane_stream = stream;
         }
     }
 

@@ -1,12 +1,14 @@
 //! `kubenft.v1.ControllerInspect`: what every node should have, what it has acknowledged, and why.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kubenft_proto::v1::{
     GetNodeRulesRequest, GetServiceRequest, ListNodesRequest, ListNodesResponse,
     ListRejectedRequest, ListRejectedResponse, NodeRuleSet, NodeStatus, ObjectError, Resource,
-    ServiceView, SyncState, controller_inspect_server::ControllerInspect, resource,
+    ServiceView, controller_inspect_server::ControllerInspect, resource,
 };
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::hub::Hub;
@@ -51,31 +53,26 @@ impl ControllerInspect for InspectService {
             .statuses()
             .into_iter()
             .map(|(name, desired, s)| {
-                let connected = s.streams > 0;
-                let synced = s.acked_version == desired.system_version;
-                let state = match (connected, s.nacked, synced) {
-                    (false, _, _) => SyncState::NotConnected,
-                    (true, true, _) => SyncState::Nacked,
-                    (true, false, true) => SyncState::Synced,
-                    (true, false, false) => SyncState::Pending,
-                };
+                let state = s.state(&desired.system_version);
+                let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
                 NodeStatus {
                     name,
-                    connected,
+                    connected: s.streams > 0,
                     state: state as i32,
                     desired_version: desired.system_version.clone(),
                     acked_version: s.acked_version,
                     last_nack_version: s.last_nack_version,
                     last_nack_error: s.last_nack_error,
-                    lag_ms: s.pending_since.map_or(0, |t| {
-                        u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
-                    }),
+                    lag_ms: s.pending_since.map_or(0, |t| ms(t.elapsed())),
                     resources: u32::try_from(desired.len()).unwrap_or(u32::MAX),
                     agent_version: s.agent_version,
                     agent_addresses: s.agent_addresses.iter().map(ToString::to_string).collect(),
-                    dataplane: None,
-                    nack_retries: 0,
-                    next_retry_ms: 0,
+                    dataplane: s.dataplane,
+                    nack_retries: s.nack_retries,
+                    next_retry_ms: s.next_retry.map_or(0, |t| {
+                        // At least 1 while a retry is due, even in the instant it is sent.
+                        ms(t.saturating_duration_since(Instant::now())).max(1)
+                    }),
                 }
             })
             .collect();

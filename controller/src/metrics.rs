@@ -1,9 +1,12 @@
 //! Controller metrics (Prometheus text on `/metrics`).
 //!
-//! Counters are updated where things happen; per-node lag is computed from the hub at scrape
-//! time (a stored gauge would be stale for a node whose agent stopped answering).
+//! Counters are updated where things happen; per-node lag and the number of nodes in each
+//! state are computed from the hub at scrape time (a stored gauge would be stale for a node
+//! whose agent stopped answering).
 
 use std::sync::atomic::AtomicU64;
+
+use kubenft_proto::v1::SyncState;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -31,6 +34,22 @@ pub struct NodeLabels {
     pub node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// A `SyncState` as `ListNodes` shows it, in lower case: `synced`, `repairing`, …
+    pub state: String,
+}
+
+/// The states a node can be in (every one is listed by `kubenft_controller_nodes`).
+const SYNC_STATES: [SyncState; 6] = [
+    SyncState::NotConnected,
+    SyncState::Synced,
+    SyncState::Pending,
+    SyncState::Nacked,
+    SyncState::Repairing,
+    SyncState::Diverged,
+];
+
 pub struct Metrics {
     registry: Registry,
     /// Watcher events by kind and event type (`--source kube`).
@@ -39,10 +58,14 @@ pub struct Metrics {
     pub source_errors: Family<KindLabels, Counter>,
     /// Seconds each node's acknowledged rule set has been behind the desired one.
     pub node_lag: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    /// Nodes in each sync state (every state listed, 0 included).
+    pub nodes: Family<StateLabels, Gauge>,
     pub agents_connected: Gauge,
     pub changes_sent: Counter,
     pub acks: Counter,
     pub nacks: Counter,
+    /// Refused changes sent again after their backoff.
+    pub nack_retries: Counter,
     pub source_updates: Counter,
     pub rejected_objects: Gauge,
     /// Seconds from sending a change to its acknowledgement.
@@ -56,6 +79,7 @@ impl Metrics {
         let changes_sent = Counter::default();
         let acks = Counter::default();
         let nacks = Counter::default();
+        let nack_retries = Counter::default();
         let source_updates = Counter::default();
         let rejected_objects = Gauge::default();
         let push_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -71,6 +95,11 @@ impl Metrics {
         );
         registry.register("acks", "Changes acknowledged by agents", acks.clone());
         registry.register("nacks", "Changes refused by agents", nacks.clone());
+        registry.register(
+            "nack_retries",
+            "Refused changes sent again after a backoff",
+            nack_retries.clone(),
+        );
         registry.register(
             "source_updates",
             "Views of the cluster read from the source",
@@ -99,6 +128,12 @@ impl Metrics {
             "Kubernetes watcher errors by kind (retried with backoff, or relisted on 410 Gone)",
             source_errors.clone(),
         );
+        let nodes = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "nodes",
+            "Nodes by sync state, as ListNodes shows them (repairing, diverged: the agent reports its data plane is not as applied)",
+            nodes.clone(),
+        );
         registry.register(
             "node_lag_seconds",
             "Seconds since a node's desired rule set first differed from what its agent acknowledged (0 when in sync)",
@@ -109,10 +144,12 @@ impl Metrics {
             source_events,
             source_errors,
             node_lag,
+            nodes,
             agents_connected,
             changes_sent,
             acks,
             nacks,
+            nack_retries,
             source_updates,
             rejected_objects,
             push_duration,
@@ -136,6 +173,23 @@ impl Metrics {
             self.node_lag
                 .get_or_create(&NodeLabels { node })
                 .set(seconds);
+        }
+    }
+
+    /// Replaces the per-state node counts (called at scrape time); every state is listed.
+    pub fn set_node_states(&self, states: impl IntoIterator<Item = SyncState>) {
+        let mut counts = [0i64; SYNC_STATES.len()];
+        for state in states {
+            if let Some(i) = SYNC_STATES.iter().position(|s| *s == state) {
+                counts[i] += 1;
+            }
+        }
+        for (state, count) in SYNC_STATES.iter().zip(counts) {
+            self.nodes
+                .get_or_create(&StateLabels {
+                    state: state.as_str_name().to_ascii_lowercase(),
+                })
+                .set(count);
         }
     }
 

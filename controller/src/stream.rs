@@ -4,15 +4,26 @@
 //! nothing is in flight and the node's desired rule set differs from it, sends one Change with
 //! the difference. Changes that happen while one is in flight are merged into the next one,
 //! because the next diff is always taken against the latest desired state.
+//!
+//! A refused change is sent again, as a fresh change with the difference from what the agent
+//! holds, after an exponential backoff (1 s, 2 s, 4 s … 60 s, less up to a fifth as jitter):
+//! the agent may have failed for a passing reason (nft busy, a kernel module loading). A change
+//! of the desired rule set is sent at once and starts the backoff over, and so does an Ack.
+//!
+//! The agent's reports on its data plane (DataplaneStatus) are kept in the hub, bounded, until
+//! the stream closes: a node whose data plane is being repaired or cannot converge is never
+//! shown SYNCED.
 
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
 use kubenft_proto::v1::{
-    AgentMessage, Change, ControllerMessage, Hello, InventoryRequest, Resource, ResourceVersion,
-    TriggerTime, agent_message, controller_message, rule_stream_server::RuleStream,
+    AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, Hello,
+    InventoryRequest, RepairCount, Resource, ResourceVersion, TriggerTime, agent_message,
+    controller_message, rule_stream_server::RuleStream,
 };
 use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -37,6 +48,72 @@ const LARGE_CHANGES_IN_FLIGHT: usize = 16;
 /// keeps each stream's encode buffer at the size of the largest message it sent, so with
 /// thousands of streams this is what every agent's connection keeps allocated.
 const PART_BYTES: usize = 16 * 1024;
+/// The first retry of a refused change, doubled for each retry after it up to the maximum.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// What is kept of text an agent sends (a NACK's or data plane's error): the peer is not
+/// authenticated yet, and the text is shown by inspection and logs.
+const ERROR_LINES: usize = 3;
+const ERROR_CHARS: usize = 512;
+/// What is kept of a data plane report's repair counts.
+const REPAIR_KINDS: usize = 16;
+const REPAIR_KIND_CHARS: usize = 32;
+
+/// How long to wait before the `retries`-th retry plus one: `RETRY_FIRST` doubled `retries`
+/// times, at most `RETRY_MAX`, less up to a fifth at random so that agents refused together
+/// (a bad rule set sent to every node) are not all retried in the same instant.
+fn retry_delay(retries: u32) -> Duration {
+    let full = RETRY_FIRST
+        .saturating_mul(1 << retries.min(6))
+        .min(RETRY_MAX);
+    // A fresh random number without a dependency: each RandomState has new SipHash keys.
+    let fifths = RandomState::new().hash_one(retries) % 1000;
+    full - full / 5 * u32::try_from(fifths).unwrap_or(0) / 1000
+}
+
+/// Waits until `due`, or forever.
+async fn until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An agent's error text as kept: its first lines, at most `ERROR_CHARS` characters, marked
+/// when cut.
+fn short_error(text: &str) -> String {
+    let mut lines = text.lines();
+    let mut kept: String = lines
+        .by_ref()
+        .take(ERROR_LINES)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut cut = lines.next().is_some();
+    if let Some((at, _)) = kept.char_indices().nth(ERROR_CHARS) {
+        kept.truncate(at);
+        cut = true;
+    }
+    if cut {
+        kept.push_str(" …");
+    }
+    kept
+}
+
+/// A data plane report bounded to what is worth keeping (the agent is not authenticated yet):
+/// at most `REPAIR_KINDS` kinds of at most `REPAIR_KIND_CHARS`, a short error, a known state.
+fn bounded(mut status: DataplaneStatus) -> DataplaneStatus {
+    status.repairs.truncate(REPAIR_KINDS);
+    for RepairCount { kind, .. } in &mut status.repairs {
+        if let Some((at, _)) = kind.char_indices().nth(REPAIR_KIND_CHARS) {
+            kind.truncate(at);
+        }
+    }
+    status.error = short_error(&status.error);
+    if DataplaneState::try_from(status.state).is_err() {
+        status.state = DataplaneState::Unspecified as i32;
+    }
+    status
+}
 
 pub struct RuleStreamService {
     hub: Arc<Hub>,
@@ -104,6 +181,8 @@ struct InFlight {
     /// What the agent holds once it is applied.
     target: Arc<NodeRuleSet>,
     sent_at: tokio::time::Instant,
+    /// An empty change (confirming a current agent): sent again if refused.
+    confirmation: bool,
     /// Held while a large change is in flight.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -237,17 +316,27 @@ impl Diff {
     }
 }
 
+/// The last change refused, sent again at `due` unless the desired rule set changes first.
+struct Refused {
+    system_version: String,
+    due: tokio::time::Instant,
+}
+
 /// One agent stream.
 struct Session {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     large_changes: Arc<Semaphore>,
     node: String,
+    /// This stream's number in the hub.
+    stream: u64,
     desired: watch::Receiver<Arc<NodeRuleSet>>,
     known: Known,
     in_flight: Option<InFlight>,
-    /// System version of the last refused change: not sent again until something changes.
-    refused: Option<String>,
+    /// The last refused change, while nothing newer has been sent.
+    refused: Option<Refused>,
+    /// Retries of refused changes since the last Ack or change of the desired rule set.
+    retries: u32,
     next_id: u64,
     confirmed: bool,
 }
@@ -264,7 +353,8 @@ impl Session {
             .iter()
             .filter_map(|a| a.parse().ok())
             .collect();
-        let desired = hub.attach(&hello.node_name, addresses, hello.agent_version.clone());
+        let (desired, stream) =
+            hub.attach(&hello.node_name, addresses, hello.agent_version.clone());
         metrics.agents_connected.inc();
         info!(
             node = %hello.node_name,
@@ -278,10 +368,12 @@ impl Session {
             metrics,
             large_changes,
             node: hello.node_name,
+            stream,
             desired,
             known,
             in_flight: None,
             refused: None,
+            retries: 0,
             next_id: 1,
             confirmed: false,
         }
@@ -302,7 +394,7 @@ impl Session {
         if ready {
             self.serve(&mut inbound, &tx, &shutdown).await;
         }
-        self.hub.detach(&self.node);
+        self.hub.detach(&self.node, self.stream);
         self.metrics.agents_connected.dec();
         info!("agent stream closed");
     }
@@ -354,6 +446,12 @@ impl Session {
                     }
                 }
             }
+            // A refused change waits for its retry only while nothing is in flight.
+            let retry = self
+                .refused
+                .as_ref()
+                .filter(|_| self.in_flight.is_none())
+                .map(|r| r.due);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return,
@@ -369,8 +467,8 @@ impl Session {
                     if changed.is_err() {
                         return;
                     }
-                    self.refused = None;
                 }
+                () = until(retry) => {}
             }
         }
     }
@@ -393,10 +491,24 @@ impl Session {
     /// The difference between what the agent holds and what it should hold, if something
     /// must be sent: a difference, or the one empty confirmation a current agent gets on
     /// connect. A current agent is otherwise just recorded as current.
+    ///
+    /// A refused change is not taken again before its retry is due, unless the desired rule
+    /// set changed since (then the backoff starts over).
     fn pending(&mut self) -> Option<(Arc<NodeRuleSet>, Diff)> {
         let desired = self.desired.borrow_and_update().clone();
-        if self.refused.as_deref() == Some(desired.system_version.as_str()) {
-            return None;
+        if let Some(refused) = &self.refused {
+            if refused.system_version == desired.system_version {
+                if tokio::time::Instant::now() < refused.due {
+                    return None;
+                }
+                self.retries += 1;
+                self.metrics.nack_retries.inc();
+                info!(retry = self.retries, version = %desired.system_version, "sending a refused change again");
+            } else {
+                self.retries = 0;
+            }
+            self.refused = None;
+            self.hub.retrying(&self.node, self.stream, self.retries);
         }
         let diff = Diff::between(&self.known, &desired);
         if diff.is_empty() && self.confirmed {
@@ -421,6 +533,7 @@ impl Session {
             self.hub.sent(&self.node);
             self.metrics.changes_sent.inc();
         }
+        let confirmation = diff.is_empty();
         debug!(change_id, resources = diff.resources.len(), removed = diff.removed.len(), version = %desired.system_version, "sending change");
         let outgoing = Outgoing {
             change_id,
@@ -433,6 +546,7 @@ impl Session {
             change_id,
             target: desired,
             sent_at: tokio::time::Instant::now(),
+            confirmation,
             _permit: permit,
         });
         outgoing
@@ -441,7 +555,14 @@ impl Session {
     fn on_message(&mut self, msg: AgentMessage) {
         match msg.message {
             Some(agent_message::Message::Status(status)) => {
-                debug!(state = status.state, "data plane status received");
+                let status = bounded(status);
+                info!(
+                    state = status.state().as_str_name(),
+                    drift = status.drift_detected,
+                    error = ?status.error,
+                    "data plane status"
+                );
+                self.hub.dataplane(&self.node, self.stream, status);
             }
             Some(agent_message::Message::Inventory(inv)) => {
                 debug!(applied = inv.applied.len(), "inventory received");
@@ -458,6 +579,7 @@ impl Session {
                     .observe(f.sent_at.elapsed().as_secs_f64());
                 self.hub.acked(&self.node, &f.target.system_version);
                 self.known = Known::Acked(f.target);
+                self.retries = 0;
             }
             Some(agent_message::Message::Nack(nack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.change_id == nack.change_id) else {
@@ -467,11 +589,23 @@ impl Session {
                     );
                     return;
                 };
-                let version = f.target.system_version.clone();
-                warn!(%version, error = %clip(&nack.error), "agent refused a change");
+                let system_version = f.target.system_version.clone();
+                let error = short_error(&nack.error);
+                let delay = retry_delay(self.retries);
+                // Debug formatting: the agent's text cannot start a log line of its own.
+                warn!(version = %system_version, ?error, retries = self.retries, retry_in_ms = delay.as_millis() as u64, "agent refused a change");
                 self.metrics.nacks.inc();
-                self.hub.nacked(&self.node, &version, &nack.error);
-                self.refused = Some(version);
+                let due = tokio::time::Instant::now() + delay;
+                self.hub
+                    .nacked(&self.node, self.stream, &system_version, error, Some(due));
+                if f.confirmation {
+                    // Not recorded as confirmed when its retry comes: sent again.
+                    self.confirmed = false;
+                }
+                self.refused = Some(Refused {
+                    system_version,
+                    due,
+                });
             }
             Some(agent_message::Message::Hello(_)) | None => {
                 warn!("unexpected message on an open stream")
@@ -543,6 +677,48 @@ impl Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_up_to_a_minute() {
+        for (retries, full) in [(0, 1), (1, 2), (2, 4), (5, 32), (6, 60), (7, 60), (40, 60)] {
+            let full = Duration::from_secs(full);
+            let delays: Vec<Duration> = (0..50).map(|_| retry_delay(retries)).collect();
+            assert!(
+                delays.iter().all(|d| *d <= full && *d >= full * 4 / 5),
+                "{retries}: {delays:?}"
+            );
+            assert!(delays.iter().any(|d| *d != delays[0]), "no jitter");
+        }
+    }
+
+    #[test]
+    fn agent_text_is_kept_short_and_bounded() {
+        assert_eq!(short_error("nft: Error"), "nft: Error");
+        assert_eq!(short_error("a\nb\nc"), "a\nb\nc");
+        assert_eq!(short_error("a\nb\nc\nd\ne"), "a\nb\nc …");
+        let long = "é".repeat(2000);
+        assert_eq!(short_error(&long).chars().count(), ERROR_CHARS + 2);
+        let status = bounded(DataplaneStatus {
+            state: 42,
+            repairs: (0..100)
+                .map(|i| RepairCount {
+                    kind: format!("{i:-<100}"),
+                    count: i,
+                })
+                .collect(),
+            error: "x\n".repeat(10_000),
+            ..Default::default()
+        });
+        assert_eq!(status.state(), DataplaneState::Unspecified);
+        assert_eq!(status.repairs.len(), REPAIR_KINDS);
+        assert!(
+            status
+                .repairs
+                .iter()
+                .all(|r| r.kind.chars().count() == REPAIR_KIND_CHARS)
+        );
+        assert_eq!(status.error, "x\nx\nx …");
+    }
 
     #[test]
     fn large_changes_are_split_into_parts() {

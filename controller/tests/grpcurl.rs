@@ -6,6 +6,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
+use kubenft_proto::v1::{
+    AgentMessage, DataplaneState, DataplaneStatus, Hello, ListNodesRequest, Nack, RepairCount,
+    SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
+    controller_message, rule_stream_client::RuleStreamClient,
+};
 use tokio_util::sync::CancellationToken;
 
 fn free_port() -> SocketAddr {
@@ -136,10 +141,107 @@ async fn grpcurl_lists_describes_and_calls_the_controller() {
             "{text}"
         );
     });
+    // An agent on node b that refuses its first change and reports its data plane repairing:
+    // what an operator sees of it (REPAIRING wins over NACKED).
+    let agent = if checks.is_ok() {
+        Some(repairing_agent(&addr).await)
+    } else {
+        None
+    };
+    let checks = checks.and_then(|()| {
+        std::panic::catch_unwind(|| {
+            let (ok, text) = tokio::task::block_in_place(|| {
+                grpcurl(&[
+                    "-plaintext",
+                    &addr,
+                    "kubenft.v1.ControllerInspect/ListNodes",
+                ])
+            });
+            for shown in [
+                "\"state\": \"REPAIRING\"",
+                "\"state\": \"DATAPLANE_REPAIRING\"",
+                "\"driftDetected\": \"2\"",
+                "\"kind\": \"element\"",
+                "\"lastNackError\": \"nft: Error: busy\"",
+            ] {
+                assert!(ok && text.contains(shown), "{shown} missing from:\n{text}");
+            }
+        })
+    });
+    drop(agent);
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(panic) = checks {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Connects as node b, refuses the first change and reports its data plane repairing; returns
+/// the open stream once the controller shows the report.
+async fn repairing_agent(
+    addr: &str,
+) -> (
+    tokio::sync::mpsc::Sender<AgentMessage>,
+    tonic::Streaming<kubenft_proto::v1::ControllerMessage>,
+) {
+    let mut client = RuleStreamClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let send = |m| AgentMessage { message: Some(m) };
+    tx.send(send(agent_message::Message::Hello(Hello {
+        node_name: "b".into(),
+        agent_version: "test".into(),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let mut inbound = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(controller_message::Message::Change(change)) =
+        inbound.message().await.unwrap().unwrap().message
+    else {
+        panic!("expected a change");
+    };
+    tx.send(send(agent_message::Message::Nack(Nack {
+        change_id: change.change_id,
+        error: "nft: Error: busy".into(),
+    })))
+    .await
+    .unwrap();
+    tx.send(send(agent_message::Message::Status(DataplaneStatus {
+        state: DataplaneState::DataplaneRepairing as i32,
+        drift_detected: 2,
+        repairs: vec![RepairCount {
+            kind: "element".into(),
+            count: 2,
+        }],
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    // Messages are taken in asynchronously: wait until they show.
+    let mut inspect = ControllerInspectClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    for _ in 0..250 {
+        let nodes = inspect
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if nodes
+            .iter()
+            .any(|n| n.name == "b" && n.state == SyncState::Repairing as i32)
+        {
+            return (tx, inbound);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("node b never REPAIRING");
 }

@@ -1,6 +1,7 @@
 //! The rule stream's semantics against the real controller over a real socket, with a scripted
-//! agent: deltas only, ACK/NACK, one change in flight with coalescing, and a reconnecting
-//! current agent receiving nothing but a confirmation.
+//! agent: deltas only, ACK/NACK, retries of refused changes with backoff, one change in flight
+//! with coalescing, a reconnecting current agent receiving nothing but a confirmation, and the
+//! agent's data plane reports in the node's state.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,10 +10,12 @@ use std::time::Duration;
 use kubenft_controller::plan::{ClusterPolicy, endpoint_bucket, node_endpoints_name};
 use kubenft_controller::{Config, cli::SourceArg};
 use kubenft_proto::v1::{
-    Ack, AgentMessage, Change, ControllerMessage, Hello, Inventory, ListNodesRequest, Nack,
-    ResourceVersion, SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
-    controller_message, rule_stream_client::RuleStreamClient,
+    Ack, AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, Hello,
+    Inventory, ListNodesRequest, Nack, NodeStatus, RepairCount, ResourceVersion, SyncState,
+    agent_message, controller_inspect_client::ControllerInspectClient, controller_message,
+    rule_stream_client::RuleStreamClient,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +49,7 @@ fn write(dir: &Path, name: &str, text: &str) {
 
 struct Controller {
     grpc: SocketAddr,
+    http: SocketAddr,
     dir: tempdir::Dir,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -83,10 +87,11 @@ impl Controller {
             ),
         );
         let grpc = free_port();
+        let http = free_port();
         let config = Config {
             source: SourceArg::Dir(dir.0.clone()),
             grpc_listen: grpc,
-            http_listen: free_port(),
+            http_listen: http,
             policy: ClusterPolicy::default(),
             kubeconfig: None,
         };
@@ -97,6 +102,7 @@ impl Controller {
         });
         Controller {
             grpc,
+            http,
             dir,
             shutdown,
             task,
@@ -170,20 +176,60 @@ impl Controller {
     }
 
     async fn node_state(&self) -> (SyncState, String) {
-        let mut c = ControllerInspectClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap();
-        let nodes = c
+        let a = self.node().await.expect("node a listed");
+        (SyncState::try_from(a.state).unwrap(), a.last_nack_error)
+    }
+
+    /// Node a as ListNodes shows it, if listed.
+    async fn node(&self) -> Option<NodeStatus> {
+        let url = format!("http://{}", self.grpc);
+        let mut client = None;
+        for _ in 0..100 {
+            match ControllerInspectClient::connect(url.clone()).await {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let nodes = client
+            .expect("controller never listened")
             .list_nodes(ListNodesRequest {})
             .await
             .unwrap()
             .into_inner()
             .nodes;
-        let a = nodes
-            .into_iter()
-            .find(|n| n.name == "a")
-            .expect("node a listed");
-        (SyncState::try_from(a.state).unwrap(), a.last_nack_error)
+        nodes.into_iter().find(|n| n.name == "a")
+    }
+
+    /// Node a once it is in `state` (messages on the stream are handled asynchronously).
+    async fn node_in(&self, state: SyncState) -> NodeStatus {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let node = self.node().await;
+            if let Some(n) = &node
+                && n.state == state as i32
+            {
+                return node.unwrap();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node a never {state:?}: {node:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The metrics page.
+    async fn metrics(&self) -> String {
+        let mut conn = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await.unwrap();
+        text
     }
 
     async fn stop(self) {
@@ -242,6 +288,15 @@ impl Agent {
                 message: Some(agent_message::Message::Ack(Ack {
                     change_id: c.change_id,
                 })),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn status(&self, status: DataplaneStatus) {
+        self.tx
+            .send(AgentMessage {
+                message: Some(agent_message::Message::Status(status)),
             })
             .await
             .unwrap();
@@ -426,24 +481,95 @@ async fn an_agent_lists_what_it_holds_only_when_asked() {
     ctl.stop().await;
 }
 
-/// A refused change is reported, not resent, and the next edit is sent as a fresh merged change.
+/// A refused change is reported and, with nothing changed, sent again after a backoff (as a
+/// fresh change) that doubles with each refusal; an Ack settles the node and resets the count.
 #[tokio::test]
-async fn a_nack_is_visible_and_not_retried_blindly() {
+async fn a_refused_change_is_retried_with_backoff() {
+    let ctl = Controller::start().await;
+    let mut agent = ctl.connect(vec![]).await;
+    let full = agent.next().await;
+    agent
+        .nack(
+            &full,
+            "nft: Error: Could not process rule\nline 2\nline 3\nline 4",
+        )
+        .await;
+    let node = ctl.node_in(SyncState::Nacked).await;
+    assert!(node.last_nack_error.contains("Could not process rule"));
+    assert!(
+        !node.last_nack_error.contains("line 4"),
+        "kept short: {:?}",
+        node.last_nack_error
+    );
+    assert_eq!(node.nack_retries, 0);
+    assert!(
+        (1..=1000).contains(&node.next_retry_ms),
+        "{}",
+        node.next_retry_ms
+    );
+    // Not before the backoff (at least 0.8 s) ...
+    agent.nothing_for(Duration::from_millis(600)).await;
+    // ... then the same difference again, as a new change.
+    let retry = agent.next().await;
+    assert!(retry.change_id > full.change_id);
+    assert_eq!(retry.system_version, full.system_version);
+    assert_eq!(names(&retry), names(&full));
+    let node = ctl.node().await.unwrap();
+    assert_eq!(
+        (node.state, node.nack_retries, node.next_retry_ms),
+        (SyncState::Nacked as i32, 1, 0),
+        "in flight"
+    );
+
+    // Refused again: the next wait is twice as long (1.6 s to 2 s).
+    agent.nack(&retry, "nft: still busy").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let node = ctl.node().await.unwrap();
+    assert_eq!(node.nack_retries, 1);
+    assert!(
+        (1000..=2000).contains(&node.next_retry_ms),
+        "{}",
+        node.next_retry_ms
+    );
+    assert_eq!(node.last_nack_error, "nft: still busy");
+    let second = agent.next().await;
+    assert_eq!(names(&second), names(&full));
+    agent.ack(&second).await;
+    let node = ctl.node_in(SyncState::Synced).await;
+    assert_eq!((node.nack_retries, node.next_retry_ms), (0, 0));
+    assert_eq!(node.acked_version, full.system_version);
+    agent.nothing_for(Duration::from_millis(300)).await;
+    let metrics = ctl.metrics().await;
+    assert!(
+        metrics.contains("kubenft_controller_nack_retries_total 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kubenft_controller_nodes{state=\"synced\"} 1\n"),
+        "{metrics}"
+    );
+    ctl.stop().await;
+}
+
+/// A change of the desired rule set is sent at once, whatever the backoff of a refused change,
+/// as one merged change; it starts the backoff over.
+#[tokio::test]
+async fn an_edit_is_sent_at_once_after_a_nack() {
     let ctl = Controller::start().await;
     let mut agent = ctl.connect(vec![]).await;
     let full = agent.next().await;
     agent
         .nack(&full, "nft: Error: Could not process rule")
         .await;
-    agent.nothing_for(Duration::from_millis(500)).await;
-    let (state, error) = ctl.node_state().await;
-    assert_eq!(state, SyncState::Nacked);
-    assert!(error.contains("Could not process rule"));
-
-    write(&ctl.dir.0, "b.yaml", &service("api", "10.96.0.20"));
     let retry = agent.next().await;
+    agent
+        .nack(&retry, "nft: Error: Could not process rule")
+        .await;
+    // The next retry is 1.6 s to 2 s away: the edit goes out well before.
+    write(&ctl.dir.0, "b.yaml", &service("api", "10.96.0.20"));
+    let edit = agent.next().await;
     assert_eq!(
-        names(&retry),
+        names(&edit),
         [
             "default/api/tcp/http/ipv4",
             "default/web/tcp/http/ipv4",
@@ -451,9 +577,133 @@ async fn a_nack_is_visible_and_not_retried_blindly() {
             &bucket_of("10.244.1.10")
         ]
     );
-    agent.ack(&retry).await;
+    let node = ctl.node().await.unwrap();
+    assert_eq!((node.nack_retries, node.next_retry_ms), (0, 0));
+    agent
+        .nack(&edit, "nft: Error: Could not process rule")
+        .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(ctl.node_state().await.0, SyncState::Synced);
+    let node = ctl.node().await.unwrap();
+    assert!(
+        (1..=1000).contains(&node.next_retry_ms),
+        "backoff started over: {}",
+        node.next_retry_ms
+    );
+    let again = agent.next().await;
+    assert_eq!(names(&again), names(&edit));
+    agent.ack(&again).await;
+    let node = ctl.node_in(SyncState::Synced).await;
+    assert_eq!(node.nack_retries, 0);
+    ctl.stop().await;
+}
+
+/// A node whose agent reports its data plane under repair, or unable to converge, is shown so
+/// (never SYNCED) though it acknowledged its rule set; a CONVERGED report makes it SYNCED again.
+/// What the agent sent is shown bounded, and goes when its stream closes.
+#[tokio::test]
+async fn the_data_plane_report_decides_health() {
+    let ctl = Controller::start().await;
+    // A Node object keeps node a listed once its agent is gone.
+    write(
+        &ctl.dir.0,
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n",
+    );
+    ctl.node_in(SyncState::NotConnected).await;
+    let mut agent = ctl.connect(vec![]).await;
+    let full = agent.next().await;
+    agent.ack(&full).await;
+    let node = ctl.node_in(SyncState::Synced).await;
+    assert_eq!(node.dataplane, None);
+
+    let repairing = DataplaneStatus {
+        state: DataplaneState::DataplaneRepairing as i32,
+        drift_detected: 3,
+        repairs: vec![RepairCount {
+            kind: "element".into(),
+            count: 2,
+        }],
+        converged_unix_ms: 1_700_000_000_000,
+        error: String::new(),
+    };
+    agent.status(repairing.clone()).await;
+    let node = ctl.node_in(SyncState::Repairing).await;
+    assert_eq!(
+        node.acked_version, node.desired_version,
+        "acked, yet not SYNCED"
+    );
+    assert_eq!(node.dataplane.as_ref(), Some(&repairing));
+    let metrics = ctl.metrics().await;
+    assert!(
+        metrics.contains("kubenft_controller_nodes{state=\"repairing\"} 1\n")
+            && metrics.contains("kubenft_controller_nodes{state=\"synced\"} 0\n"),
+        "{metrics}"
+    );
+
+    agent
+        .status(DataplaneStatus {
+            state: DataplaneState::DataplaneDiverged as i32,
+            repairs: (0..40)
+                .map(|i| RepairCount {
+                    kind: format!("kind-{i:0>60}"),
+                    count: 1,
+                })
+                .collect(),
+            error: format!("nft: Error: busy\n{}", "x".repeat(5000)),
+            ..repairing.clone()
+        })
+        .await;
+    let node = ctl.node_in(SyncState::Diverged).await;
+    let dataplane = node.dataplane.unwrap();
+    assert_eq!(dataplane.repairs.len(), 16);
+    assert!(dataplane.repairs.iter().all(|r| r.kind.len() <= 32));
+    assert!(dataplane.error.starts_with("nft: Error: busy\n") && dataplane.error.len() < 600);
+
+    agent
+        .status(DataplaneStatus {
+            state: DataplaneState::DataplaneConverged as i32,
+            ..repairing.clone()
+        })
+        .await;
+    let node = ctl.node_in(SyncState::Synced).await;
+    assert_eq!(
+        node.dataplane.map(|d| d.state),
+        Some(DataplaneState::DataplaneConverged as i32)
+    );
+
+    // The report goes with the stream that sent it, not with an older one of the same node
+    // closing after a newer one reported.
+    agent.status(repairing.clone()).await;
+    ctl.node_in(SyncState::Repairing).await;
+    let applied: Vec<ResourceVersion> = full.resources.iter().map(|r| r.name_version()).collect();
+    let mut newer = ctl.connect(applied).await;
+    let confirmation = newer.next().await;
+    newer.ack(&confirmation).await;
+    newer
+        .status(DataplaneStatus {
+            state: DataplaneState::DataplaneDiverged as i32,
+            ..repairing
+        })
+        .await;
+    ctl.node_in(SyncState::Diverged).await;
+    drop(agent);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ctl
+        .metrics()
+        .await
+        .contains("kubenft_controller_agents_connected 1\n")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old stream never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let node = ctl.node_in(SyncState::Diverged).await;
+    assert!(node.connected && node.dataplane.is_some());
+    drop(newer);
+    let node = ctl.node_in(SyncState::NotConnected).await;
+    assert_eq!(node.dataplane, None);
     ctl.stop().await;
 }
 
