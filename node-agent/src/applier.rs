@@ -156,6 +156,39 @@ impl<N: Nft> Applier<N> {
         Ok(kinds)
     }
 
+    /// Compares every element of our sets in the kernel with the applied state (sticky sets
+    /// are the kernel's own). Costs what the tables hold, in nft's listing, about 1 s per
+    /// 30,000 elements here; the applied state is not locked meanwhile. `None` if a change
+    /// committed during the listing (the comparison would be meaningless).
+    pub async fn verify_content(&self) -> Result<Option<Damage>, NftError> {
+        let (generation, sets) = {
+            let state = self.state.read();
+            if !state.is_synced() {
+                return Ok(Some(Damage::default()));
+            }
+            let sets: Vec<(Family, SetId)> = Family::ALL
+                .into_iter()
+                .flat_map(|f| {
+                    repair::expected_sets(&state, f)
+                        .filter(|s| !matches!(s, SetId::Sticky(_)))
+                        .map(move |s| (f, s))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            (state.generation(), sets)
+        };
+        let mut damage = Damage::default();
+        for (f, set) in sets {
+            let kernel = self.nft.list_elements(&self.table, f, set).await?;
+            let state = self.state.read();
+            if state.generation() != generation {
+                return Ok(None);
+            }
+            damage.merge(repair::compare_set(&state, f, set, &kernel));
+        }
+        Ok(Some(damage))
+    }
+
     /// Compares the chains and sets in the kernel with those the applied state needs (names
     /// only: a few milliseconds at any size). What differs is returned as damage.
     pub async fn check_structure(&self) -> Result<Damage, NftError> {

@@ -2,12 +2,14 @@
 //!
 //! [`run`] owns the loop. It takes notices from [`crate::nft::monitor`] (another program
 //! changed our tables, or notifications were lost), waits a moment for the rest of a burst,
-//! and has the [`Applier`] repair exactly the damage in one transaction. Independently it
-//! checks the tables' structure (do our chains and sets exist, is anything foreign in our
-//! table) every [`VERIFY_INTERVAL`]: a listing of chains and set declarations costs a few
-//! milliseconds whatever the number of Services, and catches what a monitor that was not
-//! running could not see. A repair that fails is retried with backoff; the node is reported
-//! DIVERGED while it keeps failing.
+//! and has the [`Applier`] repair exactly the damage in one transaction. Independently a
+//! verifier checks the tables' structure (do our chains and sets exist, is anything foreign
+//! in our table) every [`VERIFY_INTERVAL`] — a listing of chains and set declarations costs a
+//! few milliseconds whatever the number of Services — and every element of our sets when
+//! the agent starts (an adopted state is verified against the kernel) and then at an
+//! interval proportional to what that costs ([`content_interval`]). Together they catch
+//! what a monitor that was not running could not see. A repair that fails is retried with
+//! backoff; the node is reported DIVERGED while it keeps failing.
 //!
 //! [`Dataplane`] is the state everyone else reads: `/healthz`, metrics, and the controller
 //! (through the stream, as `DataplaneStatus`).
@@ -33,6 +35,8 @@ const SETTLE: Duration = Duration::from_millis(20);
 pub const VERIFY_INTERVAL: Duration = Duration::from_secs(10);
 const MIN_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(10);
+const MIN_CONTENT_INTERVAL: Duration = Duration::from_secs(60);
+const MAX_CONTENT_INTERVAL: Duration = Duration::from_secs(1800);
 /// Nothing pending: only notices and the periodic check wake the loop.
 const IDLE: Duration = Duration::from_secs(3600);
 
@@ -110,6 +114,14 @@ impl Dataplane {
             inner.unconverged_since = None;
             inner.error.clear();
         });
+    }
+
+    /// A verification found the kernel holding exactly the applied state.
+    pub fn verified(&self) {
+        let converged = self.inner.lock().state == State::Converged;
+        if converged {
+            self.converged();
+        }
     }
 
     /// Another program changed our tables (`count` commits of it).
@@ -199,17 +211,34 @@ fn absorb(notice: Notice, damage: &mut Damage) -> u64 {
     }
 }
 
-/// Runs until cancelled: repairs what the monitor reports and what the periodic check finds.
+/// What the verifier found.
+struct Found {
+    damage: Damage,
+    what: &'static str,
+}
+
+/// Runs until cancelled: repairs what the monitor reports and what the verifier finds.
 pub async fn run<N: Nft>(
     applier: Arc<Applier<N>>,
-    mut notices: mpsc::UnboundedReceiver<Notice>,
+    notices: mpsc::UnboundedReceiver<Notice>,
     cancel: CancellationToken,
+) {
+    let (found_tx, found_rx) = mpsc::unbounded_channel();
+    tokio::join!(
+        repair_loop(&applier, notices, found_rx, &cancel),
+        verify_loop(&applier, found_tx, &cancel),
+    );
+}
+
+async fn repair_loop<N: Nft>(
+    applier: &Applier<N>,
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    mut found: mpsc::UnboundedReceiver<Found>,
+    cancel: &CancellationToken,
 ) {
     let dataplane = applier.dataplane().clone();
     let mut pending = Damage::default();
     let mut retry = MIN_RETRY;
-    let mut verify = tokio::time::interval(VERIFY_INTERVAL);
-    verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wait = if pending.is_empty() { IDLE } else { retry };
         tokio::select! {
@@ -225,19 +254,10 @@ pub async fn run<N: Nft>(
                 dataplane.drift_seen(seen);
                 tracing::warn!(commits = seen, kinds = ?pending.kinds(), "another program changed our tables; repairing");
             }
-            _ = verify.tick() => {
-                match applier.check_structure().await {
-                    Ok(found) if found.is_empty() => continue,
-                    Ok(found) => {
-                        dataplane.drift_seen(1);
-                        tracing::warn!(kinds = ?found.kinds(), "the tables' structure differs from what was applied; repairing");
-                        pending.merge(found);
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot check the tables");
-                        continue;
-                    }
-                }
+            Some(f) = found.recv() => {
+                dataplane.drift_seen(1);
+                tracing::warn!(check = f.what, kinds = ?f.damage.kinds(), "the tables differ from what was applied; repairing");
+                pending.merge(f.damage);
             }
             () = tokio::time::sleep(wait) => {}
         }
@@ -262,4 +282,55 @@ pub async fn run<N: Nft>(
             }
         }
     }
+}
+
+/// The backstop for what no notification told: the tables' structure every
+/// [`VERIFY_INTERVAL`] (a few milliseconds), and every element at start (an adopted state
+/// is checked against the kernel) and then at an interval proportional to what that costs.
+async fn verify_loop<N: Nft>(
+    applier: &Applier<N>,
+    found: mpsc::UnboundedSender<Found>,
+    cancel: &CancellationToken,
+) {
+    let mut structure = tokio::time::interval(VERIFY_INTERVAL);
+    structure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut content_due = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = structure.tick() => {
+                match applier.check_structure().await {
+                    Ok(damage) if damage.is_empty() => {}
+                    Ok(damage) => {
+                        let _ = found.send(Found { damage, what: "structure" });
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot check the tables' structure"),
+                }
+            }
+            () = tokio::time::sleep_until(content_due) => {
+                let started = tokio::time::Instant::now();
+                let result = applier.verify_content().await;
+                let took = started.elapsed();
+                content_due = tokio::time::Instant::now() + content_interval(took);
+                match result {
+                    Ok(Some(damage)) if damage.is_empty() => {
+                        tracing::debug!(took_ms = took.as_millis(), "verified every element");
+                        applier.dataplane().verified();
+                    }
+                    Ok(Some(damage)) => {
+                        let _ = found.send(Found { damage, what: "elements" });
+                    }
+                    // A change committed meanwhile: look again soon.
+                    Ok(None) => content_due = tokio::time::Instant::now() + VERIFY_INTERVAL,
+                    Err(e) => tracing::debug!(error = %e, "cannot verify the elements"),
+                }
+            }
+        }
+    }
+}
+
+/// The time between two full element verifications: 100 times what one costs (1% of a core
+/// at most), at least a minute and at most half an hour.
+pub fn content_interval(cost: Duration) -> Duration {
+    (cost * 100).clamp(MIN_CONTENT_INTERVAL, MAX_CONTENT_INTERVAL)
 }

@@ -227,6 +227,40 @@ fn expected_in(state: &AppliedState, f: Family, set: SetId) -> Vec<Element> {
     out
 }
 
+/// Compares one set as the kernel lists it (each element in nft's syntax, `None` for one we
+/// could not read) with what the applied state puts there.
+pub fn compare_set(
+    state: &AppliedState,
+    f: Family,
+    set: SetId,
+    kernel: &[Option<String>],
+) -> Damage {
+    let mut damage = Damage::default();
+    let ours: BTreeMap<ElementKey, Element> = expected_in(state, f, set)
+        .into_iter()
+        .map(|e| (e.key(), e))
+        .collect();
+    let mut seen = BTreeSet::new();
+    for text in kernel {
+        let Some(key) = text.as_deref().and_then(|t| element_key(set, t)) else {
+            damage.sets.insert((f, set));
+            return damage;
+        };
+        seen.insert(key);
+        let value = |t: &str| t.split_once(" : ").map(|(_, v)| v.trim().to_owned());
+        match (ours.get(&key), text) {
+            (Some(e), Some(t)) if value(&e.to_string()) == value(t) => {}
+            _ => {
+                damage.elements.insert((f, key), Presence::Present);
+            }
+        }
+    }
+    for key in ours.keys().filter(|k| !seen.contains(*k)) {
+        damage.elements.insert((f, *key), Presence::Absent);
+    }
+    damage
+}
+
 /// Every chain the applied state has in one family.
 pub fn expected_chains(state: &AppliedState, f: Family) -> Vec<Chain> {
     let created = &state.table(f).chains;

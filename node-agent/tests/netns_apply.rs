@@ -12,7 +12,7 @@ use kubenft_agent::health::Health;
 use kubenft_agent::metrics::Metrics;
 use kubenft_agent::model::Family;
 use kubenft_agent::nft::{
-    Nft, NftCli, NftError, OwnProcesses, TableName, TableObjects, Transaction,
+    Nft, NftCli, NftError, OwnProcesses, SetId, TableName, TableObjects, Transaction,
 };
 use kubenft_agent::state::AppliedState;
 use kubenft_proto::v1;
@@ -48,6 +48,15 @@ impl Nft for PoisonableNft {
         family: Family,
     ) -> Result<Option<TableObjects>, NftError> {
         self.nft.list_objects(table, family).await
+    }
+
+    async fn list_elements(
+        &self,
+        table: &TableName,
+        family: Family,
+        set: SetId,
+    ) -> Result<Vec<Option<String>>, NftError> {
+        self.nft.list_elements(table, family, set).await
     }
 
     fn own_processes(&self) -> OwnProcesses {

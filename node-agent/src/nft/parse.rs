@@ -196,6 +196,47 @@ pub fn element_key(set: SetId, text: &str) -> Option<ElementKey> {
     })
 }
 
+/// One element of `nft -j list set|map` in nft's text syntax (`key` or `key : value`), as
+/// `nft monitor` would print it; `None` for a shape we never write.
+pub fn json_element_text(elem: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    fn expr(v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Object(o) => {
+                if let Some(parts) = o.get("concat").and_then(Value::as_array) {
+                    let parts: Option<Vec<String>> = parts.iter().map(expr).collect();
+                    return Some(parts?.join(" . "));
+                }
+                if let Some(p) = o.get("prefix") {
+                    return Some(format!("{}/{}", p.get("addr")?.as_str()?, p.get("len")?));
+                }
+                if let Some(e) = o.get("elem") {
+                    return expr(e.get("val")?);
+                }
+                for verdict in ["goto", "jump"] {
+                    if let Some(t) = o.get(verdict) {
+                        return Some(format!("{verdict} {}", t.get("target")?.as_str()?));
+                    }
+                }
+                ["drop", "accept", "return", "continue"]
+                    .into_iter()
+                    .find(|v| o.contains_key(*v))
+                    .map(str::to_owned)
+            }
+            _ => None,
+        }
+    }
+    match elem {
+        Value::Array(pair) => match pair.as_slice() {
+            [key, value] => Some(format!("{} : {}", expr(key)?, expr(value)?)),
+            _ => None,
+        },
+        other => expr(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,6 +355,40 @@ mod tests {
                 proto: Protocol::Tcp,
                 port: Port::new(30080).unwrap()
             }))
+        );
+    }
+
+    #[test]
+    fn json_elements_read_as_nft_prints_them() {
+        let elems: serde_json::Value = serde_json::from_str(
+            r#"[[{"concat": ["10.96.0.10", "tcp", 80]}, {"goto": {"target": "svc-cluster"}}],
+                [{"concat": ["tcp", 30443]}, {"concat": ["fd00::6", 8443]}],
+                {"prefix": {"addr": "10.244.0.0", "len": 16}},
+                {"concat": ["203.0.113.7", "tcp", 8443, {"prefix": {"addr": "192.168.50.0", "len": 24}}]},
+                [{"concat": ["10.96.0.30", "udp", 53]}, {"drop": null}],
+                42,
+                {"elem": {"val": "10.0.0.1", "timeout": 10}},
+                {"range": ["10.0.0.1", "10.0.0.9"]}]"#,
+        )
+        .unwrap();
+        let texts: Vec<Option<String>> = elems
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(json_element_text)
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                Some("10.96.0.10 . tcp . 80 : goto svc-cluster".to_owned()),
+                Some("tcp . 30443 : fd00::6 . 8443".to_owned()),
+                Some("10.244.0.0/16".to_owned()),
+                Some("203.0.113.7 . tcp . 8443 . 192.168.50.0/24".to_owned()),
+                Some("10.96.0.30 . udp . 53 : drop".to_owned()),
+                Some("42".to_owned()),
+                Some("10.0.0.1".to_owned()),
+                None,
+            ]
         );
     }
 
