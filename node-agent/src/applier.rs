@@ -219,14 +219,25 @@ impl<N: Nft> Applier<N> {
             {
                 return Ok(Damage::full());
             }
+            let expected: BTreeSet<Chain> =
+                repair::expected_chains(&state, f).into_iter().collect();
             for name in &objects.chains {
-                if Chain::parse(name).is_none() {
-                    damage.note(&crate::nft::monitor::Event::added_chain(f, name));
+                match Chain::parse(name) {
+                    None => damage.note(&crate::nft::monitor::Event::added_chain(f, name)),
+                    Some(chain) if !expected.contains(&chain) => {
+                        damage.stale_chains.insert((f, chain));
+                    }
+                    Some(_) => {}
                 }
             }
+            let expected: BTreeSet<SetId> = repair::expected_sets(&state, f).collect();
             for (name, map) in &objects.sets {
-                if SetId::parse(name).is_none() {
-                    damage.note(&crate::nft::monitor::Event::added_set(f, name, *map));
+                match SetId::parse(name) {
+                    None => damage.note(&crate::nft::monitor::Event::added_set(f, name, *map)),
+                    Some(set) if !expected.contains(&set) => {
+                        damage.stale_sets.insert((f, set));
+                    }
+                    Some(_) => {}
                 }
             }
         }

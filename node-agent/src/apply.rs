@@ -50,6 +50,10 @@ struct Commit {
     node: Option<NodeConfig>,
     elements: [BTreeMap<ElementKey, Option<Entry>>; 2],
     created: [Created; 2],
+    /// On-demand objects no element needs any more (deleted by the transaction).
+    dropped: [Created; 2],
+    /// The full reconcile replaced the set of on-demand objects.
+    replace_objects: bool,
     generation: u32,
 }
 
@@ -99,7 +103,7 @@ fn plan_with(
     }
     let generation = state.generation.wrapping_add(1);
     let mut tx = Transaction::new(table.clone());
-    let created = if full {
+    let (created, dropped) = if full {
         full_transaction(&mut tx, state, node.as_ref(), &overlays, generation)
     } else {
         incremental_transaction(&mut tx, state, node.as_ref(), &overlays, generation)
@@ -113,6 +117,8 @@ fn plan_with(
             node,
             elements: overlays.map(|o| o.changes),
             created,
+            dropped,
+            replace_objects: full,
             generation,
         },
     })
@@ -149,14 +155,15 @@ fn node_change(upserts: &[Applied], removed: &[String]) -> Option<NodeConfig> {
 }
 
 /// The commands for an applied state whose kernel counterpart is known: element diffs, node
-/// settings if changed, new on-demand objects, the generation. Returns the new objects.
+/// settings if changed, new on-demand objects, those no longer needed, the generation.
+/// Returns the new objects and the deleted ones.
 fn incremental_transaction(
     tx: &mut Transaction,
     state: &AppliedState,
     node: Option<&NodeConfig>,
     overlays: &[Overlay<'_>; 2],
     generation: u32,
-) -> [Created; 2] {
+) -> ([Created; 2], [Created; 2]) {
     let diffs = overlays.each_ref().map(Overlay::diff);
     for (f, (deletes, _)) in Family::ALL.into_iter().zip(&diffs) {
         for key in deletes {
@@ -179,11 +186,47 @@ fn incremental_transaction(
             tx.push(f, Command::AddElement(element));
         }
     }
+    let dropped = Family::ALL.map(|f| {
+        let kept = overlays[f as usize].objects_after(&created[f as usize]);
+        let dropped = unneeded(&state.table(f).chains, &kept);
+        delete_commands(tx, f, &state.table(f).chains, &kept);
+        dropped
+    });
     for f in Family::ALL {
         tx.push(f, Command::FlushSet(SetId::Generation));
         tx.push(f, Command::AddElement(Element::Generation(generation)));
     }
-    created
+    (created, dropped)
+}
+
+/// What of `had` is not in `kept`.
+fn unneeded(had: &Created, kept: &Created) -> Created {
+    had.clone().minus(kept)
+}
+
+/// Deletes the on-demand objects of `had` that `kept` does not have, each after whatever
+/// refers to it: load-balancing chains, then the affinity chains and sticky sets only they
+/// used, then endpoint slot chains and their maps.
+fn delete_commands(tx: &mut Transaction, f: Family, had: &Created, kept: &Created) {
+    let gone = unneeded(had, kept);
+    if gone.is_empty() {
+        return;
+    }
+    for lb in &gone.lb_chains {
+        tx.push(f, Command::DeleteChain(Chain::Lb(*lb)));
+    }
+    let (had_affinity, had_sticky) = had.affinity_objects();
+    let (kept_affinity, kept_sticky) = kept.affinity_objects();
+    for (slot, t) in had_affinity.difference(&kept_affinity) {
+        tx.push(f, Command::DeleteChain(Chain::AffinityEndpoint(*slot, *t)));
+    }
+    for slot in had_sticky.difference(&kept_sticky) {
+        tx.push(f, Command::DeleteSet(SetId::Sticky(*slot)));
+    }
+    for slot in &gone.slots {
+        tx.push(f, Command::DeleteChain(Chain::Endpoint(*slot)));
+        tx.push(f, Command::DeleteSet(SetId::Endpoints(*slot)));
+    }
 }
 
 /// Creates endpoint slots, then the load-balancing chains that jump to them.
@@ -222,19 +265,20 @@ fn node_commands(tx: &mut Transaction, f: Family, old: &NodeConfig, new: &NodeCo
 }
 
 /// A full reconcile of both tables to the state after the change. Returns every on-demand
-/// object it (re)creates.
+/// object it (re)creates, and those known to exist that it deletes.
 fn full_transaction(
     tx: &mut Transaction,
     state: &AppliedState,
     node: Option<&NodeConfig>,
     overlays: &[Overlay<'_>; 2],
     generation: u32,
-) -> [Created; 2] {
+) -> ([Created; 2], [Created; 2]) {
     let node = node.unwrap_or(&state.node);
     let mut created = [Created::default(), Created::default()];
+    let mut dropped = [Created::default(), Created::default()];
     for f in Family::ALL {
         let merged = overlays[f as usize].merged();
-        created[f as usize] = Created::needed_by(merged.values().map(|e| &e.element));
+        let needed = Created::needed_by(merged.values().map(|e| &e.element));
         let mut elements = merged.values().map(|e| &e.element);
         render::full_reconcile(
             tx,
@@ -245,8 +289,12 @@ fn full_transaction(
                 generation,
             },
         );
+        let had = &state.table(f).chains;
+        delete_commands(tx, f, had, &needed);
+        dropped[f as usize] = unneeded(had, &needed);
+        created[f as usize] = needed;
     }
-    created
+    (created, dropped)
 }
 
 /// Element changes over one family's mirror, not yet committed.
@@ -326,6 +374,47 @@ impl<'a> Overlay<'a> {
         (deletes, adds)
     }
 
+    /// The load-balancing chains and slots the elements need after the change, from the
+    /// reference counts: proportional to the change, not the table. Slots follow the
+    /// largest load-balancing chain of each kind and scope.
+    fn objects_after(&self, created: &Created) -> Created {
+        let mut refs = self.base.lb_refs.clone();
+        for (key, change) in &self.changes {
+            let old = self
+                .base
+                .elements
+                .get(key)
+                .and_then(|e| e.element.lb_chain());
+            let new = change.as_ref().and_then(|e| e.element.lb_chain());
+            if old == new {
+                continue;
+            }
+            if let Some(lb) = old {
+                let n = refs.entry(lb).or_default();
+                *n = n.saturating_sub(1);
+            }
+            if let Some(lb) = new {
+                *refs.entry(lb).or_default() += 1;
+            }
+        }
+        let mut kept = Created::default();
+        kept.lb_chains = refs
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(lb, _)| lb)
+            .collect();
+        let all_slots = self.base.chains.slots.iter().chain(&created.slots);
+        kept.slots = all_slots
+            .filter(|slot| {
+                kept.lb_chains.iter().any(|lb| {
+                    lb.kind == slot.kind && lb.scope == slot.scope && slot.index < lb.size.get()
+                })
+            })
+            .copied()
+            .collect();
+        kept
+    }
+
     /// The whole table after the change (a full reconcile is O(table) anyway).
     fn merged(&self) -> BTreeMap<ElementKey, Entry> {
         let mut all = self.base.elements.clone();
@@ -346,14 +435,40 @@ impl AppliedState {
         for f in Family::ALL {
             let table = &mut self.tables[f as usize];
             for (key, change) in &c.elements[f as usize] {
-                match change {
+                let old = match change {
                     Some(entry) => table.elements.insert(*key, entry.clone()),
                     None => table.elements.remove(key),
                 };
+                let old = old.and_then(|e| e.element.lb_chain());
+                let new = change.as_ref().and_then(|e| e.element.lb_chain());
+                if old == new {
+                    continue;
+                }
+                if let Some(lb) = old
+                    && let Some(n) = table.lb_refs.get_mut(&lb)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        table.lb_refs.remove(&lb);
+                    }
+                }
+                if let Some(lb) = new {
+                    *table.lb_refs.entry(lb).or_default() += 1;
+                }
             }
-            table
-                .chains
-                .extend(std::mem::take(&mut c.created[f as usize]));
+            if c.replace_objects {
+                table.chains = std::mem::take(&mut c.created[f as usize]);
+            } else {
+                table
+                    .chains
+                    .extend(std::mem::take(&mut c.created[f as usize]));
+                let dropped = std::mem::take(&mut c.dropped[f as usize]);
+                table
+                    .chains
+                    .lb_chains
+                    .retain(|lb| !dropped.lb_chains.contains(lb));
+                table.chains.slots.retain(|s| !dropped.slots.contains(s));
+            }
         }
         for name in &c.removed {
             self.resources.remove(name);

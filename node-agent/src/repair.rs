@@ -27,15 +27,17 @@ pub enum RepairKind {
     Set,
     Chain,
     Foreign,
+    Stale,
     Full,
 }
 
 impl RepairKind {
-    pub const ALL: [RepairKind; 5] = [
+    pub const ALL: [RepairKind; 6] = [
         RepairKind::Element,
         RepairKind::Set,
         RepairKind::Chain,
         RepairKind::Foreign,
+        RepairKind::Stale,
         RepairKind::Full,
     ];
 
@@ -45,6 +47,7 @@ impl RepairKind {
             RepairKind::Set => "set",
             RepairKind::Chain => "chain",
             RepairKind::Foreign => "foreign",
+            RepairKind::Stale => "stale",
             RepairKind::Full => "full",
         }
     }
@@ -69,6 +72,9 @@ pub struct Damage {
     pub foreign_chains: BTreeSet<(Family, ForeignName)>,
     /// Foreign sets, with whether each is a map.
     pub foreign_sets: BTreeMap<(Family, ForeignName), bool>,
+    /// Objects named as ours that the applied state does not need (left by an earlier run).
+    pub stale_chains: BTreeSet<(Family, Chain)>,
+    pub stale_sets: BTreeSet<(Family, SetId)>,
 }
 
 impl Damage {
@@ -91,6 +97,8 @@ impl Damage {
         self.elements.extend(other.elements);
         self.foreign_chains.extend(other.foreign_chains);
         self.foreign_sets.extend(other.foreign_sets);
+        self.stale_chains.extend(other.stale_chains);
+        self.stale_sets.extend(other.stale_sets);
     }
 
     /// Records one change another program made.
@@ -184,6 +192,9 @@ impl Damage {
         }
         if !self.foreign_chains.is_empty() || !self.foreign_sets.is_empty() {
             out.insert(RepairKind::Foreign);
+        }
+        if !self.stale_chains.is_empty() || !self.stale_sets.is_empty() {
+            out.insert(RepairKind::Stale);
         }
         out
     }
@@ -359,6 +370,21 @@ pub fn plan(state: &AppliedState, damage: &Damage, table: &TableName) -> Transac
     }
     for (f, name) in &damage.foreign_chains {
         tx.push(*f, Command::DeleteForeignChain(name.clone()));
+    }
+    // Stale objects of ours: each after whatever refers to it (load-balancing chains, then
+    // affinity chains, then slot chains; then sets).
+    let rank = |c: &Chain| match c {
+        Chain::Lb(_) => 0,
+        Chain::AffinityEndpoint(..) => 1,
+        _ => 2,
+    };
+    let mut stale: Vec<&(Family, Chain)> = damage.stale_chains.iter().collect();
+    stale.sort_by_key(|(_, c)| rank(c));
+    for &&(f, chain) in &stale {
+        tx.push(f, Command::DeleteChain(chain));
+    }
+    for &(f, set) in &damage.stale_sets {
+        tx.push(f, Command::DeleteSet(set));
     }
     for ((f, name), map) in &damage.foreign_sets {
         tx.push(

@@ -17,6 +17,7 @@ use prost::Message;
 use crate::model::{Family, NodeConfig, Spec};
 use crate::nft::{Element, ElementKey, LbChain, Slot, TableName};
 use crate::render::{self, FamilyContent};
+use std::num::NonZeroU32;
 
 /// An element in the kernel and how many resources want it (a ClusterIP or a hairpin address
 /// is shared by several Service ports).
@@ -30,8 +31,11 @@ pub struct Entry {
 #[derive(Clone, Debug, Default)]
 pub struct FamilyTable {
     pub elements: BTreeMap<ElementKey, Entry>,
-    /// Load-balancing chains and endpoint slots created so far (kept once created).
+    /// Load-balancing chains and endpoint slots in the kernel: exactly those the elements
+    /// need (created with the first element that needs them, deleted with the last).
     pub chains: Created,
+    /// How many dispatch elements jump to each load-balancing chain.
+    pub lb_refs: BTreeMap<LbChain, u32>,
 }
 
 /// On-demand objects: load-balancing chains and endpoint slots (map + chain).
@@ -62,6 +66,29 @@ impl Created {
     pub fn extend(&mut self, other: Created) {
         self.lb_chains.extend(other.lb_chains);
         self.slots.extend(other.slots);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lb_chains.is_empty() && self.slots.is_empty()
+    }
+
+    /// The affinity chains (`ep-…-S-aT`) and sticky sets these load-balancing chains use.
+    pub fn affinity_objects(&self) -> (BTreeSet<(Slot, NonZeroU32)>, BTreeSet<Slot>) {
+        let mut chains = BTreeSet::new();
+        let mut sticky = BTreeSet::new();
+        for lb in &self.lb_chains {
+            let Some(t) = lb.affinity else { continue };
+            for index in 0..lb.size.get() {
+                let slot = Slot {
+                    kind: lb.kind,
+                    scope: lb.scope,
+                    index,
+                };
+                chains.insert((slot, t));
+                sticky.insert(slot);
+            }
+        }
+        (chains, sticky)
     }
 }
 

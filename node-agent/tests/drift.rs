@@ -347,6 +347,111 @@ async fn a_restarted_agent_verifies_what_it_adopts() {
     fx.stop().await;
 }
 
+/// The chains of our ip table, by name.
+fn chains(ns: &common::Netns) -> Vec<String> {
+    let (ok, out, err) = ns.exec(&["nft", "-j", "list", "chains", "ip"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("chain"))
+        .filter(|c| c["table"] == TABLE)
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn on_demand_objects_go_with_the_last_element_that_needs_them() {
+    if !common::require_root() {
+        return;
+    }
+    let fx = Fixture::start(false).await;
+    use v1::{IpFamily::Ipv4, Protocol::Tcp};
+    let big = |n: u8, affinity: bool| {
+        let eps = (1..=n)
+            .map(|i| common::ep(&format!("10.244.9.{i}"), 80, false))
+            .collect();
+        let mut port = common::port(Ipv4, Tcp, 80, "10.96.0.99", eps);
+        if affinity {
+            port.affinity = Some(v1::SessionAffinity {
+                timeout_seconds: 60,
+            });
+        }
+        common::resource("default/big/TCP/http/IPv4", port)
+    };
+    let apply = |id: u64, resources: Vec<v1::Resource>, removed: Vec<String>| {
+        let applier = fx.applier.clone();
+        async move {
+            applier
+                .handle(&v1::Change {
+                    change_id: id,
+                    resources,
+                    removed,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let before = chains(&fx.ns);
+    // 40 endpoints with affinity, then 2 without, then the Service is gone.
+    apply(2, vec![big(40, true)], vec![]).await;
+    let grown = chains(&fx.ns);
+    assert!(grown.contains(&"ep-ip-c-39".to_owned()), "{grown:?}");
+    assert!(grown.contains(&"lb-ip-c-40-a60".to_owned()), "{grown:?}");
+    apply(3, vec![big(2, false)], vec![]).await;
+    let shrunk = chains(&fx.ns);
+    assert!(
+        !shrunk
+            .iter()
+            .any(|c| c == "ep-ip-c-39" || c.contains("-a60")),
+        "{shrunk:?}"
+    );
+    assert!(shrunk.contains(&"lb-ip-c-2".to_owned()), "{shrunk:?}");
+    apply(4, vec![], vec!["default/big/TCP/http/IPv4".into()]).await;
+    // Exactly what the rest of the rule set needs, as before the Service came.
+    let mut after = chains(&fx.ns);
+    let mut want = before.clone();
+    after.sort();
+    want.sort();
+    assert_eq!(after, want);
+    let (_, maps, _) = fx.ns.exec(&["nft", "list", "maps", "ip"]);
+    assert!(!maps.contains("ip-c-39-eps"), "{maps}");
+    let (_, sets, _) = fx.ns.exec(&["nft", "list", "sets", "ip"]);
+    assert!(!sets.contains("sticky-ip-c-39"), "{sets}");
+    // The structure check agrees: nothing missing, nothing stale.
+    let check = fx.applier.check_structure().await.unwrap();
+    assert!(check.is_empty(), "{check:?}");
+    fx.stop().await;
+}
+
+#[tokio::test]
+async fn objects_left_by_an_earlier_run_are_removed() {
+    if !common::require_root() {
+        return;
+    }
+    let fx = Fixture::start(false).await;
+    // A slot and a load-balancing chain the applied state does not need (an earlier run with
+    // a lost state file left them).
+    fx.nft("add map ip kubenft ip-c-77-eps { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }");
+    fx.nft("add chain ip kubenft ep-ip-c-77");
+    fx.nft("add chain ip kubenft lb-ip-c-78");
+    fx.nft("add rule ip kubenft lb-ip-c-78 goto ep-ip-c-77");
+    let found = fx.applier.check_structure().await.unwrap();
+    assert_eq!(found.stale_chains.len(), 2, "{found:?}");
+    assert_eq!(found.stale_sets.len(), 1, "{found:?}");
+    fx.applier.repair(&found).await.unwrap();
+    let left = chains(&fx.ns);
+    assert!(
+        !left.iter().any(|c| c.contains("77") || c.contains("78")),
+        "{left:?}"
+    );
+    assert!(fx.applier.check_structure().await.unwrap().is_empty());
+    fx.stop().await;
+}
+
 #[tokio::test]
 async fn without_the_drift_loop_nothing_heals() {
     if !common::require_root() {

@@ -183,13 +183,24 @@ async fn remove_deletes_every_element() {
     let added = f.last().len();
     f.apply(change(2, vec![], &["a"])).await.unwrap();
     let last = f.last();
-    assert!(
-        last.iter().all(|l| l.starts_with("delete element")),
-        "{last:?}"
-    );
-    // Every element added is deleted; lb chains and slots (2 of each) are kept.
+    let (elements, objects): (Vec<&String>, Vec<&String>) =
+        last.iter().partition(|l| l.starts_with("delete element"));
+    // Every element added is deleted, and with the last element that needed them the two
+    // load-balancing chains and the two slots (a chain and a map each), after the elements.
     let created = 3 * 2 + 5 * 2;
-    assert_eq!(last.len(), added - created);
+    assert_eq!(elements.len(), added - created);
+    assert_eq!(
+        objects,
+        [
+            "delete chain lb-ip-c-1",
+            "delete chain lb-np-c-1",
+            "delete chain ep-ip-c-0",
+            "delete map ip-c-0-eps",
+            "delete chain ep-np-c-0",
+            "delete map np-c-0-eps",
+        ]
+    );
+    assert!(last.iter().rposition(|l| l.starts_with("delete element")) < Some(elements.len()));
     assert!(
         f.applier
             .state()
@@ -529,7 +540,7 @@ async fn restart_adopts_a_matching_state_file() {
 }
 
 #[tokio::test]
-async fn scaling_up_creates_only_the_new_slot_and_chain() {
+async fn scaling_up_creates_only_the_new_slot_and_chain_and_drops_the_old_chain() {
     let f = Fixture::synced();
     let two = vec![ep("10.1.0.1", 8080, false), ep("10.1.0.2", 8080, false)];
     f.apply(change(
@@ -562,6 +573,8 @@ async fn scaling_up_creates_only_the_new_slot_and_chain() {
             "add rule lb-ip-c-3 numgen random mod 3 vmap { 0 : goto ep-ip-c-0, 1 : goto ep-ip-c-1, 2 : goto ep-ip-c-2 }",
             "add element ip-c-dispatch { 10.96.0.10 . tcp . 80 : goto lb-ip-c-3 }",
             "add element ip-c-2-eps { 10.96.0.10 . tcp . 80 : 10.1.0.3 . 8080 }",
+            // The chain for two endpoints served only this Service.
+            "delete chain lb-ip-c-2",
         ]
     );
 }

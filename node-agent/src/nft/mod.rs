@@ -143,8 +143,8 @@ impl Transaction {
         self.ops.is_empty()
     }
 
-    /// Drops the declarations (`add table|set|map|chain`) of objects that already exist, as
-    /// listed per family. Redeclaring an existing set is a no-op for the kernel, but nft
+    /// Drops the declarations (`add table|set|map|chain`) of objects that already exist, and
+    /// the deletions of objects that do not, as listed per family. Redeclaring an existing set is a no-op for the kernel, but nft
     /// 1.0.6's `nft monitor` dies of a segmentation fault printing the elements of an
     /// interval-concatenation set (`firewall-allow`) declared in the same batch, and every
     /// agent watches its tables with it.
@@ -162,6 +162,15 @@ impl Transaction {
                 Command::AddChain(chain) => {
                     let name = chain.to_string();
                     !objects.chains.contains(&name)
+                }
+                // Deleting what is not there would refuse the whole transaction.
+                Command::DeleteChain(chain) => {
+                    let name = chain.to_string();
+                    objects.chains.contains(&name)
+                }
+                Command::DeleteSet(set) => {
+                    let name = set.to_string();
+                    objects.sets.iter().any(|(n, _)| *n == name)
                 }
                 _ => true,
             }
