@@ -30,6 +30,8 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     pub state_dir: PathBuf,
     pub table: TableName,
+    /// `--livez-grace`.
+    pub livez_grace: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +67,7 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     let grpc = listen("--grpc-listen", cfg.grpc_listen).await?;
     let nft = Arc::new(nft);
     let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::with_livez_grace(cfg.livez_grace));
     let recovered = applier::recover(nft.as_ref(), &cfg.table, &cfg.state_dir).await;
     let hc_ports = Arc::new(HealthCheckPorts::new(health.clone(), cancel.clone()));
     let applier = Arc::new(
