@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kubenft_agent::applier::{self, Applier};
@@ -15,43 +15,6 @@ use kubenft_agent::metrics::Metrics;
 use kubenft_agent::nft::{FakeNft, TableName};
 use kubenft_agent::state::{AppliedState, state_path};
 use kubenft_proto::v1;
-use tracing_subscriber::fmt::MakeWriter;
-
-/// Log lines written while it is the thread's default subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
-impl Captured {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(self.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn applier(
     nft: &FakeNft,
@@ -133,7 +96,7 @@ async fn a_damaged_state_file_is_refused_and_the_agent_reconciles_in_full() {
     let mut flipped = good.clone();
     flipped[at] = if flipped[at] == b'0' { b'1' } else { b'0' };
 
-    let captured = Captured::default();
+    let captured = common::Captured::default();
     let _log = captured.install();
     for (what, bytes) in [
         ("truncated", &good[..cut]),
@@ -180,7 +143,7 @@ async fn an_unwritable_state_dir_is_logged_once_and_changes_still_apply() {
     let nft = FakeNft::default();
     let health = Arc::new(Health::default());
     let applier = applier(&nft, &state_dir, AppliedState::unknown(0), health.clone());
-    let captured = Captured::default();
+    let captured = common::Captured::default();
     let _log = captured.install();
 
     applier

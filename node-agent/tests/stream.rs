@@ -182,3 +182,145 @@ async fn hello_ack_nack_and_reconnect() {
         .unwrap();
     server.abort();
 }
+
+/// Instants at which attempts arrived, those less than 50 ms apart counted as one (a client
+/// may open more than one connection per attempt).
+fn attempts(arrivals: &[std::time::Instant]) -> Vec<std::time::Instant> {
+    let mut out: Vec<std::time::Instant> = Vec::new();
+    for &t in arrivals {
+        if out
+            .last()
+            .is_none_or(|&last| t.duration_since(last) > Duration::from_millis(50))
+        {
+            out.push(t);
+        }
+    }
+    out
+}
+
+fn gaps(attempts: &[std::time::Instant]) -> Vec<Duration> {
+    attempts.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+fn client(
+    url: String,
+    dir: &common::TempDir,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let applier = Arc::new(Applier::new(
+        Arc::new(FakeNft::default()),
+        TableName::default(),
+        dir.0.clone(),
+        AppliedState::unknown(0),
+        Arc::new(Metrics::default()),
+        Arc::new(Health::default()),
+    ));
+    let cfg = StreamConfig {
+        controllers: vec![url],
+        node_name: "node-a".into(),
+    };
+    tokio::spawn(stream::run(
+        cfg,
+        applier,
+        Arc::new(Metrics::default()),
+        cancel.clone(),
+    ))
+}
+
+/// A controller address that accepts every connection and closes it at once: each attempt
+/// fails. The attempts space out (the backoff grows to seconds, where it used to stop at
+/// 1 s), and the outage is logged once, not at every attempt.
+#[tokio::test]
+async fn an_unreachable_controller_is_retried_with_growing_backoff_and_logged_once() {
+    let captured = common::Captured::default();
+    let _log = captured.install();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut arrivals) = mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let _ = tx.send(std::time::Instant::now());
+            drop(conn);
+        }
+    });
+    let cancel = CancellationToken::new();
+    let dir = common::TempDir::new();
+    let run = client(format!("http://{addr}"), &dir, &cancel);
+
+    // Seven attempts take 3-6 s with the backoff doubling from 100 ms.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while attempts(&seen).len() < 7 {
+        match tokio::time::timeout_at(deadline, arrivals.recv()).await {
+            Ok(Some(t)) => seen.push(t),
+            _ => panic!("only {} attempts in 20 s", attempts(&seen).len()),
+        }
+    }
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("client stops on cancel")
+        .unwrap();
+    server.abort();
+
+    let gaps = gaps(&attempts(&seen));
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(
+        longest >= Duration::from_millis(1500),
+        "the backoff did not grow past a second: {gaps:?}"
+    );
+    assert!(gaps.is_sorted_by(|a, b| *a <= *b * 3), "{gaps:?}");
+    let logs = captured.text();
+    assert_eq!(
+        logs.matches("cannot reach a controller").count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(logs.matches("WARN").count(), 1, "{logs}");
+    assert!(!logs.contains("connected to controller"), "{logs}");
+}
+
+/// A controller that opens each stream and ends it at once: such a short stream does not
+/// reset the backoff (it used to, which made a tight reconnection loop).
+#[tokio::test]
+async fn a_stream_that_ends_at_once_does_not_reset_the_backoff() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (in_tx, _inbound) = mpsc::unbounded_channel();
+    let (s_tx, mut streams) = mpsc::unbounded_channel();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RuleStreamServer::new(FakeController {
+                inbound: in_tx,
+                streams: s_tx,
+            }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let cancel = CancellationToken::new();
+    let dir = common::TempDir::new();
+    let run = client(format!("http://{addr}"), &dir, &cancel);
+    let mut opened = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while opened.len() < 7 {
+        match tokio::time::timeout_at(deadline, streams.recv()).await {
+            // Dropping the sender ends the stream.
+            Ok(Some(sender)) => {
+                opened.push(std::time::Instant::now());
+                drop(sender);
+            }
+            _ => panic!("only {} streams in 20 s", opened.len()),
+        }
+    }
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("client stops on cancel")
+        .unwrap();
+    server.abort();
+    let gaps = gaps(&opened);
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(
+        longest >= Duration::from_millis(1500),
+        "streams that end at once are reopened without backing off: {gaps:?}"
+    );
+}
