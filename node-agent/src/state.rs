@@ -233,7 +233,7 @@ pub struct EncodedStateFile {
     pub bytes: Vec<u8>,
 }
 
-/// The content of `applied.pb`.
+/// The payload of `applied.pb` (after the header that [`save`] writes and [`load`] checks).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StateFile {
     #[prost(string, tag = "1")]

@@ -1,5 +1,6 @@
 //! The agent binary as a process: it keeps running and still shuts down cleanly when its log
-//! output goes nowhere (a container runtime that closed the pipe, `| head`).
+//! output goes nowhere (a container runtime that closed the pipe, `| head`), and it runs when
+//! its state directory is unusable.
 
 mod common;
 

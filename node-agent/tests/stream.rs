@@ -1,5 +1,6 @@
 //! The controller client against an in-process fake controller: Hello, Ack/Nack, reconnect
-//! (cycling past a dead controller) with a fresh Hello reporting what is applied.
+//! (cycling past a dead controller) with a fresh Hello reporting what is applied; the backoff
+//! against controllers that fail every attempt, and the one log line per outage.
 
 mod common;
 
