@@ -2,14 +2,18 @@
 //! overlaps the old process: the second waits as a standby (it answers the probes, but
 //! neither talks to the controller nor writes the tables) while the first keeps applying
 //! changes, and takes over when the first stops — after SIGTERM and after SIGKILL — adopting
-//! the tables as they are, then applying the next change.
+//! the tables as they are (connections to a Service keep working throughout), then applying
+//! the next change.
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kubenft_lab::{Cond, Host, Pod, Process, Proto, Service, Slice, wait_until};
+use kubenft_lab::{
+    Cond, Host, Pod, ProbeOpts, ProbeResult, Process, Proto, Service, Slice, wait_until,
+};
 
 const VIP: &str = "10.96.0.46:80";
 
@@ -139,14 +143,42 @@ fn a_standby_agent_takes_over_after_sigterm_and_sigkill_adopting_the_tables() {
         "the standby acted:\n{logs}"
     );
 
-    // SIGTERM A: B takes over, adopting the tables (same table, no transaction).
+    // SIGTERM A: B takes over, adopting the tables (same table, no transaction), while a
+    // client keeps opening connections to the Service.
     let (handle, gen_before) = (table_handle(&c), generation(&c));
-    first.stop().unwrap();
-    let stopped = Instant::now();
-    wait_log(&second, "took over the node", "after SIGTERM");
-    wait_log(&second, "adopted the applied state", "after SIGTERM");
-    wait_log(&second, "connected to controller", "after SIGTERM");
-    eprintln!("took over {:?} after SIGTERM", stopped.elapsed());
+    let stop = AtomicBool::new(false);
+    let results = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut all = Vec::new();
+            // Bounded: at most 100 batches of 5 connections.
+            for _ in 0..100 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let opts = ProbeOpts::count(5).timeout(Duration::from_secs(1));
+                match c
+                    .lab
+                    .probe(Host::Pod("client"), Proto::Tcp, vip(VIP), &opts)
+                {
+                    Ok(rs) => all.extend(rs),
+                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
+                }
+            }
+            all
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        first.stop().unwrap();
+        let stopped = Instant::now();
+        wait_log(&second, "took over the node", "after SIGTERM");
+        wait_log(&second, "adopted the applied state", "after SIGTERM");
+        wait_log(&second, "connected to controller", "after SIGTERM");
+        eprintln!("took over {:?} after SIGTERM", stopped.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    let t = assert_all_ok(&results, "connections during the takeover");
+    assert!(results.len() >= 10, "too little traffic: {t:?}");
     assert_eq!(table_handle(&c), handle, "the table was recreated");
     assert_eq!(generation(&c), gen_before, "a transaction ran at takeover");
     // ... and applies the next change.
