@@ -1,11 +1,12 @@
-//! Wiring: recovers the applied state, then runs the controller client and the three servers
-//! as tasks under one cancellation token until shutdown. Also `--cleanup`.
+//! Wiring: serves `/healthz` and `/livez`, waits to hold the node (see [`crate::lock`]),
+//! recovers the applied state, then runs the controller client and the other servers as tasks
+//! under one cancellation token until shutdown. Also `--cleanup`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +16,7 @@ use crate::hcport::HealthCheckPorts;
 use crate::health::Health;
 use crate::http;
 use crate::inspect::{self, Inspect};
+use crate::lock::{self, Acquired};
 use crate::metrics::Metrics;
 use crate::model::Family;
 use crate::nft::monitor;
@@ -32,6 +34,8 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     pub state_dir: PathBuf,
     pub table: TableName,
+    /// `--livez-grace`.
+    pub livez_grace: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,20 +58,54 @@ pub enum AgentError {
     StateFile(#[from] StateFileError),
 }
 
+/// Binds with `SO_REUSEPORT`, so that a second agent on the node (a standby, see
+/// [`crate::lock`]) can listen on the same ports; the kernel shares them only between
+/// sockets of the same user, and spreads connections over them.
 async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AgentError::Listen { what, addr, source })
+    let bind = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    bind().map_err(|source| AgentError::Listen { what, addr, source })
 }
 
 /// Runs the agent until `cancel` fires (or a server fails). The tables are left in place.
 pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Result<(), AgentError> {
     let healthz = listen("--healthz-listen", cfg.healthz_listen).await?;
-    let metrics_l = listen("--metrics-listen", cfg.metrics_listen).await?;
-    let grpc = listen("--grpc-listen", cfg.grpc_listen).await?;
-    let nft = Arc::new(nft);
     let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::with_livez_grace(cfg.livez_grace));
+    let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
+    let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
+    tasks.spawn(async move {
+        http::serve(healthz, http::health_router(h, m), c)
+            .await
+            .map_err(AgentError::Http)
+    });
+    // A standby serves only the probes until it holds the node: metrics and inspection are
+    // the holder's, and it neither connects to a controller nor touches nft.
+    let _lock = match lock::acquire(&cfg.state_dir, &health, &cancel).await {
+        Acquired::Held(lock) => Some(lock),
+        Acquired::Unavailable => None,
+        Acquired::Cancelled => return finish(tasks, &cancel).await,
+    };
+    let (metrics_l, grpc) = match (
+        listen("--metrics-listen", cfg.metrics_listen).await,
+        listen("--grpc-listen", cfg.grpc_listen).await,
+    ) {
+        (Ok(m), Ok(g)) => (m, g),
+        (Err(e), _) | (_, Err(e)) => {
+            cancel.cancel();
+            finish(tasks, &cancel).await?;
+            return Err(e);
+        }
+    };
+    let nft = Arc::new(nft);
     let recovered = applier::recover(nft.as_ref(), &cfg.table, &cfg.state_dir).await;
     let hc_ports = Arc::new(HealthCheckPorts::new(health.clone(), cancel.clone()));
     let applier = Arc::new(
@@ -89,13 +127,6 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     };
     tracing::info!(node = %cfg.node_name, table = %cfg.table, controllers = ?cfg.controllers, "agent starting");
 
-    let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
-    let (c, m) = (cancel.clone(), metrics.clone());
-    tasks.spawn(async move {
-        http::serve(healthz, http::health_router(health, m), c)
-            .await
-            .map_err(AgentError::Http)
-    });
     let (c, m) = (cancel.clone(), metrics.clone());
     tasks.spawn(async move {
         http::serve(metrics_l, http::metrics_router(m), c)
@@ -127,7 +158,15 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         stream::run(stream_cfg, applier, metrics, c).await;
         Ok(())
     });
+    // The lock is released after every task has stopped (`_lock` outlives `finish`).
+    finish(tasks, &cancel).await
+}
 
+/// Waits for every task; the first to end stops the others. The first error is returned.
+async fn finish(
+    mut tasks: JoinSet<Result<(), AgentError>>,
+    cancel: &CancellationToken,
+) -> Result<(), AgentError> {
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined.map_err(AgentError::from).and_then(|r| r) {

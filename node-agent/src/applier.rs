@@ -264,9 +264,11 @@ impl<N: Nft> Applier<N> {
         match &result {
             Ok(()) => {
                 self.health.committed();
+                self.health.converged();
                 self.metrics.change(ChangeResult::ack);
             }
             Err(error) => {
+                self.health.not_converged();
                 self.metrics.change(ChangeResult::nack);
                 self.state.write().last_error = error.clone();
             }
@@ -424,14 +426,25 @@ impl<N: Nft> Applier<N> {
     }
 
     /// Writes the state file. A failure only costs a full reconcile after a restart (the
-    /// file's generation will not match the table's), so it is logged, not fatal.
+    /// file's generation will not match the table's), so it is not fatal: it is logged when
+    /// writing starts failing and when it works again (not after every change), and shown
+    /// by `/healthz` while it lasts.
     async fn persist(&self, file: state::EncodedStateFile) {
         let dir = self.state_dir.clone();
         let saved = tokio::task::spawn_blocking(move || state::save(&dir, &file)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not persist the applied state"),
-            Err(e) => tracing::warn!(error = %e, "persisting the applied state panicked"),
+        let error = match saved {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("writing the state file panicked: {e}")),
+        };
+        if self.health.set_persist_error(error.clone()) {
+            match error {
+                Some(error) => tracing::warn!(
+                    %error,
+                    "cannot persist the applied state: a restart will reconcile in full (logged again once it works)"
+                ),
+                None => tracing::info!("the applied state is persisted again"),
+            }
         }
     }
 }

@@ -397,12 +397,14 @@ impl<'a> Overlay<'a> {
                 *refs.entry(lb).or_default() += 1;
             }
         }
-        let mut kept = Created::default();
-        kept.lb_chains = refs
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(lb, _)| lb)
-            .collect();
+        let mut kept = Created {
+            lb_chains: refs
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(lb, _)| lb)
+                .collect(),
+            ..Created::default()
+        };
         let all_slots = self.base.chains.slots.iter().chain(&created.slots);
         kept.slots = all_slots
             .filter(|slot| {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
@@ -42,6 +43,11 @@ pub struct Args {
     #[arg(long, value_name = "NAME", default_value = "kubenft")]
     pub table_name: TableName,
 
+    /// How long the node may fail to converge (changes refused, repairs failing) before
+    /// /livez fails and the kubelet restarts the agent: a number with ms, s, m or h.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration)]
+    pub livez_grace: Duration,
+
     /// Delete the agent's tables and state file, then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -74,6 +80,26 @@ fn controller_url(s: &str) -> Result<String, String> {
         .map_err(|e| format!("{s:?} is not a valid URL: {e}"))
 }
 
+/// `500ms`, `30s`, `5m`, `1h`: a positive whole number and a unit.
+fn duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 500ms, 30s or 5m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
 impl Args {
     /// The node name: the flag, `$NODE_NAME`, or the hostname.
     pub fn node_name(&self) -> std::io::Result<String> {
@@ -102,6 +128,7 @@ mod tests {
         assert_eq!(a.table_name.as_str(), "kubenft");
         assert_eq!(a.state_dir, PathBuf::from("/var/lib/kubenft"));
         assert_eq!(a.log_format, LogFormat::Text);
+        assert_eq!(a.livez_grace, Duration::from_secs(300));
     }
 
     #[test]
@@ -110,6 +137,14 @@ mod tests {
         assert_eq!(a.controllers, ["http://a:1", "http://b:2"]);
         assert!(parse(&["--cleanup"]).is_ok());
         assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn livez_grace_units() {
+        for (arg, secs) in [("500ms", 0.5), ("30s", 30.0), ("2m", 120.0), ("1h", 3600.0)] {
+            let a = parse(&["--cleanup", "--livez-grace", arg]).unwrap();
+            assert_eq!(a.livez_grace.as_secs_f64(), secs, "{arg}");
+        }
     }
 
     #[test]
@@ -123,6 +158,10 @@ mod tests {
             (&["--cleanup", "--table-name", "a b"], "--table-name"),
             (&["--controller", "192.168.0.1:9650"], "--controller"),
             (&["--cleanup", "--log-format", "xml"], "--log-format"),
+            (&["--cleanup", "--livez-grace", "5"], "--livez-grace"),
+            (&["--cleanup", "--livez-grace", "0s"], "--livez-grace"),
+            (&["--cleanup", "--livez-grace", "1.5m"], "--livez-grace"),
+            (&["--cleanup", "--livez-grace", "1d"], "--livez-grace"),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(flag), "{err}");

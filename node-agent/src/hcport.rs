@@ -162,6 +162,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    // An agent taking over the node (see `crate::lock`) may open these ports while the one
+    // that held it is still closing its own.
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(64)
 }

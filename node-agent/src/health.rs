@@ -1,4 +1,6 @@
 //! Health as kube-proxy reports it: unhealthy when a change has waited too long to be applied.
+//! Beyond kube-proxy: not live once the node has not converged for longer than the `/livez`
+//! grace (a refused change, or repairs that keep failing), so that the kubelet restarts it.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -6,6 +8,8 @@ use parking_lot::Mutex;
 
 /// How long a received change may wait without committing before `/healthz` fails.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the node may stay not converged before `/livez` fails (`--livez-grace`).
+pub const LIVEZ_GRACE: Duration = Duration::from_secs(300);
 
 #[derive(Default)]
 pub struct Health {
@@ -19,6 +23,14 @@ struct Inner {
     pending_since: Option<Instant>,
     /// The node is being deleted (from the controller's NodeRules).
     deleting: bool,
+    /// Since when the kernel has not held what the agent should enforce (None: converged).
+    not_converged_since: Option<Instant>,
+    /// `--livez-grace` (None: [`LIVEZ_GRACE`]).
+    livez_grace: Option<Duration>,
+    /// Why the state file could not be written (None: it was, or nothing was written yet).
+    persist_error: Option<String>,
+    /// Another agent holds the node (see [`crate::lock`]); this one only answers probes.
+    standby: bool,
 }
 
 /// A health snapshot.
@@ -28,6 +40,14 @@ pub struct Status {
     pub last_updated: Option<SystemTime>,
     /// Load balancers may send traffic to this node (it is not being deleted).
     pub node_eligible: bool,
+    /// Not failed by the convergence grace (`/livez` also needs `healthy`).
+    pub live: bool,
+    /// Since when the node has not converged, if it has not.
+    pub not_converged_since: Option<SystemTime>,
+    /// The last failure to write the state file, while it lasts.
+    pub persist_error: Option<String>,
+    /// This agent waits for another to release the node.
+    pub standby: bool,
 }
 
 impl Health {
@@ -51,6 +71,41 @@ impl Health {
         self.inner.lock().deleting = deleting;
     }
 
+    /// A health whose `/livez` fails after `grace` without converging.
+    pub fn with_livez_grace(grace: Duration) -> Health {
+        let health = Health::default();
+        health.inner.lock().livez_grace = Some(grace);
+        health
+    }
+
+    /// The kernel does not hold what the agent should enforce (a change was refused, a repair
+    /// failed): the grace of `/livez` runs from the first such moment until [`Self::converged`].
+    pub fn not_converged(&self) {
+        self.inner
+            .lock()
+            .not_converged_since
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// The kernel holds what the agent should enforce (a change committed, a repair worked).
+    pub fn converged(&self) {
+        self.inner.lock().not_converged_since = None;
+    }
+
+    /// Records the outcome of writing the state file; true when it went from working to
+    /// failing or back (the caller logs only then).
+    pub fn set_persist_error(&self, error: Option<String>) -> bool {
+        let mut inner = self.inner.lock();
+        let changed = inner.persist_error.is_some() != error.is_some();
+        inner.persist_error = error;
+        changed
+    }
+
+    /// Whether this agent is a standby (another holds the node's lock).
+    pub fn set_standby(&self, standby: bool) {
+        self.inner.lock().standby = standby;
+    }
+
     pub fn status(&self) -> Status {
         self.status_at(Instant::now())
     }
@@ -60,10 +115,23 @@ impl Health {
         let stuck = inner
             .pending_since
             .is_some_and(|since| now.duration_since(since) > HEALTH_TIMEOUT);
+        let grace = inner.livez_grace.unwrap_or(LIVEZ_GRACE);
+        let live = inner
+            .not_converged_since
+            .is_none_or(|since| now.saturating_duration_since(since) <= grace);
         Status {
             healthy: !stuck,
             last_updated: inner.last_updated,
             node_eligible: !inner.deleting,
+            live,
+            not_converged_since: inner.not_converged_since.map(|since| {
+                let ago = Instant::now().saturating_duration_since(since);
+                SystemTime::now()
+                    .checked_sub(ago)
+                    .unwrap_or(SystemTime::UNIX_EPOCH)
+            }),
+            persist_error: inner.persist_error.clone(),
+            standby: inner.standby,
         }
     }
 }
@@ -123,5 +191,41 @@ mod tests {
         h.committed();
         assert!(h.status_at(later).healthy);
         assert!(h.status().last_updated.is_some());
+    }
+
+    #[test]
+    fn not_live_only_when_not_converged_beyond_the_grace() {
+        let h = Health::with_livez_grace(Duration::from_secs(30));
+        let much_later = Instant::now() + Duration::from_secs(3600);
+        assert!(h.status_at(much_later).live);
+        h.not_converged();
+        assert!(h.status().live);
+        assert!(h.status().not_converged_since.is_some());
+        assert!(!h.status_at(Instant::now() + Duration::from_secs(31)).live);
+        // Still failing later: the grace runs from the first failure.
+        h.not_converged();
+        assert!(!h.status_at(Instant::now() + Duration::from_secs(31)).live);
+        h.converged();
+        assert!(h.status_at(much_later).live);
+        assert!(h.status().not_converged_since.is_none());
+        // The default grace is minutes.
+        let d = Health::default();
+        d.not_converged();
+        assert!(d.status_at(Instant::now() + Duration::from_secs(60)).live);
+        assert!(
+            !d.status_at(Instant::now() + LIVEZ_GRACE + Duration::from_secs(1))
+                .live
+        );
+    }
+
+    #[test]
+    fn persist_errors_report_changes_only() {
+        let h = Health::default();
+        assert!(!h.set_persist_error(None));
+        assert!(h.set_persist_error(Some("a".into())));
+        assert!(!h.set_persist_error(Some("b".into())));
+        assert_eq!(h.status().persist_error.as_deref(), Some("b"));
+        assert!(h.set_persist_error(None));
+        assert!(h.status().persist_error.is_none());
     }
 }

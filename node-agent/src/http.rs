@@ -30,6 +30,18 @@ struct HealthBody {
     /// two entries always agree; they appear once the first change is committed.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     status: BTreeMap<&'static str, FamilyHealth>,
+    /// Beyond kube-proxy: since when the node has not converged (`/livez` fails once this is
+    /// older than `--livez-grace`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_converged_since: Option<String>,
+    /// Beyond kube-proxy: why the state file cannot be written (a restart will reconcile in
+    /// full); does not change the answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_file_error: Option<String>,
+    /// Beyond kube-proxy: this agent is a standby while another holds the node (an
+    /// overlapping rollout); it answers 200, as the rules in force are the holder's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    standby: bool,
 }
 
 #[derive(Serialize)]
@@ -68,7 +80,11 @@ pub fn health_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
 }
 
 /// kube-proxy's answer: `/healthz` fails while a change waits too long or while the node is
-/// being deleted; `/livez` only for the former.
+/// being deleted; `/livez` for the former, and also once the node has not converged for
+/// longer than `--livez-grace` (so that the kubelet restarts an agent that cannot recover).
+/// A standby (another agent holds the node) has nothing pending and answers 200 on both:
+/// with `SO_REUSEPORT` the two share the port and a probe reaches either; failing it would
+/// make the node look unhealthy, or the new pod dead, for the whole overlap.
 fn health_reply(health: &Health, with_node: bool) -> Response {
     let status = health.status();
     let now = SystemTime::now();
@@ -95,8 +111,16 @@ fn health_reply(health: &Health, with_node: bool) -> Response {
         node_eligible: with_node.then_some(status.node_eligible),
         healthy: status.healthy,
         status: family_status,
+        not_converged_since: status.not_converged_since.map(rfc3339),
+        state_file_error: status.persist_error.clone(),
+        standby: status.standby,
     };
-    let code = if status.healthy && (status.node_eligible || !with_node) {
+    let ok = if with_node {
+        status.node_eligible
+    } else {
+        status.live
+    };
+    let code = if status.healthy && ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -144,6 +168,8 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     async fn get_text(router: Router, path: &str) -> (u16, String) {
@@ -200,6 +226,52 @@ mod tests {
         assert!(
             text.contains(r#"kubeproxy_proxy_livez_total{code="200"} 2"#),
             "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn livez_fails_once_not_converged_beyond_the_grace() {
+        let health = Arc::new(Health::with_livez_grace(Duration::from_millis(200)));
+        let metrics = Arc::new(Metrics::default());
+        let router = || health_router(health.clone(), metrics.clone());
+        health.committed();
+        // A refused change: still live within the grace.
+        health.not_converged();
+        let (code, body) = get_text(router(), "/livez").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("notConvergedSince"), "{body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (code, body) = get_text(router(), "/livez").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("notConvergedSince"), "{body}");
+        // /healthz keeps kube-proxy's rule (nothing waits to be applied here).
+        assert_eq!(get_text(router(), "/healthz").await.0, 200);
+        health.converged();
+        let (code, body) = get_text(router(), "/livez").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(!body.contains("notConvergedSince"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_standby_and_a_persist_error_are_reported_without_failing() {
+        let health = Arc::new(Health::default());
+        let metrics = Arc::new(Metrics::default());
+        let router = || health_router(health.clone(), metrics.clone());
+        health.set_standby(true);
+        health.set_persist_error(Some("/x/applied.pb: read-only".into()));
+        for path in ["/healthz", "/livez"] {
+            let (code, body) = get_text(router(), path).await;
+            assert_eq!(code, 200, "{path}: {body}");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["standby"], true, "{body}");
+            assert_eq!(json["stateFileError"], "/x/applied.pb: read-only", "{body}");
+        }
+        health.set_standby(false);
+        health.set_persist_error(None);
+        let (_, body) = get_text(router(), "/healthz").await;
+        assert!(
+            !body.contains("standby") && !body.contains("stateFile"),
+            "{body}"
         );
     }
 

@@ -18,6 +18,7 @@ pub mod hcport;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod lock;
 pub mod memory;
 pub mod metrics;
 pub mod model;

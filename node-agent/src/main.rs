@@ -32,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_listen: args.grpc_listen,
         state_dir: args.state_dir,
         table: args.table_name,
+        livez_grace: args.livez_grace,
     };
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));

@@ -3,10 +3,11 @@
 //!
 //! Losing the controller never touches the data path: the tables stay as last applied, and a
 //! fresh Hello on reconnect tells the controller what that is (its version; the list of names
-//! and versions only if the controller asks).
+//! and versions only if the controller asks). An outage is logged when it starts and when it
+//! ends, not at every attempt.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kubenft_proto::v1::{
     self, AgentMessage, agent_message, controller_message, rule_stream_client::RuleStreamClient,
@@ -21,9 +22,13 @@ use crate::metrics::Metrics;
 use crate::nft::Nft;
 
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Kept short so that an agent is back within about a second of its controller's return; the
-/// jitter spreads a fleet's reconnections.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Doubling from [`MIN_BACKOFF`], an agent is back within about a second of a brief outage;
+/// capped at a few seconds so that a fleet whose controllers are all down does not hammer
+/// them (the jitter spreads its reconnections).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A stream that stayed up this long resets the backoff; one that ends sooner (a controller
+/// that accepts and then fails at once) keeps it growing.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// The largest Change an agent accepts (a full rule set of tens of thousands of Services).
 pub const MAX_CHANGE_BYTES: usize = 1 << 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +50,46 @@ enum SessionError {
     Closed,
 }
 
+/// Since when no controller stream is open, for the one line logged when it ends.
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+    /// Failed attempts since then.
+    attempts: u32,
+}
+
+impl Outage {
+    /// A stream is open: logs the end of the outage, if there was one.
+    fn connected(&mut self, url: &str) {
+        match self.since.take() {
+            Some(since) => tracing::info!(
+                controller = %url,
+                failed_attempts = self.attempts,
+                after_ms = since.elapsed().as_millis() as u64,
+                "connected to controller"
+            ),
+            None => tracing::info!(controller = %url, "connected to controller"),
+        }
+        self.attempts = 0;
+    }
+
+    /// An attempt (or an open stream) ended: logs the start of an outage, and nothing for
+    /// the attempts that follow.
+    fn failed(&mut self, url: &str, error: &str, was_up: Option<Duration>) {
+        if let Some(up) = was_up {
+            tracing::warn!(controller = %url, %error, up_ms = up.as_millis() as u64, "lost the controller stream: rules kept as they are; reconnecting (logged again once connected)");
+            self.since = Some(Instant::now());
+        } else if self.since.is_none() {
+            tracing::warn!(controller = %url, %error, "cannot reach a controller: rules kept as they are; retrying with backoff (logged again once connected)");
+            self.since = Some(Instant::now());
+            self.attempts = 1;
+        } else {
+            self.attempts += 1;
+            tracing::debug!(controller = %url, %error, attempts = self.attempts, "controller still unreachable");
+        }
+    }
+}
+
 /// Runs until cancelled.
 pub async fn run<N: Nft>(
     cfg: StreamConfig,
@@ -53,19 +98,31 @@ pub async fn run<N: Nft>(
     cancel: CancellationToken,
 ) {
     let mut backoff = MIN_BACKOFF;
+    let mut outage = Outage::default();
     for url in cfg.controllers.iter().cycle() {
         if cancel.is_cancelled() {
             break;
         }
-        let mut established = false;
-        let result = session(url, &cfg, &applier, &metrics, &cancel, &mut established).await;
+        let mut up_since = None;
+        let result = session(
+            url,
+            &cfg,
+            &applier,
+            &metrics,
+            &cancel,
+            &mut up_since,
+            &mut outage,
+        )
+        .await;
         metrics.set_connected(false);
-        match result {
+        let error = match result {
             Ok(()) if cancel.is_cancelled() => break,
-            Ok(()) => tracing::warn!(controller = %url, "controller closed the stream"),
-            Err(e) => tracing::warn!(controller = %url, error = %e, "controller stream failed"),
-        }
-        if established {
+            Ok(()) => "the controller closed the stream".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let was_up = up_since.map(|t: Instant| t.elapsed());
+        outage.failed(url, &error, was_up);
+        if was_up.is_some_and(|up| up >= STABLE_AFTER) {
             backoff = MIN_BACKOFF;
         }
         tokio::select! {
@@ -92,7 +149,8 @@ async fn session<N: Nft>(
     applier: &Applier<N>,
     metrics: &Metrics,
     cancel: &CancellationToken,
-    established: &mut bool,
+    up_since: &mut Option<Instant>,
+    outage: &mut Outage,
 ) -> Result<(), SessionError> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -112,9 +170,9 @@ async fn session<N: Nft>(
         .stream(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    *established = true;
+    *up_since = Some(Instant::now());
     metrics.set_connected(true);
-    tracing::info!(controller = %url, "connected to controller");
+    outage.connected(url);
     let mut dataplane = applier.dataplane().subscribe();
     let status = dataplane.borrow_and_update().clone();
     tx.send(message(agent_message::Message::Status(status)))

@@ -1,5 +1,6 @@
 //! The agent binary as a process: it keeps running and still shuts down cleanly when its log
-//! output goes nowhere (a container runtime that closed the pipe, `| head`).
+//! output goes nowhere (a container runtime that closed the pipe, `| head`), and it runs when
+//! its state directory is unusable.
 
 mod common;
 
@@ -78,4 +79,55 @@ fn a_closed_stderr_neither_stops_the_agent_nor_its_shutdown() {
     assert!(stopped.success());
     let status = status.expect("SIGTERM did not stop the agent within 10 s");
     assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
+
+/// A state directory that cannot exist (below a regular file): no lock, no state file, but
+/// the agent runs and serves as the node's only agent, and says why in its log.
+#[test]
+fn an_unusable_state_dir_does_not_stop_the_agent() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).0);
+    let dir = TempDir::new();
+    let blocker = dir.0.join("blocker");
+    std::fs::write(&blocker, b"").unwrap();
+    let log = dir.0.join("agent.log");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kubenft-agent")])
+        .args(["--node-name", "n1", "--controller", "http://127.0.0.1:9"])
+        .args([
+            "--healthz-listen",
+            "127.0.0.1:10256",
+            "--metrics-listen",
+            METRICS,
+        ])
+        .args(["--state-dir", blocker.join("state").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{METRICS}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answered = String::new();
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        let (_, code, _) = ns.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+        answered = code;
+        if answered == "200" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, healthz, _) = ns.exec(&["curl", "-s", "http://127.0.0.1:10256/healthz"]);
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(running, "the agent exited:\n{logs}");
+    assert_eq!(answered, "200", "/metrics never answered:\n{logs}");
+    assert!(healthz.contains(r#""healthy":true"#), "{healthz}");
+    assert!(!healthz.contains("standby"), "{healthz}");
+    assert!(logs.contains("running without it"), "{logs}");
+    assert!(logs.contains("unreadable state file"), "{logs}");
 }

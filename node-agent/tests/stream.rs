@@ -1,5 +1,6 @@
 //! The controller client against an in-process fake controller: Hello, Ack/Nack, reconnect
-//! (cycling past a dead controller) with a fresh Hello reporting what is applied.
+//! (cycling past a dead controller) with a fresh Hello reporting what is applied; the backoff
+//! against controllers that fail every attempt, and the one log line per outage.
 
 mod common;
 
@@ -198,4 +199,134 @@ async fn hello_ack_nack_and_reconnect() {
         .expect("client stops on cancel")
         .unwrap();
     server.abort();
+}
+
+fn gaps(attempts: &[std::time::Instant]) -> Vec<Duration> {
+    attempts.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+fn client(
+    url: String,
+    dir: &common::TempDir,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let applier = Arc::new(Applier::new(
+        Arc::new(FakeNft::default()),
+        TableName::default(),
+        dir.0.clone(),
+        AppliedState::unknown(0),
+        Arc::new(Metrics::default()),
+        Arc::new(Health::default()),
+    ));
+    let cfg = StreamConfig {
+        controllers: vec![url],
+        node_name: "node-a".into(),
+    };
+    tokio::spawn(stream::run(
+        cfg,
+        applier,
+        Arc::new(Metrics::default()),
+        cancel.clone(),
+    ))
+}
+
+/// A controller address that accepts every connection and closes it at once: each attempt
+/// fails. The attempts space out (the backoff grows to seconds, where it used to stop at
+/// 1 s), and the outage is logged once, not at every attempt.
+#[tokio::test]
+async fn an_unreachable_controller_is_retried_with_growing_backoff_and_logged_once() {
+    let captured = common::Captured::default();
+    let _log = captured.install();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut arrivals) = mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let _ = tx.send(std::time::Instant::now());
+            drop(conn);
+        }
+    });
+    let cancel = CancellationToken::new();
+    let dir = common::TempDir::new();
+    let run = client(format!("http://{addr}"), &dir, &cancel);
+
+    // Doubling from 100 ms, the seventh attempt comes 3-6.3 s after the first, and the gap
+    // before it is at least 1.6 s (the backoff's jitter takes off at most half). A client may
+    // open more than one connection per attempt: those come together.
+    let first = tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+        .await
+        .expect("no attempt in 10 s")
+        .unwrap();
+    let mut seen = vec![first];
+    let window = tokio::time::Instant::from_std(first) + Duration::from_secs(8);
+    while let Ok(Some(t)) = tokio::time::timeout_at(window, arrivals.recv()).await {
+        seen.push(t);
+    }
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("client stops on cancel")
+        .unwrap();
+    server.abort();
+
+    let gaps = gaps(&seen);
+    eprintln!("{} connections in 8 s, gaps {gaps:?}", seen.len());
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(
+        longest >= Duration::from_millis(1500),
+        "the backoff did not grow past a second: {gaps:?}"
+    );
+    let logs = captured.text();
+    assert_eq!(
+        logs.matches("cannot reach a controller").count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(logs.matches("WARN").count(), 1, "{logs}");
+    assert!(!logs.contains("connected to controller"), "{logs}");
+}
+
+/// A controller that opens each stream and ends it at once: such a short stream does not
+/// reset the backoff (it used to, which made a tight reconnection loop).
+#[tokio::test]
+async fn a_stream_that_ends_at_once_does_not_reset_the_backoff() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (in_tx, _inbound) = mpsc::unbounded_channel();
+    let (s_tx, mut streams) = mpsc::unbounded_channel();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RuleStreamServer::new(FakeController {
+                inbound: in_tx,
+                streams: s_tx,
+            }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let cancel = CancellationToken::new();
+    let dir = common::TempDir::new();
+    let run = client(format!("http://{addr}"), &dir, &cancel);
+    let mut opened = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while opened.len() < 7 {
+        match tokio::time::timeout_at(deadline, streams.recv()).await {
+            // Dropping the sender ends the stream.
+            Ok(Some(sender)) => {
+                opened.push(std::time::Instant::now());
+                drop(sender);
+            }
+            _ => panic!("only {} streams in 20 s", opened.len()),
+        }
+    }
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("client stops on cancel")
+        .unwrap();
+    server.abort();
+    let gaps = gaps(&opened);
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(
+        longest >= Duration::from_millis(1500),
+        "streams that end at once are reopened without backing off: {gaps:?}"
+    );
 }
