@@ -88,9 +88,9 @@ impl<N: Nft> Applier<N> {
             state_dir,
             state: Arc::new(RwLock::new(state)),
             metrics: metrics.clone(),
-            health,
+            health: health.clone(),
             hc_ports: None,
-            dataplane: Arc::new(Dataplane::new(metrics.clone())),
+            dataplane: Arc::new(Dataplane::new(metrics.clone(), health.clone())),
             writing: tokio::sync::Mutex::new(()),
         }
     }

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::applier::Applier;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nft::Nft;
 use crate::nft::monitor::Notice;
@@ -45,6 +46,7 @@ pub struct Dataplane {
     inner: Mutex<Inner>,
     status: watch::Sender<v1::DataplaneStatus>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 #[derive(Default)]
@@ -78,14 +80,16 @@ pub struct Snapshot {
 }
 
 impl Dataplane {
-    pub fn new(metrics: Arc<Metrics>) -> Dataplane {
+    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Dataplane {
         let inner = Inner::default();
         let (status, _) = watch::channel(to_proto(&inner));
         metrics.dataplane(inner.state, inner.converged_at);
+        health.set_dataplane(to_health(&inner));
         Dataplane {
             inner: Mutex::new(inner),
             status,
             metrics,
+            health,
         }
     }
 
@@ -157,8 +161,16 @@ impl Dataplane {
     fn update(&self, f: impl FnOnce(&mut Inner)) {
         let status = {
             let mut inner = self.inner.lock();
+            let before = inner.state;
             f(&mut inner);
             self.metrics.dataplane(inner.state, inner.converged_at);
+            self.health.set_dataplane(to_health(&inner));
+            // `/livez` fails once the node has not converged for longer than its grace.
+            match (before, inner.state) {
+                (_, State::Diverged) => self.health.not_converged(),
+                (State::Diverged, State::Converged) => self.health.converged(),
+                _ => {}
+            }
             to_proto(&inner)
         };
         self.status.send_if_modified(|current| {
@@ -166,6 +178,25 @@ impl Dataplane {
             *current = status;
             changed
         });
+    }
+}
+
+fn to_health(inner: &Inner) -> crate::health::Dataplane {
+    crate::health::Dataplane {
+        state: match inner.state {
+            State::Converged => "converged",
+            State::Repairing => "repairing",
+            State::Diverged => "diverged",
+        },
+        drift_detected: inner.drift,
+        repairs: inner
+            .repairs
+            .iter()
+            .map(|(kind, n)| (kind.as_str(), *n))
+            .collect(),
+        last_converged: inner.converged_at,
+        error: inner.error.clone(),
+        diverged: inner.state == State::Diverged,
     }
 }
 

@@ -31,6 +31,20 @@ struct Inner {
     persist_error: Option<String>,
     /// Another agent holds the node (see [`crate::lock`]); this one only answers probes.
     standby: bool,
+    /// Whether the kernel holds what was applied (see [`crate::drift`]).
+    dataplane: Dataplane,
+}
+
+/// The data plane as `/healthz` shows it: drift seen, repairs made, when the kernel last
+/// matched, and a node that cannot converge (which fails `/healthz`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dataplane {
+    pub state: &'static str,
+    pub drift_detected: u64,
+    pub repairs: std::collections::BTreeMap<&'static str, u64>,
+    pub last_converged: Option<SystemTime>,
+    pub error: String,
+    pub diverged: bool,
 }
 
 /// A health snapshot.
@@ -48,6 +62,7 @@ pub struct Status {
     pub persist_error: Option<String>,
     /// This agent waits for another to release the node.
     pub standby: bool,
+    pub dataplane: Dataplane,
 }
 
 impl Health {
@@ -106,6 +121,11 @@ impl Health {
         self.inner.lock().standby = standby;
     }
 
+    /// What the drift loop knows of the kernel.
+    pub fn set_dataplane(&self, dataplane: Dataplane) {
+        self.inner.lock().dataplane = dataplane;
+    }
+
     pub fn status(&self) -> Status {
         self.status_at(Instant::now())
     }
@@ -120,7 +140,7 @@ impl Health {
             .not_converged_since
             .is_none_or(|since| now.saturating_duration_since(since) <= grace);
         Status {
-            healthy: !stuck,
+            healthy: !stuck && !inner.dataplane.diverged,
             last_updated: inner.last_updated,
             node_eligible: !inner.deleting,
             live,
@@ -132,6 +152,7 @@ impl Health {
             }),
             persist_error: inner.persist_error.clone(),
             standby: inner.standby,
+            dataplane: inner.dataplane.clone(),
         }
     }
 }

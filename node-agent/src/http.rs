@@ -42,6 +42,23 @@ struct HealthBody {
     /// overlapping rollout); it answers 200, as the rules in force are the holder's.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     standby: bool,
+    /// Beyond kube-proxy: whether the kernel holds what was applied. `/healthz` fails while
+    /// the agent cannot converge (its repairs keep failing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataplane: Option<DataplaneBody>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DataplaneBody {
+    state: &'static str,
+    drift_detected: u64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    repairs: BTreeMap<&'static str, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_converged: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
 }
 
 #[derive(Serialize)]
@@ -114,6 +131,13 @@ fn health_reply(health: &Health, with_node: bool) -> Response {
         not_converged_since: status.not_converged_since.map(rfc3339),
         state_file_error: status.persist_error.clone(),
         standby: status.standby,
+        dataplane: (!status.dataplane.state.is_empty()).then(|| DataplaneBody {
+            state: status.dataplane.state,
+            drift_detected: status.dataplane.drift_detected,
+            repairs: status.dataplane.repairs.clone(),
+            last_converged: status.dataplane.last_converged.map(rfc3339),
+            error: status.dataplane.error.clone(),
+        }),
     };
     let ok = if with_node {
         status.node_eligible
@@ -248,6 +272,35 @@ mod tests {
         assert_eq!(get_text(router(), "/healthz").await.0, 200);
         health.converged();
         let (code, body) = get_text(router(), "/livez").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(!body.contains("notConvergedSince"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn healthz_shows_the_data_plane_and_fails_while_it_cannot_converge() {
+        let health = Arc::new(Health::default());
+        let metrics = Arc::new(Metrics::default());
+        let dataplane = crate::drift::Dataplane::new(metrics.clone(), health.clone());
+        let router = || health_router(health.clone(), metrics.clone());
+        dataplane.drift_seen(1);
+        dataplane.repaired([crate::repair::RepairKind::Element]);
+        let (code, body) = get_text(router(), "/healthz").await;
+        assert_eq!(code, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["dataplane"]["state"], "converged", "{body}");
+        assert_eq!(json["dataplane"]["driftDetected"], 1, "{body}");
+        assert_eq!(json["dataplane"]["repairs"]["element"], 1, "{body}");
+        assert!(json["dataplane"]["lastConverged"].is_string(), "{body}");
+        // Repairs that keep failing: the node does not enforce its rules.
+        dataplane.drift_seen(1);
+        dataplane.diverged("Error: Could not process rule: Device or resource busy");
+        let (code, body) = get_text(router(), "/healthz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("\"state\":\"diverged\""), "{body}");
+        assert!(body.contains("resource busy"), "{body}");
+        assert!(body.contains("notConvergedSince"), "{body}");
+        dataplane.repaired([crate::repair::RepairKind::Full]);
+        let (code, body) = get_text(router(), "/healthz").await;
         assert_eq!(code, 200, "{body}");
         assert!(!body.contains("notConvergedSince"), "{body}");
     }

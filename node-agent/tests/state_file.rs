@@ -192,11 +192,13 @@ async fn a_refused_change_fails_livez_after_the_grace_until_a_commit() {
         .unwrap();
     assert!(health.status().live);
 
-    nft.fail_next("Error: boom\n");
+    // Refused every time, as a full reconcile too.
+    nft.fail_times("Error: boom\n", u32::MAX);
     applier
         .handle(&change(2, vec![web(&[5, 6])]))
         .await
         .unwrap_err();
+    nft.fail_times("", 0);
     assert!(health.status().live, "failed before the grace");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = health.status();
