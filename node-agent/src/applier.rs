@@ -30,6 +30,43 @@ pub const RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_m
 const ERROR_LINES: usize = 3;
 const ERROR_CHARS: usize = 512;
 
+/// One item of a change: a resource to apply, or the name of one to remove.
+#[derive(Clone)]
+enum Part {
+    Resource(v1::Resource),
+    Removal(String),
+}
+
+impl Part {
+    fn name(&self) -> &str {
+        match self {
+            Part::Resource(r) => &r.name,
+            Part::Removal(n) => n,
+        }
+    }
+
+    /// A change made of some of `whole`'s items (with their trigger times).
+    fn change(whole: &v1::Change, parts: &[Part]) -> v1::Change {
+        let mut out = v1::Change {
+            change_id: whole.change_id,
+            ..Default::default()
+        };
+        for part in parts {
+            match part {
+                Part::Resource(r) => out.resources.push(r.clone()),
+                Part::Removal(n) => out.removed.push(n.clone()),
+            }
+        }
+        out.trigger_times = whole
+            .trigger_times
+            .iter()
+            .filter(|t| out.resources.iter().any(|r| r.name == t.resource))
+            .cloned()
+            .collect();
+        out
+    }
+}
+
 /// The first lines of an nft error, short enough for a NACK, a log line and `ListNodes`.
 pub fn short_error(error: &str) -> String {
     let mut out = String::new();
@@ -289,8 +326,20 @@ impl<N: Nft> Applier<N> {
             e.to_string()
         })?;
         let started = Instant::now();
-        let plan = self.run(plan, change).await?;
-        let elapsed = started.elapsed();
+        let plan = match self.run(plan, change).await {
+            Ok(plan) => plan,
+            Err(error) if change.resources.len() + change.removed.len() > 1 => {
+                return self.isolate(change, error).await;
+            }
+            Err(error) => return Err(error),
+        };
+        self.finish(plan, change, started.elapsed()).await;
+        Ok(())
+    }
+
+    /// Records a committed plan: the applied state, health-check ports, health, conntrack
+    /// cleanup, metrics, the log line and the state file.
+    async fn finish(&self, plan: apply::Plan, change: &v1::Change, elapsed: Duration) {
         self.metrics
             .synced(&plan.tx.changed_families(), elapsed.as_secs_f64());
         let (ops, full) = (plan.tx.element_ops(), plan.full);
@@ -336,7 +385,62 @@ impl<N: Nft> Applier<N> {
         );
         self.observe_programming(change);
         self.persist(file).await;
-        Ok(())
+    }
+
+    /// A change refused as a whole: applies it in parts, halving the parts that fail, so
+    /// that one resource nft cannot take (or takes too long on) does not hold back the
+    /// others. Everything else is applied; the NACK names what was not.
+    async fn isolate(&self, change: &v1::Change, error: String) -> Result<(), String> {
+        tracing::warn!(change_id = change.change_id, %error, "applying the change resource by resource to isolate what nft refuses");
+        let items: Vec<Part> = change
+            .resources
+            .iter()
+            .map(|r| Part::Resource(r.clone()))
+            .chain(change.removed.iter().map(|n| Part::Removal(n.clone())))
+            .collect();
+        let total = items.len();
+        let mut groups = vec![items];
+        let mut refused: Vec<(String, String)> = Vec::new();
+        while let Some(group) = groups.pop() {
+            let sub = Part::change(change, &group);
+            let planned = apply::plan(&self.state.read(), &sub, &self.table);
+            let attempt = match planned {
+                Ok(plan) => {
+                    let started = Instant::now();
+                    match self.nft.apply(&plan.tx).await {
+                        Ok(()) => Ok((plan, started.elapsed())),
+                        Err(e) => Err(short_error(&e.to_string())),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match attempt {
+                Ok((plan, elapsed)) => self.finish(plan, &sub, elapsed).await,
+                Err(e) if group.len() == 1 => refused.push((group[0].name().to_owned(), e)),
+                Err(_) => {
+                    let mut first = group;
+                    let second = first.split_off(first.len() / 2);
+                    // Popped last-in first-out: the first half is tried first.
+                    groups.push(second);
+                    groups.push(first);
+                }
+            }
+        }
+        self.metrics.sync_failed();
+        let (name, why) = refused.first().cloned().unwrap_or_default();
+        let message = match refused.len() {
+            0 => return Ok(()),
+            1 => format!(
+                "resource {name:?} refused ({} other resources applied): {why}",
+                total - 1
+            ),
+            n => format!(
+                "{n} resources refused, first {name:?} ({} others applied): {why}",
+                total - n
+            ),
+        };
+        tracing::error!(change_id = change.change_id, refused = ?refused.iter().map(|(n, _)| n).collect::<Vec<_>>(), "nft refused part of the change; the rest is applied");
+        Err(message)
     }
 
     /// Runs a planned change. A refusal is retried with backoff (a transient failure, or
@@ -350,6 +454,11 @@ impl<N: Nft> Applier<N> {
         }
         let mut last = match self.nft.apply(&plan.tx).await {
             Ok(()) => return Ok(plan),
+            // Too big to finish: the same again, or all of it at once, would only wait as long.
+            Err(e @ NftError::Timeout(_)) => {
+                self.metrics.sync_failed();
+                return Err(self.refused(id, &e));
+            }
             Err(e) => e,
         };
         for wait in RETRIES {

@@ -435,6 +435,43 @@ async fn a_refusal_is_retried_then_applied_as_a_full_reconcile() {
 }
 
 #[tokio::test]
+async fn a_resource_nft_refuses_does_not_hold_back_the_others() {
+    let f = Fixture::synced();
+    let ok = |name: &str, ip: &str| svc(name, port_rules(ip, vec![ep("10.1.0.1", 8080, false)]));
+    f.apply(change(1, vec![ok("a", "10.96.0.1")], &[]))
+        .await
+        .unwrap();
+    // One resource in a change of four is refused whatever is tried (nft would time out on
+    // it, or refuses one of its elements); the others, a removal among them, are applied.
+    f.nft.refuse_containing("10.66.6.6");
+    let bad = svc(
+        "bad",
+        port_rules("10.96.0.9", vec![ep("10.66.6.6", 8080, false)]),
+    );
+    let err = f
+        .apply(change(
+            2,
+            vec![ok("b", "10.96.0.2"), bad, ok("c", "10.96.0.3")],
+            &["a"],
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.starts_with("resource \"bad\" refused (3 other resources applied)"),
+        "{err}"
+    );
+    assert!(err.lines().count() <= 3, "{err}");
+    let state = f.applier.state().read().clone();
+    let names: Vec<String> = state.applied().map(|a| a.name.clone()).collect();
+    assert_eq!(names, ["b", "c"]);
+    // The next change without it applies as one transaction.
+    f.nft.refuse_containing("never in a script");
+    f.apply(change(3, vec![ok("d", "10.96.0.4")], &[]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn unknown_state_applies_a_full_reconcile_without_deleting_the_table() {
     let f = Fixture::unknown();
     assert!(f.applier.state().read().hello_applied().is_empty());

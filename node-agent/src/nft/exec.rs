@@ -427,6 +427,8 @@ struct FakeState {
     applied: Vec<Transaction>,
     /// The stderr of refusals to come, and how many.
     fail: Option<(String, u32)>,
+    /// Refuse every transaction whose text contains this.
+    poison: Option<String>,
     generation: Option<u32>,
     objects: Option<TableObjects>,
 }
@@ -440,6 +442,11 @@ impl FakeNft {
     /// Makes the next `times` applies fail with this stderr (`u32::MAX`: every one).
     pub fn fail_times(&self, stderr: &str, times: u32) {
         self.inner.lock().fail = Some((stderr.to_owned(), times));
+    }
+
+    /// Refuses every transaction whose text contains `text` (as nft refuses one element).
+    pub fn refuse_containing(&self, text: &str) {
+        self.inner.lock().poison = Some(text.to_owned());
     }
 
     /// Sets what `generation` reports.
@@ -461,6 +468,13 @@ impl Nft for FakeNft {
                 state.fail = Some((stderr.clone(), times - 1));
             }
             return Err(NftError::Refused { stderr });
+        }
+        if let Some(poison) = &state.poison
+            && tx.to_string().contains(poison.as_str())
+        {
+            return Err(NftError::Refused {
+                stderr: format!("Error: Could not process rule: Invalid argument\n{poison}\n"),
+            });
         }
         state.applied.push(tx.clone());
         Ok(())
