@@ -33,7 +33,7 @@ const ERROR_CHARS: usize = 512;
 /// One item of a change: a resource to apply, or the name of one to remove.
 #[derive(Clone)]
 enum Part {
-    Resource(v1::Resource),
+    Resource(Box<v1::Resource>),
     Removal(String),
 }
 
@@ -53,7 +53,7 @@ impl Part {
         };
         for part in parts {
             match part {
-                Part::Resource(r) => out.resources.push(r.clone()),
+                Part::Resource(r) => out.resources.push((**r).clone()),
                 Part::Removal(n) => out.removed.push(n.clone()),
             }
         }
@@ -395,7 +395,7 @@ impl<N: Nft> Applier<N> {
         let items: Vec<Part> = change
             .resources
             .iter()
-            .map(|r| Part::Resource(r.clone()))
+            .map(|r| Part::Resource(Box::new(r.clone())))
             .chain(change.removed.iter().map(|n| Part::Removal(n.clone())))
             .collect();
         let total = items.len();
