@@ -877,6 +877,110 @@ mod tests {
         assert!(problems[0].contains("x\\nFAKE"), "{problems:?}");
     }
 
+    /// The running source: a directory put in place of the one watched (here: its parent
+    /// renamed away, so the watch gets no event) is read and watched again at the next rescan;
+    /// a directory renamed away keeps the published view whole and makes the source
+    /// unhealthy; renamed back, changes apply again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_running_source_survives_its_directory_going_away() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let dir = root.join("manifests");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        std::fs::write(dir.join("b.yaml"), svc("b", "10.96.0.2")).unwrap();
+        let (tx, mut rx) = watch::channel(None);
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_dir(
+            dir.clone(),
+            Limits::default(),
+            tx,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        // Every view published, as Service names.
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::<Vec<String>>::new()));
+        let spy = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Some(i) = rx.borrow_and_update().clone() {
+                        seen.lock()
+                            .push(i.services.keys().map(|id| id.name.clone()).collect());
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let wait = |what: &'static str, check: Box<dyn Fn() -> bool + Send>| async move {
+            let deadline = Instant::now() + RESCAN_INTERVAL * 3;
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let last = {
+            let seen = seen.clone();
+            move || seen.lock().last().cloned().unwrap_or_default()
+        };
+        let l = last.clone();
+        wait("the first view", Box::new(move || l() == ["a", "b"])).await;
+
+        // The parent goes away (no event for the watch), and a new directory takes its place.
+        std::fs::rename(&root, tmp.path().join("root-old")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, ip) in [("a", "10.96.0.1"), ("b", "10.96.0.2"), ("d", "10.96.0.4")] {
+            std::fs::write(dir.join(format!("{name}.yaml")), svc(name, ip)).unwrap();
+        }
+        let l = last.clone();
+        wait(
+            "the new directory read",
+            Box::new(move || l() == ["a", "b", "d"]),
+        )
+        .await;
+        // Watched again: a change is seen at once, not at the next rescan.
+        std::fs::write(dir.join("e.yaml"), svc("e", "10.96.0.5")).unwrap();
+        let written = Instant::now();
+        let l = last.clone();
+        wait("e", Box::new(move || l() == ["a", "b", "d", "e"])).await;
+        assert!(
+            written.elapsed() < RESCAN_INTERVAL / 2,
+            "seen only by a rescan: {:?}",
+            written.elapsed()
+        );
+
+        std::fs::rename(&dir, tmp.path().join("away")).unwrap();
+        let m = metrics.clone();
+        wait(
+            "the failure reported",
+            Box::new(move || m.source_health.problem().is_some()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::fs::rename(tmp.path().join("away"), &dir).unwrap();
+        std::fs::write(dir.join("c.yaml"), svc("c", "10.96.0.3")).unwrap();
+        let l = last.clone();
+        wait(
+            "c after the return",
+            Box::new(move || l() == ["a", "b", "c", "d", "e"]),
+        )
+        .await;
+        assert!(metrics.source_health.problem().is_none());
+
+        shutdown.cancel();
+        task.await.unwrap();
+        spy.abort();
+        for view in seen.lock().iter() {
+            assert!(
+                view.starts_with(&["a".to_owned(), "b".to_owned()]),
+                "a published view lost Services: {view:?}"
+            );
+        }
+    }
+
     /// The watch names the files renamed into place, written, or removed, and ignores
     /// temporary files; a `..data` swap asks for a rescan.
     #[tokio::test]
