@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use super::{Batch, MAX_FILE_BYTES, Store, is_manifest_name, parse_file};
 use crate::cores;
 use crate::metrics::Metrics;
-use crate::model::{Limits, Rejection};
+use crate::model::{Limits, Rejection, one_line};
 use crate::plan::Inputs;
 
 /// How often every file is checked even when no event arrived.
@@ -240,7 +240,7 @@ impl DirCache {
         }
         warn!(
             file = ?name,
-            problem = %problem.rejection.message,
+            problem = %one_line(&problem.rejection.message),
             "{}",
             if kept {
                 "cannot use the file; keeping its last good objects"

@@ -32,7 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Batch, Objects, Store};
 use crate::metrics::Metrics;
-use crate::model::{Limits, ObjectName};
+use crate::model::{Limits, ObjectName, one_line};
 use crate::plan::Inputs;
 
 /// Quiet time after an event before publishing (more events in it are merged).
@@ -217,14 +217,16 @@ fn is_gone(e: &watcher::Error) -> bool {
     matches!(e, watcher::Error::WatchError(status) if status.code == 410)
 }
 
-/// A watcher error in one line, saying what the watcher will do about it.
+/// A watcher error in one line, saying what the watcher will do about it (the API server's
+/// message is its own text: control characters are escaped).
 fn describe(e: &watcher::Error) -> String {
-    match e {
+    let text = match e {
         watcher::Error::WatchError(status) if status.code == 410 => {
             format!("watch expired (410 Gone), relisting: {}", status.message)
         }
         other => format!("{other}; retrying with backoff"),
-    }
+    };
+    one_line(&text).into_owned()
 }
 
 /// What the watchers have delivered: the visible objects of every kind, and the lists in
