@@ -6,6 +6,15 @@
 //! cannot be trusted to name every change (the kernel's queue overflowed, a ConfigMap-style
 //! `..data` symlink swap, a subdirectory): it catches writers that keep a file open and
 //! filesystems without inotify. Without inotify at all the directory is polled.
+//!
+//! A failure never becomes emptiness. A directory that cannot be read (renamed away, removed,
+//! unreadable) keeps every file's objects; a file that cannot be read (EMFILE, EACCES, EIO, a
+//! FIFO or directory in its place, a symbolic link leading out of the directory) or no longer
+//! parses keeps its own last good objects, and only a file the readable directory no longer
+//! has loses them. A failed read records nothing, so it is retried at the next look; what is
+//! failing is logged once per change, counted in `source_healthy`/`source_failures`, and
+//! named by `/readyz`. A watch follows its directory's inode, not the path: when the path
+//! names another directory (a rename away and back, a parent moved), it is watched again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
@@ -365,6 +374,13 @@ fn read_file(dir: BorrowedFd<'_>, name: &OsStr, limits: &Limits, open: Opener) -
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     if let Err(e) = file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes) {
         return failed(e);
+    }
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        // It grew while being read: refused, and read again at the next look (another stamp).
+        return refused(
+            stamp,
+            format!("larger than the {MAX_FILE_BYTES} bytes allowed"),
+        );
     }
     let Ok(text) = String::from_utf8(bytes) else {
         return refused(stamp, "not UTF-8 text".into());
