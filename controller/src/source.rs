@@ -276,6 +276,35 @@ endpoints:
         }
     }
 
+    /// Deep nesting of either style is refused in linear time: flow collections by the
+    /// pre-scan, block collections (which libyaml scans in linear time) by the deserializer's
+    /// recursion limit.
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let n = 40_000;
+        let mut mapping = String::new();
+        for i in 0..2_000 {
+            mapping.push_str(&" ".repeat(i));
+            mapping.push_str("a:\n");
+        }
+        for text in [
+            format!("{}x\n", "- ".repeat(n)),
+            format!("a: {}", "[{a: ".repeat(n)),
+            mapping,
+        ] {
+            let started = std::time::Instant::now();
+            let i = inputs(&text);
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{:?} for {}",
+                started.elapsed(),
+                &text[..40]
+            );
+            assert_eq!(i.rejections.len(), 1, "{:?}", i.rejections);
+            assert_eq!(i.rejections[0].kind, "File");
+        }
+    }
+
     #[test]
     fn a_bad_service_leaves_the_others() {
         let bad = r#"
