@@ -241,7 +241,7 @@ impl DirCache {
                 },
             ),
         };
-        let kept = self.store.keys().any(|k| *k == name);
+        let kept = self.store.contains(&name);
         let state = self.files.entry(name.clone()).or_default();
         state.stamp = stamp;
         if state.problem.as_ref() == Some(&problem) {
