@@ -997,6 +997,43 @@ mod tests {
         }
     }
 
+    /// A directory that cannot be read at start publishes nothing (not an empty view, which
+    /// would make every agent delete every rule) and says why; once it can, it is read.
+    #[tokio::test]
+    async fn nothing_is_published_before_the_directory_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("later");
+        let (tx, mut rx) = watch::channel(None);
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_dir(
+            dir.clone(),
+            Limits::default(),
+            tx,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let early = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        assert!(early.is_err(), "published before the directory was read");
+        let problem = metrics.source_health.problem().unwrap_or_default();
+        assert!(problem.contains("cannot read the directory"), "{problem:?}");
+
+        // Made elsewhere and renamed into place: an empty directory would be a true view.
+        let made = tmp.path().join("made");
+        std::fs::create_dir(&made).unwrap();
+        std::fs::write(made.join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        std::fs::rename(&made, &dir).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("published once the directory is there")
+            .unwrap();
+        let view = rx.borrow().clone().unwrap();
+        assert_eq!(view.services.len(), 1);
+        assert!(metrics.source_health.problem().is_none());
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
     /// The watch names the files renamed into place, written, or removed, and ignores
     /// temporary files; a `..data` swap asks for a rescan.
     #[tokio::test]
