@@ -28,12 +28,23 @@ pub fn router(hub: Arc<Hub>, metrics: Arc<Metrics>) -> Router {
 }
 
 /// Ready once the source has delivered its first complete view (for `--source kube`: every
-/// initial list is complete). Until then agents get nothing either.
-async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if s.hub.synced() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n")
+/// initial list is complete), and while it can be read: a source that fails keeps its last
+/// good view, and `/readyz` says why it is not ready. Until the first view agents get nothing.
+async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
+    match (s.hub.synced(), s.metrics.source_health.problem()) {
+        (false, None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "caches not synced\n".into(),
+        ),
+        (false, Some(problem)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("caches not synced: {problem}\n"),
+        ),
+        (true, None) => (StatusCode::OK, "ok\n".into()),
+        (true, Some(problem)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("source failing (serving the last good view): {problem}\n"),
+        ),
     }
 }
 

@@ -101,9 +101,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let (inputs_tx, inputs_rx) = watch::channel::<Option<Arc<Inputs>>>(None);
 
     let source_task = match config.source {
-        cli::SourceArg::Dir(dir) => {
-            tokio::spawn(source::run_dir(dir, limits, inputs_tx, shutdown.clone()))
-        }
+        cli::SourceArg::Dir(dir) => tokio::spawn(source::run_dir(
+            dir,
+            limits,
+            inputs_tx,
+            metrics.clone(),
+            shutdown.clone(),
+        )),
         cli::SourceArg::Kube => {
             let client = source::kube::client(config.kubeconfig.as_deref()).await?;
             tokio::spawn(source::kube::run_kube(

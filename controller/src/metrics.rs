@@ -70,6 +70,55 @@ pub struct Metrics {
     pub rejected_objects: Gauge,
     /// Seconds from sending a change to its acknowledgement.
     pub push_duration: Histogram,
+    /// Whether the source can currently be read (`/readyz` says why not).
+    pub source_health: SourceHealth,
+}
+
+/// Whether the source is currently failing (a directory or file that cannot be read, an API
+/// server that keeps answering errors), and why. The source keeps its last good view
+/// meanwhile; this only makes the failure visible: a log line when the state changes, the
+/// `source_healthy` and `source_failures` gauges, and `/readyz`.
+pub struct SourceHealth {
+    healthy: Gauge,
+    failures: Gauge,
+    problem: parking_lot::Mutex<Option<String>>,
+}
+
+impl SourceHealth {
+    /// Reports the source's current failures (none: healthy). Logs only when the state
+    /// changes, so a source that retries every few seconds does not log every time.
+    pub fn report(&self, failures: &[String]) {
+        let problem = match failures {
+            [] => None,
+            [one] => Some(one.clone()),
+            [first, ..] => Some(format!(
+                "{first} (and {} more failures)",
+                failures.len() - 1
+            )),
+        }
+        .map(|p| crate::model::one_line(&p).into_owned());
+        self.healthy.set(i64::from(problem.is_none()));
+        self.failures
+            .set(i64::try_from(failures.len()).unwrap_or(i64::MAX));
+        let mut current = self.problem.lock();
+        if *current == problem {
+            return;
+        }
+        match &problem {
+            Some(p) => tracing::warn!(
+                problem = %p,
+                failures = failures.len(),
+                "source failing; keeping the last good view"
+            ),
+            None => tracing::info!("source healthy again"),
+        }
+        *current = problem;
+    }
+
+    /// Why the source is failing, if it is.
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().clone()
+    }
 }
 
 impl Metrics {
@@ -83,6 +132,22 @@ impl Metrics {
         let source_updates = Counter::default();
         let rejected_objects = Gauge::default();
         let push_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let source_health = SourceHealth {
+            healthy: Gauge::default(),
+            failures: Gauge::default(),
+            problem: parking_lot::Mutex::new(None),
+        };
+        source_health.healthy.set(1);
+        registry.register(
+            "source_healthy",
+            "1 when the source (directory or API server) can be read; 0 while it fails and the last good view is kept",
+            source_health.healthy.clone(),
+        );
+        registry.register(
+            "source_failures",
+            "Current source failures (the directory, each file that cannot be read, each kind whose watch keeps failing)",
+            source_health.failures.clone(),
+        );
         registry.register(
             "agents_connected",
             "Open agent streams",
@@ -153,6 +218,7 @@ impl Metrics {
             source_updates,
             rejected_objects,
             push_duration,
+            source_health,
         }
     }
 

@@ -67,23 +67,40 @@ impl fmt::Display for Rejection {
             clip(&self.name)
         )?;
         if !self.field.is_empty() {
-            write!(f, " field {}", self.field)?;
+            write!(f, " field {}", one_line(&self.field))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", one_line(&self.message))
     }
 }
 
-/// Shortens a user-controlled string for messages: a 100 KB name must not make a 100 KB log line.
+/// Shortens a user-controlled string for messages: a 100 KB name must not make a 100 KB log
+/// line, and a name with a newline must not split one (control characters are escaped).
 pub fn clip(s: &str) -> String {
     const MAX: usize = 80;
     if s.len() <= MAX {
-        return s.to_owned();
+        return one_line(s).into_owned();
     }
     let mut end = MAX;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…({} bytes)", &s[..end], s.len())
+    format!("{}…({} bytes)", one_line(&s[..end]), s.len())
+}
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`), so it stays on one line.
+pub fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Namespace and name as given (possibly invalid: only for messages until validated).
@@ -857,5 +874,14 @@ mod tests {
         assert!(!is_dns_subdomain(&"a".repeat(100_000)));
         let long = "x".repeat(100_000);
         assert!(clip(&long).len() < 120);
+        assert_eq!(clip("a\nb\x1b"), "a\\nb\\u{1b}");
+        let r = Rejection {
+            kind: "File",
+            namespace: String::new(),
+            name: "x\ny.yaml".into(),
+            field: String::new(),
+            message: "bad\r\nline".into(),
+        };
+        assert!(!r.to_string().contains(['\n', '\r']), "{r}");
     }
 }

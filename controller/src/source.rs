@@ -6,7 +6,7 @@
 //! API server.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -16,6 +16,7 @@ use tracing::warn;
 
 pub mod dir;
 pub mod kube;
+mod nesting;
 mod store;
 
 pub use dir::run_dir;
@@ -44,8 +45,27 @@ pub fn objects_to_inputs(objects: Objects, limits: &Limits) -> Inputs {
     store.inputs()
 }
 
-/// Parses one manifest file's text (multi-document YAML, `kind: List` accepted).
+/// Parses one manifest file's text (multi-document YAML, `kind: List` accepted). A file that
+/// is not valid YAML becomes one file rejection.
 pub fn parse_manifest(file: &str, text: &str, objects: &mut Objects) {
+    match parse_file(file, text) {
+        Ok(parsed) => {
+            objects.services.extend(parsed.services);
+            objects.slices.extend(parsed.slices);
+            objects.nodes.extend(parsed.nodes);
+            objects.rejections.extend(parsed.rejections);
+        }
+        Err(r) => objects.rejections.push(r),
+    }
+}
+
+/// How deeply flow collections (`[`, `{`) may nest in a manifest. libyaml's scanner costs time
+/// proportional to the nesting depth for every token, so 80,000 nested brackets took 23 s.
+pub const MAX_NESTING: usize = 64;
+
+/// Parses one manifest file's text; `Err` (a file rejection) if it is not valid YAML as a
+/// whole, in which case none of its objects are taken.
+pub fn parse_file(file: &str, text: &str) -> Result<Objects, Rejection> {
     let file_error = |message: String| Rejection {
         kind: "File",
         namespace: String::new(),
@@ -53,22 +73,20 @@ pub fn parse_manifest(file: &str, text: &str, objects: &mut Objects) {
         field: String::new(),
         message,
     };
-    let docs: Result<Vec<Value>, _> = yaml_serde::Deserializer::from_str(text)
-        .map(Value::deserialize)
-        .collect();
-    let docs = match docs {
-        Ok(docs) => docs,
-        Err(e) => {
-            objects.rejections.push(file_error(format!(
-                "not valid YAML: {}",
-                clip_error(&e.to_string())
-            )));
-            return;
-        }
-    };
-    for (i, doc) in docs.into_iter().enumerate() {
-        add_document(file, i, doc, objects);
+    if let Some(line) = nesting::exceeds(text, MAX_NESTING) {
+        return Err(file_error(format!(
+            "not valid YAML: nested more than {MAX_NESTING} levels deep at line {line}"
+        )));
     }
+    let docs: Vec<Value> = yaml_serde::Deserializer::from_str(text)
+        .map(Value::deserialize)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(format!("not valid YAML: {}", clip_error(&e.to_string()))))?;
+    let mut objects = Objects::default();
+    for (i, doc) in docs.into_iter().enumerate() {
+        add_document(file, i, doc, &mut objects);
+    }
+    Ok(objects)
 }
 
 fn clip_error(s: &str) -> String {
@@ -106,7 +124,7 @@ fn add_document(file: &str, index: usize, doc: Value, objects: &mut Objects) {
         namespace: namespace.clone(),
         name: name.clone(),
         field: String::new(),
-        message: format!("{file} document {index}: {message}"),
+        message: format!("{} document {index}: {message}", clip(file)),
     };
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
@@ -142,7 +160,7 @@ fn add_document(file: &str, index: usize, doc: Value, objects: &mut Objects) {
             )),
         },
         _ => warn!(
-            file,
+            file = %clip(file),
             document = index,
             api_version = %clip(&api_version),
             kind = %clip(&kind),
@@ -151,59 +169,12 @@ fn add_document(file: &str, index: usize, doc: Value, objects: &mut Objects) {
     }
 }
 
-/// Reads one manifest file (refusing oversized or unreadable ones) into `objects`.
-fn read_file(path: &Path, objects: &mut Objects) {
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let text = match std::fs::metadata(path) {
-        Ok(m) if m.len() > MAX_FILE_BYTES => Err(format!(
-            "{} bytes is larger than the {MAX_FILE_BYTES} allowed",
-            m.len()
-        )),
-        _ => std::fs::read_to_string(path).map_err(|e| format!("unreadable: {e}")),
-    };
-    match text {
-        Ok(text) => parse_manifest(&file, &text, objects),
-        Err(message) => objects.rejections.push(Rejection {
-            kind: "File",
-            namespace: String::new(),
-            name: file,
-            field: String::new(),
-            message,
-        }),
-    }
-}
-
-/// Reads every `*.yaml`, `*.yml` and `*.json` file of a directory.
-pub fn read_dir(dir: &Path) -> Objects {
-    let mut objects = Objects::default();
-    for path in manifest_files(dir) {
-        read_file(&path, &mut objects);
-    }
-    objects
-}
-
 /// Whether a file name is one the directory source reads.
 fn is_manifest_name(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml" | "json")
     )
-}
-
-fn manifest_files(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && is_manifest_name(p))
-        .collect();
-    files.sort();
-    files
 }
 
 /// Counts rejections by kind, for metrics.
@@ -302,6 +273,35 @@ endpoints:
             assert_eq!(i.rejections.len(), 1, "{:?}", i.rejections);
             assert_eq!(i.rejections[0].kind, "File");
             assert!(i.rejections[0].message.contains("not valid YAML"));
+        }
+    }
+
+    /// Deep nesting of either style is refused in linear time: flow collections by the
+    /// pre-scan, block collections (which libyaml scans in linear time) by the deserializer's
+    /// recursion limit.
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let n = 40_000;
+        let mut mapping = String::new();
+        for i in 0..2_000 {
+            mapping.push_str(&" ".repeat(i));
+            mapping.push_str("a:\n");
+        }
+        for text in [
+            format!("{}x\n", "- ".repeat(n)),
+            format!("a: {}", "[{a: ".repeat(n)),
+            mapping,
+        ] {
+            let started = std::time::Instant::now();
+            let i = inputs(&text);
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{:?} for {}",
+                started.elapsed(),
+                &text[..40]
+            );
+            assert_eq!(i.rejections.len(), 1, "{:?}", i.rejections);
+            assert_eq!(i.rejections[0].kind, "File");
         }
     }
 

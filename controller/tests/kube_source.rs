@@ -234,11 +234,15 @@ async fn nothing_is_served_until_every_list_is_complete() {
     let early = tokio::time::timeout(Duration::from_millis(1500), agent.message()).await;
     assert!(early.is_err(), "agent got something before sync: {early:?}");
     assert_eq!(c.readyz().await, 503);
+    let m = c.metrics().await;
     assert!(
-        c.metrics()
-            .await
-            .contains(r#"kubenft_controller_source_errors_total{kind="EndpointSlice"}"#)
+        m.contains(r#"kubenft_controller_source_errors_total{kind="EndpointSlice"}"#),
+        "{m}"
     );
+    // The failure is reported, not only counted.
+    assert!(m.contains("kubenft_controller_source_healthy 0"), "{m}");
+    let (_, why) = c.http_get("/readyz").await.unwrap();
+    assert!(why.contains("EndpointSlice watch failing"), "{why}");
 
     api.fail_kind(Kind::EndpointSlice, None);
     let first = tokio::time::timeout(WAIT, agent.message())
@@ -248,6 +252,11 @@ async fn nothing_is_served_until_every_list_is_complete() {
         .expect("stream open");
     assert!(format!("{first:?}").contains("10.244.1.10"), "{first:?}");
     assert_eq!(c.readyz().await, 200);
+    assert!(
+        c.metrics()
+            .await
+            .contains("kubenft_controller_source_healthy 1")
+    );
     c.stop().await;
 }
 
@@ -312,7 +321,9 @@ async fn injected_server_errors_are_recovered() {
     assert!(api.delete(Kind::Service, "default", "db"));
     c.wait_rules("db deleted despite a 429", |r| !r.contains(DB))
         .await;
-    assert_eq!(c.readyz().await, 200);
+    // A watch that failed is reported until it delivers again or falls silent (a few seconds).
+    c.wait_for("ready again", || async { c.readyz().await == 200 })
+        .await;
     c.stop().await;
 }
 

@@ -334,3 +334,99 @@ fn kernel_refusal_is_nacked_and_the_last_good_state_keeps_serving() {
         "the agent should report its last error: {applied}"
     );
 }
+
+/// The manifest directory renamed away for longer than the controller's rescan period while
+/// TCP traffic flows: the controller keeps its last good view (an empty one would make every
+/// agent delete every Service), every Service keeps answering, and `/readyz` says why the
+/// controller is not ready. Put back, the directory is read again and a new change is served.
+#[test]
+fn manifest_directory_renamed_away_keeps_every_service() {
+    use kubenft_lab::topology::{CONTROLLER_HTTP_PORT, CP_V4};
+    let lab = Cluster::lab(&["a", "b"]);
+    let web1 = pods(&lab, &[("web-1", "a")]).remove(0);
+    let web2 = pods(&lab, &[("web-2", "b")]).remove(0);
+    client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let web = Service::cluster_ip("web", "10.96.0.48").port("http", 80, TCP, Proto::Tcp);
+    let db = Service::cluster_ip("db", "10.96.0.49").port("http", 80, TCP, Proto::Tcp);
+    let web_slice = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoint(&web1, Cond::READY);
+    let db_slice = Slice::for_service("db")
+        .port("http", TCP)
+        .endpoint(&web2, Cond::READY);
+    c.write("web.yaml", &[&web, &web_slice]);
+    c.write("db.yaml", &[&db, &db_slice]);
+    let targets = [
+        (vip("10.96.0.48:80"), "web-1"),
+        (vip("10.96.0.49:80"), "web-2"),
+    ];
+    for (target, _) in targets {
+        c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
+    }
+    c.wait_synced(START);
+    let readyz = || {
+        c.http_get(
+            Host::ControlPlane,
+            &format!("http://{CP_V4}:{CONTROLLER_HTTP_PORT}/readyz"),
+        )
+    };
+    assert_eq!(readyz().0, 200, "{}", readyz().1);
+
+    let dir = c.lab.manifest_dir().to_owned();
+    let away = dir.with_file_name("manifests-away");
+    std::fs::rename(&dir, &away).unwrap();
+    let gone_at = Instant::now();
+    eprintln!("manifest directory renamed away");
+    // Two rescan periods (5 s each) and then some.
+    let mut rounds = 0;
+    while gone_at.elapsed() < Duration::from_secs(12) {
+        let at = gone_at.elapsed();
+        for (target, pod) in targets {
+            let rs = c.probe(
+                Host::Pod("client"),
+                Proto::Tcp,
+                target,
+                &ProbeOpts::count(4),
+            );
+            let t = assert_all_ok(&rs, &format!("{target} with the directory away at {at:?}"));
+            assert_eq!(t.keys().collect::<Vec<_>>(), vec![pod], "{t:?}");
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(rounds >= 4, "only {rounds} probe rounds");
+    let (code, text) = readyz();
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("cannot read the directory"), "{text}");
+
+    std::fs::rename(&away, &dir).unwrap();
+    let back_at = Instant::now();
+    let late = Service::cluster_ip("late", "10.96.0.50").port("http", 80, TCP, Proto::Tcp);
+    let late_slice = Slice::for_service("late")
+        .port("http", TCP)
+        .endpoint(&web2, Cond::READY);
+    c.write("late.yaml", &[&late, &late_slice]);
+    let took = c.wait_probe(
+        "a Service added after the directory's return",
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip("10.96.0.50:80"),
+        START,
+        |r| r.server() == Some("web-2"),
+    );
+    eprintln!("change served {took:?} after the directory's return");
+    wait_until(START, POLL, || Ok::<_, String>(readyz().0 == 200))
+        .unwrap_or_else(|e| panic!("/readyz not 200 again: {e}: {}", readyz().1));
+    for (target, pod) in targets {
+        let rs = c.probe(
+            Host::Pod("client"),
+            Proto::Tcp,
+            target,
+            &ProbeOpts::count(4),
+        );
+        let t = assert_all_ok(&rs, &format!("{target} after the return"));
+        assert_eq!(t.keys().collect::<Vec<_>>(), vec![pod], "{t:?}");
+    }
+    eprintln!("all served {:?} after the return", back_at.elapsed());
+}

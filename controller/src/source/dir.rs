@@ -6,25 +6,40 @@
 //! cannot be trusted to name every change (the kernel's queue overflowed, a ConfigMap-style
 //! `..data` symlink swap, a subdirectory): it catches writers that keep a file open and
 //! filesystems without inotify. Without inotify at all the directory is polled.
+//!
+//! A failure never becomes emptiness. A directory that cannot be read (renamed away, removed,
+//! unreadable) keeps every file's objects; a file that cannot be read (EMFILE, EACCES, EIO, a
+//! FIFO or directory in its place, a symbolic link leading out of the directory) or no longer
+//! parses keeps its own last good objects, and only a file the readable directory no longer
+//! has loses them. A failed read records nothing, so it is retried at the next look; what is
+//! failing is logged once per change, counted in `source_healthy`/`source_failures`, and
+//! named by `/readyz`. A watch follows its directory's inode, not the path: when the path
+//! names another directory (a rename away and back, a parent moved), it is watched again.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::Read as _;
 use std::mem::MaybeUninit;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Batch, Objects, Store, is_manifest_name, manifest_files, read_file};
+use super::{Batch, MAX_FILE_BYTES, Store, is_manifest_name, parse_file};
 use crate::cores;
-use crate::model::Limits;
+use crate::metrics::Metrics;
+use crate::model::{Limits, Rejection, one_line};
 use crate::plan::Inputs;
 
 /// How often every file is checked even when no event arrived.
@@ -37,123 +52,343 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Stamp {
     len: u64,
-    mtime: Option<SystemTime>,
+    mtime: (i64, i64),
     inode: u64,
 }
 
 impl Stamp {
-    const NONE: Stamp = Stamp {
-        len: 0,
-        mtime: None,
-        inode: 0,
-    };
-
-    fn of(path: &Path) -> Option<Stamp> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(path).ok()?;
-        Some(Stamp {
-            len: meta.len(),
-            mtime: meta.modified().ok(),
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            len: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
             inode: meta.ino(),
+        }
+    }
+
+    /// The stamp of `name` in `dir` (following symbolic links, as reading does).
+    // `stat`'s field types differ between architectures.
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    fn at(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<Stamp> {
+        let st = rustix::fs::statat(dir, name, AtFlags::empty())?;
+        Ok(Stamp {
+            len: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+            inode: st.st_ino as u64,
         })
     }
 }
 
+/// What reading one file gave.
+#[derive(Debug)]
+enum FileRead {
+    /// There is no such file (in a directory that could be read): its objects are deleted.
+    Gone,
+    /// Read and parsed: the stamp of what was read and its objects, validated.
+    Parsed(Stamp, Batch),
+    /// Read, but refused as a whole (not YAML, nested too deep, too large): the file keeps its
+    /// last good objects. The same content gives the same answer, so its stamp is recorded.
+    Refused(Stamp, Rejection),
+    /// Could not be read (an I/O error, not a regular file, a symbolic link leading out of the
+    /// directory): the file keeps its last good objects, and nothing is recorded, so the next
+    /// look (at most [`RESCAN_INTERVAL`] later) tries again. Never a deletion.
+    Failed(String),
+}
+
+/// Opens a file of the directory for reading (a seam: tests inject failures).
+type Opener = fn(BorrowedFd<'_>, &OsStr) -> std::io::Result<File>;
+
+/// What is wrong with a file right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Problem {
+    rejection: Rejection,
+    /// An I/O failure (retried; the source is not healthy meanwhile) rather than content
+    /// refused.
+    failing: bool,
+}
+
+/// One file as last looked at.
+#[derive(Debug, Default)]
+struct FileState {
+    /// The stamp of the content whose outcome is in effect; `None`: read again at the next look.
+    stamp: Option<Stamp>,
+    problem: Option<Problem>,
+}
+
 /// The directory's files as last read: each file is read and validated again only when its
-/// stamp changes, so a change to one small file of thousands costs one file.
+/// stamp changes (or its last read failed), so a change to one small file of thousands costs
+/// one file. A failure never turns into emptiness: a directory that cannot be read keeps every
+/// file's objects, a file that cannot be read or parsed keeps its own, and only a file the
+/// readable directory no longer has loses them.
 struct DirCache {
     limits: Limits,
-    stamps: BTreeMap<PathBuf, Stamp>,
-    store: Store<PathBuf>,
+    files: BTreeMap<OsString, FileState>,
+    store: Store<OsString>,
+    /// Why the directory itself cannot be read, if it cannot.
+    dir_error: Option<String>,
+    /// Whether the directory has been read once (nothing is published before).
+    listed: bool,
+    open: Opener,
 }
 
 impl DirCache {
     fn new(limits: Limits) -> Self {
         DirCache {
             limits,
-            stamps: BTreeMap::new(),
+            files: BTreeMap::new(),
             store: Store::default(),
+            dir_error: None,
+            listed: false,
+            open: open_beneath,
         }
     }
 
-    /// Checks every file; `true` if anything changed (a file changed, appeared or went away).
-    /// The files to read are read and validated on every core (a first read of thousands of
-    /// files is the controller's start-up time).
+    /// Checks every file; `true` if anything changed (a file changed, appeared or went away,
+    /// or what is failing changed). The files to read are read and validated on every core (a
+    /// first read of thousands of files is the controller's start-up time).
     fn rescan(&mut self, dir: &Path) -> bool {
-        let files: BTreeSet<PathBuf> = manifest_files(dir).into_iter().collect();
-        let gone: Vec<PathBuf> = self
-            .stamps
+        let listing = open_dir(dir).and_then(|fd| {
+            let names = list(fd.as_fd())?;
+            Ok((fd, names))
+        });
+        let (fd, names) = match listing {
+            Ok(listing) => listing,
+            Err(e) => return self.set_dir_error(dir, Some(e)),
+        };
+        let mut changed = self.set_dir_error(dir, None);
+        self.listed = true;
+        // What the readable directory no longer lists is gone.
+        let gone: Vec<OsString> = self
+            .files
             .keys()
-            .filter(|p| !files.contains(*p))
+            .filter(|n| !names.contains(*n))
             .cloned()
             .collect();
-        let mut changed = false;
-        for path in gone {
-            changed |= self.check(path);
+        for name in gone {
+            changed |= self.apply(name, FileRead::Gone);
         }
-        let stale: Vec<(PathBuf, Option<Stamp>)> = files
+        let stale: Vec<OsString> = names
             .into_iter()
-            .map(|p| {
-                let stamp = Stamp::of(&p);
-                (p, stamp)
-            })
-            .filter(|(p, stamp)| stamp.is_none() || self.stamps.get(p) != stamp.as_ref())
+            .filter(|name| self.stale(fd.as_fd(), name))
             .collect();
-        changed |= !stale.is_empty();
-        for (path, stamp, batch) in read_all(stale, &self.limits) {
-            self.store.set(path.clone(), batch);
-            self.stamps.insert(path, stamp.unwrap_or(Stamp::NONE));
+        let (limits, open) = (&self.limits, self.open);
+        let read = cores::map(&stale, |name| read_file(fd.as_fd(), name, limits, open));
+        for (name, result) in stale.into_iter().zip(read) {
+            changed |= self.apply(name, result);
         }
         changed
     }
 
     /// Checks the named files only; `true` if anything changed.
     fn check_names(&mut self, dir: &Path, names: BTreeSet<OsString>) -> bool {
-        let mut changed = false;
+        let fd = match open_dir(dir) {
+            Ok(fd) => fd,
+            Err(e) => return self.set_dir_error(dir, Some(e)),
+        };
+        let mut changed = self.set_dir_error(dir, None);
         for name in names {
-            changed |= self.check(dir.join(name));
+            if self.stale(fd.as_fd(), &name) {
+                let result = read_file(fd.as_fd(), &name, &self.limits, self.open);
+                changed |= self.apply(name, result);
+            }
         }
         changed
     }
 
-    /// Reads one file again if its stamp changed, or forgets it if it is gone.
-    fn check(&mut self, path: PathBuf) -> bool {
-        if !path.is_file() {
-            let known = self.stamps.remove(&path).is_some();
-            self.store.remove(&path);
-            return known;
+    /// Whether a file must be read: its stamp is not the one whose outcome is in effect.
+    fn stale(&self, dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+        let recorded = self.files.get(name).and_then(|f| f.stamp.as_ref());
+        match (Stamp::at(dir, name), recorded) {
+            (Ok(now), Some(recorded)) => now != *recorded,
+            // Not known yet, last read failed, gone (the read says so), or a stat error.
+            _ => true,
         }
-        let stamp = Stamp::of(&path);
-        if stamp.is_some() && self.stamps.get(&path) == stamp.as_ref() {
+    }
+
+    /// Takes in what reading one file gave; `true` if the view or the failures changed.
+    fn apply(&mut self, name: OsString, result: FileRead) -> bool {
+        let (stamp, problem) = match result {
+            FileRead::Gone => {
+                let Some(old) = self.files.remove(&name) else {
+                    return false;
+                };
+                if old.problem.is_some() {
+                    info!(file = ?name, "file removed; its error is gone with it");
+                }
+                self.store.remove(&name);
+                return true;
+            }
+            FileRead::Parsed(stamp, batch) => {
+                self.store.set(name.clone(), batch);
+                let state = self.files.entry(name.clone()).or_default();
+                if state.problem.take().is_some() {
+                    info!(file = ?name, "file read again");
+                }
+                state.stamp = Some(stamp);
+                return true;
+            }
+            FileRead::Refused(stamp, rejection) => (
+                Some(stamp),
+                Problem {
+                    rejection,
+                    failing: false,
+                },
+            ),
+            FileRead::Failed(message) => (
+                None,
+                Problem {
+                    rejection: file_rejection(&name, message),
+                    failing: true,
+                },
+            ),
+        };
+        let kept = self.store.contains(&name);
+        let state = self.files.entry(name.clone()).or_default();
+        state.stamp = stamp;
+        if state.problem.as_ref() == Some(&problem) {
             return false;
         }
-        self.store
-            .set(path.clone(), read_batch(&path, &self.limits));
-        // A file that vanished between the check and its stat gets an empty stamp, so it is
-        // read again next time.
-        self.stamps.insert(path, stamp.unwrap_or(Stamp::NONE));
+        warn!(
+            file = ?name,
+            problem = %one_line(&problem.rejection.message),
+            "{}",
+            if kept {
+                "cannot use the file; keeping its last good objects"
+            } else {
+                "cannot use the file"
+            }
+        );
+        state.problem = Some(problem);
         true
     }
 
+    /// Records whether the directory can be read; `true` if that changed.
+    fn set_dir_error(&mut self, dir: &Path, error: Option<std::io::Error>) -> bool {
+        let error = error.map(|e| format!("cannot read the directory {}: {e}", dir.display()));
+        let changed = self.dir_error != error;
+        self.dir_error = error;
+        changed
+    }
+
+    /// What is failing now (the directory, files that cannot be read), for health reports.
+    fn failures(&self) -> Vec<String> {
+        let files = self.files.iter().filter_map(|(name, f)| match &f.problem {
+            Some(p) if p.failing => Some(format!("file {name:?}: {}", p.rejection.message)),
+            _ => None,
+        });
+        self.dir_error.iter().cloned().chain(files).collect()
+    }
+
+    /// The view: the objects of every file as last read well, and every file's problem.
     fn inputs(&self) -> Inputs {
-        self.store.inputs()
+        let mut inputs = self.store.inputs();
+        let problems = self.files.values().filter_map(|f| f.problem.as_ref());
+        inputs
+            .rejections
+            .extend(problems.map(|p| p.rejection.clone()));
+        inputs.rejections.sort();
+        inputs
     }
 }
 
-fn read_batch(path: &Path, limits: &Limits) -> Batch {
-    let mut objects = Objects::default();
-    read_file(path, &mut objects);
-    Batch::validate(&objects, limits)
+fn file_rejection(name: &OsStr, message: String) -> Rejection {
+    Rejection {
+        kind: "File",
+        namespace: String::new(),
+        name: name.to_string_lossy().into_owned(),
+        field: String::new(),
+        message,
+    }
 }
 
-/// Reads and validates files on every available core, returning them in the order given.
-fn read_all(
-    files: Vec<(PathBuf, Option<Stamp>)>,
-    limits: &Limits,
-) -> Vec<(PathBuf, Option<Stamp>, Batch)> {
-    cores::map(&files, |(path, stamp)| {
-        (path.clone(), stamp.clone(), read_batch(path, limits))
-    })
+/// Opens the directory (every file is then looked up through this descriptor, so a directory
+/// renamed away in the middle of a scan is read whole or not at all).
+fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(dir, flags, Mode::empty())?)
+}
+
+/// The names of the manifest files in a directory, sorted.
+fn list(dir: BorrowedFd<'_>) -> std::io::Result<BTreeSet<OsString>> {
+    let mut names = BTreeSet::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = OsStr::from_bytes(entry.file_name().to_bytes());
+        if is_manifest_name(Path::new(name)) {
+            names.insert(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// Opens `name` for reading without leaving `dir`: a symbolic link may lead elsewhere in the
+/// directory (ConfigMap volumes link every file through `..data`), not out of it.
+fn open_beneath(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<File> {
+    // Non-blocking, so that a FIFO cannot hang the source.
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    match rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(Errno::XDEV) => Err(outside()),
+        // No openat2 (Linux before 5.6, or a seccomp filter): open, then check where it is.
+        Err(Errno::NOSYS | Errno::PERM) => {
+            let file = File::from(rustix::fs::openat(dir, name, flags, Mode::empty())?);
+            let real = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            match (real(dir.as_raw_fd()), real(file.as_raw_fd())) {
+                (Ok(d), Ok(f)) if !f.starts_with(&d) => Err(outside()),
+                _ => Ok(file),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn outside() -> std::io::Error {
+    std::io::Error::other("a symbolic link leading out of the directory (not followed)")
+}
+
+/// Reads and parses one file of the directory.
+fn read_file(dir: BorrowedFd<'_>, name: &OsStr, limits: &Limits, open: Opener) -> FileRead {
+    let failed = |e: std::io::Error| FileRead::Failed(format!("unreadable: {e}"));
+    let file = match open(dir, name) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return FileRead::Gone,
+        Err(e) => return failed(e),
+    };
+    let meta = match file.metadata() {
+        Ok(meta) => meta,
+        Err(e) => return failed(e),
+    };
+    if !meta.is_file() {
+        return FileRead::Failed("not a regular file".into());
+    }
+    let stamp = Stamp::of(&meta);
+    let shown = name.to_string_lossy();
+    let refused = |stamp, message| FileRead::Refused(stamp, file_rejection(name, message));
+    if meta.len() > MAX_FILE_BYTES {
+        let message = format!(
+            "{} bytes is larger than the {MAX_FILE_BYTES} allowed",
+            meta.len()
+        );
+        return refused(stamp, message);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    if let Err(e) = file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes) {
+        return failed(e);
+    }
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        // It grew while being read: refused, and read again at the next look (another stamp).
+        return refused(
+            stamp,
+            format!("larger than the {MAX_FILE_BYTES} bytes allowed"),
+        );
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        return refused(stamp, "not UTF-8 text".into());
+    };
+    match parse_file(&shown, &text) {
+        Ok(objects) => FileRead::Parsed(stamp, Batch::validate(&objects, limits)),
+        Err(rejection) => FileRead::Refused(stamp, rejection),
+    }
 }
 
 /// What the directory watch reported.
@@ -169,6 +404,9 @@ struct Events {
 /// An inotify watch on one directory.
 struct DirWatch {
     fd: AsyncFd<OwnedFd>,
+    /// The directory watched (device and inode): a watch follows its directory, not the
+    /// path, so a directory renamed away and another (or the same) put back is noticed here.
+    watched: Option<(u64, u64)>,
 }
 
 impl DirWatch {
@@ -193,7 +431,15 @@ impl DirWatch {
         // replacement, is `unsafe`, which this crate forbids).
         #[allow(deprecated)]
         let fd = AsyncFd::new(fd)?;
-        Ok(DirWatch { fd })
+        Ok(DirWatch {
+            fd,
+            watched: identity(dir),
+        })
+    }
+
+    /// Whether the path now names another directory than the one watched.
+    fn stale(&self, dir: &Path) -> bool {
+        identity(dir).is_some_and(|now| Some(now) != self.watched)
     }
 
     /// Waits for events and returns all that are queued.
@@ -216,6 +462,10 @@ impl DirWatch {
             }
         }
     }
+}
+
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn classify(event: &inotify::Event<'_>, into: &mut Events) {
@@ -241,12 +491,14 @@ fn classify(event: &inotify::Event<'_>, into: &mut Events) {
 }
 
 /// Watches a directory and publishes validated inputs on every change. The first value is
-/// published before any event is awaited, so a consumer can wait for "synced" by waiting
-/// for the first change.
+/// published as soon as the directory could be read, before any event is awaited, so a
+/// consumer can wait for "synced" by waiting for the first change; a directory that cannot be
+/// read at start publishes nothing (an empty view would make every agent delete every rule).
 pub async fn run_dir(
     dir: PathBuf,
     limits: Limits,
     tx: watch::Sender<Option<Arc<Inputs>>>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut watch = watch_or_poll(&dir);
@@ -257,7 +509,10 @@ pub async fn run_dir(
     else {
         return;
     };
-    publish(&cache, &dir, &tx, started);
+    metrics.source_health.report(&cache.failures());
+    if cache.listed {
+        publish(&cache, &dir, &tx, started);
+    }
     let mut last_rescan = Instant::now();
     let mut last_watch_attempt = Instant::now();
     loop {
@@ -278,10 +533,17 @@ pub async fn run_dir(
         }
         let scan_dir = dir.clone();
         let changed = if events.rescan || events.lost {
-            if watch.is_none() && last_watch_attempt.elapsed() >= RESCAN_INTERVAL {
+            match &watch {
                 // Polling: try to watch again now and then (the directory may be back).
-                last_watch_attempt = Instant::now();
-                watch = DirWatch::new(&dir).ok();
+                None if last_watch_attempt.elapsed() >= RESCAN_INTERVAL => {
+                    last_watch_attempt = Instant::now();
+                    watch = DirWatch::new(&dir).ok();
+                }
+                Some(w) if w.stale(&dir) => {
+                    warn!(dir = %dir.display(), "the path names another directory than the one watched; watching it again");
+                    watch = watch_or_poll(&dir);
+                }
+                _ => {}
             }
             last_rescan = Instant::now();
             with_cache(cache, move |c| c.rescan(&scan_dir)).await
@@ -292,7 +554,8 @@ pub async fn run_dir(
             return;
         };
         cache = back;
-        if changed {
+        metrics.source_health.report(&cache.failures());
+        if changed && cache.listed {
             publish(&cache, &dir, &tx, started);
         }
     }
@@ -392,6 +655,383 @@ mod tests {
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
         assert!(cache.rescan(dir.path()), "a removed");
         assert_eq!(cache.inputs().services.len(), 1);
+    }
+
+    fn names(cache: &DirCache) -> (Vec<String>, Vec<String>) {
+        let i = cache.inputs();
+        (
+            i.services.keys().map(|id| id.name.clone()).collect(),
+            i.nodes.keys().cloned().collect(),
+        )
+    }
+
+    fn file_problems(cache: &DirCache) -> Vec<String> {
+        cache
+            .inputs()
+            .rejections
+            .iter()
+            .filter(|r| r.kind == "File")
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// Renaming the directory away keeps every object (and says why the source is failing);
+    /// when it is back, changes apply again.
+    #[test]
+    fn a_directory_renamed_away_keeps_its_view() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        std::fs::write(dir.join("b.yaml"), svc("b", "10.96.0.2")).unwrap();
+        let mut cache = DirCache::new(Limits::default());
+        assert!(cache.rescan(&dir));
+        assert!(cache.failures().is_empty());
+
+        let away = parent.path().join("away");
+        std::fs::rename(&dir, &away).unwrap();
+        assert!(cache.rescan(&dir), "the failure is news");
+        assert_eq!(names(&cache).0, ["a", "b"]);
+        let failures = cache.failures();
+        assert_eq!(failures.len(), 1);
+        assert!(
+            failures[0].contains("cannot read the directory"),
+            "{failures:?}"
+        );
+        assert!(!cache.rescan(&dir), "the same failure again is not");
+        let events = BTreeSet::from([OsString::from("a.yaml"), OsString::from("b.yaml")]);
+        assert!(!cache.check_names(&dir, events));
+        assert_eq!(names(&cache).0, ["a", "b"]);
+
+        std::fs::rename(&away, &dir).unwrap();
+        std::fs::write(dir.join("c.yaml"), svc("c", "10.96.0.3")).unwrap();
+        assert!(cache.rescan(&dir));
+        assert!(cache.failures().is_empty());
+        assert_eq!(names(&cache).0, ["a", "b", "c"]);
+    }
+
+    fn emfile(_: BorrowedFd<'_>, _: &OsStr) -> std::io::Result<File> {
+        Err(std::io::Error::from_raw_os_error(24))
+    }
+
+    /// A file that cannot be read keeps its objects, and is read again at the next look even
+    /// though it did not change (a permission fixed with chmod changes no stamp).
+    #[test]
+    fn a_file_that_cannot_be_read_keeps_its_objects_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        let mut cache = DirCache::new(Limits::default());
+        cache.rescan(dir.path());
+        // Rewritten, but unreadable for now (out of file descriptors).
+        std::fs::write(dir.path().join("a.yaml"), svc("a", "10.96.0.9")).unwrap();
+        cache.open = emfile;
+        assert!(cache.rescan(dir.path()));
+        assert_eq!(cluster_ips(&cache), ["10.96.0.1"], "the last good objects");
+        let failures = cache.failures();
+        assert!(failures[0].contains("\"a.yaml\""), "{failures:?}");
+        assert!(!cache.rescan(dir.path()), "still failing: nothing new");
+        assert_eq!(cluster_ips(&cache), ["10.96.0.1"]);
+        // A file first seen while unreadable contributes nothing, and is no deletion.
+        std::fs::write(dir.path().join("b.yaml"), svc("b", "10.96.0.2")).unwrap();
+        let events = BTreeSet::from([OsString::from("b.yaml")]);
+        assert!(cache.check_names(dir.path(), events));
+        assert_eq!(cluster_ips(&cache), ["10.96.0.1"]);
+        assert_eq!(cache.failures().len(), 2);
+
+        // Readable again, with no change to the files: both are read.
+        cache.open = open_beneath;
+        assert!(cache.rescan(dir.path()));
+        assert_eq!(cluster_ips(&cache), ["10.96.0.9", "10.96.0.2"]);
+        assert!(cache.failures().is_empty());
+        assert!(file_problems(&cache).is_empty());
+    }
+
+    /// An entry that cannot be read as a file (a directory, a FIFO, in place of a manifest)
+    /// keeps the objects the file had; only a file that is really gone loses them.
+    #[test]
+    fn only_a_file_really_gone_loses_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        std::fs::write(&a, svc("a", "10.96.0.1")).unwrap();
+        std::fs::write(&b, svc("b", "10.96.0.2")).unwrap();
+        let mut cache = DirCache::new(Limits::default());
+        cache.rescan(dir.path());
+        std::fs::remove_file(&a).unwrap();
+        std::fs::create_dir(&a).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &b,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        assert!(cache.rescan(dir.path()));
+        assert_eq!(names(&cache).0, ["a", "b"]);
+        assert_eq!(cache.failures().len(), 2, "{:?}", cache.failures());
+        assert!(cache.failures()[0].contains("not a regular file"));
+
+        std::fs::remove_dir(&a).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        assert!(cache.rescan(dir.path()));
+        assert!(names(&cache).0.is_empty());
+        assert!(cache.failures().is_empty());
+    }
+
+    /// A typo appended to a multi-document file keeps all of that file's objects (its Node
+    /// too) and is reported; fixing it applies the file again.
+    #[test]
+    fn a_file_that_no_longer_parses_keeps_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("all.yaml");
+        let good = format!(
+            "{}---\n{}---\napiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n",
+            svc("a", "10.96.0.1"),
+            svc("b", "10.96.0.2")
+        );
+        std::fs::write(&path, &good).unwrap();
+        let mut cache = DirCache::new(Limits::default());
+        cache.rescan(dir.path());
+        assert_eq!(
+            names(&cache),
+            (vec!["a".into(), "b".into()], vec!["n1".into()])
+        );
+
+        std::fs::write(&path, format!("{good}  spec: [oops\n")).unwrap();
+        assert!(cache.rescan(dir.path()));
+        assert_eq!(
+            names(&cache),
+            (vec!["a".into(), "b".into()], vec!["n1".into()])
+        );
+        let problems = file_problems(&cache);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("all.yaml") && problems[0].contains("not valid YAML"));
+        assert!(
+            cache.failures().is_empty(),
+            "content refused is not a read failure"
+        );
+        assert!(
+            !cache.rescan(dir.path()),
+            "the same content is not parsed again"
+        );
+
+        std::fs::write(&path, svc("a", "10.96.0.1")).unwrap();
+        assert!(cache.rescan(dir.path()));
+        assert_eq!(names(&cache), (vec!["a".into()], vec![]));
+        assert!(file_problems(&cache).is_empty());
+
+        // A file never parsed contributes nothing.
+        std::fs::write(dir.path().join("new.yaml"), "kind: [").unwrap();
+        assert!(cache.rescan(dir.path()));
+        assert_eq!(names(&cache), (vec!["a".into()], vec![]));
+    }
+
+    /// 80,000 nested brackets are refused at once (libyaml took 23 s over them).
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = format!("a: {}{}\n", "[".repeat(80_000), "]".repeat(80_000));
+        std::fs::write(dir.path().join("deep.yaml"), deep).unwrap();
+        let mut cache = DirCache::new(Limits::default());
+        let started = Instant::now();
+        cache.rescan(dir.path());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let problems = file_problems(&cache);
+        assert!(
+            problems[0].contains("deep.yaml") && problems[0].contains("nested more than 64"),
+            "{problems:?}"
+        );
+    }
+
+    /// A symbolic link out of the directory is not followed; links inside it (a ConfigMap
+    /// volume's `..data`) are.
+    #[test]
+    fn symlinks_out_of_the_directory_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.yaml"), svc("s", "10.96.0.66")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::os::unix::fs::symlink(outside.path().join("secret.yaml"), d.join("abs.yaml")).unwrap();
+        let relative = Path::new("..")
+            .join(outside.path().file_name().unwrap())
+            .join("secret.yaml");
+        std::os::unix::fs::symlink(&relative, d.join("rel.yaml")).unwrap();
+        // As a ConfigMap volume lays it out.
+        std::fs::create_dir(d.join("..2026_12_06")).unwrap();
+        std::fs::write(d.join("..2026_12_06/web.yaml"), svc("web", "10.96.0.1")).unwrap();
+        std::os::unix::fs::symlink("..2026_12_06", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/web.yaml", d.join("web.yaml")).unwrap();
+
+        let mut cache = DirCache::new(Limits::default());
+        cache.rescan(d);
+        assert_eq!(names(&cache).0, ["web"]);
+        let failures = cache.failures();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        for (f, name) in failures.iter().zip(["abs.yaml", "rel.yaml"]) {
+            assert!(
+                f.contains(name) && f.contains("out of the directory"),
+                "{f}"
+            );
+        }
+    }
+
+    /// A file name with a newline cannot split a log line.
+    #[test]
+    fn file_names_stay_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x\nFAKE LOG LINE.yaml"), "a: [").unwrap();
+        let mut cache = DirCache::new(Limits::default());
+        cache.rescan(dir.path());
+        let problems = file_problems(&cache);
+        assert_eq!(problems.len(), 1);
+        assert!(!problems[0].contains('\n'), "{problems:?}");
+        assert!(problems[0].contains("x\\nFAKE"), "{problems:?}");
+    }
+
+    /// The running source: a directory put in place of the one watched (here: its parent
+    /// renamed away, so the watch gets no event) is read and watched again at the next rescan;
+    /// a directory renamed away keeps the published view whole and makes the source
+    /// unhealthy; renamed back, changes apply again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_running_source_survives_its_directory_going_away() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let dir = root.join("manifests");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        std::fs::write(dir.join("b.yaml"), svc("b", "10.96.0.2")).unwrap();
+        let (tx, mut rx) = watch::channel(None);
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_dir(
+            dir.clone(),
+            Limits::default(),
+            tx,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        // Every view published, as Service names.
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::<Vec<String>>::new()));
+        let spy = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Some(i) = rx.borrow_and_update().clone() {
+                        seen.lock()
+                            .push(i.services.keys().map(|id| id.name.clone()).collect());
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let wait = |what: &'static str, check: Box<dyn Fn() -> bool + Send>| async move {
+            let deadline = Instant::now() + RESCAN_INTERVAL * 3;
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let last = {
+            let seen = seen.clone();
+            move || seen.lock().last().cloned().unwrap_or_default()
+        };
+        let l = last.clone();
+        wait("the first view", Box::new(move || l() == ["a", "b"])).await;
+
+        // The parent goes away (no event for the watch), and a new directory takes its place.
+        std::fs::rename(&root, tmp.path().join("root-old")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, ip) in [("a", "10.96.0.1"), ("b", "10.96.0.2"), ("d", "10.96.0.4")] {
+            std::fs::write(dir.join(format!("{name}.yaml")), svc(name, ip)).unwrap();
+        }
+        let l = last.clone();
+        wait(
+            "the new directory read",
+            Box::new(move || l() == ["a", "b", "d"]),
+        )
+        .await;
+        // Watched again: a change is seen at once, not at the next rescan.
+        std::fs::write(dir.join("e.yaml"), svc("e", "10.96.0.5")).unwrap();
+        let written = Instant::now();
+        let l = last.clone();
+        wait("e", Box::new(move || l() == ["a", "b", "d", "e"])).await;
+        assert!(
+            written.elapsed() < RESCAN_INTERVAL / 2,
+            "seen only by a rescan: {:?}",
+            written.elapsed()
+        );
+
+        std::fs::rename(&dir, tmp.path().join("away")).unwrap();
+        let m = metrics.clone();
+        wait(
+            "the failure reported",
+            Box::new(move || m.source_health.problem().is_some()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::fs::rename(tmp.path().join("away"), &dir).unwrap();
+        std::fs::write(dir.join("c.yaml"), svc("c", "10.96.0.3")).unwrap();
+        let l = last.clone();
+        wait(
+            "c after the return",
+            Box::new(move || l() == ["a", "b", "c", "d", "e"]),
+        )
+        .await;
+        assert!(metrics.source_health.problem().is_none());
+
+        shutdown.cancel();
+        task.await.unwrap();
+        spy.abort();
+        for view in seen.lock().iter() {
+            assert!(
+                view.starts_with(&["a".to_owned(), "b".to_owned()]),
+                "a published view lost Services: {view:?}"
+            );
+        }
+    }
+
+    /// A directory that cannot be read at start publishes nothing (not an empty view, which
+    /// would make every agent delete every rule) and says why; once it can, it is read.
+    #[tokio::test]
+    async fn nothing_is_published_before_the_directory_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("later");
+        let (tx, mut rx) = watch::channel(None);
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_dir(
+            dir.clone(),
+            Limits::default(),
+            tx,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let early = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        assert!(early.is_err(), "published before the directory was read");
+        let problem = metrics.source_health.problem().unwrap_or_default();
+        assert!(problem.contains("cannot read the directory"), "{problem:?}");
+
+        // Made elsewhere and renamed into place: an empty directory would be a true view.
+        let made = tmp.path().join("made");
+        std::fs::create_dir(&made).unwrap();
+        std::fs::write(made.join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        std::fs::rename(&made, &dir).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("published once the directory is there")
+            .unwrap();
+        let view = rx.borrow().clone().unwrap();
+        assert_eq!(view.services.len(), 1);
+        assert!(metrics.source_health.problem().is_none());
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     /// The watch names the files renamed into place, written, or removed, and ignores

@@ -32,7 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Batch, Objects, Store};
 use crate::metrics::Metrics;
-use crate::model::{Limits, ObjectName};
+use crate::model::{Limits, ObjectName, one_line};
 use crate::plan::Inputs;
 
 /// Quiet time after an event before publishing (more events in it are merged).
@@ -109,7 +109,9 @@ enum Outcome {
     InitDone,
     Apply(ObjectName, Batch),
     Delete(ObjectName),
-    Error(String),
+    /// A watcher error (the watcher retries), and whether it is a failure rather than the
+    /// ordinary end of a watch (`410 Gone`, answered by a relist).
+    Error(String, bool),
 }
 
 impl Outcome {
@@ -120,7 +122,7 @@ impl Outcome {
             Outcome::InitDone => "init_done",
             Outcome::Apply(..) => "apply",
             Outcome::Delete(_) => "delete",
-            Outcome::Error(_) => "error",
+            Outcome::Error(..) => "error",
         }
     }
 
@@ -204,21 +206,27 @@ fn watch_kind<K: Watched>(
                 Outcome::Apply(key, batch)
             }
             Ok(watcher::Event::Delete(obj)) => Outcome::Delete(key_of(&obj)),
-            Err(e) => Outcome::Error(describe(&e)),
+            Err(e) => Outcome::Error(describe(&e), !is_gone(&e)),
         };
         (kind, outcome)
     });
     Box::pin(steps)
 }
 
-/// A watcher error in one line, saying what the watcher will do about it.
+fn is_gone(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchError(status) if status.code == 410)
+}
+
+/// A watcher error in one line, saying what the watcher will do about it (the API server's
+/// message is its own text: control characters are escaped).
 fn describe(e: &watcher::Error) -> String {
-    match e {
+    let text = match e {
         watcher::Error::WatchError(status) if status.code == 410 => {
             format!("watch expired (410 Gone), relisting: {}", status.message)
         }
         other => format!("{other}; retrying with backoff"),
-    }
+    };
+    one_line(&text).into_owned()
 }
 
 /// What the watchers have delivered: the visible objects of every kind, and the lists in
@@ -255,7 +263,7 @@ impl Cache {
             }
             Outcome::Apply(key, batch) => self.store.set((kind, key), batch),
             Outcome::Delete(key) => self.store.remove(&(kind, key)),
-            Outcome::Error(_) => {}
+            Outcome::Error(..) => {}
         }
     }
 }
@@ -294,6 +302,82 @@ pub async fn run_kube(
         .await;
 }
 
+/// A kind whose watcher reported an error is failing until it delivers something again, or
+/// until no further error came for a while: a watch re-established after an error says
+/// nothing until something changes, so recovery can only be inferred from the silence. The
+/// watcher retries with a backoff that doubles (0.8 s up to 30 s), so the silence must last
+/// three times the last gap between errors, within these bounds.
+const QUIET_MIN: Duration = Duration::from_secs(5);
+const QUIET_MAX: Duration = Duration::from_secs(65);
+
+/// One kind's last error: what it said, when, and how long after the one before.
+struct LastError {
+    error: String,
+    at: Instant,
+    gap: Option<Duration>,
+}
+
+impl LastError {
+    fn expires(&self) -> Instant {
+        let quiet = self
+            .gap
+            .map_or(QUIET_MIN, |g| (g * 3).clamp(QUIET_MIN, QUIET_MAX));
+        self.at + quiet
+    }
+}
+
+/// Which kinds are failing.
+#[derive(Default)]
+struct Failing([Option<LastError>; 3]);
+
+impl Failing {
+    /// Notes one step; `true` if it may change what is failing.
+    fn note(&mut self, kind: Kind, outcome: &Outcome, now: Instant) -> bool {
+        let slot = &mut self.0[kind.index()];
+        match outcome {
+            Outcome::Error(error, true) => {
+                let gap = slot
+                    .as_ref()
+                    .map(|last| now.saturating_duration_since(last.at));
+                *slot = Some(LastError {
+                    error: error.clone(),
+                    at: now,
+                    gap,
+                });
+                true
+            }
+            Outcome::Error(_, false) | Outcome::Init => false,
+            Outcome::InitApply(..)
+            | Outcome::InitDone
+            | Outcome::Apply(..)
+            | Outcome::Delete(_) => slot.take().is_some(),
+        }
+    }
+
+    /// Forgets the errors followed by a long enough silence.
+    fn expire(&mut self, now: Instant) {
+        for slot in &mut self.0 {
+            if slot.as_ref().is_some_and(|last| now >= last.expires()) {
+                *slot = None;
+            }
+        }
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        self.0.iter().flatten().map(LastError::expires).min()
+    }
+
+    fn failures(&self) -> Vec<String> {
+        [Kind::Service, Kind::EndpointSlice, Kind::Node]
+            .into_iter()
+            .filter_map(|k| {
+                let last = self.0[k.index()].as_ref()?;
+                Some(format!("{} watch failing: {}", k.label(), last.error))
+            })
+            .collect()
+    }
+}
+
 /// Applies watcher steps to the cache and debounces its changes into published views.
 async fn publish_loop(
     mut steps: impl Stream<Item = (Kind, Outcome)> + Unpin,
@@ -304,6 +388,7 @@ async fn publish_loop(
     let mut cache = Cache::default();
     let mut listed = [false; 3];
     let mut pending = Debounce::default();
+    let mut failing = Failing::default();
     loop {
         let deadline = pending.deadline();
         tokio::select! {
@@ -313,9 +398,16 @@ async fn publish_loop(
                 pending = Debounce::default();
                 publish(&cache, tx);
             }
+            () = sleep_until_opt(failing.next_expiry()) => {
+                failing.expire(Instant::now());
+                metrics.source_health.report(&failing.failures());
+            }
             step = steps.next() => {
                 let Some((kind, outcome)) = step else { return };
                 record(kind, &outcome, &mut listed, metrics);
+                if failing.note(kind, &outcome, Instant::now()) {
+                    metrics.source_health.report(&failing.failures());
+                }
                 let visible = outcome.changes_store();
                 cache.apply(kind, outcome);
                 if visible && listed.iter().all(|l| *l) {
@@ -338,7 +430,7 @@ fn record(kind: Kind, outcome: &Outcome, listed: &mut [bool; 3], metrics: &Metri
             }
             listed[kind.index()] = true;
         }
-        Outcome::Error(e) => {
+        Outcome::Error(e, _) => {
             metrics.source_error(kind.label());
             warn!(kind = kind.label(), error = %e, "watch error");
         }
@@ -406,11 +498,32 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_fails_until_it_delivers_or_falls_silent() {
+        let t0 = Instant::now();
+        let mut f = Failing::default();
+        let error = || Outcome::Error("500".into(), true);
+        assert!(!f.note(Kind::Node, &Outcome::Error("410".into(), false), t0));
+        assert!(f.failures().is_empty(), "410 Gone is no failure");
+        assert!(f.note(Kind::Node, &error(), t0));
+        assert!(f.note(Kind::Service, &error(), t0));
+        assert_eq!(f.failures().len(), 2);
+        // Service delivers again: recovered. Node keeps failing, its retries further apart.
+        assert!(f.note(Kind::Service, &Outcome::InitDone, t0));
+        let t1 = t0 + Duration::from_secs(4);
+        f.note(Kind::Node, &error(), t1);
+        f.expire(t1 + Duration::from_secs(11));
+        assert_eq!(f.failures(), ["Node watch failing: 500"]);
+        assert_eq!(f.next_expiry(), Some(t1 + Duration::from_secs(12)));
+        f.expire(t1 + Duration::from_secs(12));
+        assert!(f.failures().is_empty());
+    }
+
+    #[test]
     fn only_visible_changes_trigger_a_publish() {
         assert!(Outcome::InitDone.changes_store());
         assert!(Outcome::Delete(ObjectName::default()).changes_store());
         assert!(!Outcome::InitApply(ObjectName::default(), Batch::default()).changes_store());
         assert!(!Outcome::Init.changes_store());
-        assert!(!Outcome::Error(String::new()).changes_store());
+        assert!(!Outcome::Error(String::new(), true).changes_store());
     }
 }

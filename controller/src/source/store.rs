@@ -223,6 +223,10 @@ impl<K: Ord + Clone> Store<K> {
         }
     }
 
+    pub fn contains(&self, key: &K) -> bool {
+        self.batches.contains_key(key)
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.batches.keys()
     }
