@@ -537,3 +537,74 @@ fn a_harmless_foreign_commit_leaves_the_node_converged() {
     });
     c.wait_answers(Host::Pod("client"), Proto::Tcp, vip(WEB), REPAIR);
 }
+
+/// A repair that keeps failing: with the agent frozen, our IPv4 table is deleted and made
+/// again by another program holding only a map under one of our names (`ip-c-0-eps`) with a
+/// data type of its own. The full repair keeps that map (the name is ours) and its elements
+/// do not fit it: the agent reports the data plane DIVERGED (metrics, and ListNodes with an
+/// error of at most 3 lines naming the map) and keeps retrying; once the map is removed, a
+/// retry rebuilds the tables exactly and the Service answers again.
+#[test]
+fn a_repair_that_keeps_failing_is_reported_diverged_and_retried() {
+    let f = fixture();
+    let c = &f.c;
+    let before = ours(c);
+    let agent = c.agent("a");
+    signal(agent, "-STOP");
+    for command in [
+        "delete table ip kubenft",
+        "add table ip kubenft",
+        "add map ip kubenft ip-c-0-eps { type ipv4_addr . inet_proto . inet_service : ipv4_addr ; }",
+    ] {
+        let mut argv = vec!["nft"];
+        argv.extend(command.split(' '));
+        let out = c.lab.exec(Host::Node("a"), &argv).unwrap();
+        if !out.status.success() {
+            signal(agent, "-CONT");
+            panic!("nft {command}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    signal(agent, "-CONT");
+    let mut last = Value::Null;
+    wait_until(START, Duration::from_millis(100), || {
+        let (_, _, node) = listed_dataplane(c, "full");
+        last = node;
+        Ok::<_, String>(last["dataplane"]["state"] == "DATAPLANE_DIVERGED")
+    })
+    .unwrap_or_else(|e| panic!("node a never DIVERGED ({e}): {last}"));
+    eprintln!("node a: {last}");
+    assert_eq!(last["state"], "DIVERGED", "{last}");
+    let error = last["dataplane"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("ip-c-0-eps") && error.lines().count() <= 3,
+        "the data plane's error should be nft's first lines naming the map: {error:?}"
+    );
+    assert_eq!(
+        agent_metric(c, "kubenft_agent_dataplane_state{state=\"diverged\"}"),
+        1.0
+    );
+    let r = c.probe1(Host::Pod("client"), Proto::Tcp, vip(WEB), DROP_WAIT);
+    assert!(
+        !r.is_ok(),
+        "the Service works although the repair failed: {r}"
+    );
+
+    c.nft("a", &["delete map ip kubenft ip-c-0-eps"]);
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, vip(WEB), START);
+    let mut now = String::new();
+    wait_until(REPAIR, POLL, || {
+        now = ours(c);
+        Ok::<_, String>(now == before)
+    })
+    .unwrap_or_else(|e| panic!("our tables differ ({e}):\nbefore:\n{before}\nnow:\n{now}"));
+    wait_until(REPAIR, Duration::from_millis(100), || {
+        let (_, _, node) = listed_dataplane(c, "full");
+        last = node;
+        Ok::<_, String>(last["dataplane"]["state"] == "DATAPLANE_CONVERGED")
+    })
+    .unwrap_or_else(|e| panic!("node a not CONVERGED again ({e}): {last}"));
+    assert_eq!(
+        agent_metric(c, "kubenft_agent_dataplane_state{state=\"converged\"}"),
+        1.0
+    );
+}
