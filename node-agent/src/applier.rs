@@ -69,13 +69,26 @@ impl Part {
 
 /// The first lines of an nft error, short enough for a NACK, a log line and `ListNodes`.
 pub fn short_error(error: &str) -> String {
-    let mut out = String::new();
-    for line in error
+    let lines: Vec<&str> = error
         .lines()
         .map(str::trim_end)
         .filter(|l| !l.trim().is_empty())
-        .take(ERROR_LINES)
-    {
+        .collect();
+    let mut kept: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() && kept.len() < ERROR_LINES {
+        // The `nft -i` session sends a transaction as one line: nft's echo of the failing
+        // input is then the whole transaction. Keep the command its carets point at.
+        if let Some(command) = lines.get(i + 1).and_then(|c| pointed_command(lines[i], c)) {
+            kept.push(command.to_owned());
+            i += 2;
+            continue;
+        }
+        kept.push(lines[i].to_owned());
+        i += 1;
+    }
+    let mut out = String::new();
+    for line in &kept {
         if !out.is_empty() {
             out.push('\n');
         }
@@ -90,6 +103,38 @@ pub fn short_error(error: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// The `;`-separated command of `echo` under the first caret of `carets` (a line of spaces
+/// and `^`), if `echo` holds several commands (`;` inside braces separates no commands).
+fn pointed_command<'a>(echo: &'a str, carets: &str) -> Option<&'a str> {
+    let col = carets.find('^')?;
+    if !carets.chars().all(|c| c == ' ' || c == '^') {
+        return None;
+    }
+    let mut depth = 0i32;
+    let mut separators = Vec::new();
+    for (i, c) in echo.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ';' if depth == 0 => separators.push(i),
+            _ => {}
+        }
+    }
+    if separators.is_empty() || col >= echo.len() {
+        return None;
+    }
+    let start = separators
+        .iter()
+        .rev()
+        .find(|&&i| i < col)
+        .map_or(0, |i| i + 1);
+    let end = separators
+        .iter()
+        .find(|&&i| i >= col)
+        .map_or(echo.len(), |i| *i);
+    Some(echo[start..end].trim())
 }
 
 pub type SharedState = Arc<RwLock<AppliedState>>;
@@ -610,5 +655,25 @@ pub async fn recover<N: Nft>(
             tracing::warn!(error = %e, "cannot adopt the state file: starting with a full reconcile");
             AppliedState::unknown(next)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_error;
+
+    #[test]
+    fn a_session_error_names_the_command_its_carets_point_at() {
+        let echo = "flush set ip kubenft generation; add element ip kubenft ip-c-1-eps { 10.96.0.63 . tcp . 80 : 10.244.1.5 . 8080 }; add element ip kubenft generation { 7 }";
+        let col = echo.find(": 10.244").unwrap() + 2;
+        let carets = format!("{}^^^^^^^^^^", " ".repeat(col));
+        let error = format!("Error: Can't parse symbolic invalid expressions\n{echo}\n{carets}\n");
+        assert_eq!(
+            short_error(&error),
+            "Error: Can't parse symbolic invalid expressions\nadd element ip kubenft ip-c-1-eps { 10.96.0.63 . tcp . 80 : 10.244.1.5 . 8080 }"
+        );
+        // One command per line (`nft -f`): kept as nft printed it.
+        let error = "/dev/stdin:3:1-20: Error: Could not process rule: File exists\nadd map ip kubenft ip-c-1-eps { type ipv4_addr : ipv4_addr ; }\n    ^^^^\n";
+        assert_eq!(short_error(error).lines().count(), 3);
     }
 }

@@ -293,6 +293,9 @@ async fn repair_loop<N: Nft>(
             () = tokio::time::sleep(wait) => {}
         }
         if pending.is_empty() {
+            // Another program's commit that damaged nothing of ours: the kernel still holds
+            // the applied state (without this the node stayed REPAIRING until the next repair).
+            dataplane.converged();
             continue;
         }
         match applier.repair(&pending).await {

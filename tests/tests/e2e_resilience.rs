@@ -1,5 +1,6 @@
 //! End to end through the real controller and agents: what users see while the agent
-//! crashes, while the controller is away, and when the kernel refuses a transaction.
+//! crashes, while the controller is away, when the kernel refuses a transaction (once, or
+//! every time), and when its state file is corrupted.
 //! Behaviour numbers refer to reference/testing-and-operations.md §5.
 
 mod common;
@@ -251,17 +252,18 @@ fn controller_outage_keeps_traffic_and_applies_changes_on_return() {
     );
 }
 
-/// A change the kernel refuses: an element planted by hand in the agent's dispatch map makes
-/// the agent's next `add element` for that key fail ("File exists"). The controller then
-/// shows node a NACKED with nft's error text; nothing of the refused change is in force on
-/// node a (one transaction: all or nothing), the Services that worked keep working, and
-/// node b, which refused nothing, serves the new Service.
+/// A change the kernel refuses once: an element planted by hand in the agent's dispatch map
+/// would make the agent's `add element` for that key fail ("File exists"). The agent no
+/// longer gives up on the first refusal: it retries, then applies the change as a full
+/// reconcile, and meanwhile its monitor may already have removed the planted element (it is
+/// another program's change to our table). Either way the change is applied after all: node
+/// a serves the new Service, the controller shows it SYNCED with no NACK and no retry, the
+/// planted `drop` is gone, and the Service that worked keeps working.
 #[test]
-fn kernel_refusal_is_nacked_and_the_last_good_state_keeps_serving() {
+fn kernel_refusal_once_is_retried_and_the_change_applied() {
     let lab = Cluster::lab(&["a", "b"]);
     let web = pods(&lab, &[("web-1", "a")]).remove(0);
     client(&lab, "client-a", "a");
-    client(&lab, "client-b", "b");
     let c = Cluster::start(lab);
     let old = Service::cluster_ip("old", "10.96.0.60").port("http", 80, TCP, Proto::Tcp);
     let old_slice = Slice::for_service("old")
@@ -289,50 +291,267 @@ fn kernel_refusal_is_nacked_and_the_last_good_state_keeps_serving() {
         .endpoint(&web, Cond::READY);
     c.write("new.yaml", &[&new, &new_slice]);
 
-    let mut last = Default::default();
-    wait_until(START, Duration::from_millis(100), || {
-        last = c.list_nodes()?;
-        Ok::<_, String>(last.get("a").is_some_and(|a| a["state"] == "NACKED"))
-    })
-    .unwrap_or_else(|e| panic!("node a never NACKED: {e}; last ListNodes: {last:#?}"));
-    let a = &last["a"];
-    let err = a["lastNackError"].as_str().unwrap_or_default();
-    eprintln!("node a: {a}");
-    assert!(
-        err.contains("File exists") || err.contains("Could not process rule"),
-        "the NACK should carry nft's error text: {a}"
-    );
-    // Node b took the same change and serves the new Service.
     c.wait_probe(
-        "node b serves the new Service",
-        Host::Pod("client-b"),
+        "node a serves the new Service",
+        Host::Pod("client-a"),
         Proto::Tcp,
         new_vip,
         START,
         |r| r.server() == Some("web-1"),
     );
-    let b = c.list_nodes().unwrap().remove("b").unwrap();
-    assert_eq!(b["state"], "SYNCED", "{b}");
-    // Node a keeps its last good state: the old Service works, the new one is not there at
-    // all (its ClusterIP is not even in the table's cluster-ips set: dropped, not rejected).
+    c.wait_synced(START);
+    let a = c.list_nodes().unwrap().remove("a").unwrap();
+    eprintln!("node a: {a}");
+    assert_eq!(a["state"], "SYNCED", "{a}");
+    assert_eq!(
+        a["lastNackError"].as_str().unwrap_or_default(),
+        "",
+        "a NACK stayed: {a}"
+    );
+    assert_eq!(a["nackRetries"].as_u64().unwrap_or(0), 0, "{a}");
+    let dispatch = c.nft("a", &["list", "map", "ip", "kubenft", "ip-c-dispatch"]);
+    assert!(
+        !dispatch.contains("10.96.0.61 . tcp . 80 : drop"),
+        "the planted element is still there:\n{dispatch}"
+    );
     let rs = c.probe(
         Host::Pod("client-a"),
         Proto::Tcp,
         old_vip,
         &ProbeOpts::count(6),
     );
-    assert_all_ok(&rs, "old Service on node a after the NACK");
-    let r = c.probe1(Host::Pod("client-a"), Proto::Tcp, new_vip, DROP_WAIT);
+    assert_all_ok(&rs, "old Service on node a");
+    let applied = c.agent_call("a", "GetApplied").unwrap();
     assert_eq!(
-        r,
-        ProbeResult::Timeout,
-        "part of the refused transaction is in force on node a"
+        applied["lastError"].as_str().unwrap_or_default(),
+        "",
+        "the agent reports an error although the change was applied: {applied}"
+    );
+}
+
+/// A change the kernel refuses every time: another program created a map under the name
+/// our next endpoint slot needs (`ip-c-1-eps`, for a Service with two endpoints), with a data
+/// type of its own. The agent's drift repair leaves it alone (the name is one of ours, and
+/// the applied state has no such slot yet), so it persists: declaring our map under that
+/// name fails, and so does the full reconcile (which finds a map of that name and adds
+/// elements of the wrong type to it). The controller shows node a NACKED with a short error
+/// (≤ 3 lines) that names the map, and keeps sending the change again (`nackRetries`
+/// grows); node a keeps its last good state, which serves the old Service throughout; node
+/// b serves the new one. Once the map is removed, the next retry applies the change.
+#[test]
+fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_serving() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let web = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
+    client(&lab, "client-a", "a");
+    client(&lab, "client-b", "b");
+    let c = Cluster::start(lab);
+    let old = Service::cluster_ip("old", "10.96.0.62").port("http", 80, TCP, Proto::Tcp);
+    let old_slice = Slice::for_service("old")
+        .port("http", TCP)
+        .endpoint(&web[0], Cond::READY);
+    c.write("old.yaml", &[&old, &old_slice]);
+    let (old_vip, new_vip) = (vip("10.96.0.62:80"), vip("10.96.0.63:80"));
+    c.wait_answers(Host::Pod("client-a"), Proto::Tcp, old_vip, START);
+    c.wait_synced(START);
+
+    c.nft(
+        "a",
+        &["add map ip kubenft ip-c-1-eps { type ipv4_addr . inet_proto . inet_service : ipv4_addr ; }"],
+    );
+    let new = Service::cluster_ip("new", "10.96.0.63").port("http", 80, TCP, Proto::Tcp);
+    let new_slice = Slice::for_service("new")
+        .port("http", TCP)
+        .endpoints(&web, Cond::READY);
+    c.write("new.yaml", &[&new, &new_slice]);
+
+    let stop = AtomicBool::new(false);
+    let (results, last) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut all = Vec::new();
+            for _ in 0..200 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match c.lab.probe(
+                    Host::Pod("client-a"),
+                    Proto::Tcp,
+                    old_vip,
+                    &ProbeOpts::count(4),
+                ) {
+                    Ok(rs) => all.extend(rs),
+                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            all
+        });
+        let mut last = Default::default();
+        let nacked = wait_until(START, Duration::from_millis(100), || {
+            last = c.list_nodes()?;
+            Ok::<_, String>(last.get("a").is_some_and(|a| {
+                a["state"] == "NACKED" && a["nackRetries"].as_u64().unwrap_or(0) >= 2
+            }))
+        });
+        stop.store(true, Ordering::Relaxed);
+        let all = traffic.join().unwrap();
+        nacked.unwrap_or_else(|e| {
+            panic!("node a not NACKED with ≥ 2 retries: {e}; last ListNodes: {last:#?}")
+        });
+        (all, last)
+    });
+    let a = &last["a"];
+    eprintln!("node a: {a}");
+    let err = a["lastNackError"].as_str().unwrap_or_default();
+    assert!(
+        !err.is_empty() && err.lines().count() <= 3,
+        "the NACK's error should be nft's first lines (≤ 3): {err:?}"
+    );
+    assert!(
+        err.contains("ip-c-1-eps"),
+        "the NACK's error should name the failing set: {err:?}"
+    );
+    let t = tally(&results);
+    eprintln!(
+        "{} connections to the old Service while NACKED: {t:?}",
+        results.len()
+    );
+    assert_all_ok(
+        &results,
+        "old Service on node a while its change is refused",
+    );
+    assert!(results.len() >= 20, "too little traffic: {t:?}");
+    // Node b took the change; on node a none of it is in force.
+    c.wait_answers(Host::Pod("client-b"), Proto::Tcp, new_vip, START);
+    let b = c.list_nodes().unwrap().remove("b").unwrap();
+    assert_eq!(b["state"], "SYNCED", "{b}");
+    let r = c.probe1(Host::Pod("client-a"), Proto::Tcp, new_vip, DROP_WAIT);
+    assert!(
+        !r.is_ok(),
+        "part of the refused change is in force on node a: {r}"
     );
     let applied = c.agent_call("a", "GetApplied").unwrap();
     assert!(
-        !applied["lastError"].as_str().unwrap_or_default().is_empty(),
+        applied["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("ip-c-1-eps")),
         "the agent should report its last error: {applied}"
     );
+
+    // The other program's set goes: the controller's next retry is applied.
+    c.nft("a", &["delete set ip kubenft ip-c-1-eps"]);
+    c.wait_answers(
+        Host::Pod("client-a"),
+        Proto::Tcp,
+        new_vip,
+        Duration::from_secs(20),
+    );
+    c.wait_synced(START);
+}
+
+/// A corrupted state file: node a's agent is killed, its state file truncated to half, and
+/// the agent started again, while new TCP connections to a ClusterIP keep going from a pod
+/// on node a. The agent cannot adopt the file, so it reports nothing applied and reconciles
+/// its tables in place: no connection fails, the table is the same object (same handle),
+/// and the controller shows the node SYNCED again.
+#[test]
+fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
+    client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let svc = Service::cluster_ip("web", "10.96.0.48").port("http", 80, TCP, Proto::Tcp);
+    let slice = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoints(&backends, Cond::READY);
+    c.write("web.yaml", &[&svc, &slice]);
+    let target = vip("10.96.0.48:80");
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
+    c.wait_synced(START);
+    let handle = table_handle(&c, "a");
+    let version = c.agent_call("a", "GetApplied").unwrap()["systemVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!version.is_empty());
+    let args = c.lab.agent_default_args("a").unwrap();
+    let dir = &args[args.iter().position(|a| a == "--state-dir").unwrap() + 1];
+    let file = std::path::Path::new(dir).join("applied.pb");
+    let bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(bytes.len() > 16, "state file too small: {bytes:?}");
+
+    // Cut in half, and what is left ends in bytes no protobuf decoder takes.
+    let mut corrupted = bytes[..bytes.len() / 2].to_vec();
+    corrupted.extend([0xff; 8]);
+
+    let stop = AtomicBool::new(false);
+    let agent = c.agent("a").clone();
+    let results = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut all = Vec::new();
+            for _ in 0..300 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match c.lab.probe(
+                    Host::Pod("client"),
+                    Proto::Tcp,
+                    target,
+                    &ProbeOpts::count(10),
+                ) {
+                    Ok(rs) => all.extend(rs),
+                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
+                }
+            }
+            all
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill().unwrap();
+        std::fs::write(&file, &corrupted).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        agent.start().unwrap();
+        // Reconciled: the restarted agent reports the version it had (it started from
+        // nothing: the controller sent it everything again).
+        let mut last = String::new();
+        let back = wait_until(START, Duration::from_millis(100), || {
+            let v = c.agent_call("a", "GetApplied")?;
+            last = v["systemVersion"].as_str().unwrap_or_default().to_string();
+            Ok::<_, String>(last == version)
+        });
+        c.wait_synced(START);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let all = traffic.join().unwrap();
+        back.unwrap_or_else(|e| panic!("restarted agent reports {last:?}, not {version:?}: {e}"));
+        all
+    });
+    let t = tally(&results);
+    eprintln!(
+        "{} connections around the restart with a corrupted state file: {t:?}",
+        results.len()
+    );
+    assert_all_ok(&results, "new connections around the restart");
+    assert!(results.len() >= 50, "too little traffic: {t:?}");
+    let logs = agent.logs();
+    assert!(
+        [
+            "unreadable state file",
+            "cannot adopt the state file",
+            "state file does not match"
+        ]
+        .iter()
+        .any(|m| logs.contains(m)),
+        "the agent did not say it could not use its state file:\n{}",
+        agent.log_tail(20)
+    );
+    assert_eq!(
+        table_handle(&c, "a"),
+        handle,
+        "the agent recreated its table instead of reconciling it"
+    );
+    // Reconciled: the state file is whole again.
+    let after = std::fs::read(&file).unwrap();
+    assert_ne!(after, corrupted, "the state file was not rewritten");
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, CONVERGE);
 }
 
 /// The manifest directory renamed away for longer than the controller's rescan period while
