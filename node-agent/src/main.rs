@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
-    let nft = NftCli::default();
+    let nft = NftCli::from_env();
     if args.cleanup {
         return agent::cleanup(&nft, &args.table_name, &args.state_dir)
             .await

@@ -202,6 +202,15 @@ impl NftCli {
         }
     }
 
+    /// The nft binary named by `KUBENFT_NFT` (a path), else `nft` from `PATH`. Tests use it to
+    /// put a refusing wrapper in front of the real binary.
+    pub fn from_env() -> NftCli {
+        match std::env::var("KUBENFT_NFT") {
+            Ok(path) if !path.is_empty() => NftCli::with_argv(vec![path]),
+            _ => NftCli::default(),
+        }
+    }
+
     /// `nft` run inside a network namespace (tests).
     pub fn in_netns(netns: &str) -> NftCli {
         NftCli::with_argv(
