@@ -292,6 +292,12 @@ async fn repair_loop<N: Nft>(
             }
             () = tokio::time::sleep(wait) => {}
         }
+        if std::mem::take(&mut pending.recheck) {
+            match applier.check_structure().await {
+                Ok(found) => pending.merge(found),
+                Err(e) => tracing::debug!(error = %e, "cannot check the tables' structure"),
+            }
+        }
         if pending.is_empty() {
             // Another program's commit that damaged nothing of ours: the kernel still holds
             // the applied state (without this the node stayed REPAIRING until the next repair).

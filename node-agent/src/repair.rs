@@ -75,6 +75,9 @@ pub struct Damage {
     /// Objects named as ours that the applied state does not need (left by an earlier run).
     pub stale_chains: BTreeSet<(Family, Chain)>,
     pub stale_sets: BTreeSet<(Family, SetId)>,
+    /// Another program created an object under one of our names: whether the applied state
+    /// has it takes a look at the state (the structure check), not just the event.
+    pub recheck: bool,
 }
 
 impl Damage {
@@ -99,6 +102,7 @@ impl Damage {
         self.foreign_sets.extend(other.foreign_sets);
         self.stale_chains.extend(other.stale_chains);
         self.stale_sets.extend(other.stale_sets);
+        self.recheck |= other.recheck;
     }
 
     /// Records one change another program made.
@@ -119,7 +123,8 @@ impl Damage {
                 (None, Verb::Delete) => {}
             },
             (Object::Set { name, map }, verb) => match (SetId::parse(name), verb) {
-                (Some(SetId::Sticky(_)), _) | (Some(_), Verb::Add) => {}
+                (Some(_), Verb::Add) => self.recheck = true,
+                (Some(SetId::Sticky(_)), _) => {}
                 (Some(_), Verb::Delete) => self.full = true,
                 // nft's anonymous sets belong to the rules that declared them.
                 (None, _) if name.starts_with("__") => {}

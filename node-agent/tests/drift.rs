@@ -264,6 +264,17 @@ async fn a_foreign_chain_in_our_table_is_removed() {
 }
 
 #[tokio::test]
+async fn an_object_squatting_one_of_our_names_is_removed_at_once() {
+    // Named like a slot the applied state does not use: left alone, it would refuse the
+    // change that first needs that slot (a map of another type).
+    heals(
+        &["add map ip kubenft ip-c-9-eps { type ipv4_addr : ipv4_addr; }"],
+        RepairKind::Stale,
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_deleted_table_is_rebuilt() {
     heals(&["delete table ip kubenft"], RepairKind::Full).await;
 }
