@@ -27,7 +27,7 @@ pub fn conflicts(
     services: &OrdMap<ObjectName, Arc<ServiceModel>>,
 ) -> OrdMap<ObjectName, Rejection> {
     let mut order: Vec<&ServiceModel> = services.values().map(|s| &**s).collect();
-    order.sort_by(|a, b| (a.created.as_str(), &a.id).cmp(&(b.created.as_str(), &b.id)));
+    order.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
     let mut held: HashMap<Claim, &ObjectName> = HashMap::with_capacity(order.len() * 2);
     let mut refused = OrdMap::new();
     let mut mine = Vec::new();

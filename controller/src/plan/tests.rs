@@ -50,7 +50,11 @@ fn svc(
         internal_policy: TrafficPolicy::Cluster,
         affinity_timeout: None,
         health_check_node_port: None,
-        created: format!("2026-01-01T00:00:0{}Z", name.len() % 10),
+        created: Some(
+            format!("2026-01-01T00:00:0{}Z", name.len() % 10)
+                .parse()
+                .unwrap(),
+        ),
     }
 }
 
@@ -62,6 +66,7 @@ const READY: Conditions = Conditions {
 
 fn ep(addr: &str, node: &str, cond: Conditions) -> EndpointModel {
     EndpointModel {
+        index: 0,
         ip: ip(addr),
         conditions: cond,
         node_name: Some(node.into()),
@@ -93,7 +98,11 @@ fn slice(
                 port: port(*num),
             })
             .collect(),
-        endpoints,
+        endpoints: endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(index, e)| EndpointModel { index, ..e })
+            .collect(),
         trigger_ms: None,
     }
 }
