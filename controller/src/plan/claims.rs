@@ -11,8 +11,14 @@
 //! creationTimestamp, one without a timestamp after any with one, then by namespace/name. A
 //! fresh build (the first, or a controller restart) has no incumbents, so every replica
 //! computes the same answer from the same inputs; only a challenger that ranks before the
-//! incumbent (an older Service edited to claim a held address) can get a different answer on
-//! a replica that restarted than on one that saw the claim arrive.
+//! incumbent (an older Service edited to claim a held address; with `dir:` manifests, which
+//! carry no timestamps, a name that sorts first) can get a different answer on a replica that
+//! restarted than on one that saw the claim arrive. The API server's allocators never let
+//! ClusterIPs or NodePorts collide, so with `kube` this concerns external and load-balancer
+//! IPs, whose creationTimestamps the API server sets.
+//!
+//! A claim granted is held even where it is not served (an external IP of a port whose
+//! ClusterIP:port was refused), so that who holds what never depends on planning.
 //!
 //! Settling is incremental: only the Services that changed, and those that waited for a key
 //! a changed Service let go, are looked at.
