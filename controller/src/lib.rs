@@ -87,6 +87,7 @@ impl From<&cli::Args> for Config {
                 node_port_addresses: a.node_port_addresses.clone(),
                 limits: model::Limits {
                     node_port_range: a.node_port_range.clone(),
+                    service_cidrs: a.service_cidrs.clone(),
                 },
             },
         }

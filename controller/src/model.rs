@@ -4,7 +4,9 @@
 //! turned into a small typed value in which addresses are `IpAddr`, ports are non-zero `u16`
 //! and policies are enums. An object that cannot be proxied correctly is refused as a whole with
 //! a [`Rejection`] naming the object and the field, so no user-controlled string ever reaches
-//! the agents unparsed.
+//! the agents unparsed. A bad part of an otherwise usable object (one ClusterIP outside
+//! `--service-cidr`, one external IP, a healthCheckNodePort, one endpoint) is refused alone:
+//! the rest of the object keeps working.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -15,6 +17,7 @@ use std::ops::RangeInclusive;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
 use kubenft_proto::v1::{IpFamily, Protocol};
 
 /// The label that hands a Service to another proxy (kube-proxy ignores such Services).
@@ -161,8 +164,10 @@ pub struct ServiceModel {
     /// ClientIP session affinity timeout in seconds.
     pub affinity_timeout: Option<u32>,
     pub health_check_node_port: Option<NonZeroU16>,
-    /// RFC 3339 creation time, to decide which of two conflicting Services keeps an address.
-    pub created: String,
+    /// `metadata.creationTimestamp`: which of two Services claiming the same address or
+    /// NodePort gets it when neither already holds it (the older; one without a timestamp
+    /// comes after every one with).
+    pub created: Option<Timestamp>,
 }
 
 impl ServiceModel {
@@ -177,7 +182,8 @@ impl ServiceModel {
 /// What became of a Service object.
 #[derive(Debug)]
 pub enum ServiceOutcome {
-    Proxied(ServiceModel),
+    /// Proxied, with the parts of it refused (each named by its field).
+    Proxied(ServiceModel, Vec<Rejection>),
     /// Not for us (headless, ExternalName, another proxy's); says why.
     Ignored(String),
     Rejected(Rejection),
@@ -193,6 +199,8 @@ pub struct Conditions {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointModel {
+    /// Index in the slice's `endpoints`, for messages.
+    pub index: usize,
     pub ip: IpAddr,
     pub conditions: Conditions,
     pub node_name: Option<String>,
@@ -235,12 +243,55 @@ pub struct NodeModel {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub node_port_range: RangeInclusive<u16>,
+    /// `--service-cidr`: a ClusterIP must lie in one of those of its family (no check for a
+    /// family none of them is of).
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             node_port_range: 30000..=32767,
+            service_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// Why an address can be neither a Service's nor an endpoint's, if it cannot: what upstream's
+/// `ValidateNonSpecialIP` refuses (unspecified, loopback, link-local unicast and multicast),
+/// and what is never one host's address (any multicast, the IPv4 broadcast address, an
+/// IPv4-mapped IPv6 address, which the API server does not take as IPv6 either).
+pub fn special_address(ip: &IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_unspecified() {
+                Some("unspecified")
+            } else if v4.is_loopback() {
+                Some("in the loopback range 127.0.0.0/8")
+            } else if v4.is_link_local() {
+                Some("in the link-local range 169.254.0.0/16")
+            } else if v4.is_broadcast() {
+                Some("the broadcast address")
+            } else if v4.is_multicast() {
+                Some("multicast (224.0.0.0/4)")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.to_ipv4_mapped().is_some() {
+                Some("an IPv4-mapped IPv6 address")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_loopback() {
+                Some("the loopback address ::1")
+            } else if v6.is_unicast_link_local() {
+                Some("in the link-local range fe80::/10")
+            } else if v6.is_multicast() {
+                Some("multicast (ff00::/8)")
+            } else {
+                None
+            }
         }
     }
 }
@@ -424,7 +475,11 @@ pub fn service(svc: &Service, limits: &Limits) -> ServiceOutcome {
             "missing: a proxied Service needs a ClusterIP".into(),
         );
     }
+    // Parts refused alone: the rest of the Service is proxied.
+    let mut problems = Vec::new();
+    let problem = |field: String, message: String| Rejection::new("Service", &id, field, message);
     let mut cluster_ips = Vec::new();
+    let mut families = Vec::new();
     for (i, raw) in raw_ips.iter().enumerate() {
         let field = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) {
             format!("spec.clusterIPs[{i}]")
@@ -434,16 +489,35 @@ pub fn service(svc: &Service, limits: &Limits) -> ServiceOutcome {
         let Some(ip) = parse_ip(raw) else {
             return reject(field, format!("{:?} is not a valid IP address", clip(raw)));
         };
-        if cluster_ips
-            .iter()
-            .any(|c: &IpAddr| family_of(c) == family_of(&ip))
-        {
+        if families.contains(&family_of(&ip)) {
             return reject(field, "two ClusterIPs of the same family".into());
         }
-        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-            return reject(field, format!("{ip} cannot be a ClusterIP"));
+        families.push(family_of(&ip));
+        // An address that is not a Service's must never become one: the other ClusterIP (if
+        // any) is still served.
+        if let Some(why) = special_address(&ip) {
+            problems.push(problem(
+                field,
+                format!("{ip} cannot be a ClusterIP: it is {why}"),
+            ));
+            continue;
+        }
+        let mut ranges = limits
+            .service_cidrs
+            .iter()
+            .filter(|n| family_of(&n.addr()) == family_of(&ip))
+            .peekable();
+        if ranges.peek().is_some() && !ranges.any(|n| n.contains(&ip)) {
+            problems.push(problem(
+                field,
+                format!("{ip} is outside every --service-cidr of its family"),
+            ));
+            continue;
         }
         cluster_ips.push(ip);
+    }
+    if cluster_ips.is_empty() {
+        return ServiceOutcome::Rejected(problems.swap_remove(0));
     }
 
     let mut ports = Vec::new();
@@ -499,6 +573,32 @@ pub fn service(svc: &Service, limits: &Limits) -> ServiceOutcome {
                 format!("duplicate port name {name:?} for the same protocol"),
             );
         }
+        // As the API server: two ports of one Service cannot serve the same port or nodePort
+        // of a protocol (they would be the same rules).
+        if let Some(q) = ports
+            .iter()
+            .find(|q: &&ServicePortModel| q.port == port && q.protocol == protocol)
+        {
+            return reject(
+                field("port"),
+                format!(
+                    "port {port} is also spec.ports[{}] for the same protocol",
+                    q.index
+                ),
+            );
+        }
+        if let Some(q) = ports.iter().find(|q: &&ServicePortModel| {
+            node_port.is_some() && q.node_port == node_port && q.protocol == protocol
+        }) {
+            return reject(
+                field("nodePort"),
+                format!(
+                    "nodePort {} is also spec.ports[{}] for the same protocol",
+                    node_port.map_or(0, NonZeroU16::get),
+                    q.index
+                ),
+            );
+        }
         ports.push(ServicePortModel {
             name,
             protocol,
@@ -514,17 +614,26 @@ pub fn service(svc: &Service, limits: &Limits) -> ServiceOutcome {
         );
     }
 
+    // One unusable external or load-balancer IP is refused alone.
+    let usable = |raw: &str, field: String, problems: &mut Vec<Rejection>| match parse_ip(raw) {
+        Some(ip) => match special_address(&ip) {
+            None => Some(ip),
+            Some(why) => {
+                problems.push(problem(field, format!("{ip} is {why}: not served")));
+                None
+            }
+        },
+        None => {
+            problems.push(problem(
+                field,
+                format!("{:?} is not an IP address", clip(raw)),
+            ));
+            None
+        }
+    };
     let mut external_ips = Vec::new();
     for (i, raw) in spec.external_ips.iter().flatten().enumerate() {
-        match parse_ip(raw) {
-            Some(ip) if !ip.is_unspecified() && !ip.is_loopback() => external_ips.push(ip),
-            _ => {
-                return reject(
-                    format!("spec.externalIPs[{i}]"),
-                    format!("{:?} is not a usable IP address", clip(raw)),
-                );
-            }
-        }
+        external_ips.extend(usable(raw, format!("spec.externalIPs[{i}]"), &mut problems));
     }
     let mut load_balancer_ips = Vec::new();
     if service_type == ServiceType::LoadBalancer {
@@ -540,15 +649,11 @@ pub fn service(svc: &Service, limits: &Limits) -> ServiceOutcome {
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue;
             }
-            match parse_ip(raw) {
-                Some(ip) if !ip.is_unspecified() && !ip.is_loopback() => load_balancer_ips.push(ip),
-                _ => {
-                    return reject(
-                        format!("status.loadBalancer.ingress[{i}].ip"),
-                        format!("{:?} is not a usable IP address", clip(raw)),
-                    );
-                }
-            }
+            load_balancer_ips.extend(usable(
+                raw,
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                &mut problems,
+            ));
         }
     }
     let mut load_balancer_source_ranges = Vec::new();
@@ -625,44 +730,64 @@ pub fn service(svc: &Service, limits: &Limits) -> ServiceOutcome {
             );
         }
     };
+    // The API server allocates healthCheckNodePorts from the NodePort range, never one of the
+    // Service's own nodePorts (whatever their protocol: the allocator is one bitmap); a bad
+    // one is refused alone (the load balancer sees no health check, the Service still works).
     let health_check_node_port = match spec.health_check_node_port {
         Some(p)
             if service_type == ServiceType::LoadBalancer
                 && external_policy == TrafficPolicy::Local =>
         {
-            match port_number(p) {
-                Some(p) => Some(p),
+            let field = "spec.healthCheckNodePort".to_owned();
+            match u16::try_from(p)
+                .ok()
+                .filter(|n| limits.node_port_range.contains(n))
+                .and_then(NonZeroU16::new)
+            {
+                Some(hc) => match ports.iter().find(|q| q.node_port == Some(hc)) {
+                    Some(q) => {
+                        problems.push(problem(
+                            field,
+                            format!("{hc} is also the nodePort of spec.ports[{}]", q.index),
+                        ));
+                        None
+                    }
+                    None => Some(hc),
+                },
                 None => {
-                    return reject(
-                        "spec.healthCheckNodePort".into(),
-                        format!("{p} is outside 1-65535"),
-                    );
+                    problems.push(problem(
+                        field,
+                        format!(
+                            "{p} is outside the node port range {}-{}",
+                            limits.node_port_range.start(),
+                            limits.node_port_range.end()
+                        ),
+                    ));
+                    None
                 }
             }
         }
         _ => None,
     };
-    let created = svc
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| format!("{:?}", t.0))
-        .unwrap_or_default();
+    let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
 
-    ServiceOutcome::Proxied(ServiceModel {
-        id,
-        service_type,
-        cluster_ips,
-        ports,
-        external_ips,
-        load_balancer_ips,
-        load_balancer_source_ranges,
-        external_policy,
-        internal_policy,
-        affinity_timeout,
-        health_check_node_port,
-        created,
-    })
+    ServiceOutcome::Proxied(
+        ServiceModel {
+            id,
+            service_type,
+            cluster_ips,
+            ports,
+            external_ips,
+            load_balancer_ips,
+            load_balancer_source_ranges,
+            external_policy,
+            internal_policy,
+            affinity_timeout,
+            health_check_node_port,
+            created,
+        },
+        problems,
+    )
 }
 
 /// Checks an EndpointSlice. Individual endpoints with unusable addresses are dropped with a
@@ -728,26 +853,29 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(SliceModel, Vec<Rejectio
     }
     let mut problems = Vec::new();
     let mut endpoints = Vec::new();
-    for (i, ep) in slice.endpoints.iter().enumerate() {
-        let Some(raw) = ep.addresses.first() else {
+    'endpoints: for (i, ep) in slice.endpoints.iter().enumerate() {
+        if ep.addresses.is_empty() {
             problems.push(reject(&format!("endpoints[{i}].addresses"), "empty".into()));
             continue;
-        };
-        let ip = match parse_ip(raw) {
-            Some(ip) if family_of(&ip) == family && !ip.is_unspecified() && !ip.is_multicast() => {
-                ip
-            }
-            _ => {
-                problems.push(reject(
-                    &format!("endpoints[{i}].addresses[0]"),
-                    format!(
-                        "{:?} is not a usable {} address",
-                        clip(raw),
-                        family.as_str_name()
-                    ),
-                ));
-                continue;
-            }
+        }
+        // Every address must be valid, as the API server checks (only the first is used):
+        // one that is not refuses this endpoint, and the rest of the slice stays in use.
+        for (j, raw) in ep.addresses.iter().enumerate() {
+            let why = match parse_ip(raw) {
+                Some(ip) if family_of(&ip) != family => {
+                    format!("{ip} is not an {} address", family.as_str_name())
+                }
+                Some(ip) => match special_address(&ip) {
+                    Some(why) => format!("{ip} cannot be an endpoint: it is {why}"),
+                    None => continue,
+                },
+                None => format!("{:?} is not an IP address", clip(raw)),
+            };
+            problems.push(reject(&format!("endpoints[{i}].addresses[{j}]"), why));
+            continue 'endpoints;
+        }
+        let Some(ip) = ep.addresses.first().and_then(|raw| parse_ip(raw)) else {
+            continue;
         };
         let cond = ep.conditions.as_ref();
         let conditions = Conditions {
@@ -757,6 +885,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(SliceModel, Vec<Rejectio
         };
         let hints = ep.hints.as_ref();
         endpoints.push(EndpointModel {
+            index: i,
             ip,
             conditions,
             node_name: ep.node_name.clone(),
@@ -863,6 +992,230 @@ mod tests {
             Some("203.0.113.0/25".parse().unwrap())
         );
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
+    }
+
+    fn service_from(spec: serde_json::Value, status: serde_json::Value) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": spec,
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn proxied(outcome: ServiceOutcome) -> (ServiceModel, Vec<(String, String)>) {
+        match outcome {
+            ServiceOutcome::Proxied(m, problems) => (
+                m,
+                problems.into_iter().map(|r| (r.field, r.message)).collect(),
+            ),
+            other => panic!("not proxied: {other:?}"),
+        }
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    /// Found by hostile testing: `169.254.169.254:80` and a node address's port 22 became
+    /// DNATed Service addresses. With `--service-cidr`, a ClusterIP outside every range of
+    /// its family is refused (the Service's other family still served); link-local and
+    /// other special addresses are refused even without it.
+    #[test]
+    fn cluster_ips_outside_the_service_cidrs_are_refused() {
+        let limits = Limits {
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            ..Limits::default()
+        };
+        let ports = serde_json::json!([{"name": "http", "port": 80}]);
+        for (ip, why) in [
+            ("169.254.169.254", "link-local"),
+            ("192.168.50.11", "--service-cidr"),
+        ] {
+            let svc = service_from(
+                serde_json::json!({"clusterIP": ip, "ports": ports}),
+                serde_json::json!({}),
+            );
+            match service(&svc, &limits) {
+                ServiceOutcome::Rejected(r) => {
+                    assert_eq!(r.field, "spec.clusterIP");
+                    assert!(r.message.contains(why), "{r}");
+                }
+                other => panic!("{ip}: {other:?}"),
+            }
+        }
+        // No CIDR given: only special addresses are refused.
+        let svc = service_from(
+            serde_json::json!({"clusterIP": "169.254.169.254", "ports": ports}),
+            serde_json::json!({}),
+        );
+        assert!(matches!(
+            service(&svc, &Limits::default()),
+            ServiceOutcome::Rejected(r) if r.message.contains("link-local")
+        ));
+        // Dual stack: the IPv4 ClusterIP outside the range is refused, the IPv6 one (no IPv6
+        // range given, so not checked) is served.
+        let svc = service_from(
+            serde_json::json!({
+                "clusterIPs": ["10.200.0.1", "fd00:96::1"],
+                "ipFamilyPolicy": "RequireDualStack",
+                "ports": ports,
+            }),
+            serde_json::json!({}),
+        );
+        let (m, problems) = proxied(service(&svc, &limits));
+        assert_eq!(m.cluster_ips, ips(&["fd00:96::1"]));
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, "spec.clusterIPs[0]");
+        // Inside the range: served, nothing refused.
+        let svc = service_from(
+            serde_json::json!({"clusterIP": "10.96.0.10", "ports": ports}),
+            serde_json::json!({}),
+        );
+        let (m, problems) = proxied(service(&svc, &limits));
+        assert_eq!(m.cluster_ips, ips(&["10.96.0.10"]));
+        assert!(problems.is_empty());
+    }
+
+    /// External and load-balancer IPs that cannot be one host's address are refused one by
+    /// one; the Service keeps the others.
+    #[test]
+    fn special_external_and_load_balancer_ips_are_refused_alone() {
+        let svc = service_from(
+            serde_json::json!({
+                "type": "LoadBalancer",
+                "clusterIP": "10.96.0.10",
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}],
+                "externalIPs": ["203.0.113.1", "127.0.0.1", "169.254.169.254", "224.0.0.1",
+                                "0.0.0.0", "255.255.255.255", "fe80::1", "nonsense"],
+            }),
+            serde_json::json!({"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.7"}, {"ip": "ff02::1"}, {"ip": "::1"}
+            ]}}),
+        );
+        let (m, problems) = proxied(service(&svc, &Limits::default()));
+        assert_eq!(m.external_ips, ips(&["203.0.113.1"]));
+        assert_eq!(m.load_balancer_ips, ips(&["198.51.100.7"]));
+        let fields: Vec<&str> = problems.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.externalIPs[1]",
+                "spec.externalIPs[2]",
+                "spec.externalIPs[3]",
+                "spec.externalIPs[4]",
+                "spec.externalIPs[5]",
+                "spec.externalIPs[6]",
+                "spec.externalIPs[7]",
+                "status.loadBalancer.ingress[1].ip",
+                "status.loadBalancer.ingress[2].ip",
+            ]
+        );
+    }
+
+    /// A healthCheckNodePort outside the NodePort range, or equal to one of the Service's
+    /// own nodePorts, is refused alone.
+    #[test]
+    fn bad_health_check_node_ports_are_refused_alone() {
+        for (hc, why) in [
+            (80, "outside the node port range"),
+            (30080, "also the nodePort"),
+        ] {
+            let svc = service_from(
+                serde_json::json!({
+                    "type": "LoadBalancer",
+                    "externalTrafficPolicy": "Local",
+                    "healthCheckNodePort": hc,
+                    "clusterIP": "10.96.0.10",
+                    "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30080}],
+                }),
+                serde_json::json!({}),
+            );
+            let (m, problems) = proxied(service(&svc, &Limits::default()));
+            assert_eq!(m.health_check_node_port, None);
+            assert_eq!(m.ports[0].node_port, NonZeroU16::new(30080));
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].0, "spec.healthCheckNodePort");
+            assert!(problems[0].1.contains(why), "{problems:?}");
+        }
+    }
+
+    /// Every special kind of endpoint address is refused, each endpoint alone (with the field
+    /// naming it); the rest of the slice is used.
+    #[test]
+    fn special_endpoint_addresses_are_refused_one_by_one() {
+        let slice = |family: &str, addresses: &[&[&str]]| -> EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-1", "namespace": "default",
+                             "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": family,
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": addresses
+                    .iter()
+                    .map(|a| serde_json::json!({"addresses": a}))
+                    .collect::<Vec<_>>(),
+            }))
+            .unwrap()
+        };
+        let v4 = slice(
+            "IPv4",
+            &[
+                &["127.0.0.1"],
+                &["10.244.1.10"],
+                &["169.254.169.254"],
+                &["255.255.255.255"],
+                &["224.0.0.1"],
+                &["239.1.2.3"],
+                &["0.0.0.0"],
+                &["10.244.1.11", "127.0.0.2"],
+                &["fd00::1"],
+                &["10.244.1.12"],
+            ],
+        );
+        let (m, problems) = endpoint_slice(&v4).unwrap();
+        let kept: Vec<(usize, IpAddr)> = m.endpoints.iter().map(|e| (e.index, e.ip)).collect();
+        assert_eq!(
+            kept,
+            [
+                (1, "10.244.1.10".parse().unwrap()),
+                (9, "10.244.1.12".parse().unwrap())
+            ]
+        );
+        let fields: Vec<&str> = problems.iter().map(|r| r.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "endpoints[0].addresses[0]",
+                "endpoints[2].addresses[0]",
+                "endpoints[3].addresses[0]",
+                "endpoints[4].addresses[0]",
+                "endpoints[5].addresses[0]",
+                "endpoints[6].addresses[0]",
+                "endpoints[7].addresses[1]",
+                "endpoints[8].addresses[0]",
+            ]
+        );
+        assert!(
+            problems
+                .iter()
+                .all(|r| r.kind == "EndpointSlice" && r.name == "web-1")
+        );
+
+        let v6 = slice(
+            "IPv6",
+            &[
+                &["::1"],
+                &["fe80::1"],
+                &["ff02::1"],
+                &["::"],
+                &["::ffff:10.244.1.10"],
+                &["fd00:244::10"],
+            ],
+        );
+        let (m, problems) = endpoint_slice(&v6).unwrap();
+        assert_eq!(m.endpoints.len(), 1);
+        assert_eq!(m.endpoints[0].index, 5);
+        assert_eq!(problems.len(), 5, "{problems:?}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::num::NonZeroU16;
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -29,6 +30,7 @@ mod catalog;
 mod claims;
 
 pub use catalog::Catalog;
+use claims::{Claim, Refusal, Via};
 
 /// Where NodePorts are served (`--node-port-addresses`).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -118,6 +120,8 @@ pub struct PortPlan {
     pub external_ips: Vec<IpAddr>,
     pub load_balancer_ips: Vec<IpAddr>,
     pub source_ranges: Vec<IpNet>,
+    /// The Service's healthCheckNodePort, unless another Service holds that node port.
+    pub health_check_node_port: Option<NonZeroU16>,
     /// Endpoints sorted by (ip, port), deduplicated.
     pub candidates: Vec<PortCandidate>,
     /// The latest last-change-trigger-time of the port's slices (Unix ms).
@@ -246,51 +250,119 @@ fn node_ips(node: Option<&NodeModel>, facts: &NodeFacts) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Resolves each port of a Service in each of its families.
-fn plan_service(service: &Arc<ServiceModel>, slices: &[&SliceModel]) -> Vec<PortPlan> {
+/// An endpoint refused because its address is a ClusterIP (with the slice and field).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedEndpoint {
+    pub ip: IpAddr,
+    pub rejection: Rejection,
+}
+
+/// Resolves each port of a Service in each of its families, leaving out what it claims but
+/// another Service holds (`refused`), and endpoints whose address is a ClusterIP (of any
+/// Service: `is_cluster_ip`), which are returned, one per slice endpoint.
+fn plan_service(
+    service: &Arc<ServiceModel>,
+    slices: &[&SliceModel],
+    refused: &[Refusal],
+    is_cluster_ip: impl Fn(&IpAddr) -> bool,
+) -> (Vec<PortPlan>, Vec<RefusedEndpoint>) {
     let svc = &**service;
+    let is_refused = |claim: Claim| refused.iter().any(|r| r.claim == claim);
+    // One look-up per endpoint; the ports look at the (usually empty) list.
+    let mut refused_endpoints = Vec::new();
+    for slice in slices {
+        for ep in slice.endpoints.iter().filter(|ep| is_cluster_ip(&ep.ip)) {
+            refused_endpoints.push(RefusedEndpoint {
+                ip: ep.ip,
+                rejection: Rejection {
+                    kind: "EndpointSlice",
+                    namespace: slice.id.namespace.clone(),
+                    name: slice.id.name.clone(),
+                    field: format!("endpoints[{}].addresses[0]", ep.index),
+                    message: format!(
+                        "{} is a Service's ClusterIP: not used as an endpoint",
+                        ep.ip
+                    ),
+                },
+            });
+        }
+    }
+    let at_cluster_ip = |ip: &IpAddr| refused_endpoints.iter().any(|r| r.ip == *ip);
     let mut plans = Vec::new();
     for cluster_ip in &svc.cluster_ips {
         let family = family_of(cluster_ip);
-        let of_family = |ips: &[IpAddr]| {
-            ips.iter()
-                .copied()
-                .filter(|ip| family_of(ip) == family)
-                .collect::<Vec<_>>()
-        };
         for port in &svc.ports {
+            let (protocol, number, index) = (port.protocol, port.port.get(), port.index);
+            let served = |via: Via, ip: &IpAddr| {
+                family_of(ip) == family
+                    && !is_refused(Claim::Address {
+                        via,
+                        ip: *ip,
+                        protocol,
+                        port: number,
+                        index,
+                    })
+            };
+            if !served(Via::ClusterIp, cluster_ip) {
+                continue;
+            }
+            let mut port = port.clone();
+            if let Some(np) = port.node_port
+                && is_refused(Claim::NodePort {
+                    protocol,
+                    port: np.get(),
+                    index,
+                })
+            {
+                port.node_port = None;
+            }
             plans.push(PortPlan {
-                name: resource_name(&svc.id, port, family),
+                name: resource_name(&svc.id, &port, family),
                 service: service.clone(),
-                port: port.clone(),
                 family,
                 cluster_ip: *cluster_ip,
-                external_ips: of_family(&svc.external_ips),
-                load_balancer_ips: of_family(&svc.load_balancer_ips),
+                external_ips: svc
+                    .external_ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| served(Via::External, ip))
+                    .collect(),
+                load_balancer_ips: svc
+                    .load_balancer_ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| served(Via::LoadBalancer, ip))
+                    .collect(),
                 source_ranges: svc
                     .load_balancer_source_ranges
                     .iter()
                     .copied()
                     .filter(|n| family_of(&n.addr()) == family)
                     .collect(),
-                candidates: candidates(port, family, slices),
+                health_check_node_port: svc
+                    .health_check_node_port
+                    .filter(|hc| !is_refused(Claim::HealthCheck(hc.get()))),
+                candidates: candidates(&port, family, slices, &at_cluster_ip),
                 trigger_ms: slices
                     .iter()
                     .filter(|s| s.family == family)
                     .filter_map(|s| s.trigger_ms)
                     .max(),
+                port,
             });
         }
     }
-    plans
+    (plans, refused_endpoints)
 }
 
 /// The endpoints of one port: for each slice of the family, the slice port with the same name
 /// and protocol gives the target port (so one Service port may land on different ports).
+/// Endpoints at a ClusterIP are left out.
 fn candidates(
     port: &ServicePortModel,
     family: IpFamily,
     slices: &[&SliceModel],
+    at_cluster_ip: &impl Fn(&IpAddr) -> bool,
 ) -> Vec<PortCandidate> {
     let mut out: BTreeMap<(IpAddr, u16), PortCandidate> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.family == family) {
@@ -301,7 +373,7 @@ fn candidates(
         else {
             continue;
         };
-        for ep in &slice.endpoints {
+        for ep in slice.endpoints.iter().filter(|ep| !at_cluster_ip(&ep.ip)) {
             out.entry((ep.ip, sp.port.get()))
                 .or_insert_with(|| PortCandidate {
                     ip: ep.ip,
@@ -447,7 +519,9 @@ pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> 
         } else {
             Vec::new()
         },
-        health_check_node_port: svc.health_check_node_port.map_or(0, |p| u32::from(p.get())),
+        health_check_node_port: plan
+            .health_check_node_port
+            .map_or(0, |p| u32::from(p.get())),
         local_ready_endpoints: if locality {
             u32::try_from(local_ready).unwrap_or(u32::MAX)
         } else {

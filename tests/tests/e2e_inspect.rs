@@ -269,3 +269,77 @@ fn hostile_manifests_are_rejected_and_good_services_keep_working() {
     let tables = c.nft("a", &["list", "tables"]);
     assert!(!tables.contains("pwn"), "{tables}");
 }
+
+/// Found by hostile testing: a newcomer claiming a served ClusterIP:port and NodePort (`dir:`
+/// manifests carry no creationTimestamp, and its name sorts first) took both, and the Service
+/// serving them was refused as a whole. The Service serving keeps them; the newcomer loses
+/// those two claims only (its port 81 on the same address is served), and ListRejected names
+/// the fields.
+#[test]
+fn a_newcomer_cannot_take_what_another_service_serves() {
+    let lab = Cluster::lab(&["a"]);
+    let backends = pods(&lab, &[("web-1", "a"), ("evil-1", "a")]);
+    client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let web = Service::cluster_ip("web", "10.96.0.92")
+        .port("http", 80, TCP, Proto::Tcp)
+        .node_port(30092);
+    let web_slice = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoint(&backends[0], Cond::READY);
+    c.write("web.yaml", &[&web, &web_slice]);
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, vip("10.96.0.92:80"), START);
+
+    let evil = Service::cluster_ip("aaa-evil", "10.96.0.92")
+        .port("http", 80, TCP, Proto::Tcp)
+        .port("other", 81, TCP, Proto::Tcp)
+        .node_port(30092);
+    let evil_slice = Slice::for_service("aaa-evil")
+        .port("http", TCP)
+        .port("other", TCP)
+        .endpoint(&backends[1], Cond::READY);
+    c.write("aaa-evil.yaml", &[&evil, &evil_slice]);
+    // The newcomer's free claim is served...
+    c.wait_answers(
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip("10.96.0.92:81"),
+        CONVERGE,
+    );
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip("10.96.0.92:81"),
+        &ProbeOpts::count(3),
+    );
+    assert_eq!(assert_all_ok(&rs, "port 81").get("evil-1"), Some(&3));
+    c.wait_synced(CONVERGE);
+    // ...and what the first Service serves stays its own.
+    let node_port = sock(c.lab.node("a").ipv4, 30092);
+    for (from, target) in [
+        (Host::Pod("client"), vip("10.96.0.92:80")),
+        (Host::External, node_port),
+    ] {
+        let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(5));
+        let t = assert_all_ok(&rs, &target.to_string());
+        assert_eq!(t.get("web-1"), Some(&5), "{target}: {t:?}");
+    }
+    let errors = rejected(&c);
+    let fields: Vec<(String, String)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or_default().to_owned(),
+                e["field"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("aaa-evil".to_owned(), "spec.ports[0].port".to_owned()),
+            ("aaa-evil".to_owned(), "spec.ports[1].nodePort".to_owned()),
+        ],
+        "{errors:#?}"
+    );
+}

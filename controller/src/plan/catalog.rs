@@ -12,13 +12,14 @@ use std::sync::Arc;
 use imbl::{OrdMap, OrdSet, ordmap::DiffItem};
 use kubenft_proto::v1::{NodeEndpoints, Resource, resource};
 
+use super::claims::Claims;
 use super::{
-    ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, Specific, claims,
+    ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, RefusedEndpoint, Specific,
     endpoint_bucket, explain_port, node_endpoints_name, node_ips, node_rules,
     parse_node_endpoints_name, plan_service, port_rules,
 };
 use crate::cores;
-use crate::model::{NodeModel, ObjectName, Rejection, SliceModel};
+use crate::model::{NodeModel, ObjectName, Rejection, ServiceModel, SliceModel};
 use crate::select::NodeSite;
 use crate::view::{Base, NodeRuleSet, Resources};
 
@@ -29,6 +30,8 @@ struct Replanned {
     names: Vec<String>,
     /// The ports whose plan changed.
     changed: Vec<Arc<PlannedPort>>,
+    /// Endpoints of its slices refused because their address is a ClusterIP.
+    refused_endpoints: Vec<RefusedEndpoint>,
 }
 
 /// The node-independent part of planning.
@@ -45,8 +48,18 @@ pub struct Catalog {
     by_service: OrdMap<ObjectName, Arc<[String]>>,
     /// The EndpointSlices of each Service (by the slice's service label).
     slices_by_service: OrdMap<ObjectName, OrdSet<ObjectName>>,
-    /// Services refused because an older one holds one of their addresses or NodePorts.
-    conflicts: OrdMap<ObjectName, Rejection>,
+    /// Who holds each address and port and each NodePort, and the claims refused.
+    claims: Claims,
+    /// Every ClusterIP, with how many Services have it (an endpoint there is refused).
+    cluster_ips: OrdMap<IpAddr, u32>,
+    /// The addresses of planned endpoints without a node, with how many ports list each
+    /// (those with a node are in `local_ips`).
+    unplaced_ips: OrdMap<IpAddr, u32>,
+    /// Per Service, the endpoints of its slices refused for being at a ClusterIP.
+    refused_endpoints: OrdMap<ObjectName, Arc<[RefusedEndpoint]>>,
+    /// The same by address: the Services to plan again when the address stops being a
+    /// ClusterIP.
+    refused_endpoint_ips: OrdMap<IpAddr, OrdSet<ObjectName>>,
     /// For each node, the ports it sees differently.
     specific_by_node: OrdMap<String, OrdSet<String>>,
     /// Ports every node sees differently.
@@ -79,23 +92,30 @@ impl Catalog {
         &self.inputs.nodes
     }
 
-    /// Objects refused while reading, and Services refused for a conflict, sorted.
+    /// Objects (or parts) refused while reading, claims refused because another Service
+    /// holds them, and endpoints refused for being at a ClusterIP; sorted.
     pub fn rejections(&self) -> Vec<Rejection> {
         let mut all: Vec<Rejection> = self
             .inputs
             .rejections
             .iter()
-            .chain(self.conflicts.values())
             .cloned()
+            .chain(self.claims.rejections())
+            .chain(
+                self.refused_endpoints
+                    .values()
+                    .flat_map(|r| r.iter().map(|r| r.rejection.clone())),
+            )
             .collect();
         all.sort();
         all
     }
 
-    /// Resolves every Service port against its EndpointSlices, per family. Two Services
-    /// claiming the same address and port (or NodePort): the older keeps it, the newer is
-    /// refused. Only the Services whose object, slices or claims changed since `previous` are
-    /// planned again; the other ports keep their computed resources.
+    /// Resolves every Service port against its EndpointSlices, per family. What two Services
+    /// claim alike (an address and port, a NodePort): the one already serving it keeps it,
+    /// else the older (see `claims`); the other loses that claim only. Only the Services
+    /// whose object, slices or claims changed since `previous` are planned again; the other
+    /// ports keep their computed resources.
     pub fn build(
         policy: Arc<ClusterPolicy>,
         inputs: &Inputs,
@@ -112,11 +132,20 @@ impl Catalog {
         let before = std::mem::replace(&mut next.inputs, inputs.clone());
 
         let mut affected = BTreeSet::new();
-        let mut services_changed = false;
+        let mut changed_services = BTreeSet::new();
+        // ClusterIPs that appear or go: endpoints there are refused, or usable again.
+        let mut appeared = BTreeSet::new();
+        let mut gone = BTreeSet::new();
         for item in before.services.diff(&inputs.services) {
-            services_changed = true;
-            affected.insert(diff_key(&item).clone());
+            let (old, new) = match &item {
+                DiffItem::Add(_, s) => (None, Some(*s)),
+                DiffItem::Remove(_, s) => (Some(*s), None),
+                DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+            };
+            next.count_cluster_ips(old, new, &mut appeared, &mut gone);
+            changed_services.insert(diff_key(&item).clone());
         }
+        affected.extend(changed_services.iter().cloned());
         for item in before.slices.diff(&inputs.slices) {
             match item {
                 DiffItem::Add(_, s) => affected.insert(next.index_slice(s, true)),
@@ -127,16 +156,32 @@ impl Catalog {
                 }
             };
         }
-        if services_changed {
-            let conflicts = claims::conflicts(&inputs.services);
+        if !changed_services.is_empty() {
+            affected.extend(next.claims.update(
+                &changed_services,
+                &before.services,
+                &inputs.services,
+            ));
+        }
+        // An address becoming a ClusterIP: the ports listing it as an endpoint are planned
+        // again without it (a scan, but only when a ClusterIP equals a planned endpoint,
+        // which a sane cluster never has); one ceasing to be: the Services that refused it.
+        let listed: Vec<IpAddr> = appeared
+            .into_iter()
+            .filter(|ip| next.is_planned_endpoint(ip))
+            .collect();
+        if !listed.is_empty() {
             affected.extend(
-                next.conflicts
-                    .keys()
-                    .chain(conflicts.keys())
-                    .filter(|id| next.conflicts.contains_key(*id) != conflicts.contains_key(*id))
-                    .cloned(),
+                next.ports
+                    .values()
+                    .filter(|p| p.plan.candidates.iter().any(|c| listed.contains(&c.ip)))
+                    .map(|p| p.plan.service.id.clone()),
             );
-            next.conflicts = conflicts;
+        }
+        for ip in gone {
+            if let Some(ids) = next.refused_endpoint_ips.get(&ip) {
+                affected.extend(ids.iter().cloned());
+            }
         }
         // Planning is the costly part and reads only the catalog: on every core when a first
         // read or a relist affects thousands of Services. Indexing the results is sequential.
@@ -171,10 +216,29 @@ impl Catalog {
     /// proxied Services' endpoints: an ignored Service leaves no trace on any node).
     fn count_locals(&mut self, port: &PlannedPort, add: bool) {
         for c in &port.plan.candidates {
-            if let Some(node) = &c.model.node_name {
-                self.count_local(node, c.ip, add);
+            match &c.model.node_name {
+                Some(node) => self.count_local(node, c.ip, add),
+                None => {
+                    let count = self.unplaced_ips.get(&c.ip).copied().unwrap_or(0);
+                    if add {
+                        self.unplaced_ips.insert(c.ip, count + 1);
+                    } else if count > 1 {
+                        self.unplaced_ips.insert(c.ip, count - 1);
+                    } else {
+                        self.unplaced_ips.remove(&c.ip);
+                    }
+                }
             }
         }
+    }
+
+    /// Whether a planned port lists `ip` as an endpoint. Costs a look-up per node: it is
+    /// asked only of an address that has just become a ClusterIP, and an index of every
+    /// endpoint address would cost a third of a first plan's time.
+    fn is_planned_endpoint(&self, ip: &IpAddr) -> bool {
+        let key = (endpoint_bucket(ip), *ip);
+        self.unplaced_ips.contains_key(ip)
+            || self.local_ips.values().any(|ips| ips.contains_key(&key))
     }
 
     /// Counts one listing of `ip` on `node` in or out; notes the node when the address
@@ -204,11 +268,43 @@ impl Catalog {
         }
     }
 
-    /// Plans one Service's ports again (none if it is gone or refused); only the ports whose
-    /// plan came out different are built.
+    /// Counts a Service's ClusterIPs out (`old`) and in (`new`); notes the addresses that
+    /// became ClusterIPs and those that stopped being.
+    fn count_cluster_ips(
+        &mut self,
+        old: Option<&Arc<ServiceModel>>,
+        new: Option<&Arc<ServiceModel>>,
+        appeared: &mut BTreeSet<IpAddr>,
+        gone: &mut BTreeSet<IpAddr>,
+    ) {
+        let ips =
+            |s: Option<&Arc<ServiceModel>>| s.map(|s| s.cluster_ips.clone()).unwrap_or_default();
+        let (old, new) = (ips(old), ips(new));
+        for ip in old.iter().filter(|ip| !new.contains(ip)) {
+            let count = self.cluster_ips.get(ip).copied().unwrap_or(0);
+            if count <= 1 {
+                self.cluster_ips.remove(ip);
+                appeared.remove(ip);
+                gone.insert(*ip);
+            } else {
+                self.cluster_ips.insert(*ip, count - 1);
+            }
+        }
+        for ip in new.iter().filter(|ip| !old.contains(ip)) {
+            let count = self.cluster_ips.get(ip).copied().unwrap_or(0);
+            if count == 0 {
+                gone.remove(ip);
+                appeared.insert(*ip);
+            }
+            self.cluster_ips.insert(*ip, count + 1);
+        }
+    }
+
+    /// Plans one Service's ports again (none if it is gone); only the ports whose plan came
+    /// out different are built.
     fn plan_again(&self, id: &ObjectName) -> Replanned {
-        let plans = match self.inputs.services.get(id) {
-            Some(svc) if !self.conflicts.contains_key(id) => {
+        let (plans, refused_endpoints) = match self.inputs.services.get(id) {
+            Some(svc) => {
                 let slices: Vec<&SliceModel> = self
                     .slices_by_service
                     .get(id)
@@ -216,9 +312,11 @@ impl Catalog {
                     .flatten()
                     .filter_map(|s| self.inputs.slices.get(s).map(|s| &**s))
                     .collect();
-                plan_service(svc, &slices)
+                plan_service(svc, &slices, self.claims.refused(id), |ip| {
+                    self.cluster_ips.contains_key(ip)
+                })
             }
-            _ => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
         let changed = plans
@@ -234,13 +332,20 @@ impl Catalog {
             id: id.clone(),
             names,
             changed,
+            refused_endpoints,
         }
     }
 
     /// Indexes a Service planned again: its changed ports replace the old, its ports that
     /// are gone are removed.
     fn apply(&mut self, replanned: Replanned) {
-        let Replanned { id, names, changed } = replanned;
+        let Replanned {
+            id,
+            names,
+            changed,
+            refused_endpoints,
+        } = replanned;
+        self.index_refused_endpoints(&id, refused_endpoints);
         let old_names = self.by_service.remove(&id).unwrap_or_else(|| Arc::new([]));
         for port in changed {
             self.set_port(port.plan.name.clone(), Some(port));
@@ -250,6 +355,34 @@ impl Catalog {
         }
         if !names.is_empty() {
             self.by_service.insert(id, names.into());
+        }
+    }
+
+    /// Replaces a Service's refused endpoints, in both indexes.
+    fn index_refused_endpoints(&mut self, id: &ObjectName, refused: Vec<RefusedEndpoint>) {
+        let old = if refused.is_empty() {
+            self.refused_endpoints.remove(id)
+        } else {
+            self.refused_endpoints.insert(id.clone(), refused.into())
+        };
+        for r in old.iter().flat_map(|r| r.iter()) {
+            if let Some(ids) = self.refused_endpoint_ips.get_mut(&r.ip) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.refused_endpoint_ips.remove(&r.ip);
+                }
+            }
+        }
+        for r in self
+            .refused_endpoints
+            .get(id)
+            .into_iter()
+            .flat_map(|r| r.iter())
+        {
+            self.refused_endpoint_ips
+                .entry(r.ip)
+                .or_default()
+                .insert(id.clone());
         }
     }
 
@@ -390,8 +523,16 @@ impl Catalog {
         if let Some(why) = self.inputs.ignored.get(svc) {
             notes.push(format!("not proxied: {why}"));
         }
-        if let Some(r) = self.conflicts.get(svc) {
-            notes.push(format!("not proxied: {r}"));
+        for r in self.claims.refused(svc) {
+            notes.push(format!("refused: {}", r.rejection(svc)));
+        }
+        for r in self
+            .refused_endpoints
+            .get(svc)
+            .into_iter()
+            .flat_map(|r| r.iter())
+        {
+            notes.push(format!("refused: {}", r.rejection));
         }
         let site = NodeSite {
             name: &facts.name,

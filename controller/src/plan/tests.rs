@@ -50,7 +50,11 @@ fn svc(
         internal_policy: TrafficPolicy::Cluster,
         affinity_timeout: None,
         health_check_node_port: None,
-        created: format!("2026-01-01T00:00:0{}Z", name.len() % 10),
+        created: Some(
+            format!("2026-01-01T00:00:0{}Z", name.len() % 10)
+                .parse()
+                .unwrap(),
+        ),
     }
 }
 
@@ -62,6 +66,7 @@ const READY: Conditions = Conditions {
 
 fn ep(addr: &str, node: &str, cond: Conditions) -> EndpointModel {
     EndpointModel {
+        index: 0,
         ip: ip(addr),
         conditions: cond,
         node_name: Some(node.into()),
@@ -93,7 +98,11 @@ fn slice(
                 port: port(*num),
             })
             .collect(),
-        endpoints,
+        endpoints: endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(index, e)| EndpointModel { index, ..e })
+            .collect(),
         trigger_ms: None,
     }
 }
@@ -295,7 +304,7 @@ fn dual_stack_services_get_one_resource_per_family() {
 }
 
 #[test]
-fn the_newer_of_two_services_claiming_a_node_port_is_refused() {
+fn the_newer_of_two_services_claiming_a_node_port_loses_only_the_node_port() {
     let old = svc(
         "aa",
         &["10.96.0.1"],
@@ -317,7 +326,11 @@ fn the_newer_of_two_services_claiming_a_node_port_is_refused() {
         &inputs(vec![old, new, udp], vec![]),
     );
     assert!(c.ports.contains_key("default/aa/tcp/http/ipv4"));
-    assert!(!c.ports.contains_key("default/bbb/tcp/http/ipv4"));
+    // The port still serves its ClusterIP, without the NodePort.
+    assert_eq!(
+        c.ports["default/bbb/tcp/http/ipv4"].plan.port.node_port,
+        None
+    );
     assert!(c.ports.contains_key("default/cccc/udp/dns/ipv4"));
     let rejections = c.rejections();
     let r = &rejections[0];
@@ -338,7 +351,10 @@ fn the_newer_of_two_services_claiming_a_node_port_is_refused() {
     next.services = c_inputs_without(&c, "aa");
     let c2 = Catalog::build(c.policy.clone(), &next, Some(&c));
     assert!(!c2.ports.contains_key("default/aa/tcp/http/ipv4"));
-    assert!(c2.ports.contains_key("default/bbb/tcp/http/ipv4"));
+    assert_eq!(
+        c2.ports["default/bbb/tcp/http/ipv4"].plan.port.node_port,
+        Some(port(30080))
+    );
     assert!(Arc::ptr_eq(
         &udp_port,
         &c2.ports["default/cccc/udp/dns/ipv4"]
@@ -660,4 +676,359 @@ fn a_first_plan_of_thousands_of_services_equals_one_built_step_by_step() {
                 .eq(steps.iter().map(|r| &r.name))
         );
     }
+}
+
+fn at(t: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    Some(t.parse().unwrap())
+}
+
+fn rejection_fields(c: &Catalog) -> Vec<(String, String, String)> {
+    c.rejections()
+        .into_iter()
+        .map(|r| (r.kind.to_owned(), r.name, r.field))
+        .collect()
+}
+
+/// Found by hostile testing: a Service without a creationTimestamp (or one from 1970) claiming
+/// a served ClusterIP:port and a served NodePort took both, and the Service serving them was
+/// refused as a whole. The claim already served stays where it is; the newcomer loses only
+/// the claims it cannot have, and its other ports keep working.
+#[test]
+fn a_newcomer_without_timestamp_loses_only_the_claims_already_served() {
+    let old = svc(
+        "web",
+        &["10.96.0.1"],
+        &[
+            ("http", Protocol::Tcp, 80, Some(30080)),
+            ("admin", Protocol::Tcp, 81, None),
+        ],
+    );
+    let web_slice = slice(
+        "web-1",
+        "web",
+        &[
+            ("http", Protocol::Tcp, 8080),
+            ("admin", Protocol::Tcp, 8081),
+        ],
+        vec![ep("10.244.1.10", "a", READY)],
+    );
+    let policy = Arc::new(ClusterPolicy::default());
+    let c1 = Catalog::build(
+        policy.clone(),
+        &inputs(vec![old.clone()], vec![web_slice.clone()]),
+        None,
+    );
+    let web_http = c1.ports["default/web/tcp/http/ipv4"].clone();
+
+    // The newcomer: the same ClusterIP with port 80 (taken), port 9090 with NodePort 30080
+    // (the NodePort is taken, the address is free) and port 9091 (free).
+    let mut hostile = svc(
+        "hostile",
+        &["10.96.0.1"],
+        &[
+            ("steal", Protocol::Tcp, 80, None),
+            ("np", Protocol::Tcp, 9090, Some(30080)),
+            ("fine", Protocol::Tcp, 9091, None),
+        ],
+    );
+    for created in [None, at("1970-01-01T00:00:00Z")] {
+        hostile.created = created;
+        let next = inputs(vec![old.clone(), hostile.clone()], vec![web_slice.clone()]);
+        let c2 = Catalog::build(policy.clone(), &next, Some(&c1));
+        // The incumbent is untouched: the very same planned port, still with its NodePort.
+        assert!(Arc::ptr_eq(
+            &web_http,
+            &c2.ports["default/web/tcp/http/ipv4"]
+        ));
+        assert!(c2.ports.contains_key("default/web/tcp/admin/ipv4"));
+        let a = rules(&c2, &facts("a"));
+        assert_eq!(port_of(&a, "default/web/tcp/http/ipv4").node_port, 30080);
+        // The newcomer: the taken address is not served, the taken NodePort neither; the
+        // rest is.
+        assert!(!c2.ports.contains_key("default/hostile/tcp/steal/ipv4"));
+        assert_eq!(port_of(&a, "default/hostile/tcp/np/ipv4").node_port, 0);
+        assert_eq!(port_of(&a, "default/hostile/tcp/np/ipv4").port, 9090);
+        assert!(c2.ports.contains_key("default/hostile/tcp/fine/ipv4"));
+        let rejections = c2.rejections();
+        let fields: Vec<_> = rejections
+            .iter()
+            .map(|r| (r.name.as_str(), r.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("hostile", "spec.ports[0].port"),
+                ("hostile", "spec.ports[1].nodePort")
+            ],
+            "{created:?}"
+        );
+        assert!(
+            rejections
+                .iter()
+                .all(|r| r.message.contains("Service default/web")),
+            "{rejections:?}"
+        );
+        // Only the newcomer's ports changed.
+        assert!(
+            c2.changed.iter().all(|n| n.starts_with("default/hostile/")),
+            "{:?}",
+            c2.changed
+        );
+    }
+
+    // A fresh build of the same inputs (a controller restart): the timestamp-less newcomer
+    // sorts after the Service with a timestamp, so the same Service wins.
+    hostile.created = None;
+    let fresh = catalog(
+        ClusterPolicy::default(),
+        &inputs(vec![hostile.clone(), old.clone()], vec![web_slice]),
+    );
+    assert!(fresh.ports.contains_key("default/web/tcp/http/ipv4"));
+    assert!(!fresh.ports.contains_key("default/hostile/tcp/steal/ipv4"));
+    assert_eq!(
+        fresh.ports["default/hostile/tcp/np/ipv4"]
+            .plan
+            .port
+            .node_port,
+        None
+    );
+}
+
+/// Without an incumbent (a first build, a controller restart), who gets a contested claim
+/// depends on the inputs alone: the older creationTimestamp, one without a timestamp after
+/// any with one, then namespace/name. Two replicas, or one restarted, agree.
+#[test]
+fn contested_claims_on_a_fresh_build_depend_on_the_inputs_alone() {
+    let contender = |name: &str, created| {
+        let mut s = svc(name, &["10.96.0.7"], &[("http", Protocol::Tcp, 80, None)]);
+        s.created = created;
+        s
+    };
+    let t1 = at("2026-01-01T00:00:00Z");
+    let t2 = at("2026-01-02T00:00:00Z");
+    for (a, b, winner) in [
+        (contender("zz", t1), contender("aa", t2), "zz"),
+        (contender("zz", t1), contender("aa", t1), "aa"),
+        (contender("zz", None), contender("aa", None), "aa"),
+        (contender("zz", t2), contender("aa", None), "zz"),
+    ] {
+        let loser = if winner == "zz" { "aa" } else { "zz" };
+        let name = |n: &str| format!("default/{n}/tcp/http/ipv4");
+        let mut outcomes = Vec::new();
+        for services in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
+            // Fresh, and incrementally from a catalog that has neither (both arrive in one
+            // change), in either order.
+            let fresh = catalog(ClusterPolicy::default(), &inputs(services.clone(), vec![]));
+            let empty = catalog(ClusterPolicy::default(), &inputs(vec![], vec![]));
+            let stepped = Catalog::build(
+                empty.policy.clone(),
+                &inputs(services, vec![]),
+                Some(&empty),
+            );
+            for c in [fresh, stepped] {
+                assert!(c.ports.contains_key(&name(winner)), "{winner}");
+                assert!(!c.ports.contains_key(&name(loser)), "{winner}");
+                outcomes.push((
+                    rules(&c, &facts("a")).system_version.clone(),
+                    rejection_fields(&c),
+                ));
+            }
+        }
+        assert!(outcomes.windows(2).all(|w| w[0] == w[1]), "{outcomes:?}");
+    }
+}
+
+/// A claim refused waits: when the Service holding it lets it go, the next in rank gets it.
+/// An incumbent keeps its claim even against an older newcomer.
+#[test]
+fn a_released_claim_goes_to_the_waiting_service_and_incumbents_keep_theirs() {
+    let mut young = svc(
+        "young",
+        &["10.96.0.8"],
+        &[("http", Protocol::Tcp, 80, None)],
+    );
+    young.external_ips = vec![ip("203.0.113.9")];
+    young.created = at("2026-03-01T00:00:00Z");
+    let mut old = svc("old", &["10.96.0.9"], &[("http", Protocol::Tcp, 80, None)]);
+    old.external_ips = vec![ip("203.0.113.9")];
+    old.created = at("2020-01-01T00:00:00Z");
+    let policy = Arc::new(ClusterPolicy::default());
+    let c1 = Catalog::build(policy.clone(), &inputs(vec![young.clone()], vec![]), None);
+    // The older Service arrives later: the external IP stays with the younger, which serves
+    // it; the older serves its ClusterIP without it.
+    let c2 = Catalog::build(
+        policy.clone(),
+        &inputs(vec![young.clone(), old.clone()], vec![]),
+        Some(&c1),
+    );
+    let ext = |c: &Catalog, n: &str| c.ports[n].plan.external_ips.clone();
+    assert_eq!(ext(&c2, "default/young/tcp/http/ipv4"), [ip("203.0.113.9")]);
+    assert!(ext(&c2, "default/old/tcp/http/ipv4").is_empty());
+    assert_eq!(
+        rejection_fields(&c2),
+        [(
+            "Service".to_owned(),
+            "old".to_owned(),
+            "spec.ports[0].port".to_owned()
+        )]
+    );
+    // The younger drops the external IP: the older gets it in the same build.
+    young.external_ips.clear();
+    let c3 = Catalog::build(policy, &inputs(vec![young, old], vec![]), Some(&c2));
+    assert_eq!(ext(&c3, "default/old/tcp/http/ipv4"), [ip("203.0.113.9")]);
+    assert!(c3.rejections().is_empty(), "{:?}", c3.rejections());
+    assert_eq!(
+        c3.changed,
+        ["default/old/tcp/http/ipv4", "default/young/tcp/http/ipv4"]
+    );
+}
+
+/// A healthCheckNodePort is a node port like the others: taken by another Service's
+/// healthCheckNodePort or by a nodePort (of any protocol), it is refused alone.
+#[test]
+fn a_health_check_node_port_already_taken_is_refused_alone() {
+    let lb = |name: &str, ip_: &str, np: u16, hc: u16, created: &str| {
+        let mut s = svc(name, &[ip_], &[("http", Protocol::Tcp, 80, Some(np))]);
+        s.service_type = ServiceType::LoadBalancer;
+        s.external_policy = TrafficPolicy::Local;
+        s.health_check_node_port = Some(port(hc));
+        s.created = at(created);
+        s
+    };
+    let first = lb("first", "10.96.0.21", 30001, 30500, "2026-01-01T00:00:00Z");
+    // Its healthCheckNodePort is first's.
+    let second = lb("second", "10.96.0.22", 30002, 30500, "2026-01-02T00:00:00Z");
+    // Its healthCheckNodePort is first's nodePort.
+    let third = lb("third", "10.96.0.23", 30003, 30001, "2026-01-03T00:00:00Z");
+    // A UDP nodePort on first's healthCheckNodePort.
+    let udp = svc(
+        "udp",
+        &["10.96.0.24"],
+        &[("dns", Protocol::Udp, 53, Some(30500))],
+    );
+    let c = catalog(
+        ClusterPolicy::default(),
+        &inputs(vec![first, second, third, udp], vec![]),
+    );
+    let a = rules(&c, &facts("a"));
+    let hc = |n: &str| port_of(&a, &format!("default/{n}/tcp/http/ipv4")).health_check_node_port;
+    assert_eq!((hc("first"), hc("second"), hc("third")), (30500, 0, 0));
+    // Everything else of them is served.
+    for (n, np) in [("first", 30001), ("second", 30002), ("third", 30003)] {
+        assert_eq!(
+            port_of(&a, &format!("default/{n}/tcp/http/ipv4")).node_port,
+            np
+        );
+    }
+    assert_eq!(port_of(&a, "default/udp/udp/dns/ipv4").node_port, 0);
+    let fields: Vec<_> = rejection_fields(&c)
+        .into_iter()
+        .map(|(_, n, f)| (n, f))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("second".to_owned(), "spec.healthCheckNodePort".to_owned()),
+            ("third".to_owned(), "spec.healthCheckNodePort".to_owned()),
+            ("udp".to_owned(), "spec.ports[0].nodePort".to_owned()),
+        ]
+    );
+}
+
+/// An endpoint whose address is a ClusterIP (of any Service) is refused, the rest of its
+/// slice kept; it becomes usable when no Service has that ClusterIP any more, and is refused
+/// when one gets it later (whether the endpoint names a node or not).
+#[test]
+fn an_endpoint_at_a_cluster_ip_is_refused_and_the_rest_of_the_slice_kept() {
+    let web = svc("web", &["10.96.0.10"], &[("http", Protocol::Tcp, 80, None)]);
+    let other = svc(
+        "other",
+        &["10.96.0.20"],
+        &[("http", Protocol::Tcp, 80, None)],
+    );
+    let s = slice(
+        "web-1",
+        "web",
+        &[("http", Protocol::Tcp, 8080)],
+        vec![
+            ep("10.244.1.10", "a", READY),
+            ep("10.96.0.20", "a", READY),
+            ep("10.96.0.10", "b", READY),
+            EndpointModel {
+                node_name: None,
+                ..ep("10.96.0.30", "b", READY)
+            },
+            ep("10.96.0.40", "a", READY),
+        ],
+    );
+    let policy = Arc::new(ClusterPolicy::default());
+    let c1 = Catalog::build(
+        policy.clone(),
+        &inputs(vec![web.clone(), other.clone()], vec![s.clone()]),
+        None,
+    );
+    let cluster = |c: &Catalog| {
+        endpoints(&port_of(&rules(c, &facts("x")), "default/web/tcp/http/ipv4").cluster_endpoints)
+    };
+    assert_eq!(
+        cluster(&c1),
+        ["10.96.0.30:8080", "10.96.0.40:8080", "10.244.1.10:8080"]
+    );
+    assert_eq!(
+        rejection_fields(&c1),
+        [
+            (
+                "EndpointSlice".to_owned(),
+                "web-1".to_owned(),
+                "endpoints[1].addresses[0]".to_owned()
+            ),
+            (
+                "EndpointSlice".to_owned(),
+                "web-1".to_owned(),
+                "endpoints[2].addresses[0]".to_owned()
+            ),
+        ]
+    );
+    // The refused address is not one of node a's endpoint addresses either.
+    let a = rules(&c1, &facts("a"));
+    let bucket = node_endpoints_name(endpoint_bucket(&ip("10.96.0.20")));
+    assert!(
+        !format!("{:?}", a.get(&bucket)).contains("10.96.0.20"),
+        "{:?}",
+        a.get(&bucket)
+    );
+
+    // "other" goes and two more Services get 10.96.0.30 and 10.96.0.40: 10.96.0.20 is
+    // usable again, the other two are refused; incrementally as on a fresh build.
+    let third = svc(
+        "third",
+        &["10.96.0.30"],
+        &[("http", Protocol::Tcp, 80, None)],
+    );
+    let fourth = svc(
+        "fourth",
+        &["10.96.0.40"],
+        &[("http", Protocol::Tcp, 80, None)],
+    );
+    let next = inputs(vec![web, third, fourth], vec![s]);
+    let c2 = Catalog::build(policy.clone(), &next, Some(&c1));
+    assert_eq!(cluster(&c2), ["10.96.0.20:8080", "10.244.1.10:8080"]);
+    let fresh = Catalog::build(policy, &next, None);
+    assert_eq!(cluster(&fresh), cluster(&c2));
+    assert_eq!(rejection_fields(&fresh), rejection_fields(&c2));
+    assert_eq!(
+        rules(&fresh, &facts("a")).system_version,
+        rules(&c2, &facts("a")).system_version
+    );
+    assert_eq!(
+        c2.rejections()
+            .iter()
+            .map(|r| r.field.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "endpoints[2].addresses[0]",
+            "endpoints[3].addresses[0]",
+            "endpoints[4].addresses[0]"
+        ]
+    );
 }

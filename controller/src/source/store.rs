@@ -45,9 +45,12 @@ impl Batch {
         };
         for svc in &objects.services {
             match model::service(svc, limits) {
-                ServiceOutcome::Proxied(m) => batch
-                    .services
-                    .push((m.id.clone(), ServiceEntry::Proxied(Arc::new(m)))),
+                ServiceOutcome::Proxied(m, problems) => {
+                    batch.rejections.extend(problems);
+                    batch
+                        .services
+                        .push((m.id.clone(), ServiceEntry::Proxied(Arc::new(m))));
+                }
                 ServiceOutcome::Ignored(why) => {
                     let id = ObjectName {
                         namespace: svc
