@@ -154,16 +154,6 @@ fn wait_synced_at(c: &Cluster, port: u16, cap: Duration) -> BTreeMap<String, Str
         .collect()
 }
 
-/// The elements of the agent's `generation` set (written by every transaction it commits).
-fn generation(c: &Cluster, node: &str) -> String {
-    let out = c.nft(node, &["list", "set", "ip", "kubenft", "generation"]);
-    out.lines()
-        .find(|l| l.contains("elements"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 /// What proves that an agent ran no transaction: its generation and the time of its last
 /// commit, per node.
 fn transactions(c: &Cluster) -> BTreeMap<String, (String, Value)> {
@@ -176,7 +166,7 @@ fn transactions(c: &Cluster) -> BTreeMap<String, (String, Value)> {
                 .unwrap_or_else(|e| panic!("{e}"));
             (
                 n.name.clone(),
-                (generation(c, &n.name), applied["lastAppliedUnixMs"].clone()),
+                (c.generation(&n.name), applied["lastAppliedUnixMs"].clone()),
             )
         })
         .collect()

@@ -17,30 +17,6 @@ use kubenft_lab::{
 
 const VIP: &str = "10.96.0.46:80";
 
-/// The kernel handle of `table ip kubenft` on node a (a new table gets a new one).
-fn table_handle(c: &Cluster) -> u64 {
-    let out = c.nft("a", &["-j", "list", "tables"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|o| &o["table"])
-        .find(|t| t["family"] == "ip" && t["name"] == "kubenft")
-        .and_then(|t| t["handle"].as_u64())
-        .unwrap_or_else(|| panic!("no `table ip kubenft`: {out}"))
-}
-
-/// The agent's `generation` set (every transaction it commits writes it).
-fn generation(c: &Cluster) -> String {
-    c.nft("a", &["list", "set", "ip", "kubenft", "generation"])
-        .lines()
-        .find(|l| l.contains("elements"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 /// Node a's acked version once the controller reports it SYNCED at a version other than
 /// `previous`.
 fn wait_new_ack(c: &Cluster, previous: &str, what: &str) -> String {
@@ -145,7 +121,7 @@ fn a_standby_agent_takes_over_after_sigterm_and_sigkill_adopting_the_tables() {
 
     // SIGTERM A: B takes over, adopting the tables (same table, no transaction), while a
     // client keeps opening connections to the Service.
-    let (handle, gen_before) = (table_handle(&c), generation(&c));
+    let (handle, gen_before) = (c.table_handle("a"), c.generation("a"));
     let stop = AtomicBool::new(false);
     let results = std::thread::scope(|s| {
         let traffic = s.spawn(|| {
@@ -179,8 +155,12 @@ fn a_standby_agent_takes_over_after_sigterm_and_sigkill_adopting_the_tables() {
     });
     let t = assert_all_ok(&results, "connections during the takeover");
     assert!(results.len() >= 10, "too little traffic: {t:?}");
-    assert_eq!(table_handle(&c), handle, "the table was recreated");
-    assert_eq!(generation(&c), gen_before, "a transaction ran at takeover");
+    assert_eq!(c.table_handle("a"), handle, "the table was recreated");
+    assert_eq!(
+        c.generation("a"),
+        gen_before,
+        "a transaction ran at takeover"
+    );
     // ... and applies the next change.
     set_endpoints(&c, &[w3]);
     acked = wait_new_ack(&c, &acked, "the first change after SIGTERM");
@@ -189,14 +169,18 @@ fn a_standby_agent_takes_over_after_sigterm_and_sigkill_adopting_the_tables() {
     // A comes back: now it is the standby. SIGKILL B: A takes over the same way.
     first.start().unwrap();
     wait_log(&first, "standby", "the restarted first agent");
-    let (handle, gen_before) = (table_handle(&c), generation(&c));
+    let (handle, gen_before) = (c.table_handle("a"), c.generation("a"));
     second.kill().unwrap();
     let killed = Instant::now();
     wait_log(&first, "took over the node", "after SIGKILL");
     wait_log(&first, "adopted the applied state", "after SIGKILL");
     eprintln!("took over {:?} after SIGKILL", killed.elapsed());
-    assert_eq!(table_handle(&c), handle, "the table was recreated");
-    assert_eq!(generation(&c), gen_before, "a transaction ran at takeover");
+    assert_eq!(c.table_handle("a"), handle, "the table was recreated");
+    assert_eq!(
+        c.generation("a"),
+        gen_before,
+        "a transaction ran at takeover"
+    );
     set_endpoints(&c, &[w1]);
     wait_new_ack(&c, &acked, "the first change after SIGKILL");
     wait_served_by(&c, "web-1");

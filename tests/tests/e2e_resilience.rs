@@ -12,31 +12,6 @@ use common::*;
 use kubenft_lab::probe::tally;
 use kubenft_lab::{Cond, Host, ProbeOpts, ProbeResult, Proto, Service, Slice, wait_until};
 
-/// The kernel handle of `table ip kubenft` in `node` (from `nft -j list tables`). Handles
-/// come from a per-namespace counter, so a deleted and recreated table gets a new one.
-fn table_handle(c: &Cluster, node: &str) -> u64 {
-    let out = c.nft(node, &["-j", "list", "tables"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|o| &o["table"])
-        .find(|t| t["family"] == "ip" && t["name"] == "kubenft")
-        .and_then(|t| t["handle"].as_u64())
-        .unwrap_or_else(|| panic!("no `table ip kubenft` on node {node}: {out}"))
-}
-
-/// The elements of the agent's `generation` set (written by every transaction it commits).
-fn generation(c: &Cluster, node: &str) -> String {
-    let out = c.nft(node, &["list", "set", "ip", "kubenft", "generation"]);
-    out.lines()
-        .find(|l| l.contains("elements"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 /// §5.45: continuous new TCP connections to a ClusterIP from a pod on node a while node a's
 /// agent is SIGKILLed and restarted: zero failures. The restarted agent adopts what is in
 /// the kernel: the table is the same object (same handle), no transaction ran (same
@@ -56,8 +31,8 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
     let target = vip("10.96.0.45:80");
     c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
     let acked = c.wait_synced(START);
-    let handle = table_handle(&c, "a");
-    let gen_before = generation(&c, "a");
+    let handle = c.table_handle("a");
+    let gen_before = c.generation("a");
     let applied = c.agent_call("a", "GetApplied").unwrap();
     let version = applied["systemVersion"]
         .as_str()
@@ -127,12 +102,12 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
         "too little traffic to prove anything: {t:?}"
     );
     assert_eq!(
-        table_handle(&c, "a"),
+        c.table_handle("a"),
         handle,
         "the agent recreated its table on restart"
     );
     assert_eq!(
-        generation(&c, "a"),
+        c.generation("a"),
         gen_before,
         "the restarted agent ran a transaction although the kernel already had its state"
     );
@@ -467,7 +442,7 @@ fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
     let target = vip("10.96.0.48:80");
     c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
     c.wait_synced(START);
-    let handle = table_handle(&c, "a");
+    let handle = c.table_handle("a");
     let version = c.agent_call("a", "GetApplied").unwrap()["systemVersion"]
         .as_str()
         .unwrap_or_default()
@@ -544,7 +519,7 @@ fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
         agent.log_tail(20)
     );
     assert_eq!(
-        table_handle(&c, "a"),
+        c.table_handle("a"),
         handle,
         "the agent recreated its table instead of reconciling it"
     );

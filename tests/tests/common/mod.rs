@@ -39,6 +39,32 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The kernel handle of `table ip kubenft` on `node` (from `nft -j list tables`). Handles
+    /// come from a per-namespace counter, so a deleted and recreated table gets a new one.
+    pub fn table_handle(&self, node: &str) -> u64 {
+        let out = self.nft(node, &["-j", "list", "tables"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|o| &o["table"])
+            .find(|t| t["family"] == "ip" && t["name"] == "kubenft")
+            .and_then(|t| t["handle"].as_u64())
+            .unwrap_or_else(|| panic!("no `table ip kubenft` on node {node}: {out}"))
+    }
+
+    /// The elements of `node`'s agent's `generation` set (every transaction it commits
+    /// writes it).
+    pub fn generation(&self, node: &str) -> String {
+        self.nft(node, &["list", "set", "ip", "kubenft", "generation"])
+            .lines()
+            .find(|l| l.contains("elements"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
     /// Builds a lab with `nodes`, without starting anything yet (pods and manifests can be
     /// added first); call [`Cluster::start`] next.
     ///
