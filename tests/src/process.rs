@@ -51,6 +51,8 @@ struct Inner {
     name: String,
     ns: String,
     argv: Vec<String>,
+    /// Environment variables set on top of the test's own (kept across restarts).
+    env: Vec<(String, String)>,
     stdout: PathBuf,
     stderr: PathBuf,
     child: Mutex<Option<Child>>,
@@ -67,10 +69,23 @@ impl Process {
     /// Starts `argv` in namespace `ns`; logs go to `<log_dir>/<name>.stdout|.stderr`
     /// (appended, so restarts keep the history).
     pub fn spawn(name: &str, ns: &str, argv: Vec<String>, log_dir: &Path) -> Result<Self> {
+        Self::spawn_with_env(name, ns, argv, Vec::new(), log_dir)
+    }
+
+    /// [`Self::spawn`] with environment variables `env` set on top of the test's own (on
+    /// every start, restarts included).
+    pub fn spawn_with_env(
+        name: &str,
+        ns: &str,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        log_dir: &Path,
+    ) -> Result<Self> {
         let p = Process(Arc::new(Inner {
             name: name.to_string(),
             ns: ns.to_string(),
             argv,
+            env,
             stdout: log_dir.join(format!("{name}.stdout")),
             stderr: log_dir.join(format!("{name}.stderr")),
             child: Mutex::new(None),
@@ -123,7 +138,17 @@ impl Process {
                 .append(true)
                 .open(p)
                 .map_err(|e| LabError::io(format!("opening log {}", p.display()), e))?;
-            let _ = writeln!(f, "=== kubenft-lab: starting {} ===", self.0.argv.join(" "));
+            let env: String = self
+                .0
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v} "))
+                .collect();
+            let _ = writeln!(
+                f,
+                "=== kubenft-lab: starting {env}{} ===",
+                self.0.argv.join(" ")
+            );
             Ok(f)
         };
         let stdout = open(&self.0.stdout)?;
@@ -137,7 +162,8 @@ impl Process {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = offset;
         let mut cmd = netns::exec_cmd(&self.0.ns, &self.0.argv);
-        cmd.stdin(Stdio::null())
+        cmd.envs(self.0.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(open(&self.0.stderr)?)
             .process_group(0);

@@ -682,7 +682,17 @@ impl Lab {
     // processes
 
     fn spawn_in(&self, name: &str, ns: &str, argv: Vec<String>) -> Result<Process> {
-        let p = Process::spawn(name, ns, argv, &self.dir)?;
+        self.spawn_in_with_env(name, ns, argv, Vec::new())
+    }
+
+    fn spawn_in_with_env(
+        &self,
+        name: &str,
+        ns: &str,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Result<Process> {
+        let p = Process::spawn_with_env(name, ns, argv, env, &self.dir)?;
         self.state().processes.push(p.clone());
         Ok(p)
     }
@@ -750,6 +760,17 @@ impl Lab {
     /// Starts `kubenft-agent` in `node`'s namespace with [`Self::agent_default_args`]
     /// followed by `extra`. Its state directory is created first.
     pub fn spawn_agent(&self, node: &str, extra: &[&str]) -> Result<Process> {
+        self.spawn_agent_with_env(node, extra, &[])
+    }
+
+    /// [`Self::spawn_agent`] with environment variables `env` set for the agent (e.g.
+    /// `KUBENFT_NFT`, the nft binary it runs).
+    pub fn spawn_agent_with_env(
+        &self,
+        node: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Process> {
         let bin = self.binary("kubenft-agent")?;
         let args = self.agent_default_args(node)?;
         let state = self.dir.join(format!("state-{node}"));
@@ -759,7 +780,11 @@ impl Lab {
         argv.extend(args);
         argv.extend(extra.iter().map(|s| s.to_string()));
         let ns = self.try_node(node)?.ns.clone();
-        self.spawn_in(&format!("agent-{node}"), &ns, argv)
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn_in_with_env(&format!("agent-{node}"), &ns, argv, env)
     }
 
     // -----------------------------------------------------------------------------------

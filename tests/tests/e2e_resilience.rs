@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -304,22 +306,63 @@ fn kernel_refusal_once_is_retried_and_the_change_applied() {
     );
 }
 
-/// A change the kernel refuses every time: another program created a map under the name
-/// our next endpoint slot needs (`ip-c-1-eps`, for a Service with two endpoints), with a data
-/// type of its own. The agent's drift repair leaves it alone (the name is one of ours, and
-/// the applied state has no such slot yet), so it persists: declaring our map under that
-/// name fails, and so does the full reconcile (which finds a map of that name and adds
-/// elements of the wrong type to it). The controller shows node a NACKED with a short error
-/// (≤ 3 lines) that names the map, and keeps sending the change again (`nackRetries`
-/// grows); node a keeps its last good state, which serves the old Service throughout; node
-/// b serves the new one. Once the map is removed, the next retry applies the change.
+/// An `nft` for node a's agent (`KUBENFT_NFT`) that refuses, while the file `flag` exists,
+/// every transaction whose script contains `marker`, as the kernel would ("Operation not
+/// permitted", then the offending line); everything else is the real nft. It refuses `-i`,
+/// so that every transaction comes through `nft -f -`, where it can read the whole script.
+/// The real nft is `exec`ed: it keeps the PID the agent spawned, by which the agent's
+/// `nft monitor` tells its own commits from other programs'.
+fn refusing_nft(dir: &Path, flag: &Path, marker: &str) -> PathBuf {
+    let path = dir.join("nft-refusing");
+    let script = format!(
+        r#"#!/bin/sh
+for arg in "$@"; do
+    [ "$arg" = -i ] && exit 1
+done
+if [ $# -eq 2 ] && [ "$1" = -f ] && [ "$2" = - ]; then
+    tmp=$(mktemp "{dir}/nft-script.XXXXXX") || exit 1
+    cat >"$tmp"
+    if [ -e "{flag}" ] && grep -q -F -e "{marker}" "$tmp"; then
+        echo "Error: Could not process rule: Operation not permitted" >&2
+        grep -m 1 -F -e "{marker}" "$tmp" >&2
+        rm -f "$tmp"
+        exit 1
+    fi
+    exec <"$tmp"
+    rm -f "$tmp"
+    exec nft -f -
+fi
+exec nft "$@"
+"#,
+        dir = dir.display(),
+        flag = flag.display(),
+    );
+    std::fs::write(&path, script).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    path
+}
+
+/// A change the kernel refuses every time: node a's agent runs its nft through a wrapper
+/// ([`refusing_nft`]) that, while a flag file exists, refuses every transaction naming the new
+/// Service's ClusterIP — the change itself, its retries and the full reconcile alike. The
+/// controller shows node a NACKED with a short error (≤ 3 lines) that names the refusal, and
+/// keeps sending the change again (`nackRetries` grows); node a keeps its last good state,
+/// which serves the old Service throughout; node b serves the new one. Once the flag is
+/// removed, the next retry applies the change.
+///
+/// (Another program squatting the name of the map our change needs no longer makes a
+/// persistent refusal: the agent's structure check deletes such stale objects.)
 #[test]
 fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_serving() {
     let lab = Cluster::lab(&["a", "b"]);
     let web = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
     client(&lab, "client-a", "a");
     client(&lab, "client-b", "b");
-    let c = Cluster::start(lab);
+    let flag = lab.dir().join("refuse");
+    let nft = refusing_nft(lab.dir(), &flag, "10.96.0.63");
+    let nft = nft.display().to_string();
+    let c = Cluster::start_with_agent_env(lab, &[("a", &[("KUBENFT_NFT", nft.as_str())])]);
     let old = Service::cluster_ip("old", "10.96.0.62").port("http", 80, TCP, Proto::Tcp);
     let old_slice = Slice::for_service("old")
         .port("http", TCP)
@@ -329,10 +372,7 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
     c.wait_answers(Host::Pod("client-a"), Proto::Tcp, old_vip, START);
     c.wait_synced(START);
 
-    c.nft(
-        "a",
-        &["add map ip kubenft ip-c-1-eps { type ipv4_addr . inet_proto . inet_service : ipv4_addr ; }"],
-    );
+    std::fs::write(&flag, "").unwrap_or_else(|e| panic!("creating {}: {e}", flag.display()));
     let new = Service::cluster_ip("new", "10.96.0.63").port("http", 80, TCP, Proto::Tcp);
     let new_slice = Slice::for_service("new")
         .port("http", TCP)
@@ -382,8 +422,8 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
         "the NACK's error should be nft's first lines (≤ 3): {err:?}"
     );
     assert!(
-        err.contains("ip-c-1-eps"),
-        "the NACK's error should name the failing set: {err:?}"
+        err.contains("Operation not permitted") && err.contains("10.96.0.63"),
+        "the NACK's error should name the refusal and the refused line: {err:?}"
     );
     let t = tally(&results);
     eprintln!(
@@ -408,12 +448,12 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
     assert!(
         applied["lastError"]
             .as_str()
-            .is_some_and(|e| e.contains("ip-c-1-eps")),
+            .is_some_and(|e| e.contains("Operation not permitted")),
         "the agent should report its last error: {applied}"
     );
 
-    // The other program's set goes: the controller's next retry is applied.
-    c.nft("a", &["delete set ip kubenft ip-c-1-eps"]);
+    // The refusal ends: the controller's next retry is applied.
+    std::fs::remove_file(&flag).unwrap_or_else(|e| panic!("removing {}: {e}", flag.display()));
     c.wait_answers(
         Host::Pod("client-a"),
         Proto::Tcp,
@@ -421,6 +461,15 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
         Duration::from_secs(20),
     );
     c.wait_synced(START);
+    let a = c.list_nodes().unwrap().remove("a").unwrap();
+    assert_eq!(a["state"], "SYNCED", "{a}");
+    let rs = c.probe(
+        Host::Pod("client-a"),
+        Proto::Tcp,
+        old_vip,
+        &ProbeOpts::count(6),
+    );
+    assert_all_ok(&rs, "old Service on node a after the change");
 }
 
 /// A corrupted state file: node a's agent is killed, its state file truncated to half, and

@@ -515,13 +515,17 @@ fn repair_times_per_fault_kind() {
 
 /// Another program's commit that touches our table but damages nothing of ours (a set under
 /// the name of an endpoint slot the agent does not use) is counted as drift, and leaves the
-/// data plane CONVERGED: there is nothing to repair, so the node must not stay REPAIRING
-/// (it did, in the agent's first self-healing version).
+/// data plane CONVERGED: there is nothing to repair at once, so the node must not stay
+/// REPAIRING (it did, in the agent's first self-healing version). The set is named as ours
+/// but the applied state does not need it: the next structure check (every 10 s) deletes it
+/// as stale, and the node is CONVERGED and SYNCED after that too.
 #[test]
 fn a_harmless_foreign_commit_leaves_the_node_converged() {
     let f = fixture();
     let c = &f.c;
     let (drift_before, _, _) = listed_dataplane(c, "full");
+    let (_, stale_before, _) = listed_dataplane(c, "stale");
+    let stale_metric_before = repairs_metric(c, "stale");
     c.nft(
         "a",
         &["add set ip kubenft ip-c-7-eps { type inet_service ; }"],
@@ -535,6 +539,27 @@ fn a_harmless_foreign_commit_leaves_the_node_converged() {
     settled.unwrap_or_else(|e| {
         panic!("node a's data plane after a no-op foreign commit ({e}): {last}")
     });
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, vip(WEB), REPAIR);
+
+    // The structure check's interval and a margin: longer than the lab's usual 10 s cap,
+    // since the check that finds the set runs only every 10 s.
+    let cap = Duration::from_secs(13);
+    wait_until(cap, Duration::from_millis(100), || {
+        let gone = !c
+            .nft("a", &["list", "sets", "ip"])
+            .contains("set ip-c-7-eps");
+        let (_, stale, node) = listed_dataplane(c, "stale");
+        last = node;
+        Ok::<_, String>(
+            gone && stale > stale_before && last["dataplane"]["state"] == "DATAPLANE_CONVERGED",
+        )
+    })
+    .unwrap_or_else(|e| panic!("the unused set was not deleted as stale ({e}): {last}"));
+    assert_eq!(last["state"], "SYNCED", "{last}");
+    assert!(
+        repairs_metric(c, "stale") > stale_metric_before,
+        "kubenft_agent_repairs_total{{kind=\"stale\"}} did not grow"
+    );
     c.wait_answers(Host::Pod("client"), Proto::Tcp, vip(WEB), REPAIR);
 }
 

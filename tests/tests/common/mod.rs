@@ -97,17 +97,35 @@ impl Cluster {
         let controller = lab
             .spawn_controller(controller_args)
             .unwrap_or_else(|e| panic!("starting the controller: {e}"));
-        Self::with_agents(lab, controller)
+        Self::with_agents(lab, controller, &[])
     }
 
-    /// A cluster around a started controller: one agent per node, with the lab's defaults.
-    fn with_agents(lab: Lab, controller: Process) -> Cluster {
+    /// Starts the controller (lab defaults) and one agent per node; the agents of the nodes
+    /// named in `agent_env` get those environment variables (e.g. `KUBENFT_NFT`).
+    pub fn start_with_agent_env(lab: Lab, agent_env: &[(&str, &[(&str, &str)])]) -> Cluster {
+        let controller = lab
+            .spawn_controller(&[])
+            .unwrap_or_else(|e| panic!("starting the controller: {e}"));
+        Self::with_agents(lab, controller, agent_env)
+    }
+
+    /// A cluster around a started controller: one agent per node, with the lab's defaults
+    /// and the environment variables `agent_env` names for its node.
+    fn with_agents(
+        lab: Lab,
+        controller: Process,
+        agent_env: &[(&str, &[(&str, &str)])],
+    ) -> Cluster {
         let agents = lab
             .nodes()
             .iter()
             .map(|n| {
+                let env = agent_env
+                    .iter()
+                    .find(|(node, _)| *node == n.name)
+                    .map_or(&[][..], |(_, env)| *env);
                 let p = lab
-                    .spawn_agent(&n.name, &[])
+                    .spawn_agent_with_env(&n.name, &[], env)
                     .unwrap_or_else(|e| panic!("starting agent {}: {e}", n.name));
                 (n.name.clone(), p)
             })
@@ -137,7 +155,7 @@ impl Cluster {
         let controller = lab
             .spawn("controller", Host::ControlPlane, &argv)
             .unwrap_or_else(|e| panic!("starting the controller: {e}"));
-        Self::with_agents(lab, controller)
+        Self::with_agents(lab, controller, &[])
     }
 
     pub fn agent(&self, node: &str) -> &Process {
