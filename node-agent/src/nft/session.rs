@@ -95,9 +95,17 @@ impl Session {
             loop {
                 let mut line = String::new();
                 if self.stderr.read_line(&mut line).await? == 0 {
+                    // Its stderr closed: the process is exiting; its status says why (a
+                    // signal, an exit code), so wait a moment for it.
+                    let status =
+                        tokio::time::timeout(Duration::from_millis(200), self.child.wait()).await;
+                    let status = match status {
+                        Ok(Ok(status)) => status.to_string(),
+                        _ => "status unknown".to_owned(),
+                    };
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
-                        format!("nft -i exited ({:?})", self.child.try_wait()),
+                        format!("nft -i exited ({status})"),
                     ));
                 }
                 if line.trim_end() == marker {
