@@ -294,7 +294,11 @@ impl NftCli {
             .kill_on_drop(true)
             .spawn()
             .map_err(spawn_err)?;
-        self.own.started(child.id());
+        // Only a process given a script can commit: listings would only push the PIDs of
+        // processes that do out of the list.
+        if stdin.is_some() {
+            self.own.started(child.id());
+        }
         let io = async {
             if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
                 pipe.write_all(text.as_bytes()).await?;
