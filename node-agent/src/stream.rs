@@ -38,6 +38,9 @@ const LARGE_CHANGE: usize = 512;
 pub struct StreamConfig {
     pub controllers: Vec<String>,
     pub node_name: String,
+    /// The agent's client certificate and the controllers' CA, read afresh for each
+    /// connection (so rotated files are used from the next one on). `None`: plaintext.
+    pub tls: Option<kubenft_tls::ClientFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,8 @@ enum SessionError {
     Status(#[from] tonic::Status),
     #[error("the stream's sender is gone")]
     Closed,
+    #[error("TLS: {0}")]
+    Tls(#[from] kubenft_tls::Error),
 }
 
 /// Since when no controller stream is open, for the one line logged when it ends.
@@ -152,7 +157,12 @@ async fn session<N: Nft>(
     up_since: &mut Option<Instant>,
     outage: &mut Outage,
 ) -> Result<(), SessionError> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
+    if let Some(files) = &cfg.tls {
+        // The controller's certificate is checked against the URL's host.
+        endpoint = endpoint.tls_config(files.load()?)?;
+    }
+    let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .http2_keep_alive_interval(Duration::from_secs(30))
