@@ -155,6 +155,7 @@ impl RuleStream for RuleStreamService {
     ) -> Result<Response<ChangeStream>, Status> {
         let peer = request.remote_addr();
         let common_name = kubenft_tls::peer_common_name(&request);
+        let serial = kubenft_tls::peer_serial(&request);
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -191,6 +192,9 @@ impl RuleStream for RuleStreamService {
                 clip(&hello.node_name),
                 kubenft_tls::node_identity(&hello.node_name)
             )));
+        }
+        if self.node_identity {
+            info!(peer = ?peer, common_name = ?common_name, serial = ?serial, node = %hello.node_name, "stream authenticated");
         }
         let (tx, rx) = mpsc::channel(4);
         let span = info_span!("agent", node = %hello.node_name);

@@ -123,7 +123,7 @@ pub async fn run<N: Nft>(
         let error = match result {
             Ok(()) if cancel.is_cancelled() => break,
             Ok(()) => "the controller closed the stream".to_owned(),
-            Err(e) => e.to_string(),
+            Err(e) => chain(&e),
         };
         let was_up = up_since.map(|t: Instant| t.elapsed());
         outage.failed(url, &error, was_up);
@@ -137,6 +137,22 @@ pub async fn run<N: Nft>(
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     tracing::debug!("controller client stopped");
+}
+
+/// An error with its causes (tonic's transport error says only "transport error"; the cause
+/// says which: refused, a TLS handshake failure, a certificate the controller rejected...).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let line = s.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Between half and all of `backoff`.

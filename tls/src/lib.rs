@@ -324,8 +324,12 @@ impl ClientCertVerifier for ConnVerifier {
         true
     }
 
+    /// No hints: a client then presents its certificate whatever CA signed it (Go's TLS
+    /// client, grpcurl's, would otherwise send none when its CA is not hinted), so a refusal
+    /// names the certificate and the precise reason (`unknown_ca` rather than
+    /// `no_certificate`). The CA is no secret, but it need not be advertised either.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -483,6 +487,27 @@ pub fn common_name(cert: &[u8]) -> Option<String> {
     found
 }
 
+/// The serial number of a DER certificate in upper-case hex, as `openssl x509 -serial`
+/// prints it (for logs: which certificate a peer presented).
+pub fn serial_hex(cert: &[u8]) -> Option<String> {
+    let (_, cert, _) = der(cert, 0x30)?;
+    let (_, mut tbs, _) = der(cert, 0x30)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = der(tbs, 0xa0)?.2;
+    }
+    let (_, serial, _) = der(tbs, 0x02)?;
+    let digits: String = serial
+        .iter()
+        .skip_while(|b| **b == 0)
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    Some(if digits.is_empty() {
+        "00".into()
+    } else {
+        digits
+    })
+}
+
 /// One DER element with tag `tag`: (tag, content, rest).
 fn der(input: &[u8], tag: u8) -> Option<(u8, &[u8], &[u8])> {
     der_any(input).filter(|(t, _, _)| *t == tag)
@@ -516,6 +541,12 @@ pub fn peer_common_name<T>(request: &tonic::Request<T>) -> Option<String> {
     common_name(certs.first()?.as_ref())
 }
 
+/// The serial number (hex) of the verified client certificate of a request, if any.
+pub fn peer_serial<T>(request: &tonic::Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    serial_hex(certs.first()?.as_ref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,6 +558,37 @@ mod tests {
         assert!(der_any(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_none());
         assert_eq!(der_any(&[0x04, 0x81, 0x01, 9]).unwrap().1, &[9]);
         assert!(common_name(b"not a certificate").is_none());
+    }
+
+    /// A real certificate (made by the openssl CLI, as in the lab): CN and serial read back.
+    #[test]
+    fn reads_the_cn_and_serial_of_a_real_certificate() {
+        let dir = std::env::temp_dir().join(format!("kubenft-tls-cn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (crt, key) = (dir.join("c.crt"), dir.join("c.key"));
+        let ok = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/O=kubenft/CN=system:node:a",
+                "-set_serial",
+                "0x8badf00d",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .expect("openssl")
+            .status
+            .success();
+        assert!(ok);
+        let pem = std::fs::read(&crt).unwrap();
+        let der = certs(&crt, &pem).unwrap().remove(0);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(common_name(&der).as_deref(), Some("system:node:a"));
+        assert_eq!(serial_hex(&der).as_deref(), Some("8BADF00D"));
     }
 
     #[test]
