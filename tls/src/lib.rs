@@ -591,6 +591,184 @@ mod tests {
         assert_eq!(serial_hex(&der).as_deref(), Some("8BADF00D"));
     }
 
+    fn openssl(args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CA in `dir` and a leaf `name` it signs (SAN IP 127.0.0.1, both usages).
+    fn leaf(dir: &Path, name: &str, cn: &str) {
+        let p = |f: &str| dir.join(f).display().to_string();
+        if !dir.join("ca.crt").exists() {
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &p("ca.key"),
+                "-out",
+                &p("ca.crt"),
+                "-subj",
+                "/CN=ca",
+                "-days",
+                "1",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ]);
+        }
+        std::fs::write(
+            dir.join("ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &p(&format!("{name}.key")),
+            "-out",
+            &p("csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p("csr"),
+            "-CA",
+            &p("ca.crt"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p(&format!("{name}.crt")),
+            "-days",
+            "1",
+            "-extfile",
+            &p("ext"),
+        ]);
+    }
+
+    fn tempdir(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kubenft-tls-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn served(tls: &ServerTls) -> Vec<u8> {
+        tls.current.lock().key.cert[0].to_vec()
+    }
+
+    /// Rotation: unchanged files are not re-read; a half-done rotation (a new certificate
+    /// with the old key) keeps the old pair; the completed one is taken.
+    #[test]
+    fn changed_files_are_reloaded_and_a_mismatched_pair_is_not() {
+        let dir = tempdir("reload");
+        leaf(&dir, "s", "server");
+        leaf(&dir, "s2", "server-2");
+        let files = ServerFiles {
+            cert: dir.join("s.crt"),
+            key: dir.join("s.key"),
+            client_ca: dir.join("ca.crt"),
+        };
+        let tls = ServerTls::load(files).unwrap();
+        let first = served(&tls);
+        assert!(!tls.reload_if_changed());
+        std::fs::rename(dir.join("s2.crt"), dir.join("s.crt")).unwrap();
+        assert!(
+            !tls.reload_if_changed(),
+            "a certificate with the wrong key was taken"
+        );
+        assert_eq!(served(&tls), first);
+        std::fs::rename(dir.join("s2.key"), dir.join("s.key")).unwrap();
+        assert!(tls.reload_if_changed());
+        assert_ne!(served(&tls), first);
+        assert_eq!(common_name(&served(&tls)).as_deref(), Some("server-2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A client without a certificate is refused in the handshake, with the reason, and
+    /// never reaches the server; one with a certificate from the CA gets through.
+    #[tokio::test]
+    async fn handshakes_are_refused_with_a_reason() {
+        let dir = tempdir("handshake");
+        leaf(&dir, "s", "server");
+        leaf(&dir, "c", "system:node:a");
+        let tls = ServerTls::load(ServerFiles {
+            cert: dir.join("s.crt"),
+            key: dir.join("s.key"),
+            client_ca: dir.join("ca.crt"),
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (refusals_tx, mut refusals) = mpsc::unbounded_channel();
+        let mut accepted = incoming(listener, tls, move |r| {
+            let _ = refusals_tx.send(r);
+        });
+        let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+        let mut roots = RootCertStore::empty();
+        for c in certs(&dir.join("ca.crt"), &ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let chain = certs(
+            &dir.join("c.crt"),
+            &std::fs::read(dir.join("c.crt")).unwrap(),
+        )
+        .unwrap();
+        let key = private_key(
+            &dir.join("c.key"),
+            &std::fs::read(dir.join("c.key")).unwrap(),
+        )
+        .unwrap();
+        let with_cert = builder.clone().with_client_auth_cert(chain, key).unwrap();
+        let without = builder.with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        for config in [without, with_cert] {
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            if let Ok(mut s) = connector.connect(name.clone(), tcp).await {
+                // TLS 1.3: the client learns of a refusal only when it reads.
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s.write_all(b"x").await;
+                let mut buf = [0u8; 1];
+                let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await;
+            }
+        }
+        let refusal = refusals.recv().await.unwrap();
+        assert_eq!(refusal.reason, "no_certificate", "{refusal:?}");
+        use futures::StreamExt as _;
+        let conn = accepted.next().await.unwrap().unwrap();
+        let peer = conn.get_ref().1.peer_certificates().unwrap()[0].clone();
+        assert_eq!(common_name(&peer).as_deref(), Some("system:node:a"));
+        assert!(refusals.try_recv().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn node_identity_is_the_kubelet_convention() {
         assert_eq!(node_identity("a"), "system:node:a");
