@@ -153,7 +153,9 @@ impl RuleStream for RuleStreamService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<ChangeStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let common_name = kubenft_tls::peer_common_name(&request);
         let serial = kubenft_tls::peer_serial(&request);
         let mut inbound = request.into_inner();
@@ -177,7 +179,7 @@ impl RuleStream for RuleStreamService {
         {
             self.metrics.refused("wrong_node");
             warn!(
-                peer = ?peer,
+                %peer,
                 common_name = ?common_name,
                 node = %hello.node_name,
                 reason = "wrong_node",
@@ -194,7 +196,7 @@ impl RuleStream for RuleStreamService {
             )));
         }
         if self.node_identity {
-            info!(peer = ?peer, common_name = ?common_name, serial = ?serial, node = %hello.node_name, "stream authenticated");
+            info!(%peer, common_name = ?common_name, serial = ?serial, node = %hello.node_name, "stream authenticated");
         }
         let (tx, rx) = mpsc::channel(4);
         let span = info_span!("agent", node = %hello.node_name);
