@@ -769,6 +769,32 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A client that connects and says nothing is dropped after the handshake timeout (the
+    /// clock is paused: the runtime jumps to the timeout once everything waits).
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+        let dir = tempdir("timeout");
+        leaf(&dir, "s", "server");
+        let tls = ServerTls::load(ServerFiles {
+            cert: dir.join("s.crt"),
+            key: dir.join("s.key"),
+            client_ca: dir.join("ca.crt"),
+        })
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (refusals_tx, mut refusals) = mpsc::unbounded_channel();
+        let _accepted = incoming(listener, tls, move |r| {
+            let _ = refusals_tx.send(r);
+        });
+        let started = tokio::time::Instant::now();
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let refusal = refusals.recv().await.unwrap();
+        assert_eq!(refusal.reason, "handshake_timeout", "{refusal:?}");
+        assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+    }
+
     #[test]
     fn node_identity_is_the_kubelet_convention() {
         assert_eq!(node_identity("a"), "system:node:a");
