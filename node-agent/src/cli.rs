@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long, env = "NODE_NAME", value_parser = non_empty)]
     pub node_name: Option<String>,
 
-    /// Controller gRPC URL (repeatable; tried in turn), e.g. http://192.168.50.2:9650.
+    /// Controller gRPC URL (repeatable; tried in turn), e.g. https://192.168.50.2:9650 (the
+    /// certificate is checked against the host); http:// only with --insecure.
     #[arg(long = "controller", value_name = "URL", value_parser = controller_url, required_unless_present = "cleanup")]
     pub controllers: Vec<String>,
 
