@@ -174,6 +174,8 @@ async fn run_once(
             "node-0",
             "--controller",
             &format!("http://{CONTROLLER}"),
+            // The fake controller speaks plaintext; TLS costs are not what this measures.
+            "--insecure",
         ])
         .args([
             "--healthz-listen",

@@ -68,6 +68,8 @@ impl Controller {
         let child = tokio::process::Command::new(bin)
             .arg(format!("--source=dir:{}", dir.display()))
             .args(["--grpc-listen", &grpc.to_string()])
+            // The simulated agents connect in plaintext (TLS is not what this measures).
+            .arg("--insecure")
             .args(["--http-listen", &http.to_string()])
             .args(["--cluster-cidr", crate::workload::CLUSTER_CIDR])
             .args(["--service-cidr", crate::workload::SERVICE_CIDR])

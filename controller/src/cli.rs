@@ -63,6 +63,47 @@ pub struct Args {
     /// Parse and validate the command line, print `OK` and exit (manifests are checked with it).
     #[arg(long)]
     pub check_config: bool,
+    /// The gRPC port's serving certificate (PEM, chain first); re-read when it changes.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The serving certificate's private key (PEM); re-read when it changes.
+    #[arg(long, value_name = "PATH")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// The CA that signs agents' (CN system:node:NAME) and operators' client certificates
+    /// (PEM); re-read when it changes.
+    #[arg(long, value_name = "PATH")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Serve gRPC in plaintext, without client authentication (only without the TLS flags).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// The flags that make the gRPC port TLS.
+pub const TLS_FLAGS: &str = "--tls-cert-file, --tls-private-key-file and --client-ca-file";
+
+impl Args {
+    /// The gRPC port's TLS files (`None` with `--insecure`), or why the command line is
+    /// refused: TLS needs all three files, and plaintext must be asked for.
+    pub fn tls(&self) -> Result<Option<kubenft_tls::ServerFiles>, String> {
+        let files = [
+            &self.tls_cert_file,
+            &self.tls_private_key_file,
+            &self.client_ca_file,
+        ];
+        match (files, self.insecure) {
+            ([Some(cert), Some(key), Some(ca)], false) => Ok(Some(kubenft_tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+            })),
+            ([None, None, None], true) => Ok(None),
+            ([None, None, None], false) => Err(format!(
+                "refusing to serve gRPC in plaintext: give {TLS_FLAGS}, or --insecure to run without TLS"
+            )),
+            (_, true) => Err(format!("--insecure cannot be combined with {TLS_FLAGS}")),
+            (_, false) => Err(format!("TLS needs all of {TLS_FLAGS}")),
+        }
+    }
 }
 
 fn parse_source(s: &str) -> Result<SourceArg, String> {
@@ -110,6 +151,7 @@ mod tests {
     fn parses_the_documented_flags() {
         let a = Args::try_parse_from([
             "kubenft-controller",
+            "--insecure",
             "--source",
             "dir:/tmp/m",
             "--cluster-cidr",
@@ -127,6 +169,39 @@ mod tests {
         assert_eq!(a.cluster_cidrs.len(), 2);
         assert!(matches!(a.node_port_addresses, NodePortAddresses::Cidrs(ref c) if c.len() == 2));
         assert_eq!(a.node_port_range, 30000..=30100);
+        assert_eq!(a.tls(), Ok(None));
+    }
+
+    #[test]
+    fn plaintext_only_when_asked_for() {
+        let tls = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("kubenft-controller").chain(args.iter().copied()))
+                .unwrap()
+                .tls()
+        };
+        let err = tls(&[]).unwrap_err();
+        for flag in [
+            "--tls-cert-file",
+            "--tls-private-key-file",
+            "--client-ca-file",
+            "--insecure",
+        ] {
+            assert!(err.contains(flag), "{err}");
+        }
+        let all = [
+            "--tls-cert-file",
+            "c.crt",
+            "--tls-private-key-file",
+            "c.key",
+            "--client-ca-file",
+            "ca.crt",
+        ];
+        let files = tls(&all).unwrap().unwrap();
+        assert_eq!(files.client_ca, PathBuf::from("ca.crt"));
+        assert!(tls(&all[..4]).unwrap_err().contains("needs all"));
+        let mut insecure = all.to_vec();
+        insecure.push("--insecure");
+        assert!(tls(&insecure).unwrap_err().contains("--insecure cannot"));
     }
 
     #[test]

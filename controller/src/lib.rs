@@ -30,7 +30,7 @@ use kubenft_proto::v1::rule_stream_server::RuleStreamServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -58,6 +58,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] kubenft_tls::Error),
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -71,6 +73,8 @@ pub struct Config {
     /// For `--source kube`: an explicit kubeconfig (else `KUBECONFIG`, `~/.kube/config`, or
     /// the in-cluster environment). Explicit so tests need not touch the process environment.
     pub kubeconfig: Option<PathBuf>,
+    /// The gRPC port's certificate, key and client CA (`None`: plaintext, `--insecure`).
+    pub tls: Option<kubenft_tls::ServerFiles>,
 }
 
 impl From<&cli::Args> for Config {
@@ -80,6 +84,7 @@ impl From<&cli::Args> for Config {
             grpc_listen: a.grpc_listen,
             http_listen: a.http_listen,
             kubeconfig: a.kubeconfig.clone(),
+            tls: a.tls().ok().flatten(),
             policy: ClusterPolicy {
                 cluster_cidrs: a.cluster_cidrs.clone(),
                 service_cidrs: a.service_cidrs.clone(),
@@ -96,6 +101,12 @@ impl From<&cli::Args> for Config {
 
 /// Runs the controller until `shutdown` is cancelled, then drains agent streams.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    // Unreadable TLS files stop the start, before anything else is started.
+    let tls = config
+        .tls
+        .clone()
+        .map(kubenft_tls::ServerTls::load)
+        .transpose()?;
     let limits = config.policy.limits.clone();
     let hub = Arc::new(Hub::new(config.policy));
     let metrics = Arc::new(Metrics::new());
@@ -132,8 +143,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         http::router(hub.clone(), metrics.clone()),
         shutdown.clone(),
     );
-    let grpc = serve_grpc(config.grpc_listen, hub, metrics, shutdown.clone());
-    info!(grpc = %config.grpc_listen, http = %config.http_listen, "controller started");
+    let tls_enabled = tls.is_some();
+    let grpc = serve_grpc(config.grpc_listen, tls, hub, metrics, shutdown.clone());
+    info!(grpc = %config.grpc_listen, http = %config.http_listen, tls = tls_enabled, "controller started");
     let result = tokio::select! {
         r = grpc => r,
         r = http => r.map_err(|source| Error::Http { addr: config.http_listen, source }),
@@ -198,6 +210,7 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpList
 
 async fn serve_grpc(
     addr: SocketAddr,
+    tls: Option<Arc<kubenft_tls::ServerTls>>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -217,16 +230,12 @@ async fn serve_grpc(
         .register_encoded_file_descriptor_set(kubenft_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let streams = RuleStreamServer::new(stream::RuleStreamService::new(
-        hub.clone(),
-        metrics,
-        shutdown.clone(),
-    ));
-    let incoming = TcpIncoming::from(
-        listen(addr, GRPC_BACKLOG).map_err(|source| Error::Listen { addr, source })?,
-    )
-    .with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let streams = RuleStreamServer::new(
+        stream::RuleStreamService::new(hub.clone(), metrics.clone(), shutdown.clone())
+            .require_node_identity(tls.is_some()),
+    );
+    let listener = listen(addr, GRPC_BACKLOG).map_err(|source| Error::Listen { addr, source })?;
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(streams)
@@ -235,9 +244,25 @@ async fn serve_grpc(
         )))
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await;
+        .add_service(reflection_v1alpha);
+    let result = match tls {
+        Some(tls) => {
+            tls.watch(shutdown.clone());
+            let incoming = kubenft_tls::incoming(listener, tls, move |r| {
+                metrics.refused(r.reason);
+                warn!(peer = %r.peer, common_name = ?r.common_name, reason = r.reason, error = %r.error, "refused a connection: TLS handshake failed");
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+        }
+    };
     result.map_err(|source| {
         error!(%addr, error = %source, "gRPC server failed");
         Error::Grpc { addr, source }

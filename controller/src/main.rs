@@ -1,7 +1,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use kubenft_controller::cli::{Args, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -9,6 +9,12 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(e) => Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit(),
+    };
     if args.check_config {
         println!("OK");
         return Ok(());
@@ -16,7 +22,9 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(args.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    kubenft_controller::run((&args).into(), shutdown)
+    let mut config = kubenft_controller::Config::from(&args);
+    config.tls = tls;
+    kubenft_controller::run(config, shutdown)
         .await
         .context("kubenft-controller")
 }

@@ -25,6 +25,11 @@ pub struct SourceEventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -72,6 +77,10 @@ pub struct Metrics {
     pub push_duration: Histogram,
     /// Whether the source can currently be read (`/readyz` says why not).
     pub source_health: SourceHealth,
+    /// Connections and streams refused before any rule was sent, by reason (a failed TLS
+    /// handshake: `no_certificate`, `unknown_ca`, `expired`, `not_tls`, ...; a certificate
+    /// naming another node: `wrong_node`).
+    pub stream_refused: Family<ReasonLabels, Counter>,
 }
 
 /// Whether the source is currently failing (a directory or file that cannot be read, an API
@@ -193,6 +202,12 @@ impl Metrics {
             "Kubernetes watcher errors by kind (retried with backoff, or relisted on 410 Gone)",
             source_errors.clone(),
         );
+        let stream_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "stream_refused",
+            "Connections refused during the TLS handshake, and streams refused because the client certificate names another node, by reason; nothing is sent to them",
+            stream_refused.clone(),
+        );
         let nodes = Family::<StateLabels, Gauge>::default();
         registry.register(
             "nodes",
@@ -219,7 +234,14 @@ impl Metrics {
             rejected_objects,
             push_duration,
             source_health,
+            stream_refused,
         }
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.stream_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn source_event(&self, kind: &'static str, event: &'static str) {

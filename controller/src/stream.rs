@@ -120,6 +120,8 @@ pub struct RuleStreamService {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     large_changes: Arc<Semaphore>,
+    /// Whether a stream needs a client certificate naming its node (TLS is on).
+    node_identity: bool,
 }
 
 impl RuleStreamService {
@@ -129,7 +131,15 @@ impl RuleStreamService {
             metrics,
             shutdown,
             large_changes: Arc::new(Semaphore::new(LARGE_CHANGES_IN_FLIGHT)),
+            node_identity: false,
         }
+    }
+
+    /// Opens node N's stream only for a client certificate with Subject CN
+    /// `system:node:N` (the TLS handshake has verified it against the client CA).
+    pub fn require_node_identity(mut self, required: bool) -> Self {
+        self.node_identity = required;
+        self
     }
 }
 
@@ -143,6 +153,11 @@ impl RuleStream for RuleStreamService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<ChangeStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let common_name = kubenft_tls::peer_common_name(&request);
+        let serial = kubenft_tls::peer_serial(&request);
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -157,6 +172,31 @@ impl RuleStream for RuleStreamService {
                 "node name {:?} is not a DNS-1123 subdomain",
                 clip(&hello.node_name)
             )));
+        }
+        // Before the hub hears of it: an impostor never disturbs the node's real agent.
+        if self.node_identity
+            && common_name.as_deref() != Some(kubenft_tls::node_identity(&hello.node_name).as_str())
+        {
+            self.metrics.refused("wrong_node");
+            warn!(
+                %peer,
+                common_name = ?common_name,
+                node = %hello.node_name,
+                reason = "wrong_node",
+                "refused a stream: the client certificate does not name this node"
+            );
+            return Err(Status::permission_denied(format!(
+                "the client certificate {:?} does not name node {:?} (expected CN {:?})",
+                common_name
+                    .as_deref()
+                    .map(clip)
+                    .unwrap_or_else(|| "(none)".into()),
+                clip(&hello.node_name),
+                kubenft_tls::node_identity(&hello.node_name)
+            )));
+        }
+        if self.node_identity {
+            info!(%peer, common_name = ?common_name, serial = ?serial, node = %hello.node_name, "stream authenticated");
         }
         let (tx, rx) = mpsc::channel(4);
         let span = info_span!("agent", node = %hello.node_name);

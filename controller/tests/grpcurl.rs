@@ -69,6 +69,7 @@ async fn grpcurl_lists_describes_and_calls_the_controller() {
             http_listen: free_port(),
             policy: ClusterPolicy::default(),
             kubeconfig: None,
+            tls: None,
         },
         shutdown.clone(),
     ));

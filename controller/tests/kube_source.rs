@@ -82,6 +82,7 @@ impl Controller {
             http_listen: http,
             policy: ClusterPolicy::default(),
             kubeconfig: Some(kubeconfig),
+            tls: None,
         };
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

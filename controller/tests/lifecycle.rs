@@ -53,6 +53,7 @@ fn the_controller_survives_a_closed_stderr_stops_on_sigterm_and_queues_a_fleet()
         .arg(format!("--source=dir:{}", dir.display()))
         .args(["--grpc-listen", &grpc.to_string()])
         .args(["--http-listen", &http.to_string()])
+        .arg("--insecure")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -108,4 +109,73 @@ fn the_controller_survives_a_closed_stderr_stops_on_sigterm_and_queues_a_fleet()
     assert!(stopped.success());
     let status = status.expect("SIGTERM did not stop the controller within 10 s");
     assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
+
+/// Plaintext only when asked for: without the TLS files and without `--insecure` the binary
+/// exits non-zero at once, naming the flags (also under `--check-config`); so does a
+/// half-given TLS configuration, and `--insecure` together with TLS files.
+#[test]
+fn the_controller_refuses_to_start_without_tls_or_insecure() {
+    for (args, wanted) in [
+        (&[][..], "--insecure"),
+        (&["--check-config"][..], "--insecure"),
+        (
+            &["--tls-cert-file", "/nonexistent.crt"][..],
+            "--client-ca-file",
+        ),
+        (
+            &[
+                "--insecure",
+                "--tls-cert-file",
+                "c",
+                "--tls-private-key-file",
+                "k",
+                "--client-ca-file",
+                "ca",
+            ][..],
+            "--insecure cannot",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubenft-controller"))
+            .args([
+                "--source",
+                "dir:/nonexistent",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started: {err}");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+        for flag in [
+            "--tls-cert-file",
+            "--tls-private-key-file",
+            "--client-ca-file",
+        ] {
+            assert!(err.contains(flag), "{args:?} should name {flag}: {err}");
+        }
+    }
+}
+
+/// Unreadable TLS files stop the start with the file's name.
+#[test]
+fn the_controller_refuses_unreadable_tls_files() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kubenft-controller"))
+        .args([
+            "--source",
+            "dir:/nonexistent",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--tls-cert-file", "/nonexistent/c.crt"])
+        .args(["--tls-private-key-file", "/nonexistent/c.key"])
+        .args(["--client-ca-file", "/nonexistent/ca.crt"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("/nonexistent/c.crt"), "{err}");
 }

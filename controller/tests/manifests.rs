@@ -294,6 +294,9 @@ fn every_command_line_is_accepted_by_its_binary() {
                 )
                 .unwrap_or_else(|e| panic!("{file}: {args:?} refused: {e}"));
                 assert_eq!(parsed.controllers.len(), 2, "{file}: two controllers");
+                parsed
+                    .tls()
+                    .unwrap_or_else(|e| panic!("{file}: {args:?} refused: {e}"));
             }
             other => panic!("{file}: unknown binary {other}"),
         }

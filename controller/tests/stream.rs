@@ -94,6 +94,7 @@ impl Controller {
             http_listen: http,
             policy: ClusterPolicy::default(),
             kubeconfig: None,
+            tls: None,
         };
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

@@ -36,6 +36,8 @@ pub struct Config {
     pub table: TableName,
     /// `--livez-grace`.
     pub livez_grace: std::time::Duration,
+    /// TLS towards the controllers and on the inspection port (`None`: `--insecure`).
+    pub tls: Option<crate::cli::AgentTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,8 @@ pub enum AgentError {
     Nft(#[from] NftError),
     #[error(transparent)]
     StateFile(#[from] StateFileError),
+    #[error("TLS: {0}")]
+    Tls(#[from] kubenft_tls::Error),
 }
 
 /// Binds with `SO_REUSEPORT`, so that a second agent on the node (a standby, see
@@ -77,6 +81,15 @@ async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Age
 
 /// Runs the agent until `cancel` fires (or a server fails). The tables are left in place.
 pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Result<(), AgentError> {
+    // Unreadable TLS files stop the start; later, changed files are re-read.
+    let inspect_tls = cfg
+        .tls
+        .as_ref()
+        .map(|t| kubenft_tls::ServerTls::load(t.inspect.clone()))
+        .transpose()?;
+    if let Some(t) = &cfg.tls {
+        t.client.load()?;
+    }
     let healthz = listen("--healthz-listen", cfg.healthz_listen).await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::with_livez_grace(cfg.livez_grace));
@@ -134,10 +147,11 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
             .map_err(AgentError::Http)
     });
     let c = cancel.clone();
-    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect, c).await?) });
+    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, c).await?) });
     let stream_cfg = StreamConfig {
         controllers: cfg.controllers.clone(),
         node_name: cfg.node_name.clone(),
+        tls: cfg.tls.as_ref().map(|t| t.client.clone()),
     };
     // Self-healing: the monitor reports other programs' changes, the drift loop repairs them.
     let (notices_tx, notices_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long, env = "NODE_NAME", value_parser = non_empty)]
     pub node_name: Option<String>,
 
-    /// Controller gRPC URL (repeatable; tried in turn), e.g. http://192.168.50.2:9650.
+    /// Controller gRPC URL (repeatable; tried in turn), e.g. https://192.168.50.2:9650 (the
+    /// certificate is checked against the host); http:// only with --insecure.
     #[arg(long = "controller", value_name = "URL", value_parser = controller_url, required_unless_present = "cleanup")]
     pub controllers: Vec<String>,
 
@@ -55,6 +56,43 @@ pub struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// The agent's certificate (PEM, chain first), Subject CN `system:node:<node name>`: its
+    /// client certificate towards the controllers, and the serving certificate of its
+    /// inspection port (which then needs a SAN for the address clients dial). Re-read when
+    /// it changes.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The agent certificate's private key (PEM); re-read when it changes.
+    #[arg(long, value_name = "PATH")]
+    pub tls_private_key_file: Option<PathBuf>,
+
+    /// The CA that signs the controllers' serving certificates (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub controller_ca_file: Option<PathBuf>,
+
+    /// The CA that signs the client certificates the inspection port accepts (PEM)
+    /// [default: --controller-ca-file].
+    #[arg(long, value_name = "PATH")]
+    pub client_ca_file: Option<PathBuf>,
+
+    /// Connect to the controllers (http:// URLs) and serve inspection in plaintext, without
+    /// TLS (only without the TLS flags).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// The flags that turn TLS on.
+pub const TLS_FLAGS: &str = "--tls-cert-file, --tls-private-key-file and --controller-ca-file";
+
+/// The agent's TLS files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentTls {
+    /// Towards the controllers.
+    pub client: kubenft_tls::ClientFiles,
+    /// The inspection port's.
+    pub inspect: kubenft_tls::ServerFiles,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -101,6 +139,62 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Args {
+    /// The agent's TLS files (`None` with `--insecure`), or why the command line is refused:
+    /// TLS needs all three files and https:// URLs; plaintext must be asked for and takes
+    /// http:// URLs only (an https:// URL never falls back to plaintext).
+    pub fn tls(&self) -> Result<Option<AgentTls>, String> {
+        let files = [
+            &self.tls_cert_file,
+            &self.tls_private_key_file,
+            &self.controller_ca_file,
+        ];
+        let wrong_scheme = |scheme: &str| {
+            self.controllers
+                .iter()
+                .find(|u| !u.starts_with(scheme))
+                .cloned()
+        };
+        match (files, self.insecure) {
+            ([Some(cert), Some(key), Some(ca)], false) => {
+                if let Some(url) = wrong_scheme("https://") {
+                    return Err(format!(
+                        "--controller {url}: TLS is configured ({TLS_FLAGS}), so the URL must be https://"
+                    ));
+                }
+                Ok(Some(AgentTls {
+                    client: kubenft_tls::ClientFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        ca: ca.clone(),
+                    },
+                    inspect: kubenft_tls::ServerFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: self.client_ca_file.clone().unwrap_or_else(|| ca.clone()),
+                    },
+                }))
+            }
+            ([None, None, None], true) => {
+                if self.client_ca_file.is_some() {
+                    return Err(
+                        "--client-ca-file needs TLS; it cannot be combined with --insecure".into(),
+                    );
+                }
+                if let Some(url) = wrong_scheme("http://") {
+                    return Err(format!(
+                        "--controller {url}: an https:// URL needs {TLS_FLAGS} (it never falls back to plaintext)"
+                    ));
+                }
+                Ok(None)
+            }
+            ([None, None, None], false) => Err(format!(
+                "refusing to talk to the controller in plaintext: give {TLS_FLAGS}, or --insecure to run without TLS"
+            )),
+            (_, true) => Err(format!("--insecure cannot be combined with {TLS_FLAGS}")),
+            (_, false) => Err(format!("TLS needs all of {TLS_FLAGS}")),
+        }
+    }
+
     /// The node name: the flag, `$NODE_NAME`, or the hostname.
     pub fn node_name(&self) -> std::io::Result<String> {
         if let Some(name) = &self.node_name {
@@ -137,6 +231,49 @@ mod tests {
         assert_eq!(a.controllers, ["http://a:1", "http://b:2"]);
         assert!(parse(&["--cleanup"]).is_ok());
         assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn plaintext_only_when_asked_for() {
+        let tls = |args: &[&str]| parse(args).unwrap().tls();
+        let err = tls(&["--controller", "http://a:1"]).unwrap_err();
+        for flag in [
+            "--tls-cert-file",
+            "--tls-private-key-file",
+            "--controller-ca-file",
+            "--insecure",
+        ] {
+            assert!(err.contains(flag), "{err}");
+        }
+        assert_eq!(tls(&["--insecure", "--controller", "http://a:1"]), Ok(None));
+        let err = tls(&["--insecure", "--controller", "https://a:1"]).unwrap_err();
+        assert!(err.contains("never falls back"), "{err}");
+        let files = [
+            "--tls-cert-file",
+            "n.crt",
+            "--tls-private-key-file",
+            "n.key",
+            "--controller-ca-file",
+            "ca.crt",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = files.to_vec();
+            a.extend_from_slice(extra);
+            tls(&a)
+        };
+        let t = with(&["--controller", "https://a:1"]).unwrap().unwrap();
+        assert_eq!(t.inspect.client_ca, PathBuf::from("ca.crt"));
+        assert_eq!(t.client.cert, PathBuf::from("n.crt"));
+        let t = with(&["--controller", "https://a:1", "--client-ca-file", "ops.crt"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.inspect.client_ca, PathBuf::from("ops.crt"));
+        let err = with(&["--controller", "http://a:1"]).unwrap_err();
+        assert!(err.contains("must be https://"), "{err}");
+        let err = with(&["--controller", "https://a:1", "--insecure"]).unwrap_err();
+        assert!(err.contains("--insecure cannot"), "{err}");
+        let err = tls(&["--controller", "https://a:1", "--tls-cert-file", "n.crt"]).unwrap_err();
+        assert!(err.contains("needs all"), "{err}");
     }
 
     #[test]

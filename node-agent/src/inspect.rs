@@ -69,8 +69,12 @@ impl<N: Nft> AgentInspect for Inspect<N> {
 }
 
 /// Serves inspection, health and reflection until cancelled.
+///
+/// With TLS, every client needs a certificate signed by the inspection port's client CA
+/// (`--client-ca-file`, else `--controller-ca-file`); files are re-read when they change.
 pub async fn serve<N: Nft>(
     listener: TcpListener,
+    tls: Option<Arc<kubenft_tls::ServerTls>>,
     inspect: Inspect<N>,
     cancel: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -89,13 +93,27 @@ pub async fn serve<N: Nft>(
             .with_service_name("kubenft.v1.AgentInspect")
             .with_service_name("grpc.health.v1.Health")
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(AgentInspectServer::new(inspect))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())
-        .await?;
+        .add_service(AgentInspectServer::new(inspect));
+    match tls {
+        Some(tls) => {
+            tls.watch(cancel.clone());
+            let incoming = kubenft_tls::incoming(listener, tls, |r| {
+                tracing::warn!(peer = %r.peer, common_name = ?r.common_name, reason = r.reason, error = %r.error, "inspection: refused a connection: TLS handshake failed");
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+                .await?
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())
+                .await?
+        }
+    }
     Ok(())
 }
 

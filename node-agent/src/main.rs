@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use kubenft_agent::agent::{self, Config};
 use kubenft_agent::cli::{Args, LogFormat};
 use kubenft_agent::nft::NftCli;
@@ -22,6 +22,12 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("cleanup");
     }
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(e) => Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit(),
+    };
     let cfg = Config {
         node_name: args
             .node_name()
@@ -33,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         state_dir: args.state_dir,
         table: args.table_name,
         livez_grace: args.livez_grace,
+        tls,
     };
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));

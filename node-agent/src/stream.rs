@@ -38,6 +38,9 @@ const LARGE_CHANGE: usize = 512;
 pub struct StreamConfig {
     pub controllers: Vec<String>,
     pub node_name: String,
+    /// The agent's client certificate and the controllers' CA, read afresh for each
+    /// connection (so rotated files are used from the next one on). `None`: plaintext.
+    pub tls: Option<kubenft_tls::ClientFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,8 @@ enum SessionError {
     Status(#[from] tonic::Status),
     #[error("the stream's sender is gone")]
     Closed,
+    #[error("TLS: {0}")]
+    Tls(#[from] kubenft_tls::Error),
 }
 
 /// Since when no controller stream is open, for the one line logged when it ends.
@@ -118,7 +123,7 @@ pub async fn run<N: Nft>(
         let error = match result {
             Ok(()) if cancel.is_cancelled() => break,
             Ok(()) => "the controller closed the stream".to_owned(),
-            Err(e) => e.to_string(),
+            Err(e) => chain(&e),
         };
         let was_up = up_since.map(|t: Instant| t.elapsed());
         outage.failed(url, &error, was_up);
@@ -132,6 +137,22 @@ pub async fn run<N: Nft>(
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     tracing::debug!("controller client stopped");
+}
+
+/// An error with its causes (tonic's transport error says only "transport error"; the cause
+/// says which: refused, a TLS handshake failure, a certificate the controller rejected...).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let line = s.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Between half and all of `backoff`.
@@ -152,7 +173,12 @@ async fn session<N: Nft>(
     up_since: &mut Option<Instant>,
     outage: &mut Outage,
 ) -> Result<(), SessionError> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
+    if let Some(files) = &cfg.tls {
+        // The controller's certificate is checked against the URL's host.
+        endpoint = endpoint.tls_config(files.load()?)?;
+    }
+    let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .http2_keep_alive_interval(Duration::from_secs(30))

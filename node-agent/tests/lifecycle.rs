@@ -22,7 +22,13 @@ fn a_closed_stderr_neither_stops_the_agent_nor_its_shutdown() {
     // `ip netns exec` execs the agent, so the child is the agent itself.
     let mut child = Command::new("ip")
         .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kubenft-agent")])
-        .args(["--node-name", "n1", "--controller", "http://127.0.0.1:9"])
+        .args([
+            "--node-name",
+            "n1",
+            "--controller",
+            "http://127.0.0.1:9",
+            "--insecure",
+        ])
         .args([
             "--healthz-listen",
             "127.0.0.1:10256",
@@ -96,7 +102,13 @@ fn an_unusable_state_dir_does_not_stop_the_agent() {
     let log = dir.0.join("agent.log");
     let mut child = Command::new("ip")
         .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kubenft-agent")])
-        .args(["--node-name", "n1", "--controller", "http://127.0.0.1:9"])
+        .args([
+            "--node-name",
+            "n1",
+            "--controller",
+            "http://127.0.0.1:9",
+            "--insecure",
+        ])
         .args([
             "--healthz-listen",
             "127.0.0.1:10256",
@@ -130,4 +142,53 @@ fn an_unusable_state_dir_does_not_stop_the_agent() {
     assert!(!healthz.contains("standby"), "{healthz}");
     assert!(logs.contains("running without it"), "{logs}");
     assert!(logs.contains("unreadable state file"), "{logs}");
+}
+
+/// Plaintext only when asked for: without the TLS files and without `--insecure` the agent
+/// exits non-zero at once naming the flags; an https:// URL never falls back to plaintext,
+/// and an http:// URL with TLS configured is refused too.
+#[test]
+fn the_agent_refuses_to_start_without_tls_or_insecure() {
+    let tls = [
+        "--tls-cert-file",
+        "/nonexistent/n.crt",
+        "--tls-private-key-file",
+        "/nonexistent/n.key",
+        "--controller-ca-file",
+        "/nonexistent/ca.crt",
+    ];
+    let with_tls = |extra: &[&'static str]| {
+        let mut a = tls.to_vec();
+        a.extend_from_slice(extra);
+        a
+    };
+    for (args, wanted) in [
+        (vec!["--controller", "https://127.0.0.1:9"], "--insecure"),
+        (
+            vec!["--controller", "https://127.0.0.1:9", "--insecure"],
+            "never falls back",
+        ),
+        (
+            with_tls(&["--controller", "http://127.0.0.1:9"]),
+            "must be https://",
+        ),
+        (
+            with_tls(&["--controller", "https://127.0.0.1:9", "--insecure"]),
+            "--insecure cannot",
+        ),
+        // Well-formed, but the files do not exist: named at start.
+        (
+            with_tls(&["--controller", "https://127.0.0.1:9"]),
+            "/nonexistent/n.crt",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubenft-agent"))
+            .args(["--node-name", "n1", "--state-dir", "/nonexistent/state"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started: {err}");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+    }
 }

@@ -110,6 +110,7 @@ async fn hello_ack_nack_and_reconnect() {
         // The first controller refuses connections: the client moves on to the next.
         controllers: vec!["http://127.0.0.1:1".into(), format!("http://{addr}")],
         node_name: "node-a".into(),
+        tls: None,
     };
     let client = tokio::spawn(stream::run(
         cfg,
@@ -221,6 +222,7 @@ fn client(
     let cfg = StreamConfig {
         controllers: vec![url],
         node_name: "node-a".into(),
+        tls: None,
     };
     tokio::spawn(stream::run(
         cfg,

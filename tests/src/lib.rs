@@ -20,13 +20,15 @@
 //! Modules: [`netns`] (commands, namespaces, sweeping), [`topology`] (the [`Lab`]),
 //! [`process`] (managed child processes), [`manifest`] (Kubernetes objects for the
 //! controller's `--source dir:`), [`probe`] (typed probe results), [`echo`] (the
-//! `kubenft-echo` server and probe client), [`burst`] (the `kubenft-burst` many-flow counter).
+//! `kubenft-echo` server and probe client), [`burst`] (the `kubenft-burst` many-flow counter),
+//! [`pki`] (the lab's certificates: every lab runs the controller and agents with mutual TLS).
 #![forbid(unsafe_code)]
 
 pub mod burst;
 pub mod echo;
 pub mod manifest;
 pub mod netns;
+pub mod pki;
 pub mod probe;
 pub mod process;
 pub mod sctp_raw;

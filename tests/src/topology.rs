@@ -29,6 +29,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::manifest::{self, ToJson};
 use crate::netns::{self, CMD_TIMEOUT, OwnerLock};
+use crate::pki::{CertFiles, Pki, Usage};
 use crate::probe::{ProbeOpts, ProbeResult};
 use crate::process::{self, Process};
 use crate::{LabError, Proto, Result};
@@ -221,6 +222,93 @@ struct State {
     next_pod: HashMap<String, u16>,
 }
 
+/// The lab's certificates, made when the lab is built: the controller and agents run with
+/// mutual TLS by default.
+#[derive(Debug)]
+pub struct LabTls {
+    /// The CA that signs every certificate below (the controller's `--client-ca-file` and
+    /// the agents' `--controller-ca-file`).
+    pub pki: Pki,
+    /// The controller's serving certificate: SANs the `cp` addresses and `kubenft-controller`.
+    pub controller: CertFiles,
+    /// Each node's certificate (CN `system:node:<name>`; SANs 127.0.0.1, ::1 and the node's
+    /// addresses), by node name.
+    pub nodes: BTreeMap<String, CertFiles>,
+    /// An operator's client certificate (CN `kubenft:operator`), for grpcurl.
+    pub operator: CertFiles,
+}
+
+impl LabTls {
+    fn new(dir: &Path, nodes: &[Node]) -> Result<LabTls> {
+        let pki = Pki::new(dir, "kubenft-lab-ca")?;
+        let controller = pki.issue(
+            "controller",
+            "kubenft-controller",
+            &[
+                format!("IP:{CP_V4}"),
+                format!("IP:{CP_V6}"),
+                "DNS:kubenft-controller".into(),
+            ],
+            Usage::Server,
+            30,
+        )?;
+        let nodes = nodes
+            .iter()
+            .map(|n| {
+                let files = pki.issue_node(
+                    &format!("node-{}", n.name),
+                    &n.name,
+                    &[n.ipv4.to_string(), n.ipv6.to_string()],
+                )?;
+                Ok((n.name.clone(), files))
+            })
+            .collect::<Result<_>>()?;
+        let operator = pki.issue("operator", "kubenft:operator", &[], Usage::Client, 30)?;
+        Ok(LabTls {
+            pki,
+            controller,
+            nodes,
+            operator,
+        })
+    }
+
+    /// The controller's TLS flags.
+    pub fn controller_args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert-file".into(),
+            self.controller.cert.display().to_string(),
+            "--tls-private-key-file".into(),
+            self.controller.key.display().to_string(),
+            "--client-ca-file".into(),
+            self.pki.ca().display().to_string(),
+        ]
+    }
+
+    /// An agent's TLS flags with `files` as its certificate.
+    pub fn agent_args(&self, files: &CertFiles) -> Vec<String> {
+        vec![
+            "--tls-cert-file".into(),
+            files.cert.display().to_string(),
+            "--tls-private-key-file".into(),
+            files.key.display().to_string(),
+            "--controller-ca-file".into(),
+            self.pki.ca().display().to_string(),
+        ]
+    }
+
+    /// grpcurl's TLS flags, as the operator.
+    pub fn grpcurl_args(&self) -> Vec<String> {
+        vec![
+            "-cacert".into(),
+            self.pki.ca().display().to_string(),
+            "-cert".into(),
+            self.operator.cert.display().to_string(),
+            "-key".into(),
+            self.operator.key.display().to_string(),
+        ]
+    }
+}
+
 /// A running lab. Dropping it stops every process and deletes every namespace it created.
 #[derive(Debug)]
 pub struct Lab {
@@ -230,6 +318,8 @@ pub struct Lab {
     echo_bin: PathBuf,
     bin_dir: Option<PathBuf>,
     nodes: Vec<Node>,
+    /// The lab's CA and certificates (see [`Lab::tls`]).
+    tls: LabTls,
     state: Mutex<State>,
     // Dropped after `Drop::drop` has cleaned up, so sweepers leave us alone until then.
     _lock: OwnerLock,
@@ -294,7 +384,8 @@ impl Lab {
                         .expect("valid /64"),
                 }
             })
-            .collect();
+            .collect::<Vec<Node>>();
+        let tls = LabTls::new(&dir.join("pki"), &nodes)?;
         let lab = Lab {
             prefix,
             dir,
@@ -302,6 +393,7 @@ impl Lab {
             echo_bin,
             bin_dir: config.bin_dir,
             nodes,
+            tls,
             state: Mutex::new(State::default()),
             _lock: lock,
         };
@@ -433,6 +525,11 @@ impl Lab {
     /// The controller's `--source dir:` directory.
     pub fn manifest_dir(&self) -> &Path {
         &self.manifests
+    }
+
+    /// The lab's certificates.
+    pub fn tls(&self) -> &LabTls {
+        &self.tls
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -710,8 +807,16 @@ impl Lab {
     }
 
     /// The controller's default arguments: the manifest directory as its source, listeners
-    /// on the `cp` fabric address, and the lab's cluster and Service CIDRs.
+    /// on the `cp` fabric address, the lab's cluster and Service CIDRs, and TLS with the
+    /// lab's certificates.
     pub fn controller_default_args(&self) -> Vec<String> {
+        let mut args = self.controller_args_without_tls();
+        args.extend(self.tls.controller_args());
+        args
+    }
+
+    /// [`Self::controller_default_args`] without the TLS flags.
+    pub fn controller_args_without_tls(&self) -> Vec<String> {
         vec![
             "--source".into(),
             format!("dir:{}", self.manifests.display()),
@@ -739,14 +844,22 @@ impl Lab {
         self.spawn_in("controller", &self.ns_name("cp"), argv)
     }
 
-    /// The agent's default arguments for `node`.
+    /// The agent's default arguments for `node`: TLS with the node's certificate, the
+    /// controller at `https://CP:9650`.
     pub fn agent_default_args(&self, node: &str) -> Result<Vec<String>> {
+        let mut args = self.agent_args_without_tls(node)?;
+        args.push("--controller".into());
+        args.push(format!("https://{CP_V4}:{CONTROLLER_GRPC_PORT}"));
+        args.extend(self.tls.agent_args(&self.tls.nodes[node]));
+        Ok(args)
+    }
+
+    /// [`Self::agent_default_args`] without the controller URL and the TLS flags.
+    pub fn agent_args_without_tls(&self, node: &str) -> Result<Vec<String>> {
         let node = self.try_node(node)?;
         Ok(vec![
             "--node-name".into(),
             node.name.clone(),
-            "--controller".into(),
-            format!("http://{CP_V4}:{CONTROLLER_GRPC_PORT}"),
             "--state-dir".into(),
             self.dir
                 .join(format!("state-{}", node.name))

@@ -107,11 +107,7 @@ fn list_nodes_at(c: &Cluster, port: u16) -> Result<BTreeMap<String, Value>, Stri
     let addr = format!("{CP_V4}:{port}");
     let (ok, out, err) = c.grpcurl(
         Host::ControlPlane,
-        &[
-            "-plaintext",
-            &addr,
-            "kubenft.v1.ControllerInspect/ListNodes",
-        ],
+        &[&addr, "kubenft.v1.ControllerInspect/ListNodes"],
     );
     if !ok {
         return Err(format!("grpcurl ListNodes on {addr}: {err}"));
@@ -445,7 +441,7 @@ fn controller_failover_under_traffic_loses_nothing() {
     // Both replicas serve before the agents start, so that the agents pick replica 1.
     wait_http(&lab, &r1, CONTROLLER_HTTP_PORT, "/readyz", 200, START);
     wait_http(&lab, &r2, R2_HTTP_PORT, "/readyz", 200, START);
-    let r2_url = format!("http://{CP_V4}:{R2_GRPC_PORT}");
+    let r2_url = format!("https://{CP_V4}:{R2_GRPC_PORT}");
     let agents = lab
         .nodes()
         .iter()

@@ -30,15 +30,12 @@ fn grpcurl_inspects_the_controller_and_an_agent() {
 
     // Controller: reflection and health.
     let caddr = format!("{CP_V4}:{CONTROLLER_GRPC_PORT}");
-    let (ok, out, err) = c.grpcurl(Host::ControlPlane, &["-plaintext", &caddr, "list"]);
+    let (ok, out, err) = c.grpcurl(Host::ControlPlane, &[&caddr, "list"]);
     assert!(ok, "grpcurl list (controller): {err}");
     for s in ["kubenft.v1.ControllerInspect", "grpc.health.v1.Health"] {
         assert!(out.lines().any(|l| l == s), "{s} not listed: {out}");
     }
-    let (ok, out, err) = c.grpcurl(
-        Host::ControlPlane,
-        &["-plaintext", &caddr, "grpc.health.v1.Health/Check"],
-    );
+    let (ok, out, err) = c.grpcurl(Host::ControlPlane, &[&caddr, "grpc.health.v1.Health/Check"]);
     assert!(ok && out.contains("SERVING"), "health: {out} {err}");
 
     // ListNodes: both nodes connected and SYNCED.
@@ -84,7 +81,7 @@ fn grpcurl_inspects_the_controller_and_an_agent() {
 
     // The agent, reached from cp as an operator would.
     let aaddr = format!("{}:{AGENT_GRPC_PORT}", c.lab.node("a").ipv4);
-    let (ok, out, err) = c.grpcurl(Host::ControlPlane, &["-plaintext", &aaddr, "list"]);
+    let (ok, out, err) = c.grpcurl(Host::ControlPlane, &[&aaddr, "list"]);
     assert!(ok, "grpcurl list (agent): {err}");
     assert!(
         out.lines().any(|l| l == "kubenft.v1.AgentInspect"),
@@ -92,7 +89,7 @@ fn grpcurl_inspects_the_controller_and_an_agent() {
     );
     let call = |m: &str| -> Value {
         let method = format!("kubenft.v1.AgentInspect/{m}");
-        let (ok, out, err) = c.grpcurl(Host::ControlPlane, &["-plaintext", &aaddr, &method]);
+        let (ok, out, err) = c.grpcurl(Host::ControlPlane, &[&aaddr, &method]);
         assert!(ok, "{m}: {err}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{m}: {e}: {out}"))
     };

@@ -130,11 +130,16 @@ fn main() -> anyhow::Result<()> {
         4,
     )?;
 
-    println!("\n== grpcurl -plaintext 192.168.50.2:9650 kubenft.v1.ControllerInspect/ListNodes");
+    println!(
+        "\n== the controller and agents run with mutual TLS; certificates in {}",
+        lab.tls().pki.dir().display()
+    );
+    println!(
+        "== grpcurl -cacert ca.crt -cert operator.crt -key operator.key 192.168.50.2:9650 kubenft.v1.ControllerInspect/ListNodes"
+    );
     grpcurl(
         &lab,
         &[
-            "-plaintext",
             "192.168.50.2:9650",
             "kubenft.v1.ControllerInspect/ListNodes",
         ],
@@ -145,7 +150,6 @@ fn main() -> anyhow::Result<()> {
     grpcurl(
         &lab,
         &[
-            "-plaintext",
             "-d",
             r#"{"node":"a","namespace":"default","name":"web-local"}"#,
             "192.168.50.2:9650",
@@ -183,7 +187,9 @@ fn section(
 }
 
 fn grpcurl(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
+    let tls = lab.tls().grpcurl_args();
     let mut argv = vec!["grpcurl"];
+    argv.extend(tls.iter().map(String::as_str));
     argv.extend_from_slice(args);
     let out = lab.exec(Host::ControlPlane, &argv)?;
     print!("{}", String::from_utf8_lossy(&out.stdout));

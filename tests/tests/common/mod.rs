@@ -273,8 +273,17 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("{target}: wanted {want:?}, saw {seen:?}: {e}"));
     }
 
-    /// The real `grpcurl` in `host`; returns (success, stdout, stderr).
+    /// The real `grpcurl` in `host`, over TLS as the lab's operator (`-cacert`, `-cert`,
+    /// `-key` with the lab's certificates); returns (success, stdout, stderr).
     pub fn grpcurl(&self, host: Host<'_>, args: &[&str]) -> (bool, String, String) {
+        let tls = self.lab.tls().grpcurl_args();
+        let mut with_tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+        with_tls.extend_from_slice(args);
+        self.grpcurl_raw(host, &with_tls)
+    }
+
+    /// The real `grpcurl` in `host` with exactly `args` (after `-max-time 5`).
+    pub fn grpcurl_raw(&self, host: Host<'_>, args: &[&str]) -> (bool, String, String) {
         let bin = grpcurl_bin();
         let mut argv: Vec<&str> = vec![bin.to_str().expect("utf-8 path"), "-max-time", "5"];
         argv.extend_from_slice(args);
@@ -293,7 +302,7 @@ impl Cluster {
     pub fn controller_call(&self, method: &str, data: Option<&str>) -> Result<Value, String> {
         let addr = format!("{CP_V4}:{CONTROLLER_GRPC_PORT}");
         let full = format!("kubenft.v1.ControllerInspect/{method}");
-        let mut args = vec!["-plaintext"];
+        let mut args = vec![];
         if let Some(d) = data {
             args.extend(["-d", d]);
         }
@@ -309,10 +318,7 @@ impl Cluster {
     pub fn agent_call(&self, node: &str, method: &str) -> Result<Value, String> {
         let addr = format!("127.0.0.1:{AGENT_GRPC_PORT}");
         let full = format!("kubenft.v1.AgentInspect/{method}");
-        let (ok, out, err) = self.grpcurl(
-            Host::Node(node),
-            &["-plaintext", addr.as_str(), full.as_str()],
-        );
+        let (ok, out, err) = self.grpcurl(Host::Node(node), &[addr.as_str(), full.as_str()]);
         if !ok {
             return Err(format!("grpcurl {method} on node {node}: {err}"));
         }
