@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kubenft_lab::{
-    Cond, Host, Pod, ProbeOpts, ProbeResult, Process, Proto, Service, Slice, wait_until,
-};
+use kubenft_lab::{Cond, Host, Pod, ProbeOpts, Process, Proto, Service, Slice, wait_until};
 
 const VIP: &str = "10.96.0.46:80";
 
@@ -124,23 +122,11 @@ fn a_standby_agent_takes_over_after_sigterm_and_sigkill_adopting_the_tables() {
     let (handle, gen_before) = (c.table_handle("a"), c.generation("a"));
     let stop = AtomicBool::new(false);
     let results = std::thread::scope(|s| {
+        // Bounded: at most 100 batches of 5 connections.
         let traffic = s.spawn(|| {
-            let mut all = Vec::new();
-            // Bounded: at most 100 batches of 5 connections.
-            for _ in 0..100 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let opts = ProbeOpts::count(5).timeout(Duration::from_secs(1));
-                match c
-                    .lab
-                    .probe(Host::Pod("client"), Proto::Tcp, vip(VIP), &opts)
-                {
-                    Ok(rs) => all.extend(rs),
-                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
-                }
-            }
-            all
+            let opts = ProbeOpts::count(5).timeout(Duration::from_secs(1));
+            let to = (Host::Pod("client"), Proto::Tcp, vip(VIP));
+            probe_until_stopped(&c, to, &opts, (100, Duration::ZERO), &stop)
         });
         std::thread::sleep(Duration::from_millis(200));
         first.stop().unwrap();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kubenft_lab::probe::tally;
-use kubenft_lab::{Cond, Host, ProbeOpts, ProbeResult, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Cond, Host, ProbeOpts, Proto, Service, Slice, wait_until};
 
 /// §5.45: continuous new TCP connections to a ClusterIP from a pod on node a while node a's
 /// agent is SIGKILLed and restarted: zero failures. The restarted agent adopts what is in
@@ -48,25 +48,10 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
     let stop = AtomicBool::new(false);
     let agent = c.agent("a").clone();
     let results = std::thread::scope(|s| {
+        // Bounded: at most 300 batches of 10 connections (each attempt ≤ 1 s).
         let traffic = s.spawn(|| {
-            let mut all = Vec::new();
-            // Bounded: at most 300 batches of 10 connections (each attempt ≤ 1 s).
-            for _ in 0..300 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let rs = c.lab.probe(
-                    Host::Pod("client"),
-                    Proto::Tcp,
-                    target,
-                    &ProbeOpts::count(10),
-                );
-                match rs {
-                    Ok(rs) => all.extend(rs),
-                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
-                }
-            }
-            all
+            let to = (Host::Pod("client"), Proto::Tcp, target);
+            probe_until_stopped(&c, to, &ProbeOpts::count(10), (300, Duration::ZERO), &stop)
         });
         std::thread::sleep(Duration::from_millis(300));
         agent.kill().unwrap();
@@ -382,23 +367,9 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
     let stop = AtomicBool::new(false);
     let (results, last) = std::thread::scope(|s| {
         let traffic = s.spawn(|| {
-            let mut all = Vec::new();
-            for _ in 0..200 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                match c.lab.probe(
-                    Host::Pod("client-a"),
-                    Proto::Tcp,
-                    old_vip,
-                    &ProbeOpts::count(4),
-                ) {
-                    Ok(rs) => all.extend(rs),
-                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            all
+            let to = (Host::Pod("client-a"), Proto::Tcp, old_vip);
+            let every = (200, Duration::from_millis(50));
+            probe_until_stopped(&c, to, &ProbeOpts::count(4), every, &stop)
         });
         let mut last = Default::default();
         let nacked = wait_until(START, Duration::from_millis(100), || {
@@ -511,22 +482,8 @@ fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
     let agent = c.agent("a").clone();
     let results = std::thread::scope(|s| {
         let traffic = s.spawn(|| {
-            let mut all = Vec::new();
-            for _ in 0..300 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                match c.lab.probe(
-                    Host::Pod("client"),
-                    Proto::Tcp,
-                    target,
-                    &ProbeOpts::count(10),
-                ) {
-                    Ok(rs) => all.extend(rs),
-                    Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
-                }
-            }
-            all
+            let to = (Host::Pod("client"), Proto::Tcp, target);
+            probe_until_stopped(&c, to, &ProbeOpts::count(10), (300, Duration::ZERO), &stop)
         });
         std::thread::sleep(Duration::from_millis(300));
         agent.kill().unwrap();

@@ -517,3 +517,27 @@ pub fn assert_all_from(
     }
     t
 }
+
+/// The traffic that runs while a test breaks something: rounds of `opts` connections from
+/// `host` to `target`, `pause` apart, until `stop` is set, at most `rounds` of them. A probe
+/// the harness could not run counts as a failed attempt.
+pub fn probe_until_stopped(
+    c: &Cluster,
+    (host, proto, target): (Host<'_>, Proto, SocketAddr),
+    opts: &ProbeOpts,
+    (rounds, pause): (usize, Duration),
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<ProbeResult> {
+    let mut all = Vec::new();
+    for _ in 0..rounds {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        match c.lab.probe(host, proto, target, opts) {
+            Ok(rs) => all.extend(rs),
+            Err(e) => all.push(ProbeResult::Other(format!("probe harness: {e}"))),
+        }
+        std::thread::sleep(pause);
+    }
+    all
+}
