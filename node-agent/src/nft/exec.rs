@@ -127,6 +127,8 @@ pub struct OwnProcesses(Arc<Mutex<OwnInner>>);
 #[derive(Default, Debug)]
 struct OwnInner {
     recent: std::collections::VecDeque<u32>,
+    /// The long-lived `nft -i`: ours however many processes started since.
+    session: Option<u32>,
     commits: u64,
 }
 
@@ -143,8 +145,15 @@ impl OwnProcesses {
         inner.recent.push_back(pid);
     }
 
+    /// A long-lived process (`nft -i`) that commits long after later ones started.
+    pub fn started_session(&self, pid: Option<u32>) {
+        self.started(pid);
+        self.0.lock().session = pid;
+    }
+
     pub fn contains(&self, pid: u32) -> bool {
-        self.0.lock().recent.contains(&pid)
+        let inner = self.0.lock();
+        inner.session == Some(pid) || inner.recent.contains(&pid)
     }
 
     pub fn committed(&self) {
@@ -248,7 +257,7 @@ impl NftCli {
     /// A new session, checked with an empty script.
     async fn start_session(&self) -> Result<Session, NftError> {
         let mut session = Session::spawn(&self.argv)?;
-        self.own.started(session.pid());
+        self.own.started_session(session.pid());
         session.run("", NFT_TIMEOUT).await?;
         Ok(session)
     }
@@ -503,6 +512,17 @@ impl Nft for FakeNft {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_stays_ours_however_many_processes_follow() {
+        let own = OwnProcesses::default();
+        own.started_session(Some(7));
+        for pid in 100..100 + OWN_PIDS_KEPT as u32 * 2 {
+            own.started(Some(pid));
+        }
+        assert!(own.contains(7));
+        assert!(!own.contains(100));
+    }
 
     #[test]
     fn parses_the_generation_set() {
