@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs issue 5's benchmarks (crate bench/, binary kubenft-bench) and writes BENCHMARKS.md.
-# Needs root (network namespaces). All five suites take about 15 minutes on 2 cores
-# (suite 5, network programming latency in the namespace lab, well under a minute).
+# Needs root (network namespaces). Suites 1-5 take about 15 minutes on 2 cores
+# (suite 5, network programming latency in the namespace lab, well under a minute); suite 6,
+# self-healing (check costs, idle CPU with drift detection on, injection → repair per fault
+# kind at 1k/10k/30k Services), about 20 minutes more.
 #
 #   scripts/bench.sh                                  # everything
 #   scripts/bench.sh --suite 1,2 --sizes 1000,10000   # a quicker run (flags go to kubenft-bench)
 #   scripts/bench.sh --suite 5 --programming-changes 100
+#   scripts/bench.sh --suite 6                        # self-healing (--heal-sizes, --heal-injections)
 #
 # Each suite's latest tables are kept in target/kubenft-bench/suite-N.md and BENCHMARKS.md is
 # rebuilt from all of them, so suites may be run separately.

@@ -9,6 +9,9 @@
 //!  4  reconnect storm  1,000 current agents reconnect after a controller restart
 //!  5  programming      in the lab (kubenft-lab), the real controller and agents: an
 //!                      EndpointSlice change → the new pod answers a client's probe
+//!  6  self-healing     agent library + nft monitor + drift loop in a namespace: cost of
+//!                      the structure check and the element verification, idle CPU with
+//!                      drift detection on, injection → repair per fault kind
 //! ```
 //!
 //! Needs root (network namespaces). Every namespace is named `knb-<pid>-…` (suite 5's lab:
@@ -21,6 +24,7 @@ mod agent_apply;
 mod agent_rss;
 mod dataplane;
 mod fanout;
+mod healing;
 mod kubeproxy;
 mod netns;
 mod nftrun;
@@ -53,12 +57,24 @@ struct Cli {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Suites to run (1 apply, 2 data plane, 3 fan-out, 4 reconnect storm, 5 programming
-    /// latency in the lab).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    /// latency in the lab, 6 self-healing).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
     suite: Vec<u32>,
     /// Service counts for suite 1.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000")]
     sizes: Vec<u32>,
+    /// Service counts for suite 6.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000")]
+    heal_sizes: Vec<u32>,
+    /// Injections per fault kind and size in suite 6.
+    #[arg(long, default_value_t = 20)]
+    heal_injections: usize,
+    /// Suite 6's idle window (agent CPU with drift detection on), seconds.
+    #[arg(long, default_value_t = 50)]
+    heal_idle_secs: u64,
+    /// Suite 6 stops injecting one fault kind at one size after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    heal_kind_cap_secs: u64,
     /// Service counts for suite 2.
     #[arg(long, value_delimiter = ',', default_value = "10,10000,30000")]
     dataplane_sizes: Vec<u32>,
@@ -279,7 +295,16 @@ async fn run_suite(suite: u32, args: &RunArgs) -> anyhow::Result<Vec<Table>> {
                 .await
                 .context("suite 5 panicked")?
         }
-        other => anyhow::bail!("no suite {other} (1-5)"),
+        6 => {
+            let opts = healing::Options {
+                sizes: args.heal_sizes.clone(),
+                injections: args.heal_injections,
+                idle: Duration::from_secs(args.heal_idle_secs),
+                kind_cap: Duration::from_secs(args.heal_kind_cap_secs),
+            };
+            healing::run(&opts).await
+        }
+        other => anyhow::bail!("no suite {other} (1-6)"),
     }
 }
 
@@ -301,7 +326,7 @@ fn write_report(args: &RunArgs) -> anyhow::Result<()> {
         "\nRun `scripts/bench.sh` for every suite, or e.g. `scripts/bench.sh --suite 1,2 --sizes 1000,10000` for a quick run (each suite section names the command that produced it). Last command: `{}`\n\n",
         command_line()
     ));
-    for suite in 1..=5 {
+    for suite in 1..=6 {
         if let Ok(section) =
             std::fs::read_to_string(sections_dir(args).join(format!("suite-{suite}.md")))
         {
