@@ -228,9 +228,18 @@ fn to_proto(inner: &Inner) -> v1::DataplaneStatus {
 /// Turns one notice into damage; returns how many foreign commits it stands for.
 fn absorb(notice: Notice, damage: &mut Damage) -> u64 {
     match notice {
-        Notice::Changed { events, overflow } => {
+        Notice::Changed {
+            events,
+            overflow_sets,
+            overflow,
+        } => {
             for event in &events {
                 damage.note(event);
+            }
+            // Too many element changes to keep: the set is rewritten whole (what a flush of
+            // 30,000 elements costs to repair), not the table.
+            for (family, set) in overflow_sets {
+                damage.note_set_flood(family, &set);
             }
             damage.full |= overflow;
             1

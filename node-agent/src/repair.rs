@@ -157,6 +157,18 @@ impl Damage {
         }
     }
 
+    /// Too many element changes in one set to keep one by one: rewrite the set whole.
+    pub fn note_set_flood(&mut self, f: Family, name: &str) {
+        match SetId::parse(name) {
+            Some(SetId::Sticky(_)) => {}
+            Some(set) => {
+                self.sets.insert((f, set));
+            }
+            None if name.starts_with("__") => {}
+            None => self.foreign_set(f, name, false),
+        }
+    }
+
     fn foreign_chain(&mut self, f: Family, name: &str) {
         match ForeignName::new(name) {
             Some(n) => {

@@ -90,9 +90,14 @@ impl Event {
 /// What the monitor tells its owner.
 #[derive(Debug)]
 pub enum Notice {
-    /// Another program committed these changes to our tables. `overflow`: more changed than
-    /// was kept, so the events are not the whole story.
-    Changed { events: Vec<Event>, overflow: bool },
+    /// Another program committed these changes to our tables. `overflow_sets`: sets whose
+    /// element changes were too many to keep one by one (a map flushed at 30,000 Services);
+    /// `overflow`: other changes were too many, so the events are not the whole story.
+    Changed {
+        events: Vec<Event>,
+        overflow_sets: Vec<(Family, String)>,
+        overflow: bool,
+    },
     /// Notifications were lost (or the monitor restarted): anything may have changed.
     Lost,
 }
@@ -200,6 +205,7 @@ struct Batcher {
     table: TableName,
     own: OwnProcesses,
     pending: Vec<Event>,
+    overflow_sets: std::collections::BTreeSet<(Family, String)>,
     overflow: bool,
     last_generation: Option<u64>,
     /// Our commits whose generation line was seen, or that explained a gap.
@@ -213,6 +219,7 @@ impl Batcher {
             table,
             own,
             pending: Vec::new(),
+            overflow_sets: std::collections::BTreeSet::new(),
             overflow: false,
             last_generation: None,
             own_accounted,
@@ -226,6 +233,14 @@ impl Batcher {
             match classified {
                 Line::Ours(event) if self.pending.len() < MAX_PENDING_LINES => {
                     self.pending.push(event)
+                }
+                // Past the limit an element is remembered by its set only.
+                Line::Ours(Event {
+                    family,
+                    object: Object::Element { set, .. },
+                    ..
+                }) => {
+                    self.overflow_sets.insert((family, set));
                 }
                 Line::Ours(_) => self.overflow = true,
                 Line::Generation { number, pid } => out.extend(self.generation(number, pid)),
@@ -260,9 +275,16 @@ impl Batcher {
         }
         self.last_generation = Some(number);
         let events = std::mem::take(&mut self.pending);
+        let overflow_sets: Vec<(Family, String)> = std::mem::take(&mut self.overflow_sets)
+            .into_iter()
+            .collect();
         let overflow = std::mem::take(&mut self.overflow);
-        if !own && (!events.is_empty() || overflow) {
-            out.push(Notice::Changed { events, overflow });
+        if !own && (!events.is_empty() || !overflow_sets.is_empty() || overflow) {
+            out.push(Notice::Changed {
+                events,
+                overflow_sets,
+                overflow,
+            });
         }
         out
     }
@@ -420,11 +442,38 @@ mod tests {
         b.line("delete element ip kubenft cluster-ips { 10.96.0.1 }");
         let notices = b.line("# new generation 6 by process 200 (nft)");
         assert!(
-            matches!(&notices[..], [Notice::Changed { events, overflow: false }] if events.len() == 1)
+            matches!(&notices[..], [Notice::Changed { events, overflow: false, .. }] if events.len() == 1)
         );
         // Another table's change is nobody's business.
         b.line("delete element ip other s { 1.1.1.1 }");
         assert!(b.line("# new generation 7 by process 200 (nft)").is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_elements_is_remembered_by_set() {
+        let mut b = Batcher::new(t(), OwnProcesses::default());
+        for i in 0..MAX_PENDING_LINES + 5 {
+            let line = format!(
+                "delete element ip kubenft ip-c-0-eps {{ 10.96.{}.{} . tcp . 80 : 10.1.0.1 . 80 }}",
+                i / 250,
+                i % 250
+            );
+            b.line(&line);
+        }
+        let notices = b.line("# new generation 9 by process 300 (nft)");
+        let [
+            Notice::Changed {
+                events,
+                overflow_sets,
+                overflow,
+            },
+        ] = &notices[..]
+        else {
+            panic!("{notices:?}")
+        };
+        assert_eq!(events.len(), MAX_PENDING_LINES);
+        assert_eq!(overflow_sets, &[(Family::V4, "ip-c-0-eps".to_owned())]);
+        assert!(!overflow);
     }
 
     #[test]
