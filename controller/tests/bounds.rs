@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kubenft_proto::v1::{
-    Ack, AgentMessage, Change, ControllerMessage, Hello, ListNodesRequest, SyncState,
-    agent_message, controller_inspect_client::ControllerInspectClient, controller_message,
-    rule_stream_client::RuleStreamClient,
+    Ack, AgentMessage, Change, ControllerMessage, Hello, Inventory, ListNodesRequest,
+    ResourceVersion, SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
+    controller_message, rule_stream_client::RuleStreamClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -277,7 +277,8 @@ async fn idle_connections_are_closed_and_their_descriptors_come_back() {
     assert!(c.alive());
 }
 
-/// A Hello beyond its bounds closes the stream with INVALID_ARGUMENT naming the field; a
+/// A Hello or Inventory beyond its bounds closes the stream with INVALID_ARGUMENT naming the
+/// field; a
 /// 100 MB message is refused from its length alone (the controller never holds it); garbage
 /// bytes are refused; and the controller serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,6 +354,50 @@ async fn oversized_and_out_of_bounds_messages_are_refused() {
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "garbage kept open"
+    );
+
+    // An Inventory beyond its bounds (asked of an agent that lists what it holds on
+    // request) closes the stream too.
+    let mut agent = c
+        .open(Hello {
+            system_version: "stale".into(),
+            applied_on_request: true,
+            ..hello("a")
+        })
+        .await
+        .unwrap();
+    let asked = match agent.first.take() {
+        Some(m) => m,
+        None => agent.inbound.message().await.unwrap().unwrap(),
+    };
+    assert!(
+        matches!(
+            asked.message,
+            Some(controller_message::Message::InventoryRequest(_))
+        ),
+        "{asked:?}"
+    );
+    agent
+        .tx
+        .send(AgentMessage {
+            message: Some(agent_message::Message::Inventory(Inventory {
+                applied: vec![ResourceVersion {
+                    name: "x".repeat(10_000),
+                    version: "1".into(),
+                }],
+                system_version: "stale".into(),
+            })),
+        })
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), agent.inbound.message())
+        .await
+        .unwrap()
+        .expect_err("an out-of-bounds Inventory was taken");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("Inventory.applied.name"),
+        "{status:?}"
     );
 
     let mut agent = c.open(hello("a")).await.unwrap();

@@ -376,7 +376,9 @@ pub struct Refusal {
     pub common_name: Option<String>,
     /// `no_certificate`, `unknown_ca`, `expired`, `not_yet_valid`, `bad_certificate`,
     /// `not_tls` (plaintext or garbage), `peer_alert` (the client refused us),
-    /// `handshake_timeout` or `handshake_error`.
+    /// `handshake_timeout` or `handshake_error`; `connection_limit` (closed at once: the port
+    /// had its maximum of connections open) and, in plaintext, `closed` (closed before sending
+    /// anything).
     pub reason: &'static str,
     pub error: String,
 }
