@@ -71,13 +71,25 @@ async fn metrics_text(State(s): State<AppState>) -> ([(&'static str, &'static st
     )
 }
 
+/// The HTTP port's bounds: probes and scrapes are a handful of connections; a client gets
+/// 5 s to send its headers and a connection lives a minute (then it is asked to close after
+/// its request). Request bodies are refused.
+pub const LIMITS: kubenft_tls::HttpLimits = kubenft_tls::HttpLimits {
+    max_connections: 64,
+    header_read_timeout: std::time::Duration::from_secs(5),
+    connection_lifetime: std::time::Duration::from_secs(60),
+};
+
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    kubenft_tls::serve_http(listener, router, LIMITS, shutdown, move |peer| {
+        metrics.http_refused.inc();
+        tracing::debug!(%peer, "HTTP: refused a connection: too many open");
+    })
+    .await
 }

@@ -29,7 +29,6 @@ use kubenft_proto::v1::controller_inspect_server::ControllerInspectServer;
 use kubenft_proto::v1::rule_stream_server::RuleStreamServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use crate::hub::Hub;
@@ -141,6 +140,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let http = http::serve(
         config.http_listen,
         http::router(hub.clone(), metrics.clone()),
+        metrics.clone(),
         shutdown.clone(),
     );
     let tls_enabled = tls.is_some();
@@ -197,6 +197,27 @@ async fn plan_on_change(
 /// second each) and, now and then, a reset connection. The kernel caps it at somaxconn.
 const GRPC_BACKLOG: u32 = 8192;
 
+/// Connections the gRPC port holds at once: every agent keeps one, the reconnect storm
+/// benchmark has 1,000 and a large cluster a few thousand; with room for inspection clients.
+/// Beyond it a new connection is closed at once. Each costs a descriptor and some buffers:
+/// 8,192 stays well under the usual descriptor limit (1,048,576 in a container; the systemd
+/// default of 524,288), so the source's reads never find the limit reached.
+pub const GRPC_MAX_CONNECTIONS: usize = 8192;
+/// A client has this long to complete its TLS handshake (plaintext: to send its first bytes).
+pub const GRPC_HANDSHAKE_TIMEOUT: std::time::Duration = kubenft_tls::HANDSHAKE_TIMEOUT;
+/// HTTP/2 pings: a connection whose peer does not answer within the timeout is closed (a
+/// half-open connection after a node died).
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Streams per connection: an agent opens one; grpcurl one per call.
+const MAX_CONCURRENT_STREAMS: u32 = 16;
+/// The largest message an agent sends is its Inventory (a name and version per resource it
+/// holds): 64 MiB is several times that of the largest rule set benchmarked (30,000
+/// Services). Hello, Ack, Nack and DataplaneStatus are small.
+pub const AGENT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Inspection requests are a node and a Service name.
+const INSPECT_MESSAGE_BYTES: usize = 64 * 1024;
+
 fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -206,6 +227,24 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpList
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+/// Counts and logs a refused connection (at debug beyond the connection limit: a flood
+/// would otherwise flood the log too).
+fn refusal(
+    metrics: Arc<Metrics>,
+    tls: bool,
+) -> impl Fn(kubenft_tls::Refusal) + Send + Sync + 'static {
+    move |r| {
+        metrics.refused(r.reason);
+        if r.reason == "connection_limit" {
+            tracing::debug!(peer = %r.peer, "refused a connection: too many open");
+        } else if tls {
+            warn!(peer = %r.peer, common_name = ?r.common_name, reason = r.reason, error = %r.error, "refused a connection: TLS handshake failed");
+        } else {
+            warn!(peer = %r.peer, reason = r.reason, error = %r.error, "refused a connection: nothing received in time");
+        }
+    }
 }
 
 async fn serve_grpc(
@@ -235,29 +274,36 @@ async fn serve_grpc(
             .require_node_identity(tls.is_some()),
     );
     let listener = listen(addr, GRPC_BACKLOG).map_err(|source| Error::Listen { addr, source })?;
+    let limits = kubenft_tls::Limits {
+        max_connections: GRPC_MAX_CONNECTIONS,
+        handshake_timeout: GRPC_HANDSHAKE_TIMEOUT,
+    };
     let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(streams)
-        .add_service(ControllerInspectServer::new(inspect::InspectService::new(
-            hub,
-        )))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        // tower's ConcurrencyLimit per connection: calls being answered at once (a stream
+        // counts until its response starts, after its Hello).
+        .concurrency_limit_per_connection(8)
+        .add_service(streams.max_decoding_message_size(AGENT_MESSAGE_BYTES))
+        .add_service(
+            ControllerInspectServer::new(inspect::InspectService::new(hub))
+                .max_decoding_message_size(INSPECT_MESSAGE_BYTES),
+        )
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let result = match tls {
         Some(tls) => {
             tls.watch(shutdown.clone());
-            let incoming = kubenft_tls::incoming(listener, tls, move |r| {
-                metrics.refused(r.reason);
-                warn!(peer = %r.peer, common_name = ?r.common_name, reason = r.reason, error = %r.error, "refused a connection: TLS handshake failed");
-            });
+            let incoming =
+                kubenft_tls::incoming_with(listener, tls, limits, refusal(metrics, true));
             router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
         }
         None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = kubenft_tls::plaintext(listener, limits, refusal(metrics, false));
             router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await

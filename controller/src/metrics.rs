@@ -71,6 +71,11 @@ pub struct Metrics {
     pub nacks: Counter,
     /// Refused changes sent again after their backoff.
     pub nack_retries: Counter,
+    /// Streams closed because a change was neither acknowledged nor refused within its
+    /// deadline (the agent reconnects and resumes; a slot for large changes is released).
+    pub ack_timeouts: Counter,
+    /// HTTP connections closed at once because the port had its maximum open.
+    pub http_refused: Counter,
     pub source_updates: Counter,
     pub rejected_objects: Gauge,
     /// Seconds from sending a change to its acknowledgement.
@@ -79,7 +84,9 @@ pub struct Metrics {
     pub source_health: SourceHealth,
     /// Connections and streams refused before any rule was sent, by reason (a failed TLS
     /// handshake: `no_certificate`, `unknown_ca`, `expired`, `not_tls`, ...; a certificate
-    /// naming another node: `wrong_node`).
+    /// naming another node: `wrong_node`; `connection_limit`: closed at once, the port had its
+    /// maximum of connections open; `handshake_timeout`: nothing or no handshake in time;
+    /// `invalid_argument`: a message with a field out of bounds).
     pub stream_refused: Family<ReasonLabels, Counter>,
 }
 
@@ -138,6 +145,18 @@ impl Metrics {
         let acks = Counter::default();
         let nacks = Counter::default();
         let nack_retries = Counter::default();
+        let ack_timeouts = Counter::default();
+        let http_refused = Counter::default();
+        registry.register(
+            "ack_timeouts",
+            "Agent streams closed because a change was neither acknowledged nor refused within its deadline",
+            ack_timeouts.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at once because the port had its maximum open",
+            http_refused.clone(),
+        );
         let source_updates = Counter::default();
         let rejected_objects = Gauge::default();
         let push_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -205,7 +224,7 @@ impl Metrics {
         let stream_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "stream_refused",
-            "Connections refused during the TLS handshake, and streams refused because the client certificate names another node, by reason; nothing is sent to them",
+            "Connections refused at accept (connection limit) or during the handshake, and streams refused because the client certificate names another node or a message is out of bounds, by reason; nothing is sent to them",
             stream_refused.clone(),
         );
         let nodes = Family::<StateLabels, Gauge>::default();
@@ -230,6 +249,8 @@ impl Metrics {
             acks,
             nacks,
             nack_retries,
+            ack_timeouts,
+            http_refused,
             source_updates,
             rejected_objects,
             push_duration,

@@ -55,6 +55,104 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// authenticated yet, and the text is shown by inspection and logs.
 const ERROR_LINES: usize = 3;
 const ERROR_CHARS: usize = 512;
+/// How long an agent has to acknowledge or refuse a change (its parts sent included), plus
+/// [`ACK_DEADLINE_PER_RESOURCE`] for each resource in it: past it the stream is closed (the
+/// agent reconnects and resumes), so a stream that holds one of the slots for large changes
+/// without acting loses it. An honest agent applies 30,000 Services in about 4 s: 60 s plus
+/// 1 ms a resource leaves it more than twenty times that. `KUBENFT_ACK_DEADLINE_MS`, read
+/// once at start, replaces the 60 s (for tests).
+const ACK_DEADLINE: Duration = Duration::from_secs(60);
+const ACK_DEADLINE_PER_RESOURCE: Duration = Duration::from_millis(1);
+pub const ACK_DEADLINE_ENV: &str = "KUBENFT_ACK_DEADLINE_MS";
+/// Bounds on what an agent says of itself (its Hello) and of what it holds (Hello, Inventory):
+/// a message beyond them closes the stream with INVALID_ARGUMENT naming the field, and nothing
+/// of it is kept.
+const MAX_ADDRESSES: usize = 64;
+const MAX_AGENT_VERSION: usize = 64;
+/// Resources an agent may say it holds: a hundred times the largest rule set benchmarked.
+const MAX_APPLIED: usize = 1_000_000;
+/// A resource name (kind, namespace, name, port name and protocol) and a version.
+const MAX_RESOURCE_NAME: usize = 512;
+const MAX_VERSION: usize = 128;
+
+/// Why `applied` (of `message`) is out of bounds, if it is.
+fn check_applied(
+    message: &str,
+    system_version: &str,
+    applied: &[ResourceVersion],
+) -> Result<(), Status> {
+    let bad = |field: &str, what: String| {
+        Err(Status::invalid_argument(format!(
+            "{message}.{field}: {what}"
+        )))
+    };
+    if system_version.len() > MAX_VERSION {
+        return bad(
+            "system_version",
+            format!("{} bytes, at most {MAX_VERSION}", system_version.len()),
+        );
+    }
+    if applied.len() > MAX_APPLIED {
+        return bad(
+            "applied",
+            format!("{} entries, at most {MAX_APPLIED}", applied.len()),
+        );
+    }
+    for rv in applied {
+        if rv.name.len() > MAX_RESOURCE_NAME {
+            return bad(
+                "applied.name",
+                format!(
+                    "{} bytes ({:?}), at most {MAX_RESOURCE_NAME}",
+                    rv.name.len(),
+                    clip(&rv.name)
+                ),
+            );
+        }
+        if rv.version.len() > MAX_VERSION {
+            return bad(
+                "applied.version",
+                format!("{} bytes, at most {MAX_VERSION}", rv.version.len()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Why a Hello is out of bounds, if it is.
+fn check_hello(hello: &Hello) -> Result<(), Status> {
+    if !is_dns_subdomain(&hello.node_name) {
+        return Err(Status::invalid_argument(format!(
+            "Hello.node_name: {:?} ({} bytes) is not a DNS-1123 subdomain of at most 253 characters",
+            clip(&hello.node_name),
+            hello.node_name.len()
+        )));
+    }
+    if hello.addresses.len() > MAX_ADDRESSES {
+        return Err(Status::invalid_argument(format!(
+            "Hello.addresses: {} entries, at most {MAX_ADDRESSES}",
+            hello.addresses.len()
+        )));
+    }
+    if let Some(bad) = hello
+        .addresses
+        .iter()
+        .find(|a| a.parse::<std::net::IpAddr>().is_err())
+    {
+        return Err(Status::invalid_argument(format!(
+            "Hello.addresses: {:?} is not an IP address",
+            clip(bad)
+        )));
+    }
+    if hello.agent_version.len() > MAX_AGENT_VERSION {
+        return Err(Status::invalid_argument(format!(
+            "Hello.agent_version: {} bytes, at most {MAX_AGENT_VERSION}",
+            hello.agent_version.len()
+        )));
+    }
+    check_applied("Hello", &hello.system_version, &hello.applied)
+}
+
 /// What is kept of a data plane report's repair counts.
 const REPAIR_KINDS: usize = 16;
 const REPAIR_KIND_CHARS: usize = 32;
@@ -120,6 +218,7 @@ pub struct RuleStreamService {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     large_changes: Arc<Semaphore>,
+    ack_deadline: Duration,
     /// Whether a stream needs a client certificate naming its node (TLS is on).
     node_identity: bool,
 }
@@ -131,6 +230,10 @@ impl RuleStreamService {
             metrics,
             shutdown,
             large_changes: Arc::new(Semaphore::new(LARGE_CHANGES_IN_FLIGHT)),
+            ack_deadline: std::env::var(ACK_DEADLINE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(ACK_DEADLINE, Duration::from_millis),
             node_identity: false,
         }
     }
@@ -167,11 +270,10 @@ impl RuleStream for RuleStreamService {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Status::deadline_exceeded("no Hello received")),
         };
-        if !is_dns_subdomain(&hello.node_name) {
-            return Err(Status::invalid_argument(format!(
-                "node name {:?} is not a DNS-1123 subdomain",
-                clip(&hello.node_name)
-            )));
+        if let Err(status) = check_hello(&hello) {
+            self.metrics.refused("invalid_argument");
+            warn!(%peer, common_name = ?common_name, error = %status.message(), "refused a stream: Hello out of bounds");
+            return Err(status);
         }
         // Before the hub hears of it: an impostor never disturbs the node's real agent.
         if self.node_identity
@@ -204,6 +306,7 @@ impl RuleStream for RuleStreamService {
             self.hub.clone(),
             self.metrics.clone(),
             self.large_changes.clone(),
+            self.ack_deadline,
             hello,
         );
         tokio::spawn(
@@ -221,6 +324,8 @@ struct InFlight {
     /// What the agent holds once it is applied.
     target: Arc<NodeRuleSet>,
     sent_at: tokio::time::Instant,
+    /// When the stream is closed if the change is neither acknowledged nor refused.
+    deadline: tokio::time::Instant,
     /// An empty change (confirming a current agent): sent again if refused.
     confirmation: bool,
     /// Held while a large change is in flight.
@@ -367,6 +472,7 @@ struct Session {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     large_changes: Arc<Semaphore>,
+    ack_deadline: Duration,
     node: String,
     /// This stream's number in the hub.
     stream: u64,
@@ -386,6 +492,7 @@ impl Session {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         large_changes: Arc<Semaphore>,
+        ack_deadline: Duration,
         mut hello: Hello,
     ) -> Self {
         let addresses = hello
@@ -407,6 +514,7 @@ impl Session {
             hub,
             metrics,
             large_changes,
+            ack_deadline,
             node: hello.node_name,
             stream,
             desired,
@@ -476,13 +584,23 @@ impl Session {
                     None
                 };
                 // Each part is copied only when the channel has room for it, so a stream
-                // holds a few parts of a large change at a time, not the whole of it.
-                for part in self.start(desired, diff, permit).parts(PART_BYTES) {
+                // holds a few parts of a large change at a time, not the whole of it. An agent
+                // that does not read has until the change's deadline.
+                let outgoing = self.start(desired, diff, permit);
+                let deadline = self.in_flight.as_ref().map(|f| f.deadline);
+                for part in outgoing.parts(PART_BYTES) {
                     let message = ControllerMessage {
                         message: Some(controller_message::Message::Change(part)),
                     };
-                    if tx.send(Ok(message)).await.is_err() {
-                        return;
+                    match tokio::time::timeout_at(
+                        deadline.expect("in flight"),
+                        tx.send(Ok(message)),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => return self.expire(tx),
                     }
                 }
             }
@@ -496,7 +614,12 @@ impl Session {
                 biased;
                 () = shutdown.cancelled() => return,
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => self.on_message(m),
+                    Ok(Some(m)) => if let Err(status) = self.on_message(m) {
+                        self.metrics.refused("invalid_argument");
+                        warn!(error = %status.message(), "closing the stream: message out of bounds");
+                        let _ = tx.try_send(Err(status));
+                        return;
+                    },
                     Ok(None) => return,
                     Err(e) => {
                         debug!(error = %e, "agent stream error");
@@ -509,8 +632,30 @@ impl Session {
                     }
                 }
                 () = until(retry) => {}
+                () = until(self.in_flight.as_ref().map(|f| f.deadline)) => return self.expire(tx),
             }
         }
+    }
+
+    /// Closes the stream of a change neither acknowledged nor refused by its deadline: the
+    /// slot for large changes it holds is released and the agent reconnects and resumes.
+    fn expire(&mut self, tx: &mpsc::Sender<Result<ControllerMessage, Status>>) {
+        let Some(f) = self.in_flight.take() else {
+            return;
+        };
+        self.metrics.ack_timeouts.inc();
+        let waited = f.deadline - f.sent_at;
+        warn!(
+            change_id = f.change_id,
+            version = %f.target.system_version,
+            waited_ms = waited.as_millis() as u64,
+            large = f._permit.is_some(),
+            "closing the stream: change neither acknowledged nor refused in time"
+        );
+        let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
+            "change {} neither acknowledged nor refused within {waited:?}",
+            f.change_id
+        ))));
     }
 
     /// When the changes behind these resources happened, where known.
@@ -574,6 +719,11 @@ impl Session {
             self.metrics.changes_sent.inc();
         }
         let confirmation = diff.is_empty();
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            + self.ack_deadline
+            + ACK_DEADLINE_PER_RESOURCE
+                .saturating_mul(u32::try_from(diff.resources.len()).unwrap_or(u32::MAX));
         debug!(change_id, resources = diff.resources.len(), removed = diff.removed.len(), version = %desired.system_version, "sending change");
         let outgoing = Outgoing {
             change_id,
@@ -585,14 +735,16 @@ impl Session {
         self.in_flight = Some(InFlight {
             change_id,
             target: desired,
-            sent_at: tokio::time::Instant::now(),
+            sent_at: now,
+            deadline,
             confirmation,
             _permit: permit,
         });
         outgoing
     }
 
-    fn on_message(&mut self, msg: AgentMessage) {
+    /// Takes in one message from the agent; one out of bounds is refused, nothing of it kept.
+    fn on_message(&mut self, msg: AgentMessage) -> Result<(), Status> {
         match msg.message {
             Some(agent_message::Message::Status(status)) => {
                 let status = bounded(status);
@@ -605,13 +757,14 @@ impl Session {
                 self.hub.dataplane(&self.node, self.stream, status);
             }
             Some(agent_message::Message::Inventory(inv)) => {
+                check_applied("Inventory", &inv.system_version, &inv.applied)?;
                 debug!(applied = inv.applied.len(), "inventory received");
                 self.known = Known::from_hello(inv.applied, inv.system_version);
             }
             Some(agent_message::Message::Ack(ack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.change_id == ack.change_id) else {
                     warn!(change_id = ack.change_id, "ack for a change not in flight");
-                    return;
+                    return Ok(());
                 };
                 self.metrics.acks.inc();
                 self.metrics
@@ -627,7 +780,7 @@ impl Session {
                         change_id = nack.change_id,
                         "nack for a change not in flight"
                     );
-                    return;
+                    return Ok(());
                 };
                 let system_version = f.target.system_version.clone();
                 let error = short_error(&nack.error);
@@ -651,6 +804,7 @@ impl Session {
                 warn!("unexpected message on an open stream")
             }
         }
+        Ok(())
     }
 }
 

@@ -146,15 +146,24 @@ impl HealthCheckPorts {
         };
         let app = Router::new().fallback(answer).with_state(shared);
         tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+            let served = kubenft_tls::serve_http(listener, app, HC_LIMITS, stop, |peer| {
+                tracing::debug!(%peer, "health-check port: refused a connection: too many open");
+            })
+            .await;
             if let Err(e) = served {
                 tracing::warn!(%addr, error = %e, "health-check server failed");
             }
         });
     }
 }
+
+/// A health-check port's bounds: load balancers' probes are short requests from a few
+/// dozen addresses; a slow or silent client is closed after 5 s without its headers.
+const HC_LIMITS: kubenft_tls::HttpLimits = kubenft_tls::HttpLimits {
+    max_connections: 64,
+    header_read_timeout: std::time::Duration::from_secs(5),
+    connection_lifetime: std::time::Duration::from_secs(60),
+};
 
 fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = match addr {

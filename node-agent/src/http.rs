@@ -179,15 +179,25 @@ pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
         .with_state(metrics)
 }
 
-/// Serves a router until cancelled.
+/// The HTTP ports' bounds: probes and scrapes are a handful of connections; a client gets 5 s
+/// to send its headers and a connection lives a minute (then it is asked to close after its
+/// request). Request bodies are refused.
+pub const LIMITS: kubenft_tls::HttpLimits = kubenft_tls::HttpLimits {
+    max_connections: 32,
+    header_read_timeout: std::time::Duration::from_secs(5),
+    connection_lifetime: std::time::Duration::from_secs(60),
+};
+
+/// Serves a router until cancelled, under [`LIMITS`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    kubenft_tls::serve_http(listener, router, LIMITS, cancel, |peer| {
+        tracing::debug!(%peer, "HTTP: refused a connection: too many open");
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -195,6 +205,48 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A client sending its headers a byte at a time is closed within the header read
+    /// timeout; a request with a body is refused.
+    #[tokio::test]
+    async fn slow_clients_are_closed_and_bodies_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let router = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        let server = tokio::spawn(serve(listener, router, cancel.clone()));
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let closed = loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if slow.write_all(b"X").await.is_err() {
+                break started.elapsed();
+            }
+            let mut buf = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+                Err(_) => {}
+                Ok(_) => break started.elapsed(),
+            }
+            assert!(started.elapsed() < Duration::from_secs(15), "kept open");
+        };
+        assert!(
+            closed < LIMITS.header_read_timeout + Duration::from_secs(3),
+            "{closed:?}"
+        );
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+        cancel.cancel();
+        server.await.unwrap().unwrap();
+    }
 
     async fn get_text(router: Router, path: &str) -> (u16, String) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,7 +9,6 @@ use kubenft_proto::v1::{
     agent_inspect_server::{AgentInspect, AgentInspectServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -68,6 +67,21 @@ impl<N: Nft> AgentInspect for Inspect<N> {
     }
 }
 
+/// The inspection port's bounds: it serves an operator's grpcurl and a monitoring probe or
+/// two, so a few dozen connections (each with a 10 s handshake, or in plaintext first bytes,
+/// timeout), a few calls at once, and requests of a node or table name.
+const LIMITS: kubenft_tls::Limits = kubenft_tls::Limits {
+    max_connections: 32,
+    handshake_timeout: kubenft_tls::HANDSHAKE_TIMEOUT,
+};
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+const MAX_CONCURRENT_STREAMS: u32 = 8;
+const CALLS_PER_CONNECTION: usize = 4;
+/// Calls answered at once over every connection (more wait their turn): rendering the table
+/// text runs `nft list`.
+const CALLS: usize = 8;
+const REQUEST_BYTES: usize = 64 * 1024;
+
 /// Serves inspection, health and reflection until cancelled.
 ///
 /// With TLS, every client needs a certificate signed by the inspection port's client CA
@@ -94,14 +108,23 @@ pub async fn serve<N: Nft>(
             .with_service_name("grpc.health.v1.Health")
     };
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(CALLS))
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(AgentInspectServer::new(inspect));
+        .add_service(AgentInspectServer::new(inspect).max_decoding_message_size(REQUEST_BYTES));
     match tls {
         Some(tls) => {
             tls.watch(cancel.clone());
-            let incoming = kubenft_tls::incoming(listener, tls, |r| {
+            let incoming = kubenft_tls::incoming_with(listener, tls, LIMITS, |r| {
+                if r.reason == "connection_limit" {
+                    tracing::debug!(peer = %r.peer, "inspection: refused a connection: too many open");
+                    return;
+                }
                 tracing::warn!(peer = %r.peer, common_name = ?r.common_name, reason = r.reason, error = %r.error, "inspection: refused a connection: TLS handshake failed");
             });
             router
@@ -110,7 +133,12 @@ pub async fn serve<N: Nft>(
         }
         None => {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled())
+                .serve_with_incoming_shutdown(
+                    kubenft_tls::plaintext(listener, LIMITS, |r| {
+                        tracing::debug!(peer = %r.peer, reason = r.reason, "inspection: refused a connection");
+                    }),
+                    cancel.cancelled(),
+                )
                 .await?
         }
     }

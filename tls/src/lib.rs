@@ -32,11 +32,13 @@ use rustls::{
     SignatureScheme,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+pub mod bounds;
+pub use bounds::{HttpLimits, Limited, Limits, plaintext, serve_http};
 
 /// How long a client has to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -374,7 +376,9 @@ pub struct Refusal {
     pub common_name: Option<String>,
     /// `no_certificate`, `unknown_ca`, `expired`, `not_yet_valid`, `bad_certificate`,
     /// `not_tls` (plaintext or garbage), `peer_alert` (the client refused us),
-    /// `handshake_timeout` or `handshake_error`.
+    /// `handshake_timeout` or `handshake_error`; `connection_limit` (closed at once: the port
+    /// had its maximum of connections open) and, in plaintext, `closed` (closed before sending
+    /// anything).
     pub reason: &'static str,
     pub error: String,
 }
@@ -399,34 +403,34 @@ fn reason(e: &io::Error) -> &'static str {
     }
 }
 
-/// The TLS connections on `listener`, for tonic's `serve_with_incoming`: each accepted
-/// connection's handshake runs in its own task (a slow client holds up no one) and is bounded
-/// by [`HANDSHAKE_TIMEOUT`]; failed ones go to `refused` and are dropped. Accepting stops
-/// when the stream is dropped.
+/// The TLS connections on `listener`, for tonic's `serve_with_incoming`, under the default
+/// [`Limits`]: see [`incoming_with`].
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     refused: impl Fn(Refusal) + Send + Sync + 'static,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(64);
-    let refused = Arc::new(refused);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = tx.closed() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of descriptors and the like: pause rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let (tx, tls, refused) = (tx.clone(), tls.clone(), refused.clone());
-            tokio::spawn(async move {
+) -> ReceiverStream<io::Result<Limited<TlsStream<TcpStream>>>> {
+    incoming_with(listener, tls, Limits::default(), refused)
+}
+
+/// The TLS connections on `listener`, for tonic's `serve_with_incoming`: at most
+/// `limits.max_connections` at once (beyond it a new connection is closed at once and refused
+/// with `connection_limit`); each accepted connection's handshake runs in its own task (a slow
+/// client holds up no one) and is bounded by `limits.handshake_timeout`; failed ones go to
+/// `refused` and are dropped. Accepting stops when the stream is dropped.
+pub fn incoming_with(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    limits: Limits,
+    refused: impl Fn(Refusal) + Send + Sync + 'static,
+) -> ReceiverStream<io::Result<Limited<TlsStream<TcpStream>>>> {
+    bounds::accept(
+        listener,
+        limits,
+        Arc::new(refused),
+        move |tcp: TcpStream, peer: SocketAddr| {
+            let tls = tls.clone();
+            async move {
                 let seen = Arc::new(Mutex::new(None));
                 let acceptor = TlsAcceptor::from(tls.config(seen.clone()));
                 let refusal = |reason, error: String| Refusal {
@@ -435,20 +439,17 @@ pub fn incoming(
                     reason,
                     error,
                 };
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => refused(refusal(reason(&e), e.to_string())),
-                    Err(_) => refused(refusal(
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => Ok(stream),
+                    Ok(Err(e)) => Err(refusal(reason(&e), e.to_string())),
+                    Err(_) => Err(refusal(
                         "handshake_timeout",
-                        format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                        format!("no TLS handshake within {:?}", limits.handshake_timeout),
                     )),
                 }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+            }
+        },
+    )
 }
 
 /// The Subject CN of a DER certificate (the first one, if several), if it has one.
@@ -550,6 +551,7 @@ pub fn peer_serial<T>(request: &tonic::Request<T>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     #[test]
     fn der_lengths_are_bounded() {
