@@ -9,6 +9,7 @@
 #   scripts/bench.sh --suite 1,2 --sizes 1000,10000   # a quicker run (flags go to kubenft-bench)
 #   scripts/bench.sh --suite 5 --programming-changes 100
 #   scripts/bench.sh --suite 6                        # self-healing (--heal-sizes, --heal-injections)
+#   scripts/bench.sh --suite 4 --tls on                # suites 3/4: TLS only (default: both)
 #
 # Each suite's latest tables are kept in target/kubenft-bench/suite-N.md and BENCHMARKS.md is
 # rebuilt from all of them, so suites may be run separately.

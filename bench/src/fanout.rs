@@ -15,6 +15,7 @@
 
 mod agents;
 mod manifests;
+mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use crate::report::{Table, mib, ms, percentile, secs};
 use crate::workload::Workload;
-use agents::{Fleet, Probe, Watchdog};
+use agents::{Fleet, Probe, Transport, Watchdog};
+use pki::BenchPki;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -31,6 +33,46 @@ pub struct Options {
     pub agents: Vec<u32>,
     pub changes: usize,
     pub storm_agents: u32,
+    pub tls: TlsMode,
+}
+
+/// Which transports suites 3 and 4 measure: both (plaintext first, then TLS, in the same run),
+/// TLS only or plaintext only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    Both,
+    On,
+    Off,
+}
+
+/// The transports to measure, with the certificates for `agents` agents when TLS is one of
+/// them (made before anything is timed).
+async fn transports(mode: TlsMode, agents: u32) -> anyhow::Result<Vec<Transport>> {
+    let mut out = Vec::new();
+    if mode != TlsMode::On {
+        out.push(Transport::Plain);
+    }
+    if mode != TlsMode::Off {
+        let pki = tokio::task::spawn_blocking(move || BenchPki::generate(agents)).await??;
+        eprintln!(
+            "suites 3/4: CA, controller certificate and {agents} agent certificates made in {}",
+            secs(pki.generated)
+        );
+        out.push(Transport::Tls(Arc::new(pki)));
+    }
+    Ok(out)
+}
+
+/// A note on how the TLS rows were set up, if there are any.
+fn tls_note(transports: &[Transport]) -> Option<String> {
+    transports.iter().find_map(|t| match t {
+        Transport::Plain => None,
+        Transport::Tls(pki) => Some(format!(
+            "TLS rows: the controller serves with `--tls-cert-file/--tls-private-key-file/--client-ca-file` (mutual TLS, rustls + ring, TLS 1.3, ECDSA P-256 certificates) and each simulated agent dials `https://127.0.0.1:PORT` with its own client certificate (CN `system:node:<node>`, which the controller checks against the Hello's node name), loaded as the real agent loads it (`kubenft_tls::ClientFiles`). No session resumption: each agent builds its TLS settings afresh, as the real agent does per connection. The simulated agents run on the same cores as the controller, so their half of every handshake is in the figures too. The CA and {} certificates were made with the openssl CLI (one `req -x509 -CA` process per agent) in {}, before anything was timed. Plaintext rows: `--insecure` and `http://`.",
+            pki.agents() + 1,
+            secs(pki.generated)
+        )),
+    })
 }
 
 /// Time allowed for one agent count's changes (fewer than asked are reported if it runs out).
@@ -49,6 +91,7 @@ impl Controller {
         bin: &Path,
         dir: &Path,
         grpc: std::net::SocketAddr,
+        transport: &Transport,
     ) -> anyhow::Result<Controller> {
         let http = free_port()?;
         // KUBENFT_BENCH_CONTROLLER_LOG=FILE keeps the controller's log (diagnostics), at
@@ -65,11 +108,24 @@ impl Controller {
             ),
             None => ("warn".into(), Stdio::null()),
         };
-        let child = tokio::process::Command::new(bin)
-            .arg(format!("--source=dir:{}", dir.display()))
-            .args(["--grpc-listen", &grpc.to_string()])
-            // The simulated agents connect in plaintext (TLS is not what this measures).
-            .arg("--insecure")
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg(format!("--source=dir:{}", dir.display()))
+            .args(["--grpc-listen", &grpc.to_string()]);
+        match transport {
+            Transport::Plain => {
+                cmd.arg("--insecure");
+            }
+            Transport::Tls(pki) => {
+                let files = pki.server();
+                cmd.arg("--tls-cert-file")
+                    .arg(&files.cert)
+                    .arg("--tls-private-key-file")
+                    .arg(&files.key)
+                    .arg("--client-ca-file")
+                    .arg(&files.client_ca);
+            }
+        }
+        let child = cmd
             .args(["--http-listen", &http.to_string()])
             .args(["--cluster-cidr", crate::workload::CLUSTER_CIDR])
             .args(["--service-cidr", crate::workload::SERVICE_CIDR])
@@ -141,8 +197,9 @@ fn manifests_dir(w: &Workload, tag: &str) -> anyhow::Result<Dir> {
     Ok(dir)
 }
 
-/// Figures of one agent count.
+/// Figures of one agent count over one transport.
 struct FanoutResult {
+    transport: &'static str,
     agents: u32,
     connected: u32,
     initial_sync: Duration,
@@ -154,8 +211,9 @@ struct FanoutResult {
 }
 
 impl FanoutResult {
-    fn skipped(agents: u32) -> FanoutResult {
+    fn skipped(transport: &'static str, agents: u32) -> FanoutResult {
         FanoutResult {
+            transport,
             agents,
             connected: 0,
             initial_sync: Duration::ZERO,
@@ -169,40 +227,54 @@ impl FanoutResult {
 }
 
 /// Runs suite 3.
+/// Runs suite 3: for each agent count, plaintext then TLS (as `opts.tls` asks).
 pub async fn run_fanout(opts: &Options, bin: &Path) -> anyhow::Result<Vec<Table>> {
+    let max = opts.agents.iter().copied().max().unwrap_or(0);
+    let transports = transports(opts.tls, max).await?;
     let mut results: Vec<FanoutResult> = Vec::new();
     for &k in &opts.agents {
-        if let Some(prev) = results.last().filter(|r| r.connected < r.agents) {
-            let mut skipped = FanoutResult::skipped(k);
-            skipped.stopped = Some(format!(
-                "not run: only {} of {} agents could be served at the previous count",
-                prev.connected, prev.agents
-            ));
-            results.push(skipped);
-            continue;
+        for transport in &transports {
+            let label = transport.label();
+            let previous = results.iter().rev().find(|r| r.transport == label);
+            if let Some(prev) = previous.filter(|r| r.connected < r.agents) {
+                let mut skipped = FanoutResult::skipped(label, k);
+                skipped.stopped = Some(format!(
+                    "not run: only {} of {} agents could be served at the previous count",
+                    prev.connected, prev.agents
+                ));
+                results.push(skipped);
+                continue;
+            }
+            let r = fanout_one(opts, bin, k, transport).await?;
+            eprintln!(
+                "suite 3: {k} agents, {label}: {} connected, {} cluster + {} local changes {}",
+                r.connected,
+                r.cluster.len(),
+                r.local.len(),
+                r.stopped.as_deref().unwrap_or("")
+            );
+            results.push(r);
         }
-        let r = fanout_one(opts, bin, k).await?;
-        eprintln!(
-            "suite 3: {k} agents: {} connected, {} cluster + {} local changes {}",
-            r.connected,
-            r.cluster.len(),
-            r.local.len(),
-            r.stopped.as_deref().unwrap_or("")
-        );
-        results.push(r);
     }
-    Ok(vec![fanout_table(opts, &results)])
+    Ok(vec![fanout_table(opts, &results, &transports)])
 }
 
-async fn fanout_one(opts: &Options, bin: &Path, k: u32) -> anyhow::Result<FanoutResult> {
+async fn fanout_one(
+    opts: &Options,
+    bin: &Path,
+    k: u32,
+    transport: &Transport,
+) -> anyhow::Result<FanoutResult> {
     let w = Workload::new(opts.services, k);
     let dir = manifests_dir(&w, "manifests")?;
-    let controller = Controller::start(bin, &dir.0, free_port()?).await?;
+    let controller = Controller::start(bin, &dir.0, free_port()?, transport).await?;
     let fleet = Arc::new(Fleet::default());
     let watchdog = Watchdog::start(controller.pid(), memory_limit());
     let started = Instant::now();
-    let connected = agents::connect_all(&fleet, controller.grpc, k, false, &watchdog).await;
+    let connected =
+        agents::connect_all(&fleet, transport, controller.grpc, k, false, &watchdog).await;
     let mut result = FanoutResult {
+        transport: transport.label(),
         agents: k,
         connected: fleet.synced(),
         initial_sync: started.elapsed(),
@@ -302,6 +374,7 @@ fn fanout_row(r: &FanoutResult) -> Vec<String> {
     let timeouts = probes().filter(|p| p.timed_out).count();
     vec![
         r.agents.to_string(),
+        r.transport.to_owned(),
         format!("{} / {}", r.connected, secs(r.initial_sync)),
         format!(
             "{} + {} ({timeouts} timed out)",
@@ -310,6 +383,7 @@ fn fanout_row(r: &FanoutResult) -> Vec<String> {
         ),
         latency_cell(&lat, 50.0),
         latency_cell(&lat, 99.0),
+        latency_cell(&lat, 100.0),
         verdict,
         format!(
             "{} / {}",
@@ -328,15 +402,17 @@ fn fanout_row(r: &FanoutResult) -> Vec<String> {
     ]
 }
 
-fn fanout_table(opts: &Options, results: &[FanoutResult]) -> Table {
+fn fanout_table(opts: &Options, results: &[FanoutResult], transports: &[Transport]) -> Table {
     let mut t = Table::new(
         "Suite 3 — control-plane fan-out (real controller binary, simulated agents over real gRPC)",
         &[
             "agents",
+            "transport",
             "synced agents / initial sync",
             "changes measured (Cluster + Local policy)",
             "change → all affected ACKed p50",
             "p99",
+            "max",
             "target p99",
             "agents receiving a change (Cluster / Local policy), mean",
             "payload per change per agent (p50 / max)",
@@ -346,7 +422,10 @@ fn fanout_table(opts: &Options, results: &[FanoutResult]) -> Table {
     for r in results {
         t.row(fanout_row(r));
         if let Some(why) = &r.stopped {
-            t.note(format!("{} agents: stopped early: {why}", r.agents));
+            t.note(format!(
+                "{} agents, {}: stopped early: {why}",
+                r.agents, r.transport
+            ));
         }
     }
     t.note(format!(
@@ -358,43 +437,25 @@ fn fanout_table(opts: &Options, results: &[FanoutResult]) -> Table {
         CHANGE_TIMEOUT.as_secs(),
     ));
     t.note("Targets: payload ≤ 1 KiB per change per affected agent; a Local-policy change should reach only the endpoint's node (expected 1 in the Local column); controller RSS ≤ 1 GiB at 5,000 agents. The controller is killed if its RSS passes min(a third of the machine, 8 GiB); no more agents are connected once it passes 70% of that, and the changes then run with the agents connected so far.");
+    if let Some(note) = tls_note(transports) {
+        t.note(format!(
+            "{note} Each transport has its own controller process and fleet, one after the other."
+        ));
+    }
     t
 }
 
-/// Runs suite 4: current agents reconnect at once after a controller restart.
+/// Runs suite 4: current agents reconnect at once after a controller restart; plaintext then
+/// TLS (as `opts.tls` asks), one row each.
 pub async fn run_storm(opts: &Options, bin: &Path) -> anyhow::Result<Vec<Table>> {
-    let k = opts.storm_agents;
-    let w = Workload::new(opts.services, k);
-    let dir = manifests_dir(&w, "storm")?;
-    let grpc = free_port()?;
-    let controller = Controller::start(bin, &dir.0, grpc).await?;
-    let fleet = Arc::new(Fleet::default());
-    let watchdog = Watchdog::start(controller.pid(), memory_limit());
-    let connected = agents::connect_all(&fleet, grpc, k, true, &watchdog).await;
-    let synced_before = fleet.synced();
-    if watchdog.tripped().is_some() || synced_before == 0 {
-        anyhow::bail!("no agent could be synchronised: {connected:?}");
-    }
-    controller.kill().await;
-    let held = fleet.wait_closed(Duration::from_secs(30)).await;
-    let reconnecting = held.len();
-    let restarted = Instant::now();
-    let controller = Controller::start(bin, &dir.0, grpc).await?;
-    let listening = restarted.elapsed();
-    let storm = Arc::new(Fleet::default());
-    let watchdog = Watchdog::start(controller.pid(), memory_limit());
-    let t0 = Instant::now();
-    let outcome = agents::reconnect_all(&storm, grpc, held, &watchdog).await;
-    let synced = t0.elapsed();
-    let total = restarted.elapsed();
-    let totals = storm.totals();
-    storm.stop();
-    controller.kill().await;
+    let transports = transports(opts.tls, opts.storm_agents).await?;
     let mut t = Table::new(
         "Suite 4 — reconnect storm after a controller restart",
         &[
+            "transport",
             "agents",
             "controller restart → listening",
+            "all reconnect at once → all connections up",
             "all reconnect at once → all confirmed",
             "target ≤ 2 s",
             "restart → all confirmed",
@@ -404,13 +465,71 @@ pub async fn run_storm(opts: &Options, bin: &Path) -> anyhow::Result<Vec<Table>>
             "bytes received",
         ],
     );
+    for transport in &transports {
+        let row = storm_one(opts, bin, transport).await?;
+        eprintln!("suite 4, {}: {}", transport.label(), row.cells[4]);
+        t.row(row.cells);
+        if let Some(note) = row.note {
+            t.note(format!("{}: {note}", transport.label()));
+        }
+    }
+    t.note(format!(
+        "{} Services × 10 endpoints. The agents first synchronise (the full rule set each), then the controller is killed and started again on the same port with the same manifests; once it listens, all agents reconnect at the same moment, each with a Hello stating the system version it holds (as the real agent does; it would list its resources only if asked). The controller answers a stream once it has read and planned everything, so the time includes its start-up. Target: zero payload (one empty confirmation each), all confirmed within 2 s. Bytes are the encoded Changes received (a confirmation carries only its id and system version). \"Connections up\": the last agent's `connect()` returned (TCP, TLS handshake as the client sees it, HTTP/2); its Hello and the confirmation follow.",
+        opts.services
+    ));
+    if let Some(note) = tls_note(&transports) {
+        t.note(format!("{note} Each transport has its own controller processes and fleet, one after the other; the agents' endpoints (TLS settings included) are built before the controller restarts, so the clock holds only connecting."));
+    }
+    Ok(vec![t])
+}
+
+struct StormRow {
+    cells: Vec<String>,
+    note: Option<String>,
+}
+
+async fn storm_one(opts: &Options, bin: &Path, transport: &Transport) -> anyhow::Result<StormRow> {
+    let k = opts.storm_agents;
+    let w = Workload::new(opts.services, k);
+    let dir = manifests_dir(&w, "storm")?;
+    let grpc = free_port()?;
+    let controller = Controller::start(bin, &dir.0, grpc, transport).await?;
+    let fleet = Arc::new(Fleet::default());
+    let watchdog = Watchdog::start(controller.pid(), memory_limit());
+    let connected = agents::connect_all(&fleet, transport, grpc, k, true, &watchdog).await;
+    let synced_before = fleet.synced();
+    if watchdog.tripped().is_some() || synced_before == 0 {
+        anyhow::bail!("no agent could be synchronised: {connected:?}");
+    }
+    controller.kill().await;
+    let held = fleet.wait_closed(Duration::from_secs(30)).await;
+    let reconnecting = held.len();
+    let held = held
+        .into_iter()
+        .map(|(id, held)| Ok((id, held, transport.endpoint(grpc, id)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let restarted = Instant::now();
+    let controller = Controller::start(bin, &dir.0, grpc, transport).await?;
+    let listening = restarted.elapsed();
+    let storm = Arc::new(Fleet::default());
+    let watchdog = Watchdog::start(controller.pid(), memory_limit());
+    let t0 = Instant::now();
+    let outcome = agents::reconnect_all(&storm, held, &watchdog).await;
+    let synced = t0.elapsed();
+    let total = restarted.elapsed();
+    let up = storm.last_connected().map(|at| at.duration_since(t0));
+    let totals = storm.totals();
+    storm.stop();
+    controller.kill().await;
     let met = outcome.is_ok()
         && reconnecting == synced_before as usize
         && synced <= Duration::from_secs(2)
         && totals.resources == 0;
-    t.row(vec![
+    let cells = vec![
+        transport.label().to_owned(),
         format!("{synced_before} of {k}, {reconnecting} reconnect"),
         ms(listening),
+        up.map_or("—".into(), ms),
         match &outcome {
             Ok(()) => ms(synced),
             Err(e) => format!("failed after {}: {e}", ms(synced)),
@@ -421,13 +540,11 @@ pub async fn run_storm(opts: &Options, bin: &Path) -> anyhow::Result<Vec<Table>>
         totals.inventories.to_string(),
         totals.resources.to_string(),
         format!("{} B", totals.bytes),
-    ]);
-    if let Err(e) = connected {
-        t.note(format!("Fewer agents than asked: {e}."));
-    }
-    t.note(format!(
-        "{} Services × 10 endpoints. The agents first synchronise (the full rule set each), then the controller is killed and started again on the same port with the same manifests; once it listens, all agents reconnect at the same moment, each with a Hello stating the system version it holds (as the real agent does; it would list its resources only if asked). The controller answers a stream once it has read and planned everything, so the time includes its start-up. Target: zero payload (one empty confirmation each), all confirmed within 2 s. Bytes are the encoded Changes received (a confirmation carries only its id and system version).",
-        opts.services
-    ));
-    Ok(vec![t])
+    ];
+    Ok(StormRow {
+        cells,
+        note: connected
+            .err()
+            .map(|e| format!("fewer agents than asked: {e}.")),
+    })
 }

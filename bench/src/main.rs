@@ -7,6 +7,7 @@
 //!  2  data plane       client ns → node ns (rules) → server ns; kubenft vs a linear rule list
 //!  3  fan-out          the real controller binary, K simulated agents over real gRPC streams
 //!  4  reconnect storm  1,000 current agents reconnect after a controller restart
+//!                      (3 and 4: in plaintext and with mutual TLS, side by side; `--tls`)
 //!  5  programming      in the lab (kubenft-lab), the real controller and agents: an
 //!                      EndpointSlice change → the new pod answers a client's probe
 //!  6  self-healing     agent library + nft monitor + drift loop in a namespace: cost of
@@ -90,6 +91,10 @@ struct RunArgs {
     /// Agents in suite 4.
     #[arg(long, default_value_t = 1000)]
     storm_agents: u32,
+    /// Transports of suites 3 and 4: `both` (plaintext and mutual TLS, side by side in the
+    /// same run), `on` (TLS only) or `off` (plaintext only).
+    #[arg(long, value_enum, default_value = "both")]
+    tls: fanout::TlsMode,
     /// EndpointSlice changes timed in suite 5.
     #[arg(long, default_value_t = 100)]
     programming_changes: usize,
@@ -276,6 +281,7 @@ async fn run_suite(suite: u32, args: &RunArgs) -> anyhow::Result<Vec<Table>> {
                 agents: args.agents.clone(),
                 changes: args.fanout_changes,
                 storm_agents: args.storm_agents,
+                tls: args.tls,
             };
             let controller = sibling("kubenft-controller", args.controller_bin.as_ref())?;
             if suite == 3 {

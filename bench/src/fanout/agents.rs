@@ -15,13 +15,45 @@ use prost::Message;
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
 
+use super::pki::BenchPki;
 use crate::workload::node_name;
 
 /// Agents connected (and synchronised) per step before the controller's memory is checked.
 const BATCH: u32 = 25;
 /// The initial synchronisation of all agents may take this long.
 const SYNC_BUDGET: Duration = Duration::from_secs(600);
+
+/// How the simulated agents reach the controller.
+#[derive(Clone)]
+pub enum Transport {
+    /// `http://`, against a controller started with `--insecure`.
+    Plain,
+    /// `https://` with agent `id`'s client certificate (CN `system:node:node-<id>`), the
+    /// controller's certificate checked against the CA and the URL's host, 127.0.0.1.
+    Tls(Arc<BenchPki>),
+}
+
+impl Transport {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Transport::Plain => "plaintext",
+            Transport::Tls(_) => "TLS",
+        }
+    }
+
+    /// Agent `id`'s endpoint, ready to connect: the TLS settings are read from its files and
+    /// built into a connector here, as the real agent does before each connection.
+    pub fn endpoint(&self, addr: SocketAddr, id: u32) -> anyhow::Result<Endpoint> {
+        let endpoint = match self {
+            Transport::Plain => Endpoint::from_shared(format!("http://{addr}"))?,
+            Transport::Tls(pki) => Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(pki.client(id).load()?)?,
+        };
+        Ok(endpoint.connect_timeout(Duration::from_secs(30)))
+    }
+}
 
 /// What one change looked like from the agents.
 #[derive(Debug, Clone)]
@@ -69,6 +101,8 @@ pub struct Fleet {
     armed: Mutex<Option<Armed>>,
     /// What each agent held when its stream closed (suite 4).
     held: Mutex<Vec<(u32, Held)>>,
+    /// When the last agent's connection (TCP, and TLS if any) came up.
+    last_connected: Mutex<Option<Instant>>,
     stop: watch::Sender<bool>,
 }
 
@@ -83,6 +117,7 @@ impl Default for Fleet {
             inventories: AtomicU64::new(0),
             armed: Mutex::new(None),
             held: Mutex::new(Vec::new()),
+            last_connected: Mutex::new(None),
             stop: watch::channel(false).0,
         }
     }
@@ -92,6 +127,17 @@ impl Fleet {
     /// Agents that have received their first Change.
     pub fn synced(&self) -> u32 {
         self.synced.load(Ordering::Relaxed)
+    }
+
+    /// When the last agent's connection came up (TCP, and its TLS handshake if any).
+    pub fn last_connected(&self) -> Option<Instant> {
+        *self.last_connected.lock().expect("lock")
+    }
+
+    fn connected_now(&self) {
+        let now = Instant::now();
+        let mut last = self.last_connected.lock().expect("lock");
+        *last = Some(last.map_or(now, |l| l.max(now)));
     }
 
     pub fn stop(&self) {
@@ -233,6 +279,7 @@ impl Watchdog {
 /// (Ok, with fewer agents) when the controller's memory nears the watchdog's limit.
 pub async fn connect_all(
     fleet: &Arc<Fleet>,
+    transport: &Transport,
     addr: SocketAddr,
     k: u32,
     keep: bool,
@@ -253,25 +300,33 @@ pub async fn connect_all(
             anyhow::bail!("initial sync budget ({} s) used", SYNC_BUDGET.as_secs());
         }
         let end = (next + BATCH).min(k);
-        let firsts: Vec<_> = (next..end)
-            .map(|id| spawn_agent(fleet.clone(), addr, id, Held::default(), keep))
-            .collect();
+        let mut firsts = Vec::new();
+        for id in next..end {
+            let endpoint = transport.endpoint(addr, id)?;
+            firsts.push(spawn_agent(
+                fleet.clone(),
+                endpoint,
+                id,
+                Held::default(),
+                keep,
+            ));
+        }
         await_firsts(firsts, SYNC_BUDGET).await?;
         next = end;
     }
     Ok(())
 }
 
-/// Reconnects every agent at once with what it held; Ok once all are confirmed.
+/// Reconnects every agent at once with what it held, on endpoints prepared beforehand; Ok
+/// once all are confirmed.
 pub async fn reconnect_all(
     fleet: &Arc<Fleet>,
-    addr: SocketAddr,
-    held: Vec<(u32, Held)>,
+    held: Vec<(u32, Held, Endpoint)>,
     watchdog: &Watchdog,
 ) -> anyhow::Result<()> {
     let firsts: Vec<_> = held
         .into_iter()
-        .map(|(id, held)| spawn_agent(fleet.clone(), addr, id, held, false))
+        .map(|(id, held, endpoint)| spawn_agent(fleet.clone(), endpoint, id, held, false))
         .collect();
     let result = await_firsts(firsts, Duration::from_secs(120)).await;
     if let Some(why) = watchdog.tripped() {
@@ -301,7 +356,7 @@ async fn await_firsts(
 /// Starts one agent; the receiver fires at its first Change (or its failure).
 fn spawn_agent(
     fleet: Arc<Fleet>,
-    addr: SocketAddr,
+    endpoint: Endpoint,
     id: u32,
     held: Held,
     keep: bool,
@@ -309,7 +364,7 @@ fn spawn_agent(
     let (first_tx, first_rx) = oneshot::channel();
     tokio::spawn(async move {
         let mut first = Some(first_tx);
-        if let Err(e) = agent(&fleet, addr, id, held, keep, &mut first).await
+        if let Err(e) = agent(&fleet, endpoint, id, held, keep, &mut first).await
             && let Some(f) = first.take()
         {
             let _ = f.send(Err(e.to_string()));
@@ -320,16 +375,14 @@ fn spawn_agent(
 
 async fn agent(
     fleet: &Fleet,
-    addr: SocketAddr,
+    endpoint: Endpoint,
     id: u32,
     held: Held,
     keep: bool,
     first: &mut Option<oneshot::Sender<Result<(), String>>>,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(30))
-        .connect()
-        .await?;
+    let channel = endpoint.connect().await?;
+    fleet.connected_now();
     let (tx, rx) = mpsc::channel(4);
     let Held {
         applied,
