@@ -32,15 +32,6 @@ pub enum RepairKind {
 }
 
 impl RepairKind {
-    pub const ALL: [RepairKind; 6] = [
-        RepairKind::Element,
-        RepairKind::Set,
-        RepairKind::Chain,
-        RepairKind::Foreign,
-        RepairKind::Stale,
-        RepairKind::Full,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             RepairKind::Element => "element",
