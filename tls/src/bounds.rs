@@ -117,15 +117,7 @@ where
         loop {
             let (tcp, peer) = tokio::select! {
                 () = tx.closed() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of descriptors and the like: pause rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+                c = next_connection(&listener) => c,
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 drop(tcp);
@@ -253,14 +245,7 @@ pub async fn serve_http(
     loop {
         let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = next_connection(&listener) => c,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             drop(tcp);
@@ -288,6 +273,20 @@ pub async fn serve_http(
     tracker.close();
     let _ = tokio::time::timeout(HTTP_GRACE, tracker.wait()).await;
     Ok(())
+}
+
+/// The next connection; an accept error (out of descriptors and the like) pauses rather
+/// than spins.
+async fn next_connection(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
