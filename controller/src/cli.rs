@@ -1,14 +1,17 @@
 //! Command line (DESIGN.md §3). Invalid values are refused at start with the flag's name.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 use crate::model::parse_cidr;
 use crate::plan::NodePortAddresses;
+use crate::signer::review::Policy;
+use crate::signer::{CaRef, Serving, SignerConfig};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceArg {
@@ -76,6 +79,36 @@ pub struct Args {
     /// Serve gRPC in plaintext, without client authentication (only without the TLS flags).
     #[arg(long)]
     pub insecure: bool,
+    /// Sign the agents' certificates (CertificateSigningRequests for signer `kubenft.io/agent`)
+    /// with a CA kept in this Secret, NAMESPACE/NAME (created with a new CA if there is none);
+    /// its certificate is published as `ca.crt` in the ConfigMap of the same name.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_ca_ref)]
+    pub signer_ca_secret: Option<CaRef>,
+    /// The agents' ServiceAccount, NAMESPACE/NAME: only tokens of its pods may request
+    /// certificates, each for the node its pod runs on.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        default_value = "kubenft-system/kubenft-agent",
+        value_parser = parse_service_account
+    )]
+    pub signer_agent_service_account: String,
+    /// Lifetime of the certificates the signer issues (agents renew theirs at 70-90% of it):
+    /// a number with s, m or h.
+    #[arg(long, value_name = "DURATION", default_value = "168h", value_parser = parse_duration)]
+    pub signer_cert_duration: Duration,
+    /// Issue the gRPC port's serving certificate from the signer's CA into DIR (renewed at two
+    /// thirds of its life) and serve with it, instead of --tls-cert-file,
+    /// --tls-private-key-file and --client-ca-file (the client CA is the signer's CA).
+    #[arg(long, value_name = "DIR", requires = "signer_ca_secret")]
+    pub serving_cert_dir: Option<PathBuf>,
+    /// A name of the serving certificate: a DNS name or an IP address (repeatable).
+    #[arg(
+        long = "serving-cert-san",
+        value_name = "NAME|IP",
+        requires = "serving_cert_dir"
+    )]
+    pub serving_cert_sans: Vec<String>,
 }
 
 /// The flags that make the gRPC port TLS.
@@ -85,6 +118,19 @@ impl Args {
     /// The gRPC port's TLS files (`None` with `--insecure`), or why the command line is
     /// refused: TLS needs all three files, and plaintext must be asked for.
     pub fn tls(&self) -> Result<Option<kubenft_tls::ServerFiles>, String> {
+        if let Some(serving) = self.serving() {
+            return match (
+                &self.tls_cert_file,
+                &self.tls_private_key_file,
+                &self.client_ca_file,
+                self.insecure,
+            ) {
+                (None, None, None, false) => Ok(Some(serving.files())),
+                _ => Err(format!(
+                    "--serving-cert-dir replaces {TLS_FLAGS} and cannot be combined with them or with --insecure"
+                )),
+            };
+        }
         let files = [
             &self.tls_cert_file,
             &self.tls_private_key_file,
@@ -103,6 +149,78 @@ impl Args {
             (_, true) => Err(format!("--insecure cannot be combined with {TLS_FLAGS}")),
             (_, false) => Err(format!("TLS needs all of {TLS_FLAGS}")),
         }
+    }
+}
+
+impl Args {
+    /// The signer's settings, with `--signer-ca-secret`.
+    pub fn signer(&self) -> Option<SignerConfig> {
+        Some(SignerConfig {
+            ca: self.signer_ca_secret.clone()?,
+            policy: Policy {
+                agent_user: self.signer_agent_service_account.clone(),
+                max_duration: self.signer_cert_duration,
+            },
+            serving: self.serving(),
+        })
+    }
+
+    fn serving(&self) -> Option<Serving> {
+        let dir = self.serving_cert_dir.clone()?;
+        let (ips, dns_names) = self
+            .serving_cert_sans
+            .iter()
+            .partition::<Vec<_>, _>(|s| s.parse::<IpAddr>().is_ok());
+        Some(Serving {
+            dir,
+            dns_names: dns_names.into_iter().cloned().collect(),
+            ips: ips.iter().filter_map(|s| s.parse().ok()).collect(),
+        })
+    }
+}
+
+fn parse_ca_ref(s: &str) -> Result<CaRef, String> {
+    let (namespace, name) = namespaced_name(s)?;
+    Ok(CaRef { namespace, name })
+}
+
+/// `NAMESPACE/NAME` to the user name of that ServiceAccount's tokens.
+fn parse_service_account(s: &str) -> Result<String, String> {
+    let (namespace, name) = namespaced_name(s)?;
+    Ok(format!("system:serviceaccount:{namespace}:{name}"))
+}
+
+fn namespaced_name(s: &str) -> Result<(String, String), String> {
+    let dns_label = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    match s.split_once('/') {
+        Some((ns, name)) if dns_label(ns) && dns_label(name) => Ok((ns.into(), name.into())),
+        _ => Err(format!(
+            "{s:?} is not NAMESPACE/NAME (lower-case DNS labels)"
+        )),
+    }
+}
+
+/// `90s`, `30m`, `168h`: a positive whole number and a unit.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration such as 90s, 30m or 168h");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let n: u64 = s[..split].parse().map_err(|_| err())?;
+    let unit = match &s[split..] {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(err()),
+    };
+    match n.checked_mul(unit) {
+        Some(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(err()),
     }
 }
 
@@ -202,6 +320,63 @@ mod tests {
         let mut insecure = all.to_vec();
         insecure.push("--insecure");
         assert!(tls(&insecure).unwrap_err().contains("--insecure cannot"));
+    }
+
+    #[test]
+    fn the_signer_issues_the_serving_certificate() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("kubenft-controller").chain(args.iter().copied()))
+        };
+        let a = parse(&[
+            "--signer-ca-secret",
+            "kubenft-system/kubenft-ca",
+            "--serving-cert-dir",
+            "/run/kubenft",
+            "--serving-cert-san",
+            "kubenft-controller.kubenft-system.svc",
+            "--serving-cert-san",
+            "10.0.0.1",
+            "--signer-cert-duration",
+            "24h",
+        ])
+        .unwrap();
+        let files = a.tls().unwrap().unwrap();
+        assert_eq!(files.cert, PathBuf::from("/run/kubenft/serving.pem"));
+        assert_eq!(files.client_ca, PathBuf::from("/run/kubenft/ca.crt"));
+        let signer = a.signer().unwrap();
+        assert_eq!(signer.ca.to_string(), "kubenft-system/kubenft-ca");
+        assert_eq!(
+            signer.policy.agent_user,
+            "system:serviceaccount:kubenft-system:kubenft-agent"
+        );
+        assert_eq!(signer.policy.max_duration, Duration::from_secs(86400));
+        let serving = signer.serving.unwrap();
+        assert_eq!(serving.ips, ["10.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(serving.dns_names, ["kubenft-controller.kubenft-system.svc"]);
+
+        let mixed = parse(&[
+            "--signer-ca-secret",
+            "ns/ca",
+            "--serving-cert-dir",
+            "/d",
+            "--client-ca-file",
+            "ca.crt",
+        ])
+        .unwrap();
+        assert!(
+            mixed
+                .tls()
+                .unwrap_err()
+                .contains("--serving-cert-dir replaces")
+        );
+        assert!(parse(&["--serving-cert-dir", "/d", "--insecure"]).is_err());
+        for bad in ["ns", "ns/", "NS/ca", "ns/ca/x"] {
+            let e = parse(&["--signer-ca-secret", bad]).unwrap_err().to_string();
+            assert!(e.contains("--signer-ca-secret"), "{e}");
+        }
+        for bad in ["0h", "10", "5d", "h"] {
+            assert!(parse(&["--signer-cert-duration", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod select;
+pub mod signer;
 pub mod source;
 pub mod stream;
 pub mod view;
@@ -61,6 +62,8 @@ pub enum Error {
     Tls(#[from] kubenft_tls::Error),
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("signer: {0}")]
+    Signer(#[from] signer::SignerError),
 }
 
 /// Everything `run` needs.
@@ -74,6 +77,8 @@ pub struct Config {
     pub kubeconfig: Option<PathBuf>,
     /// The gRPC port's certificate, key and client CA (`None`: plaintext, `--insecure`).
     pub tls: Option<kubenft_tls::ServerFiles>,
+    /// The agents' certificate signer (`--signer-ca-secret`).
+    pub signer: Option<signer::SignerConfig>,
 }
 
 impl From<&cli::Args> for Config {
@@ -84,6 +89,7 @@ impl From<&cli::Args> for Config {
             http_listen: a.http_listen,
             kubeconfig: a.kubeconfig.clone(),
             tls: a.tls().ok().flatten(),
+            signer: a.signer(),
             policy: ClusterPolicy {
                 cluster_cidrs: a.cluster_cidrs.clone(),
                 service_cidrs: a.service_cidrs.clone(),
@@ -100,6 +106,18 @@ impl From<&cli::Args> for Config {
 
 /// Runs the controller until `shutdown` is cancelled, then drains agent streams.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = match (&config.source, &config.signer) {
+        (cli::SourceArg::Dir(_), None) => None,
+        _ => Some(source::kube::client(config.kubeconfig.as_deref()).await?),
+    };
+    // The signer's CA comes first: the serving certificate it issues is the gRPC port's.
+    let signer = match (&config.signer, &client) {
+        (Some(cfg), Some(client)) => match start_signer(cfg, client, &shutdown).await? {
+            Some(ca) => Some((cfg.clone(), ca)),
+            None => return Ok(()),
+        },
+        _ => None,
+    };
     // Unreadable TLS files stop the start, before anything else is started.
     let tls = config
         .tls
@@ -120,7 +138,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             shutdown.clone(),
         )),
         cli::SourceArg::Kube => {
-            let client = source::kube::client(config.kubeconfig.as_deref()).await?;
+            let client = client.clone().expect("made above for --source kube");
             tokio::spawn(source::kube::run_kube(
                 client,
                 limits,
@@ -137,6 +155,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
     ));
 
+    let mut signer_tasks = tokio::task::JoinSet::new();
+    if let (Some((cfg, ca)), Some(client)) = (signer, client) {
+        if let Some((serving, due)) = cfg.serving.zip(ca.1) {
+            signer_tasks.spawn(serving.renew(
+                ca.0.clone(),
+                cfg.policy.max_duration,
+                due,
+                shutdown.clone(),
+            ));
+        }
+        signer_tasks.spawn(signer::run(
+            client,
+            ca.0,
+            cfg.policy,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+
     let http = http::serve(
         config.http_listen,
         http::router(hub.clone(), metrics.clone()),
@@ -151,8 +188,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         r = http => r.map_err(|source| Error::Http { addr: config.http_listen, source }),
     };
     shutdown.cancel();
-    let _ = tokio::join!(source_task, planner_task);
+    let _ = tokio::join!(source_task, planner_task, signer_tasks.join_all());
     result
+}
+
+/// Reads (or creates) the signer's CA, retrying while the API server cannot be reached, and
+/// issues the serving certificate if the controller serves with one of its own: the CA and
+/// when the serving certificate is due for renewal. `None` if shut down meanwhile.
+async fn start_signer(
+    cfg: &signer::SignerConfig,
+    client: &kube::Client,
+    shutdown: &CancellationToken,
+) -> Result<
+    Option<(
+        Arc<kubenft_tls::pki::Authority>,
+        Option<std::time::SystemTime>,
+    )>,
+    Error,
+> {
+    let mut backoff = std::time::Duration::from_millis(500);
+    let ca = loop {
+        match signer::authority::load_or_create(client, &cfg.ca).await {
+            Ok(ca) => break Arc::new(ca),
+            Err(e) => {
+                warn!(error = %e, secret = %cfg.ca, retry_in_ms = backoff.as_millis() as u64, "cannot read the signer's CA");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    };
+    let due = match &cfg.serving {
+        Some(serving) => {
+            std::fs::create_dir_all(&serving.dir).map_err(|source| signer::SignerError::Write {
+                path: serving.dir.clone(),
+                source,
+            })?;
+            Some(serving.issue(&ca, cfg.policy.max_duration)?)
+        }
+        None => None,
+    };
+    Ok(Some((ca, due)))
 }
 
 /// Feeds each new view of the cluster to the hub.

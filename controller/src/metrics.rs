@@ -88,6 +88,14 @@ pub struct Metrics {
     /// maximum of connections open; `handshake_timeout`: nothing or no handshake in time;
     /// `invalid_argument`: a message with a field out of bounds).
     pub stream_refused: Family<ReasonLabels, Counter>,
+    /// Agents' certificate signing requests the signer decided, by `result` (`issued`,
+    /// `denied`, `failed`: an API error; retried at the next watch event).
+    pub certificate_requests: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 /// Whether the source is currently failing (a directory or file that cannot be read, an API
@@ -227,6 +235,12 @@ impl Metrics {
             "Connections refused at accept (connection limit) or during the handshake, and streams refused because the client certificate names another node or a message is out of bounds, by reason; nothing is sent to them",
             stream_refused.clone(),
         );
+        let certificate_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "certificate_requests",
+            "Agents' certificate signing requests decided by the signer (--signer-ca-secret), by result: issued, denied (the reason is in the request's Denied condition), failed (an API error, retried)",
+            certificate_requests.clone(),
+        );
         let nodes = Family::<StateLabels, Gauge>::default();
         registry.register(
             "nodes",
@@ -256,7 +270,14 @@ impl Metrics {
             push_duration,
             source_health,
             stream_refused,
+            certificate_requests,
         }
+    }
+
+    pub fn certificate_request(&self, result: &'static str) {
+        self.certificate_requests
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn refused(&self, reason: &'static str) {

@@ -70,6 +70,7 @@ async fn grpcurl_lists_describes_and_calls_the_controller() {
             policy: ClusterPolicy::default(),
             kubeconfig: None,
             tls: None,
+            signer: None,
         },
         shutdown.clone(),
     ));

@@ -83,6 +83,7 @@ impl Controller {
             policy: ClusterPolicy::default(),
             kubeconfig: Some(kubeconfig),
             tls: None,
+            signer: None,
         };
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
@@ -102,6 +102,10 @@ fn check_schemas() -> BTreeMap<String, usize> {
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 drop(typed::<ClusterRoleBinding>(&file, &doc))
             }
+            ("rbac.authorization.k8s.io/v1", "Role") => drop(typed::<Role>(&file, &doc)),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                drop(typed::<RoleBinding>(&file, &doc))
+            }
             ("apps/v1", "Deployment") => drop(typed::<Deployment>(&file, &doc)),
             ("apps/v1", "DaemonSet") => drop(typed::<DaemonSet>(&file, &doc)),
             _ => panic!("{file}: unexpected {api} {kind}"),
@@ -156,29 +160,85 @@ fn kustomization_lists_every_manifest() {
     );
 }
 
-#[test]
-fn the_controller_may_only_read_services_slices_and_nodes() {
+/// Every permission a role grants, as `group/resource[/name]:verb`.
+fn grants(kind: &str, name: &str) -> BTreeSet<String> {
     let (file, doc) = documents()
         .into_iter()
-        .find(|(_, d)| d["kind"] == "ClusterRole")
-        .unwrap();
-    let role: ClusterRole = typed(&file, &doc);
+        .find(|(_, d)| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/"));
+    let rules = match kind {
+        "ClusterRole" => typed::<ClusterRole>(&file, &doc).rules,
+        "Role" => typed::<Role>(&file, &doc).rules,
+        other => panic!("{other}"),
+    };
     let mut granted = BTreeSet::new();
-    for rule in role.rules.unwrap_or_default() {
-        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
-        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
-        for group in rule.api_groups.unwrap_or_default() {
+    for rule in rules.unwrap_or_default() {
+        let names = rule.resource_names.clone().unwrap_or_default();
+        for group in rule.api_groups.clone().unwrap_or_default() {
             for resource in rule.resources.clone().unwrap_or_default() {
-                granted.insert(format!("{group}/{resource}"));
+                for verb in &rule.verbs {
+                    if names.is_empty() {
+                        granted.insert(format!("{group}/{resource}:{verb}"));
+                    }
+                    for n in &names {
+                        granted.insert(format!("{group}/{resource}/{n}:{verb}"));
+                    }
+                }
             }
         }
     }
+    granted
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn every_role_grants_only_what_its_component_uses() {
     assert_eq!(
-        granted,
-        BTreeSet::from([
-            "/nodes".to_owned(),
-            "/services".to_owned(),
-            "discovery.k8s.io/endpointslices".to_owned()
+        grants("ClusterRole", "kubenft-controller"),
+        set(&[
+            "/nodes:get",
+            "/nodes:list",
+            "/nodes:watch",
+            "/services:get",
+            "/services:list",
+            "/services:watch",
+            "discovery.k8s.io/endpointslices:get",
+            "discovery.k8s.io/endpointslices:list",
+            "discovery.k8s.io/endpointslices:watch",
+        ])
+    );
+    // Approve and sign for kubenft's signer name only.
+    assert_eq!(
+        grants("ClusterRole", "kubenft-signer"),
+        set(&[
+            "certificates.k8s.io/certificatesigningrequests:get",
+            "certificates.k8s.io/certificatesigningrequests:list",
+            "certificates.k8s.io/certificatesigningrequests:watch",
+            "certificates.k8s.io/certificatesigningrequests/approval:update",
+            "certificates.k8s.io/certificatesigningrequests/status:update",
+            "certificates.k8s.io/signers/kubenft.io/agent:approve",
+            "certificates.k8s.io/signers/kubenft.io/agent:sign",
+        ])
+    );
+    assert_eq!(
+        grants("Role", "kubenft-controller-ca"),
+        set(&[
+            "/configmaps:create",
+            "/configmaps/kubenft-ca:get",
+            "/configmaps/kubenft-ca:update",
+            "/secrets:create",
+            "/secrets/kubenft-ca:get",
+        ])
+    );
+    assert_eq!(
+        grants("ClusterRole", "kubenft-agent"),
+        set(&[
+            "/nodes:get",
+            "certificates.k8s.io/certificatesigningrequests:create",
+            "certificates.k8s.io/certificatesigningrequests:get",
         ])
     );
 }
@@ -274,6 +334,11 @@ fn every_command_line_is_accepted_by_its_binary() {
     let workloads = workloads();
     assert_eq!(workloads.len(), 2);
     for (file, c, args) in workloads {
+        // Secure by default: no manifest runs plaintext.
+        assert!(
+            !args.iter().any(|a| a == "--insecure"),
+            "{file}: --insecure in {args:?}"
+        );
         match binary(&c).as_str() {
             "kubenft-controller" => {
                 let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubenft-controller"))
@@ -294,9 +359,11 @@ fn every_command_line_is_accepted_by_its_binary() {
                 )
                 .unwrap_or_else(|e| panic!("{file}: {args:?} refused: {e}"));
                 assert_eq!(parsed.controllers.len(), 2, "{file}: two controllers");
-                parsed
+                let tls = parsed
                     .tls()
                     .unwrap_or_else(|e| panic!("{file}: {args:?} refused: {e}"));
+                assert!(tls.is_some(), "{file}: the agent runs without TLS");
+                assert!(parsed.cert_dir().is_some(), "{file}: no --cert-dir");
             }
             other => panic!("{file}: unknown binary {other}"),
         }

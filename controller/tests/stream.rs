@@ -95,6 +95,7 @@ impl Controller {
             policy: ClusterPolicy::default(),
             kubeconfig: None,
             tls: None,
+            signer: None,
         };
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

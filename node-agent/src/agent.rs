@@ -38,6 +38,8 @@ pub struct Config {
     pub livez_grace: std::time::Duration,
     /// TLS towards the controllers and on the inspection port (`None`: `--insecure`).
     pub tls: Option<crate::cli::AgentTls>,
+    /// `--cert-dir`: the certificate in `tls` is obtained and renewed through the API server.
+    pub cert_dir: Option<crate::certs::CertDir>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,8 @@ pub enum AgentError {
     StateFile(#[from] StateFileError),
     #[error("TLS: {0}")]
     Tls(#[from] kubenft_tls::Error),
+    #[error("--cert-dir: {0}")]
+    Certs(#[from] crate::certs::CertError),
 }
 
 /// Binds with `SO_REUSEPORT`, so that a second agent on the node (a standby, see
@@ -81,14 +85,10 @@ async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Age
 
 /// Runs the agent until `cancel` fires (or a server fails). The tables are left in place.
 pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Result<(), AgentError> {
-    // Unreadable TLS files stop the start; later, changed files are re-read.
-    let inspect_tls = cfg
-        .tls
-        .as_ref()
-        .map(|t| kubenft_tls::ServerTls::load(t.inspect.clone()))
-        .transpose()?;
-    if let Some(t) = &cfg.tls {
-        t.client.load()?;
+    // Unreadable TLS files stop the start; later, changed files are re-read. An issued
+    // certificate (--cert-dir) is checked once it is there, below.
+    if cfg.cert_dir.is_none() {
+        load_tls(&cfg)?;
     }
     let healthz = listen("--healthz-listen", cfg.healthz_listen).await?;
     let metrics = Arc::new(Metrics::default());
@@ -146,14 +146,8 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
             .await
             .map_err(AgentError::Http)
     });
-    let c = cancel.clone();
-    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, c).await?) });
-    let stream_cfg = StreamConfig {
-        controllers: cfg.controllers.clone(),
-        node_name: cfg.node_name.clone(),
-        tls: cfg.tls.as_ref().map(|t| t.client.clone()),
-    };
     // Self-healing: the monitor reports other programs' changes, the drift loop repairs them.
+    // Both run before the certificate is in place: the data plane does not wait for it.
     let (notices_tx, notices_rx) = tokio::sync::mpsc::unbounded_channel();
     if let Some(argv) = applier.monitor_argv() {
         let (table, own, c) = (cfg.table.clone(), applier.own_processes(), cancel.clone());
@@ -167,6 +161,37 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         drift::run(a, notices_rx, c).await;
         Ok(())
     });
+    if let Some(dir) = &cfg.cert_dir {
+        match certificate(dir, &cfg.node_name, &cancel).await {
+            Ok(Some(renewal)) => {
+                tasks.spawn(async move {
+                    renewal.await;
+                    Ok(())
+                });
+            }
+            Ok(None) => return finish(tasks, &cancel).await,
+            Err(e) => {
+                cancel.cancel();
+                finish(tasks, &cancel).await?;
+                return Err(e);
+            }
+        }
+    }
+    let inspect_tls = match load_tls(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            cancel.cancel();
+            finish(tasks, &cancel).await?;
+            return Err(e);
+        }
+    };
+    let c = cancel.clone();
+    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, c).await?) });
+    let stream_cfg = StreamConfig {
+        controllers: cfg.controllers.clone(),
+        node_name: cfg.node_name.clone(),
+        tls: cfg.tls.as_ref().map(|t| t.client.clone()),
+    };
     let c = cancel.clone();
     tasks.spawn(async move {
         stream::run(stream_cfg, applier, metrics, c).await;
@@ -174,6 +199,31 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     });
     // The lock is released after every task has stopped (`_lock` outlives `finish`).
     finish(tasks, &cancel).await
+}
+
+/// Loads the TLS files (the inspection port's, and the client's to check them): an error
+/// names the file.
+fn load_tls(cfg: &Config) -> Result<Option<Arc<kubenft_tls::ServerTls>>, AgentError> {
+    let Some(t) = &cfg.tls else {
+        return Ok(None);
+    };
+    let inspect = kubenft_tls::ServerTls::load(t.inspect.clone())?;
+    t.client.load()?;
+    Ok(Some(inspect))
+}
+
+/// Makes sure the agent has its issued certificate, waiting for the signer if need be; the
+/// task that renews it. `None` if cancelled meanwhile.
+async fn certificate(
+    dir: &crate::certs::CertDir,
+    node: &str,
+    cancel: &CancellationToken,
+) -> Result<Option<impl std::future::Future<Output = ()> + use<>>, AgentError> {
+    let certs = crate::certs::Certs::new(dir.clone(), node.to_owned()).await?;
+    let Some(due) = certs.ensure(cancel).await else {
+        return Ok(None);
+    };
+    Ok(Some(certs.renew(due, cancel.clone())))
 }
 
 /// Waits for every task; the first to end stops the others. The first error is returned.

@@ -81,6 +81,16 @@ pub struct Args {
     /// TLS (only without the TLS flags).
     #[arg(long)]
     pub insecure: bool,
+
+    /// Obtain the agent's certificate from the controllers' signer through the Kubernetes
+    /// CertificateSigningRequest API, keep it (with its key) in DIR and renew it before it
+    /// expires, instead of --tls-cert-file and --tls-private-key-file.
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+
+    /// Kubeconfig for --cert-dir's requests [default: $KUBECONFIG, else in-cluster].
+    #[arg(long, value_name = "PATH", requires = "cert_dir")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The flags that turn TLS on.
@@ -143,9 +153,17 @@ impl Args {
     /// TLS needs all three files and https:// URLs; plaintext must be asked for and takes
     /// http:// URLs only (an https:// URL never falls back to plaintext).
     pub fn tls(&self) -> Result<Option<AgentTls>, String> {
+        let issued = self.cert_dir().map(|d| d.file());
+        if issued.is_some() && (self.tls_cert_file.is_some() || self.tls_private_key_file.is_some())
+        {
+            return Err(
+                "--cert-dir replaces --tls-cert-file and --tls-private-key-file; give one or the other"
+                    .into(),
+            );
+        }
         let files = [
-            &self.tls_cert_file,
-            &self.tls_private_key_file,
+            &self.tls_cert_file.clone().or(issued.clone()),
+            &self.tls_private_key_file.clone().or(issued),
             &self.controller_ca_file,
         ];
         let wrong_scheme = |scheme: &str| {
@@ -195,6 +213,14 @@ impl Args {
         }
     }
 
+    /// Where the agent's certificate is obtained and kept (`--cert-dir`).
+    pub fn cert_dir(&self) -> Option<crate::certs::CertDir> {
+        Some(crate::certs::CertDir {
+            dir: self.cert_dir.clone()?,
+            kubeconfig: self.kubeconfig.clone(),
+        })
+    }
+
     /// The node name: the flag, `$NODE_NAME`, or the hostname.
     pub fn node_name(&self) -> std::io::Result<String> {
         if let Some(name) = &self.node_name {
@@ -223,6 +249,34 @@ mod tests {
         assert_eq!(a.state_dir, PathBuf::from("/var/lib/kubenft"));
         assert_eq!(a.log_format, LogFormat::Text);
         assert_eq!(a.livez_grace, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn an_issued_certificate_replaces_the_certificate_flags() {
+        let base = [
+            "--controller",
+            "https://c:1",
+            "--controller-ca-file",
+            "ca.crt",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(extra);
+            parse(&a).unwrap().tls()
+        };
+        let tls = with(&["--cert-dir", "/var/lib/kubenft/pki"])
+            .unwrap()
+            .unwrap();
+        let file = PathBuf::from("/var/lib/kubenft/pki/kubenft-agent.pem");
+        assert_eq!(
+            (tls.client.cert.clone(), tls.client.key.clone()),
+            (file.clone(), file.clone())
+        );
+        assert_eq!(tls.inspect.cert, file);
+        let e = with(&["--cert-dir", "/d", "--tls-cert-file", "a.crt"]).unwrap_err();
+        assert!(e.contains("--cert-dir replaces"), "{e}");
+        assert!(with(&["--cert-dir", "/d", "--insecure"]).is_err());
+        assert!(parse(&["--controller", "https://c:1", "--kubeconfig", "k"]).is_err());
     }
 
     #[test]

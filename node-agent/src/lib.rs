@@ -11,6 +11,7 @@ pub mod addrs;
 pub mod agent;
 pub mod applier;
 pub mod apply;
+pub mod certs;
 pub mod cli;
 pub mod conntrack;
 pub mod drift;

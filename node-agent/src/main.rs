@@ -28,6 +28,7 @@ async fn main() -> anyhow::Result<()> {
             .error(clap::error::ErrorKind::ArgumentConflict, e)
             .exit(),
     };
+    let cert_dir = args.cert_dir();
     let cfg = Config {
         node_name: args
             .node_name()
@@ -40,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         table: args.table_name,
         livez_grace: args.livez_grace,
         tls,
+        cert_dir,
     };
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));

@@ -38,6 +38,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 pub mod bounds;
+pub mod pki;
 pub use bounds::{HttpLimits, Limited, Limits, plaintext, serve_http};
 
 /// How long a client has to complete its TLS handshake.
