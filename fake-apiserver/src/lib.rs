@@ -1,30 +1,54 @@
 //! A fake Kubernetes API server for tests and the lab.
 //!
 //! No real API server can run on the test machines, and a mocked client would not prove that
-//! the real `kube` watcher copes with what a real server does. So this speaks the real HTTP
-//! list/watch protocol for Services, EndpointSlices and Nodes (resource versions, bookmarks,
-//! `410 Gone`, label selectors) over plain HTTP, and lets a test break it on purpose: drop or
-//! stall watches, forget history, fail requests.
+//! the real `kube` client copes with what a real server does. So this speaks the real HTTP
+//! protocol over plain HTTP, for Services, EndpointSlices and Nodes (what kubenft watches) and
+//! CertificateSigningRequests, Secrets and ConfigMaps (what its certificate issuance writes):
+//!
+//! - get, list and watch (resource versions, bookmarks, `410 Gone`, label selectors, the field
+//!   selectors the real server supports);
+//! - create (`generateName`, `409 AlreadyExists`), update (`409 Conflict` on a stale
+//!   `resourceVersion`), patch (merge, JSON, strategic and apply patches, the last two
+//!   approximated by a merge patch) and delete, each a watch event;
+//! - the `status` subresource, and for CSRs `approval`, with the API server's rules: a CSR's
+//!   requester identity is written by the server from the request's bearer token, its spec is
+//!   fixed, approval conditions change only through `approval` and cannot be removed, the
+//!   certificate is set only through `status` and never changed;
+//! - bearer-token authentication (`401` for an unknown token) and a deny list for `403`.
+//!   Requests without credentials are the admin `kubernetes-admin` (a simplification, so tests
+//!   that do not care about identity need no token).
+//!
+//! A test can also break it on purpose: drop or stall watches, forget history, fail requests.
 //!
 //! ```text
 //!  test ──apply/delete/faults──▶ Store (objects, history, rv) ──tick──▶ open watches
 //!  kube client ──GET list──▶ items + metadata.resourceVersion
 //!              ──GET ?watch=true&resourceVersion=N──▶ {"type":..,"object":..}\n ...
+//!              ──POST/PUT/PATCH/DELETE──▶ auth ─▶ strategy (per-kind rules) ─▶ Store
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod auth;
+mod csr;
+mod names;
+mod patch;
 mod server;
+pub mod status;
 pub mod store;
+mod strategy;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use auth::{Resource, UserInfo, Verb};
 pub use store::{Key, Kind};
 
 use server::Shared;
@@ -60,6 +84,8 @@ pub struct FakeApiServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    /// The objects the last [`FakeApiServer::sync_to`] held (a later sync deletes only those).
+    synced: parking_lot::Mutex<BTreeSet<Key>>,
 }
 
 impl FakeApiServer {
@@ -93,6 +119,7 @@ impl FakeApiServer {
             addr,
             shared,
             shutdown,
+            synced: parking_lot::Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -105,8 +132,9 @@ impl FakeApiServer {
         format!("http://{}", self.addr)
     }
 
-    /// Creates or replaces an object (anything serializing to a Service, EndpointSlice or Node
-    /// with `apiVersion` and `kind`). Returns its new resource version, `None` if unchanged.
+    /// Creates or replaces an object (anything serializing to an object of a [`Kind`] with
+    /// `apiVersion` and `kind`), as stored in etcd: no API rules apply. Returns its new resource
+    /// version, `None` if unchanged.
     pub fn apply(&self, object: impl Serialize) -> Result<Option<u64>> {
         let value = serde_json::to_value(object)?;
         self.shared.change(|s| s.apply(value))
@@ -120,6 +148,65 @@ impl FakeApiServer {
     /// The keys of every object held.
     pub fn keys(&self) -> Vec<Key> {
         self.shared.store.lock().keys()
+    }
+
+    /// One object as stored (`namespace` is ignored for cluster-scoped kinds).
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .store
+            .lock()
+            .get(&Key::new(kind, namespace, name))
+            .cloned()
+    }
+
+    /// Every object of a kind, in every namespace, sorted by namespace and name.
+    pub fn list(&self, kind: Kind) -> Vec<Value> {
+        self.shared
+            .store
+            .lock()
+            .list(kind, &store::Filter::default())
+    }
+
+    /// Waits until the object exists and `ready` holds for it, at most `limit`; returns it, or
+    /// `None` if that did not happen in time. Wakes on every change, no polling.
+    pub async fn wait_for(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        limit: Duration,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let mut tick = self.shared.tick.subscribe();
+        let wait = async {
+            loop {
+                tick.borrow_and_update();
+                if let Some(o) = self.get(kind, namespace, name).filter(|o| ready(o)) {
+                    return Some(o);
+                }
+                tick.changed().await.ok()?;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.ok().flatten()
+    }
+
+    /// Requests with `Authorization: Bearer TOKEN` are `user` (in `system:authenticated`).
+    pub fn add_user(&self, token: &str, user: UserInfo) {
+        self.shared.access.write().add_user(token, user);
+    }
+
+    /// From now on `username` may not `verb` the resource (a kind, or a subresource such as
+    /// `Resource::sub(Kind::CertificateSigningRequest, "approval")`): `403 Forbidden`.
+    pub fn deny(&self, username: &str, verb: Verb, resource: impl Into<Resource>) {
+        self.shared
+            .access
+            .write()
+            .deny(username, verb, resource.into());
+    }
+
+    /// Lifts every [`Self::deny`].
+    pub fn allow_all(&self) {
+        self.shared.access.write().allow_all();
     }
 
     /// Forgets all history (as etcd compaction does): open watches receive an `ERROR` event
@@ -168,9 +255,9 @@ impl FakeApiServer {
         self.shared.store.lock().resource_version()
     }
 
-    /// The kubeconfig a client uses to reach this server.
+    /// The kubeconfig a client uses to reach this server (no credentials: the admin user).
     pub fn kubeconfig(&self) -> String {
-        kubeconfig_text(&self.url())
+        kubeconfig_for(&self.url(), None)
     }
 
     /// Writes [`Self::kubeconfig`] to `path` (atomically: readers never see half a file).
@@ -178,10 +265,21 @@ impl FakeApiServer {
         write_atomically(path, &self.kubeconfig())
     }
 
-    /// Makes the store hold exactly `objects` (applying changes and deleting the rest), as a
-    /// re-read manifest directory would. Returns how many changes that made.
+    /// A kubeconfig whose user authenticates with the bearer `token` (see [`Self::add_user`]).
+    pub fn kubeconfig_with_token(&self, token: &str) -> String {
+        kubeconfig_for(&self.url(), Some(token))
+    }
+
+    /// Writes [`Self::kubeconfig_with_token`] to `path`, atomically.
+    pub fn write_kubeconfig_for(&self, path: &Path, token: &str) -> Result<()> {
+        write_atomically(path, &self.kubeconfig_with_token(token))
+    }
+
+    /// Makes the store hold exactly `objects` among those the previous sync held (applying
+    /// changes, deleting what is gone), as a re-read manifest directory would. Objects created
+    /// through the API or [`Self::apply`] are left alone. Returns how many changes that made.
     pub fn sync_to(&self, objects: Vec<Value>) -> Result<usize> {
-        let mut wanted = std::collections::BTreeSet::new();
+        let mut wanted = BTreeSet::new();
         let mut changes = 0;
         for object in objects {
             wanted.insert(store::key_of(&object)?);
@@ -189,11 +287,13 @@ impl FakeApiServer {
                 changes += 1;
             }
         }
-        for key in self.keys() {
-            if !wanted.contains(&key) && self.delete(key.kind, &key.namespace, &key.name) {
+        let mut synced = self.synced.lock();
+        for key in synced.difference(&wanted) {
+            if self.delete(key.kind, &key.namespace, &key.name) {
                 changes += 1;
             }
         }
+        *synced = wanted;
         Ok(changes)
     }
 
@@ -209,11 +309,17 @@ impl Drop for FakeApiServer {
     }
 }
 
-fn kubeconfig_text(server: &str) -> String {
+/// A kubeconfig for `server`, with a bearer `token` or without credentials.
+pub fn kubeconfig_for(server: &str, token: Option<&str>) -> String {
+    // A JSON string is a YAML double-quoted scalar: any token stays one scalar.
+    let user = match token {
+        Some(t) => format!("\n    token: {}", Value::String(t.to_owned())),
+        None => " {}".to_owned(),
+    };
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}\n\
          contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
-         current-context: fake\nusers:\n- name: fake\n  user: {{}}\npreferences: {{}}\n"
+         current-context: fake\nusers:\n- name: fake\n  user:{user}\npreferences: {{}}\n"
     )
 }
 
@@ -227,7 +333,7 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
-/// Reads the Services, EndpointSlices and Nodes of every `*.yaml`, `*.yml` and `*.json` file in
+/// Reads the objects of the kinds the fake serves from every `*.yaml`, `*.yml` and `*.json` file in
 /// `dir` (multi-document files and `kind: List` accepted; other kinds skipped).
 pub fn read_manifests(dir: &Path) -> Result<Vec<Value>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

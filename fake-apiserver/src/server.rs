@@ -1,27 +1,33 @@
-//! The HTTP side: list and watch for the three collections, as the real API server answers
-//! them (JSON lists with `metadata.resourceVersion`; watches as newline-delimited events,
-//! `410 Gone` as an `ERROR` event carrying a `Status`; errors as `Status` bodies).
+//! The HTTP side, as the real API server answers: paths (`/api/v1/...`, `/apis/GROUP/v1/...`,
+//! namespaced or not, objects and their subresources), verbs, status codes, `Status` bodies for
+//! errors. Each request is authenticated (`auth`), authorized, checked against the injected
+//! faults, then served by `read` (get, list, watch) or `write` (create, update, patch, delete).
+
+mod read;
+mod write;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use parking_lot::Mutex;
-use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use parking_lot::{Mutex, RwLock};
+use serde_json::Value;
+use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::store::{Filter, Kind, Selector, Store};
+use crate::auth::{Access, Resource, Scope, UserInfo, Verb};
+use crate::status::ApiError;
+use crate::store::{Key, Kind, Store};
+use crate::strategy::Part;
 
 /// Shared between the handle and every request.
 pub(crate) struct Shared {
     pub store: Mutex<Store>,
+    pub access: RwLock<Access>,
     /// Bumped on every change to the store or the faults, to wake open watches.
     pub tick: watch::Sender<u64>,
 }
@@ -30,6 +36,7 @@ impl Shared {
     pub fn new() -> Self {
         Shared {
             store: Mutex::new(Store::default()),
+            access: RwLock::new(Access::default()),
             tick: watch::channel(0).0,
         }
     }
@@ -46,324 +53,270 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new().fallback(handle).with_state(shared)
 }
 
-/// Which collection a path names, and the namespace if it is a namespaced path.
-fn route(path: &str) -> Option<(Kind, Option<String>)> {
-    Kind::ALL.into_iter().find_map(|kind| {
-        let rest = path.strip_prefix(kind.group_prefix())?;
-        if rest == format!("/{}", kind.plural()) {
-            return Some((kind, None));
+/// What a path names.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Target {
+    pub kind: Kind,
+    /// `None`: a cluster-scoped kind, or a namespaced kind across all namespaces.
+    pub namespace: Option<String>,
+    /// `None`: the collection.
+    pub name: Option<String>,
+    pub part: Part,
+}
+
+impl Target {
+    /// The key of a named target.
+    fn key(&self) -> Option<Key> {
+        let name = self.name.as_deref()?;
+        Some(Key::new(
+            self.kind,
+            self.namespace.as_deref().unwrap_or(""),
+            name,
+        ))
+    }
+
+    fn resource(&self) -> Resource {
+        match self.part.subresource() {
+            Some(sub) => Resource::sub(self.kind, sub),
+            None => self.kind.into(),
         }
-        let rest = rest.strip_prefix("/namespaces/")?;
-        let (ns, plural) = rest.split_once('/')?;
-        (kind.namespaced() && plural == kind.plural() && !ns.is_empty())
-            .then(|| (kind, Some(ns.to_owned())))
+    }
+}
+
+/// The target of a path, if the fake serves it.
+fn route(path: &str) -> Option<Target> {
+    Kind::ALL.into_iter().find_map(|kind| {
+        let rest = path.strip_prefix(kind.group_prefix())?.strip_prefix('/')?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return None;
+        }
+        let (namespace, tail) = match segments.as_slice() {
+            ["namespaces", ns, tail @ ..] if kind.namespaced() && !tail.is_empty() => {
+                (Some((*ns).to_owned()), tail)
+            }
+            tail => (None, tail),
+        };
+        let (plural, name, sub) = match tail {
+            [plural] => (*plural, None, None),
+            [plural, name] => (*plural, Some(*name), None),
+            [plural, name, sub] => (*plural, Some(*name), Some(*sub)),
+            _ => return None,
+        };
+        // A namespaced kind's objects are only reachable inside their namespace.
+        if plural != kind.plural() || (kind.namespaced() && namespace.is_none() && name.is_some()) {
+            return None;
+        }
+        Some(Target {
+            kind,
+            namespace,
+            name: name.map(str::to_owned),
+            part: Part::of(kind, sub)?,
+        })
     })
+}
+
+/// The verb a request means for its target.
+fn verb_of(
+    method: &Method,
+    target: &Target,
+    query: &HashMap<String, String>,
+) -> Result<Verb, ApiError> {
+    let named = target.name.is_some();
+    let creatable = !target.kind.namespaced() || target.namespace.is_some();
+    let verb = match (method.as_str(), named) {
+        ("GET", true) => Verb::Get,
+        ("GET", false) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            Verb::Watch
+        }
+        ("GET", false) => Verb::List,
+        ("POST", false) if creatable && target.part == Part::Main => Verb::Create,
+        ("PUT", true) => Verb::Update,
+        ("PATCH", true) => Verb::Patch,
+        ("DELETE", true) if target.part == Part::Main => Verb::Delete,
+        _ => return Err(ApiError::method_not_allowed(method.as_str())),
+    };
+    Ok(verb)
+}
+
+/// One request, as the handlers see it.
+pub(crate) struct Request {
+    pub target: Target,
+    pub user: UserInfo,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
 async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
 ) -> Response {
     debug!(%method, %uri, "request");
-    let Some((kind, namespace)) = route(uri.path()) else {
-        return status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource",
-        );
+    serve(&shared, &method, &uri, headers, query, body).unwrap_or_else(|e| {
+        debug!(%method, %uri, code = e.code, reason = e.reason, message = %e.message, "refused");
+        error_response(&e)
+    })
+}
+
+fn serve(
+    shared: &Arc<Shared>,
+    method: &Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    query: HashMap<String, String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let target = route(uri.path()).ok_or_else(ApiError::no_such_resource)?;
+    let verb = verb_of(method, &target, &query)?;
+    let user = {
+        let access = shared.access.read();
+        let user = access.authenticate(
+            headers
+                .get(header::AUTHORIZATION)
+                .map(axum::http::HeaderValue::as_bytes),
+        )?;
+        let scope = Scope {
+            name: target.name.as_deref(),
+            namespace: target.namespace.as_deref(),
+        };
+        access.authorize(&user, verb, &target.resource(), scope)?;
+        user
     };
-    if method != Method::GET {
-        return status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "the fake serves GET only",
-        );
+    if let Some(code) = injected_failure(shared, target.kind) {
+        info!(%uri, code, "injected failure");
+        return Err(ApiError::injected(code));
     }
-    if let Some(code) = injected_failure(&shared, kind) {
-        info!(%uri, code = code.as_u16(), "injected failure");
-        return status(code, "InternalError", "injected failure");
-    }
-    let filter = Filter {
-        namespace,
-        selector: Selector::parse(query.get("labelSelector").map_or("", String::as_str)),
+    let req = Request {
+        target,
+        user,
+        query,
+        headers,
+        body,
     };
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        watch_response(shared, kind, filter, &query)
-    } else {
-        list_response(&shared, kind, &filter, &query)
+    match verb {
+        Verb::Get => read::get(shared, &req),
+        Verb::List => read::list(shared, &req),
+        Verb::Watch => read::watch(shared.clone(), &req),
+        Verb::Create => write::create(shared, &req),
+        Verb::Update => write::update(shared, &req),
+        Verb::Patch => write::patch(shared, &req),
+        Verb::Delete => write::delete(shared, &req),
     }
 }
 
 /// Consumes one injected failure, if any applies.
-fn injected_failure(shared: &Shared, kind: Kind) -> Option<StatusCode> {
+fn injected_failure(shared: &Shared, kind: Kind) -> Option<u16> {
     let mut store = shared.store.lock();
     if let Some(code) = store.faults.fail_kind.get(&kind) {
-        return StatusCode::from_u16(*code).ok();
+        return Some(*code);
     }
     match store.faults.fail_next {
         Some((n, code)) if n > 0 => {
             store.faults.fail_next = (n > 1).then_some((n - 1, code));
-            StatusCode::from_u16(code).ok()
+            Some(code)
         }
         _ => None,
     }
 }
 
-fn list_response(
-    shared: &Shared,
-    kind: Kind,
-    filter: &Filter,
-    query: &HashMap<String, String>,
-) -> Response {
-    let mut store = shared.store.lock();
-    *store.lists.entry(kind).or_default() += 1;
-    // An exact list at a version whose history is gone is 410, as from the real server.
-    let exact = query
-        .get("resourceVersionMatch")
-        .is_some_and(|m| m == "Exact");
-    if let Some(rv) = query
-        .get("resourceVersion")
-        .and_then(|v| v.parse::<u64>().ok())
-        && exact
-        && rv < store.compacted()
-    {
-        return status(
-            StatusCode::GONE,
-            "Expired",
-            &format!("too old resource version: {rv}"),
-        );
-    }
-    let body = json!({
-        "apiVersion": kind.api_version(),
-        "kind": format!("{}List", kind.name()),
-        "metadata": {"resourceVersion": store.resource_version().to_string()},
-        "items": store.list(kind, filter),
-    });
-    drop(store);
+pub(crate) fn json_response(code: StatusCode, body: &Value) -> Response {
     (
+        code,
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )
         .into_response()
 }
 
-/// A `Status` object, as the API server returns for errors.
-fn status_object(code: u16, reason: &str, message: &str) -> Value {
-    json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    })
+fn error_response(e: &ApiError) -> Response {
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &e.to_status())
 }
 
-fn status(code: StatusCode, reason: &str, message: &str) -> Response {
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        status_object(code.as_u16(), reason, message).to_string(),
-    )
-        .into_response()
-}
-
-/// What one watch request asked for.
-struct WatchRequest {
-    kind: Kind,
-    filter: Filter,
-    /// `None`: "any" (`""` or `"0"`): start with the current objects as `ADDED`.
-    from: Option<u64>,
-    bookmarks: bool,
-    timeout: Duration,
-}
-
-fn watch_response(
-    shared: Arc<Shared>,
-    kind: Kind,
-    filter: Filter,
-    query: &HashMap<String, String>,
-) -> Response {
-    let from = match query.get("resourceVersion").map(String::as_str) {
-        None | Some("" | "0") => None,
-        Some(v) => match v.parse::<u64>() {
-            Ok(v) => Some(v),
-            Err(_) => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    &format!("invalid resourceVersion {v:?}"),
-                );
-            }
-        },
-    };
-    let req = WatchRequest {
-        kind,
-        filter,
-        from,
-        bookmarks: query
-            .get("allowWatchBookmarks")
-            .is_some_and(|b| b == "true"),
-        timeout: Duration::from_secs(
-            query
-                .get("timeoutSeconds")
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(1800),
-        ),
-    };
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    tokio::spawn(run_watch(shared, req, tx));
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(ReceiverStream::new(rx)),
-    )
-        .into_response()
-}
-
-type Lines = mpsc::Sender<Result<Bytes, std::io::Error>>;
-
-/// Streams one watch until it times out, is dropped or expired, or the client goes away.
-async fn run_watch(shared: Arc<Shared>, req: WatchRequest, tx: Lines) {
-    let mut tick = shared.tick.subscribe();
-    let deadline = tokio::time::Instant::now() + req.timeout;
-    let (drop_gen, expire_gen, mut cursor, initial) = {
-        let store = shared.store.lock();
-        let initial = match req.from {
-            None => store.list(req.kind, &req.filter),
-            Some(_) => Vec::new(),
-        };
-        (
-            store.faults.drop_generation,
-            store.faults.expire_generation,
-            req.from.unwrap_or(store.resource_version()),
-            initial,
-        )
-    };
-    for object in initial {
-        if !send(&tx, &json!({"type": "ADDED", "object": object})).await {
-            return;
-        }
-    }
-    let mut announced = cursor;
-    loop {
-        tick.borrow_and_update();
-        let step = next_step(
-            &shared,
-            &req,
-            drop_gen,
-            expire_gen,
-            &mut cursor,
-            &mut announced,
-        );
-        match step {
-            Step::Abort => {
-                debug!(kind = %req.kind, "dropping watch");
-                let _ = tx
-                    .send(Err(std::io::Error::other("watch dropped by the fake")))
-                    .await;
-                return;
-            }
-            Step::Gone(message) => {
-                let event =
-                    json!({"type": "ERROR", "object": status_object(410, "Expired", &message)});
-                send(&tx, &event).await;
-                return;
-            }
-            Step::Send(lines) => {
-                for line in lines {
-                    if !send(&tx, &line).await {
-                        return;
-                    }
-                }
-            }
-        }
-        tokio::select! {
-            r = tick.changed() => if r.is_err() { return },
-            () = tokio::time::sleep_until(deadline) => return,
-            () = tx.closed() => return,
-        }
-    }
-}
-
-enum Step {
-    Abort,
-    Gone(String),
-    Send(Vec<Value>),
-}
-
-/// What a watch does next, decided under the lock.
-fn next_step(
-    shared: &Shared,
-    req: &WatchRequest,
-    drop_gen: u64,
-    expire_gen: u64,
-    cursor: &mut u64,
-    announced: &mut u64,
-) -> Step {
-    let store = shared.store.lock();
-    if store.faults.drop_generation != drop_gen {
-        return Step::Abort;
-    }
-    let gone = || {
-        Step::Gone(format!(
-            "too old resource version: {cursor} ({})",
-            store.compacted()
-        ))
-    };
-    if store.faults.expire_generation != expire_gen {
-        return gone();
-    }
-    if store.faults.stalled {
-        return Step::Send(Vec::new());
-    }
-    let Some(events) = store.events_after(req.kind, &req.filter, *cursor) else {
-        return gone();
-    };
-    let mut lines: Vec<Value> = events
-        .into_iter()
-        .map(|e| json!({"type": e.kind_of_change, "object": e.object}))
-        .collect();
-    *cursor = store.resource_version();
-    if lines.is_empty() && req.bookmarks && *cursor > *announced {
-        lines.push(json!({
-            "type": "BOOKMARK",
-            "object": {
-                "apiVersion": req.kind.api_version(),
-                "kind": req.kind.name(),
-                "metadata": {"resourceVersion": cursor.to_string()},
-            },
-        }));
-    }
-    *announced = *cursor;
-    Step::Send(lines)
-}
-
-async fn send(tx: &Lines, event: &Value) -> bool {
-    let mut line = event.to_string();
-    line.push('\n');
-    tx.send(Ok(Bytes::from(line))).await.is_ok()
+/// The current time as the API server writes timestamps (RFC 3339, seconds, UTC).
+pub(crate) fn now() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn t(kind: Kind, ns: Option<&str>, name: Option<&str>, part: Part) -> Option<Target> {
+        Some(Target {
+            kind,
+            namespace: ns.map(str::to_owned),
+            name: name.map(str::to_owned),
+            part,
+        })
+    }
+
     #[test]
     fn routes() {
-        assert_eq!(route("/api/v1/services"), Some((Kind::Service, None)));
+        use Kind::*;
+        use Part::*;
+        assert_eq!(route("/api/v1/services"), t(Service, None, None, Main));
         assert_eq!(
             route("/api/v1/namespaces/kube-system/services"),
-            Some((Kind::Service, Some("kube-system".into())))
+            t(Service, Some("kube-system"), None, Main)
         );
         assert_eq!(
             route("/apis/discovery.k8s.io/v1/endpointslices"),
-            Some((Kind::EndpointSlice, None))
+            t(EndpointSlice, None, None, Main)
         );
-        assert_eq!(route("/api/v1/nodes"), Some((Kind::Node, None)));
+        assert_eq!(route("/api/v1/nodes"), t(Node, None, None, Main));
+        assert_eq!(
+            route("/api/v1/nodes/a/status"),
+            t(Node, None, Some("a"), Status)
+        );
         assert_eq!(route("/api/v1/namespaces/x/nodes"), None);
         assert_eq!(route("/api/v1/pods"), None);
+        assert_eq!(
+            route("/api/v1/namespaces/kube-system/secrets/ca"),
+            t(Secret, Some("kube-system"), Some("ca"), Main)
+        );
+        assert_eq!(
+            route("/api/v1/secrets/ca"),
+            None,
+            "a namespaced object needs its namespace"
+        );
+        assert_eq!(route("/api/v1/namespaces/x/secrets/ca/status"), None);
+        assert_eq!(
+            route("/api/v1/namespaces/x/configmaps"),
+            t(ConfigMap, Some("x"), None, Main)
+        );
+        let csrs = "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+        assert_eq!(route(csrs), t(CertificateSigningRequest, None, None, Main));
+        assert_eq!(
+            route(&format!("{csrs}/n/approval")),
+            t(CertificateSigningRequest, None, Some("n"), Approval)
+        );
+        assert_eq!(
+            route(&format!("{csrs}/n/status")),
+            t(CertificateSigningRequest, None, Some("n"), Status)
+        );
+        assert_eq!(route(&format!("{csrs}/n/scale")), None);
+        assert_eq!(route(&format!("{csrs}//approval")), None);
+    }
+
+    #[test]
+    fn verbs() {
+        let q = HashMap::new();
+        let coll = route("/api/v1/namespaces/x/secrets").unwrap();
+        let all = route("/api/v1/secrets").unwrap();
+        let obj = route("/api/v1/namespaces/x/secrets/s").unwrap();
+        assert_eq!(verb_of(&Method::POST, &coll, &q), Ok(Verb::Create));
+        assert_eq!(verb_of(&Method::POST, &all, &q).unwrap_err().code, 405);
+        assert_eq!(verb_of(&Method::PUT, &coll, &q).unwrap_err().code, 405);
+        assert_eq!(verb_of(&Method::DELETE, &obj, &q), Ok(Verb::Delete));
+        let watch = HashMap::from([("watch".to_owned(), "true".to_owned())]);
+        assert_eq!(verb_of(&Method::GET, &all, &watch), Ok(Verb::Watch));
     }
 }

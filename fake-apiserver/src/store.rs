@@ -10,22 +10,44 @@ use std::fmt;
 use serde_json::{Value, json};
 
 use crate::Error;
+use crate::status::ApiError;
 
-/// The collections the fake serves (what kubenft watches).
+/// The collections the fake serves: what kubenft watches, and what its certificate issuance
+/// writes (CertificateSigningRequests, the CA's Secret and ConfigMap).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    Secret,
+    ConfigMap,
+    CertificateSigningRequest,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::Secret,
+        Kind::ConfigMap,
+        Kind::CertificateSigningRequest,
+    ];
 
     pub fn api_version(self) -> &'static str {
+        match self.group() {
+            "" => "v1",
+            "discovery.k8s.io" => "discovery.k8s.io/v1",
+            _ => "certificates.k8s.io/v1",
+        }
+    }
+
+    /// The API group (`""` for the core group).
+    pub fn group(self) -> &'static str {
         match self {
-            Kind::Service | Kind::Node => "v1",
-            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Service | Kind::Node | Kind::Secret | Kind::ConfigMap => "",
+            Kind::EndpointSlice => "discovery.k8s.io",
+            Kind::CertificateSigningRequest => "certificates.k8s.io",
         }
     }
 
@@ -34,6 +56,9 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Secret => "Secret",
+            Kind::ConfigMap => "ConfigMap",
+            Kind::CertificateSigningRequest => "CertificateSigningRequest",
         }
     }
 
@@ -42,11 +67,22 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::Secret => "secrets",
+            Kind::ConfigMap => "configmaps",
+            Kind::CertificateSigningRequest => "certificatesigningrequests",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+        !matches!(self, Kind::Node | Kind::CertificateSigningRequest)
+    }
+
+    /// Whether the kind has a `status` subresource (whose status the main resource ignores).
+    pub fn has_status(self) -> bool {
+        matches!(
+            self,
+            Kind::Service | Kind::Node | Kind::CertificateSigningRequest
+        )
     }
 
     /// The kind of an object from its `apiVersion` and `kind`.
@@ -58,10 +94,47 @@ impl Kind {
 
     /// The path prefix of the API group (`/api/v1`, `/apis/discovery.k8s.io/v1`).
     pub fn group_prefix(self) -> &'static str {
-        match self {
-            Kind::Service | Kind::Node => "/api/v1",
-            Kind::EndpointSlice => "/apis/discovery.k8s.io/v1",
+        match self.group() {
+            "" => "/api/v1",
+            "discovery.k8s.io" => "/apis/discovery.k8s.io/v1",
+            _ => "/apis/certificates.k8s.io/v1",
         }
+    }
+
+    /// The resource as the API server names it in messages (`secrets`,
+    /// `certificatesigningrequests.certificates.k8s.io`).
+    pub fn qualified_resource(self) -> String {
+        match self.group() {
+            "" => self.plural().to_owned(),
+            group => format!("{}.{group}", self.plural()),
+        }
+    }
+
+    /// The kind as the API server names it in validation messages (`Secret`,
+    /// `CertificateSigningRequest.certificates.k8s.io`).
+    pub fn qualified_kind(self) -> String {
+        match self.group() {
+            "" => self.name().to_owned(),
+            group => format!("{}.{group}", self.name()),
+        }
+    }
+
+    /// The value of a field a `fieldSelector` may name, `None` if the real API server does not
+    /// support selecting on that field for this kind.
+    pub fn field<'a>(self, object: &'a Value, label: &str) -> Option<&'a str> {
+        let s = |p: &str| object.pointer(p).and_then(Value::as_str).unwrap_or("");
+        match (self, label) {
+            (_, "metadata.name") => Some(s("/metadata/name")),
+            (k, "metadata.namespace") if k.namespaced() => Some(s("/metadata/namespace")),
+            (Kind::CertificateSigningRequest, "spec.signerName") => Some(s("/spec/signerName")),
+            (Kind::Secret, "type") => Some(s("/type")),
+            _ => None,
+        }
+    }
+
+    /// Whether [`Self::field`] knows `label` for this kind.
+    pub fn supports_field(self, label: &str) -> bool {
+        self.field(&Value::Null, label).is_some()
     }
 }
 
@@ -87,6 +160,31 @@ pub struct Event {
     /// `ADDED`, `MODIFIED` or `DELETED`.
     pub kind_of_change: &'static str,
     pub object: Value,
+    /// The object before a `MODIFIED` change: a filtered watch sees an object that starts or
+    /// stops matching as `ADDED` or `DELETED`, as from the real API server.
+    pub previous: Option<Value>,
+}
+
+impl Event {
+    /// The event as a watch with `filter` sees it, if it sees it at all.
+    pub fn seen_through(&self, filter: &Filter) -> Option<(&'static str, Value)> {
+        let now = filter.matches(self.kind, &self.object);
+        let before = self
+            .previous
+            .as_ref()
+            .is_some_and(|p| filter.matches(self.kind, p));
+        match (self.kind_of_change, before, now) {
+            ("MODIFIED", true, false) => {
+                // The last state that matched, at the version of the change.
+                let mut gone = self.previous.clone()?;
+                set_meta(&mut gone, "resourceVersion", json!(self.rv.to_string()));
+                Some(("DELETED", gone))
+            }
+            ("MODIFIED", false, true) => Some(("ADDED", self.object.clone())),
+            (change, _, true) => Some((change, self.object.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// Which objects a list or watch asks for.
@@ -94,15 +192,18 @@ pub struct Event {
 pub struct Filter {
     pub namespace: Option<String>,
     pub selector: Selector,
+    pub fields: FieldSelector,
 }
 
 impl Filter {
-    pub fn matches(&self, object: &Value) -> bool {
+    pub fn matches(&self, kind: Kind, object: &Value) -> bool {
         let ns = object
             .pointer("/metadata/namespace")
             .and_then(Value::as_str)
             .unwrap_or("");
-        self.namespace.as_deref().is_none_or(|n| n == ns) && self.selector.matches(object)
+        self.namespace.as_deref().is_none_or(|n| n == ns)
+            && self.selector.matches(object)
+            && self.fields.matches(kind, object)
     }
 }
 
@@ -151,6 +252,43 @@ impl Selector {
     }
 }
 
+/// A field selector (`metadata.name=x`, `spec.signerName==y`, `type!=z`, comma-separated), on
+/// the fields the real API server lets each kind be selected by.
+#[derive(Clone, Debug, Default)]
+pub struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    /// Parses a selector for `kind`; an unsupported field is refused with the server's words.
+    pub fn parse(kind: Kind, s: &str) -> Result<FieldSelector, ApiError> {
+        let mut terms = Vec::new();
+        for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (field, equal, value) = if let Some((k, v)) = t.split_once("!=") {
+                (k, false, v)
+            } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+                (k, true, v)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid selector: {s:?}; can't understand {t:?}"
+                )));
+            };
+            let field = field.trim();
+            if !kind.supports_field(field) {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {field}"
+                )));
+            }
+            terms.push((field.to_owned(), equal, value.trim().to_owned()));
+        }
+        Ok(FieldSelector(terms))
+    }
+
+    pub fn matches(&self, kind: Kind, object: &Value) -> bool {
+        self.0
+            .iter()
+            .all(|(field, equal, value)| (kind.field(object, field) == Some(value)) == *equal)
+    }
+}
+
 /// Fault switches, consumed by the HTTP layer.
 #[derive(Debug, Default)]
 pub struct Faults {
@@ -178,6 +316,8 @@ pub struct Store {
     /// How many list requests each collection has served (tests use it to see relists).
     pub lists: HashMap<Kind, u32>,
     next_uid: u64,
+    /// Feeds the suffixes of `generateName`.
+    next_suffix: u64,
 }
 
 impl Default for Store {
@@ -191,9 +331,13 @@ impl Default for Store {
             faults: Faults::default(),
             lists: HashMap::new(),
             next_uid: 1,
+            next_suffix: 0,
         }
     }
 }
+
+/// The creation time of objects given to [`Store::apply`] without one.
+pub const FIXED_CREATION_TIME: &str = "2025-01-01T00:00:00Z";
 
 impl Store {
     pub fn resource_version(&self) -> u64 {
@@ -204,8 +348,9 @@ impl Store {
         self.compacted
     }
 
-    /// Creates or replaces an object. Returns the new resource version, or `None` if the object
-    /// is unchanged (as the API server, a no-op update creates no event).
+    /// Creates or replaces an object as a test sees fit (no API rules apply: this is the
+    /// fake's back door, as writing to etcd would be). Returns the new resource version, or
+    /// `None` if the object is unchanged (as the API server, a no-op update creates no event).
     pub fn apply(&mut self, mut object: Value) -> Result<Option<u64>, Error> {
         let key = key_of(&object)?;
         if !key.kind.namespaced() {
@@ -213,35 +358,156 @@ impl Store {
         } else if object.pointer("/metadata/namespace").is_none() {
             set_meta(&mut object, "namespace", json!(key.namespace));
         }
-        let previous = self.objects.get(&key);
-        if let Some(prev) = previous {
+        if let Some(prev) = self.objects.get(&key) {
             if same_content(prev, &object) {
                 return Ok(None);
             }
-            for field in ["uid", "creationTimestamp"] {
-                if let Some(v) = prev.pointer(&format!("/metadata/{field}")) {
-                    set_meta(&mut object, field, v.clone());
-                }
-            }
-        } else {
-            if object.pointer("/metadata/uid").is_none() {
-                let uid = format!("00000000-0000-4000-8000-{:012}", self.next_uid);
-                self.next_uid += 1;
-                set_meta(&mut object, "uid", json!(uid));
-            }
-            if object.pointer("/metadata/creationTimestamp").is_none() {
-                set_meta(
-                    &mut object,
-                    "creationTimestamp",
-                    json!("2025-01-01T00:00:00Z"),
-                );
+            keep_identity(prev, &mut object);
+            return Ok(Some(self.store_modified(key, object)));
+        }
+        if object.pointer("/metadata/creationTimestamp").is_none() {
+            set_meta(&mut object, "creationTimestamp", json!(FIXED_CREATION_TIME));
+        }
+        Ok(Some(self.store_added(key, object)))
+    }
+
+    /// Deletes an object; `false` if there was none.
+    pub fn delete(&mut self, kind: Kind, namespace: &str, name: &str) -> bool {
+        self.remove(&Key::new(kind, namespace, name), &Preconditions::default())
+            .is_ok()
+    }
+
+    /// One object.
+    pub fn get(&self, key: &Key) -> Option<&Value> {
+        self.objects.get(key)
+    }
+
+    /// A name for `generateName: prefix` that no object of the kind has in the namespace,
+    /// made as the API server makes it (five characters from its alphabet).
+    pub fn generate_name(&mut self, kind: Kind, namespace: &str, prefix: &str) -> String {
+        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        loop {
+            self.next_suffix += 1;
+            // A fixed odd multiplier scatters consecutive counters over the suffix space.
+            let mut n = self.next_suffix.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20;
+            let suffix: String = (0..5)
+                .map(|_| {
+                    let c = ALPHABET[(n % ALPHABET.len() as u64) as usize];
+                    n /= ALPHABET.len() as u64;
+                    c as char
+                })
+                .collect();
+            let name = format!("{prefix}{suffix}");
+            if !self.objects.contains_key(&Key::new(kind, namespace, &name)) {
+                return name;
             }
         }
-        let change = if previous.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
+    }
+
+    /// Creates an object as a POST does: `409 AlreadyExists` if the name is taken; sets `uid`,
+    /// `creationTimestamp` (`now`) and `resourceVersion`. Returns the stored object.
+    pub fn create(&mut self, mut object: Value, now: &str) -> Result<Value, ApiError> {
+        let key = key_of(&object).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if self.objects.contains_key(&key) {
+            return Err(ApiError::already_exists(key.kind, &key.name));
+        }
+        set_meta(&mut object, "creationTimestamp", json!(now));
+        remove_field(&mut object, "uid");
+        self.store_added(key.clone(), object);
+        Ok(self.objects[&key].clone())
+    }
+
+    /// Checks an update's optimistic-concurrency preconditions against the stored object:
+    /// a `resourceVersion` or `uid` that is set must be the stored one (`409 Conflict`).
+    pub fn check_preconditions(&self, key: &Key, wanted: &Preconditions) -> Result<(), ApiError> {
+        let stored = self
+            .objects
+            .get(key)
+            .ok_or_else(|| ApiError::not_found(key.kind, &key.name))?;
+        let meta = |f: &str| {
+            stored
+                .pointer(&format!("/metadata/{f}"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
         };
+        if let Some(uid) = wanted.uid.as_deref().filter(|u| !u.is_empty())
+            && uid != meta("uid")
+        {
+            let why = format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                meta("uid")
+            );
+            return Err(ApiError::conflict(key.kind, &key.name, &why));
+        }
+        if let Some(rv) = wanted.resource_version.as_deref().filter(|v| !v.is_empty())
+            && rv != meta("resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                key.kind,
+                &key.name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Replaces a stored object with `object` (already checked and prepared): keeps its `uid`
+    /// and `creationTimestamp`; an update that changes nothing returns the stored object and
+    /// makes no event, as from the real API server.
+    pub fn replace(&mut self, key: &Key, mut object: Value) -> Result<Value, ApiError> {
+        let stored = self
+            .objects
+            .get(key)
+            .ok_or_else(|| ApiError::not_found(key.kind, &key.name))?;
+        keep_identity(stored, &mut object);
+        if same_content(stored, &object) {
+            return Ok(stored.clone());
+        }
+        self.store_modified(key.clone(), object);
+        Ok(self.objects[key].clone())
+    }
+
+    /// Deletes an object if `wanted` holds; returns it as it was deleted.
+    pub fn remove(&mut self, key: &Key, wanted: &Preconditions) -> Result<Value, ApiError> {
+        self.check_preconditions(key, wanted)?;
+        let mut object = self
+            .objects
+            .remove(key)
+            .ok_or_else(|| ApiError::not_found(key.kind, &key.name))?;
+        self.rv += 1;
+        set_meta(&mut object, "resourceVersion", json!(self.rv.to_string()));
+        self.history.push(Event {
+            rv: self.rv,
+            kind: key.kind,
+            kind_of_change: "DELETED",
+            object: object.clone(),
+            previous: None,
+        });
+        Ok(object)
+    }
+
+    fn store_added(&mut self, key: Key, mut object: Value) -> u64 {
+        if object.pointer("/metadata/uid").is_none() {
+            let uid = format!("00000000-0000-4000-8000-{:012}", self.next_uid);
+            self.next_uid += 1;
+            set_meta(&mut object, "uid", json!(uid));
+        }
+        self.store(key, object, "ADDED", None)
+    }
+
+    fn store_modified(&mut self, key: Key, object: Value) -> u64 {
+        let previous = self.objects.get(&key).cloned();
+        self.store(key, object, "MODIFIED", previous)
+    }
+
+    fn store(
+        &mut self,
+        key: Key,
+        mut object: Value,
+        change: &'static str,
+        previous: Option<Value>,
+    ) -> u64 {
         self.rv += 1;
         set_meta(&mut object, "resourceVersion", json!(self.rv.to_string()));
         self.history.push(Event {
@@ -249,34 +515,10 @@ impl Store {
             kind: key.kind,
             kind_of_change: change,
             object: object.clone(),
+            previous,
         });
         self.objects.insert(key, object);
-        Ok(Some(self.rv))
-    }
-
-    /// Deletes an object; `false` if there was none.
-    pub fn delete(&mut self, kind: Kind, namespace: &str, name: &str) -> bool {
-        let key = Key {
-            kind,
-            namespace: if kind.namespaced() {
-                namespace.to_owned()
-            } else {
-                String::new()
-            },
-            name: name.to_owned(),
-        };
-        let Some(mut object) = self.objects.remove(&key) else {
-            return false;
-        };
-        self.rv += 1;
-        set_meta(&mut object, "resourceVersion", json!(self.rv.to_string()));
-        self.history.push(Event {
-            rv: self.rv,
-            kind,
-            kind_of_change: "DELETED",
-            object,
-        });
-        true
+        self.rv
     }
 
     /// Forgets all history: watches from any earlier resource version get `410 Gone`.
@@ -290,7 +532,7 @@ impl Store {
     pub fn list(&self, kind: Kind, filter: &Filter) -> Vec<Value> {
         self.objects
             .iter()
-            .filter(|(k, o)| k.kind == kind && filter.matches(o))
+            .filter(|(k, o)| k.kind == kind && filter.matches(kind, o))
             .map(|(_, o)| o.clone())
             .collect()
     }
@@ -300,18 +542,63 @@ impl Store {
         self.objects.keys().cloned().collect()
     }
 
-    /// Events of a collection after `after`, or `None` if that part of history is gone.
-    pub fn events_after(&self, kind: Kind, filter: &Filter, after: u64) -> Option<Vec<Event>> {
+    /// The watch events of a collection after `after` as `filter` sees them (type and
+    /// object), or `None` if that part of history is gone.
+    pub fn events_after(
+        &self,
+        kind: Kind,
+        filter: &Filter,
+        after: u64,
+    ) -> Option<Vec<(&'static str, Value)>> {
         if after < self.compacted {
             return None;
         }
         Some(
             self.history
                 .iter()
-                .filter(|e| e.rv > after && e.kind == kind && filter.matches(&e.object))
-                .cloned()
+                .filter(|e| e.rv > after && e.kind == kind)
+                .filter_map(|e| e.seen_through(filter))
                 .collect(),
         )
+    }
+}
+
+/// What a write requires of the stored object (`metadata.resourceVersion` and `metadata.uid`
+/// of an update's body, or a DELETE's `preconditions`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Preconditions {
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+impl Preconditions {
+    /// The preconditions an update's body carries in its metadata.
+    pub fn of_object(object: &Value) -> Preconditions {
+        let meta = |f: &str| {
+            object
+                .pointer(&format!("/metadata/{f}"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        Preconditions {
+            uid: meta("uid"),
+            resource_version: meta("resourceVersion"),
+        }
+    }
+}
+
+impl Key {
+    /// The key of `name`; the namespace is dropped for cluster-scoped kinds.
+    pub fn new(kind: Kind, namespace: &str, name: &str) -> Key {
+        Key {
+            kind,
+            namespace: if kind.namespaced() {
+                namespace.to_owned()
+            } else {
+                String::new()
+            },
+            name: name.to_owned(),
+        }
     }
 }
 
@@ -324,31 +611,32 @@ pub fn key_of(object: &Value) -> Result<Key, Error> {
     if name.is_empty() {
         return Err(Error::MissingName(kind));
     }
-    let namespace = if kind.namespaced() {
-        match s("/metadata/namespace") {
-            "" => "default",
-            ns => ns,
-        }
-    } else {
-        ""
+    let namespace = match s("/metadata/namespace") {
+        "" => "default",
+        ns => ns,
     };
-    Ok(Key {
-        kind,
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-    })
+    Ok(Key::new(kind, namespace, name))
 }
 
-fn set_meta(object: &mut Value, field: &str, value: Value) {
+pub(crate) fn set_meta(object: &mut Value, field: &str, value: Value) {
     if !object.get("metadata").is_some_and(Value::is_object) {
         object["metadata"] = json!({});
     }
     object["metadata"][field] = value;
 }
 
-fn remove_field(object: &mut Value, field: &str) {
+pub(crate) fn remove_field(object: &mut Value, field: &str) {
     if let Some(Value::Object(m)) = object.get_mut("metadata") {
         m.remove(field);
+    }
+}
+
+/// Copies what the server alone maintains from the stored object.
+fn keep_identity(stored: &Value, object: &mut Value) {
+    for field in ["uid", "creationTimestamp"] {
+        if let Some(v) = stored.pointer(&format!("/metadata/{field}")) {
+            set_meta(object, field, v.clone());
+        }
     }
 }
 
@@ -386,7 +674,7 @@ mod tests {
             .events_after(Kind::Service, &all, rv1 - 1)
             .unwrap()
             .iter()
-            .map(|e| e.kind_of_change)
+            .map(|(change, _)| *change)
             .collect();
         assert_eq!(changes, ["ADDED", "MODIFIED", "DELETED"]);
         s.expire_history();
@@ -411,5 +699,174 @@ mod tests {
         ] {
             assert_eq!(Selector::parse(sel).matches(&o), want, "{sel}");
         }
+    }
+
+    fn secret(name: &str, labels: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": name, "namespace": "ns", "labels": labels}, "type": "Opaque"})
+    }
+
+    fn meta<'a>(o: &'a Value, f: &str) -> &'a str {
+        o.pointer(&format!("/metadata/{f}"))
+            .and_then(Value::as_str)
+            .unwrap()
+    }
+
+    #[test]
+    fn create_sets_identity_and_refuses_a_taken_name() {
+        let mut s = Store::default();
+        let created = s
+            .create(secret("ca", json!({})), "2026-05-01T10:00:00Z")
+            .unwrap();
+        assert_eq!(meta(&created, "creationTimestamp"), "2026-05-01T10:00:00Z");
+        assert_eq!(
+            meta(&created, "resourceVersion"),
+            s.resource_version().to_string()
+        );
+        assert!(!meta(&created, "uid").is_empty());
+        let e = s.create(secret("ca", json!({})), "now").unwrap_err();
+        assert_eq!((e.code, e.reason), (409, "AlreadyExists"));
+        assert_eq!(e.message, r#"secrets "ca" already exists"#);
+        // Another namespace is another name.
+        let mut other = secret("ca", json!({}));
+        other["metadata"]["namespace"] = json!("other");
+        assert!(s.create(other, "now").is_ok());
+    }
+
+    #[test]
+    fn generated_names_are_unique_and_look_like_the_servers() {
+        let mut s = Store::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let name = s.generate_name(Kind::CertificateSigningRequest, "", "node-a-");
+            let suffix = name.strip_prefix("node-a-").unwrap();
+            assert_eq!(suffix.len(), 5);
+            assert!(
+                suffix
+                    .chars()
+                    .all(|c| "bcdfghjklmnpqrstvwxz2456789".contains(c))
+            );
+            let mut csr = json!({"apiVersion": "certificates.k8s.io/v1",
+                                 "kind": "CertificateSigningRequest", "metadata": {"name": name}});
+            csr["spec"] = json!({});
+            s.create(csr, "now").unwrap();
+            assert!(seen.insert(name));
+        }
+    }
+
+    #[test]
+    fn stale_versions_and_uids_conflict_and_no_op_updates_make_no_event() {
+        let mut s = Store::default();
+        let created = s.create(secret("ca", json!({})), "now").unwrap();
+        let key = Key::new(Kind::Secret, "ns", "ca");
+        let rv = meta(&created, "resourceVersion").to_owned();
+        let ok = Preconditions {
+            uid: None,
+            resource_version: Some(rv.clone()),
+        };
+        assert!(s.check_preconditions(&key, &ok).is_ok());
+        let same = s.replace(&key, created.clone()).unwrap();
+        assert_eq!(
+            meta(&same, "resourceVersion"),
+            rv,
+            "no-op update keeps the version"
+        );
+        let mut changed = created.clone();
+        changed["data"] = json!({"a": "eA=="});
+        let updated = s.replace(&key, changed).unwrap();
+        assert_ne!(meta(&updated, "resourceVersion"), rv);
+        assert_eq!(meta(&updated, "uid"), meta(&created, "uid"));
+
+        let e = s.check_preconditions(&key, &ok).unwrap_err();
+        assert_eq!((e.code, e.reason), (409, "Conflict"));
+        assert!(e.message.starts_with(
+            r#"Operation cannot be fulfilled on secrets "ca": the object has been modified"#
+        ));
+        let wrong_uid = Preconditions {
+            uid: Some("x".into()),
+            resource_version: None,
+        };
+        assert_eq!(s.remove(&key, &wrong_uid).unwrap_err().code, 409);
+        let missing = Key::new(Kind::Secret, "ns", "nope");
+        assert_eq!(
+            s.check_preconditions(&missing, &Preconditions::default())
+                .unwrap_err()
+                .code,
+            404
+        );
+        let gone = s.remove(&key, &Preconditions::default()).unwrap();
+        assert_eq!(
+            meta(&gone, "resourceVersion"),
+            s.resource_version().to_string()
+        );
+        let changes: Vec<_> = s
+            .events_after(Kind::Secret, &Filter::default(), 0)
+            .unwrap()
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        assert_eq!(changes, ["ADDED", "MODIFIED", "DELETED"]);
+    }
+
+    #[test]
+    fn filtered_watches_see_objects_enter_and_leave() {
+        let mut s = Store::default();
+        let start = s.resource_version();
+        s.apply(secret("a", json!({"role": "ca"}))).unwrap();
+        s.apply(secret("a", json!({"role": "other"}))).unwrap();
+        s.apply(secret("a", json!({"role": "ca"}))).unwrap();
+        let filter = Filter {
+            selector: Selector::parse("role=ca"),
+            ..Filter::default()
+        };
+        let seen: Vec<_> = s
+            .events_after(Kind::Secret, &filter, start)
+            .unwrap()
+            .into_iter()
+            .map(|(c, o)| {
+                (
+                    c,
+                    o["metadata"]["labels"]["role"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("ADDED", "ca".into()),
+                ("DELETED", "ca".into()),
+                ("ADDED", "ca".into())
+            ],
+            "leaving the selector is a DELETED of the last matching state"
+        );
+    }
+
+    #[test]
+    fn field_selectors() {
+        let csr = json!({"metadata": {"name": "n"}, "spec": {"signerName": "kubenft.io/node"}});
+        let k = Kind::CertificateSigningRequest;
+        for (sel, want) in [
+            ("spec.signerName=kubenft.io/node", true),
+            ("spec.signerName==kubenft.io/node,metadata.name=n", true),
+            ("spec.signerName!=kubenft.io/node", false),
+            ("metadata.name=m", false),
+            ("", true),
+        ] {
+            assert_eq!(
+                FieldSelector::parse(k, sel).unwrap().matches(k, &csr),
+                want,
+                "{sel}"
+            );
+        }
+        let e = FieldSelector::parse(k, "spec.username=x").unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (400, "field label not supported: spec.username")
+        );
+        assert!(
+            FieldSelector::parse(k, "metadata.namespace=x").is_err(),
+            "cluster-scoped"
+        );
+        assert!(FieldSelector::parse(Kind::Secret, "type=Opaque").is_ok());
     }
 }

@@ -173,3 +173,153 @@ async fn faults_fail_drop_and_stall() {
     let ended = tokio::time::timeout(WAIT, w.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "dropped watch still open");
 }
+
+/// Sends one request with a body and returns the whole response (the server closes HTTP/1.0).
+async fn send(api: &FakeApiServer, head: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(api.addr()).await.unwrap();
+    let request = format!(
+        "{head}\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut text = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut text))
+        .await
+        .expect("response within the wait")
+        .unwrap();
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[tokio::test]
+async fn writes_answer_with_the_api_servers_status_codes() {
+    let api = start().await;
+    let maps = "/api/v1/namespaces/kube-system/configmaps";
+    let cm = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ca"},"data":{"a":"1"}}"#;
+    let created = send(&api, &format!("POST {maps} HTTP/1.0"), cm).await;
+    assert!(
+        created.starts_with("HTTP/1.0 201") || created.starts_with("HTTP/1.1 201"),
+        "{created}"
+    );
+    assert!(
+        created.contains(r#""namespace":"kube-system""#),
+        "{created}"
+    );
+    let again = send(&api, &format!("POST {maps} HTTP/1.0"), cm).await;
+    assert!(
+        again.contains(" 409 ") && again.contains(r#""reason":"AlreadyExists""#),
+        "{again}"
+    );
+
+    let stale =
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ca","resourceVersion":"1"}}"#;
+    let put = send(&api, &format!("PUT {maps}/ca HTTP/1.0"), stale).await;
+    assert!(
+        put.contains(" 409 ") && put.contains(r#""reason":"Conflict""#),
+        "{put}"
+    );
+    let wrong_name = send(
+        &api,
+        &format!("PUT {maps}/other HTTP/1.0"),
+        r#"{"metadata":{"name":"ca"}}"#,
+    )
+    .await;
+    assert!(
+        wrong_name.contains(" 400 ") && wrong_name.contains("does not match the name on the URL"),
+        "{wrong_name}"
+    );
+
+    let patch = send(
+        &api,
+        &format!("PATCH {maps}/ca HTTP/1.0\r\nContent-Type: application/json"),
+        "{}",
+    )
+    .await;
+    assert!(patch.contains(" 415 "), "{patch}");
+    let token = send(
+        &api,
+        &format!("GET {maps}/ca HTTP/1.0\r\nAuthorization: Bearer nobody"),
+        "",
+    )
+    .await;
+    assert!(
+        token.contains(" 401 ") && token.contains(r#""reason":"Unauthorized""#),
+        "{token}"
+    );
+    let not_served = send(&api, "POST /api/v1/configmaps HTTP/1.0", cm).await;
+    assert!(not_served.contains(" 405 "), "{not_served}");
+
+    let deleted = send(&api, &format!("DELETE {maps}/ca HTTP/1.0"), "").await;
+    assert!(
+        deleted.contains(" 200 ") && deleted.contains(r#""name":"ca""#),
+        "{deleted}"
+    );
+    let gone = send(&api, &format!("GET {maps}/ca HTTP/1.0"), "").await;
+    assert!(
+        gone.contains(" 404 ") && gone.contains(r#""message":"configmaps \"ca\" not found""#),
+        "{gone}"
+    );
+}
+
+#[tokio::test]
+async fn field_selectors_filter_lists_and_refuse_unknown_fields() {
+    let api = start().await;
+    for (name, signer) in [("a", "kubenft.io/node-client"), ("b", "example.com/other")] {
+        api.apply(json!({
+            "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+            "metadata": {"name": name}, "spec": {"signerName": signer},
+        }))
+        .unwrap();
+    }
+    let csrs = "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+    let mine = read_until(
+        &mut get(
+            &api,
+            &format!("{csrs}?fieldSelector=spec.signerName%3Dkubenft.io%2Fnode-client"),
+        )
+        .await,
+        "CertificateSigningRequestList",
+    )
+    .await;
+    assert!(
+        mine.contains(r#""name":"a""#) && !mine.contains(r#""name":"b""#),
+        "{mine}"
+    );
+    let by_name = read_until(
+        &mut get(&api, &format!("{csrs}?fieldSelector=metadata.name%3Db")).await,
+        "CertificateSigningRequestList",
+    )
+    .await;
+    assert!(
+        by_name.contains(r#""name":"b""#) && !by_name.contains(r#""name":"a""#),
+        "{by_name}"
+    );
+    let unknown = read_until(
+        &mut get(&api, &format!("{csrs}?fieldSelector=spec.username%3Dx")).await,
+        "\"code\"",
+    )
+    .await;
+    assert!(
+        unknown.contains(" 400 ") && unknown.contains("field label not supported: spec.username"),
+        "{unknown}"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_resync_deletes_only_what_left_the_manifests() {
+    let api = start().await;
+    api.sync_to(vec![service("default", "a"), service("default", "b")])
+        .unwrap();
+    api.apply(service("default", "applied")).unwrap();
+    let cm = r#"{"metadata":{"name":"written"},"data":{"a":"1"}}"#;
+    let created = send(
+        &api,
+        "POST /api/v1/namespaces/default/configmaps HTTP/1.0",
+        cm,
+    )
+    .await;
+    assert!(created.contains(" 201 "), "{created}");
+
+    assert_eq!(api.sync_to(vec![service("default", "a")]).unwrap(), 1);
+    let names: Vec<String> = api.keys().into_iter().map(|k| k.name).collect();
+    assert_eq!(names, ["a", "applied", "written"], "b left the manifests");
+}
