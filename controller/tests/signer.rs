@@ -158,7 +158,13 @@ async fn replicas_share_one_ca_and_an_agent_gets_its_nodes_certificate() {
         .get(Kind::Secret, "kubenft-system", "kubenft-ca")
         .expect("the CA Secret");
     let published = f
-        .wait_for(Kind::ConfigMap, "kubenft-system", "kubenft-ca", WAIT, |_| true)
+        .wait_for(
+            Kind::ConfigMap,
+            "kubenft-system",
+            "kubenft-ca",
+            WAIT,
+            |_| true,
+        )
         .await
         .expect("the CA ConfigMap");
     let ca_pem = data(&published, "ca.crt");
@@ -202,7 +208,13 @@ async fn replicas_share_one_ca_and_an_agent_gets_its_nodes_certificate() {
     let verdict = openssl_verify(&ca_file, &file);
     assert!(verdict.contains(": OK"), "{verdict}");
     let text = std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-ext", "subjectAltName,extendedKeyUsage", "-in"])
+        .args([
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName,extendedKeyUsage",
+            "-in",
+        ])
         .arg(&file)
         .output()
         .unwrap();
@@ -213,7 +225,10 @@ async fn replicas_share_one_ca_and_an_agent_gets_its_nodes_certificate() {
     );
     let csrs = f.list(Kind::CertificateSigningRequest);
     assert_eq!(csrs.len(), 1);
-    assert_eq!(csrs[0]["spec"]["username"], AGENT_USER, "set by the API server");
+    assert_eq!(
+        csrs[0]["spec"]["username"], AGENT_USER,
+        "set by the API server"
+    );
     let conditions = csrs[0]["status"]["conditions"].to_string();
     assert!(conditions.contains("Approved"), "{conditions}");
 

@@ -299,7 +299,8 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
         let text = describe(&cert_dir(&c.lab, n).join("kubenft-agent.pem"));
         let node = c.lab.node(n);
         assert!(
-            text.contains(&format!("CN=system:node:{n}")) && text.contains(&node.ipv4.to_string()),
+            text.contains(&format!("CN = system:node:{n}"))
+                && text.contains(&node.ipv4.to_string()),
             "agent {n}'s certificate: {text}"
         );
     }
