@@ -185,12 +185,10 @@ async fn replicas_share_one_ca_and_an_agent_gets_its_nodes_certificate() {
     let certs = Certs::new(
         CertDir {
             dir: dir.path().join("agent-a"),
-            kubeconfig: Some(kubeconfig),
         },
         "a".into(),
-    )
-    .await
-    .unwrap();
+        client_from(&kubeconfig).await,
+    );
     let cancel = CancellationToken::new();
     let renew_at = tokio::time::timeout(WAIT, certs.ensure(&cancel))
         .await

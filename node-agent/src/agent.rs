@@ -40,6 +40,11 @@ pub struct Config {
     pub tls: Option<crate::cli::AgentTls>,
     /// `--cert-dir`: the certificate in `tls` is obtained and renewed through the API server.
     pub cert_dir: Option<crate::certs::CertDir>,
+    /// `--controller-service`: the controllers are found through the API server instead of
+    /// `controllers`.
+    pub controller_service: Option<crate::discovery::ServiceRef>,
+    /// `--kubeconfig` (else `KUBECONFIG`, else in-cluster), with either of the above.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,8 @@ pub enum AgentError {
     Tls(#[from] kubenft_tls::Error),
     #[error("--cert-dir: {0}")]
     Certs(#[from] crate::certs::CertError),
+    #[error("API server: {0}")]
+    Api(#[from] crate::apiserver::ApiError),
 }
 
 /// Binds with `SO_REUSEPORT`, so that a second agent on the node (a standby, see
@@ -118,6 +125,32 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
             return Err(e);
         }
     };
+    // The API server, for the certificate and the controllers' addresses, if used.
+    let client = if cfg.controller_service.is_some() || cfg.cert_dir.is_some() {
+        match crate::apiserver::client(cfg.kubeconfig.as_deref()).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                cancel.cancel();
+                finish(tasks, &cancel).await?;
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
+    let controllers = match (&cfg.controller_service, &client) {
+        (Some(service), Some(client)) => {
+            let (controllers, task) = crate::discovery::watch_service(
+                service.clone(),
+                client.clone(),
+                &cfg.state_dir,
+                cancel.clone(),
+            );
+            tasks.spawn(async move { Ok(task.await?) });
+            controllers
+        }
+        _ => crate::discovery::Controllers::fixed(cfg.controllers.clone()),
+    };
     let nft = Arc::new(nft);
     let recovered = applier::recover(nft.as_ref(), &cfg.table, &cfg.state_dir).await;
     let hc_ports = Arc::new(HealthCheckPorts::new(health.clone(), cancel.clone()));
@@ -161,8 +194,8 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         drift::run(a, notices_rx, c).await;
         Ok(())
     });
-    if let Some(dir) = &cfg.cert_dir {
-        match certificate(dir, &cfg.node_name, &cancel).await {
+    if let (Some(dir), Some(client)) = (&cfg.cert_dir, &client) {
+        match certificate(dir, &cfg.node_name, client.clone(), &cancel).await {
             Ok(Some(renewal)) => {
                 tasks.spawn(async move {
                     renewal.await;
@@ -188,7 +221,7 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     let c = cancel.clone();
     tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, c).await?) });
     let stream_cfg = StreamConfig {
-        controllers: cfg.controllers.clone(),
+        controllers,
         node_name: cfg.node_name.clone(),
         tls: cfg.tls.as_ref().map(|t| t.client.clone()),
     };
@@ -217,9 +250,10 @@ fn load_tls(cfg: &Config) -> Result<Option<Arc<kubenft_tls::ServerTls>>, AgentEr
 async fn certificate(
     dir: &crate::certs::CertDir,
     node: &str,
+    client: kube::Client,
     cancel: &CancellationToken,
 ) -> Result<Option<impl std::future::Future<Output = ()> + use<>>, AgentError> {
-    let certs = crate::certs::Certs::new(dir.clone(), node.to_owned()).await?;
+    let certs = crate::certs::Certs::new(dir.clone(), node.to_owned(), client);
     let Some(due) = certs.ensure(cancel).await else {
         return Ok(None);
     };

@@ -39,8 +39,8 @@ const RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs
 pub enum CertError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("no Kubernetes configuration: {0}")]
-    Config(String),
+    #[error(transparent)]
+    Api(#[from] crate::apiserver::ApiError),
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
     #[error("certificate request {name} was denied: {why}")]
@@ -55,12 +55,10 @@ pub enum CertError {
     },
 }
 
-/// Where the agent keeps its certificate and how it reaches the API server.
+/// Where the agent keeps its certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertDir {
     pub dir: PathBuf,
-    /// `--kubeconfig` (else `KUBECONFIG`, else in-cluster).
-    pub kubeconfig: Option<PathBuf>,
 }
 
 impl CertDir {
@@ -78,14 +76,13 @@ pub struct Certs {
 }
 
 impl Certs {
-    pub async fn new(dir: CertDir, node: String) -> Result<Certs, CertError> {
-        let client = client(dir.kubeconfig.as_deref()).await?;
-        Ok(Certs {
+    pub fn new(dir: CertDir, node: String, client: Client) -> Certs {
+        Certs {
             dir,
             node,
             csrs: Api::all(client.clone()),
             nodes: Api::all(client),
-        })
+        }
     }
 
     /// Makes sure a valid certificate of this node is in place, requesting one (and
@@ -252,22 +249,6 @@ fn renewal_time(validity: &Validity) -> SystemTime {
         .unwrap_or_default()
         .subsec_nanos();
     validity.at_fraction(0.7 + 0.2 * f64::from(nanos % 1000) / 1000.0)
-}
-
-async fn client(kubeconfig: Option<&Path>) -> Result<Client, CertError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| CertError::Config(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| CertError::Config(format!("{}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| CertError::Config(e.to_string()))?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 #[cfg(test)]

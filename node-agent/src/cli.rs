@@ -21,8 +21,28 @@ pub struct Args {
 
     /// Controller gRPC URL (repeatable; tried in turn), e.g. https://192.168.50.2:9650 (the
     /// certificate is checked against the host); http:// only with --insecure.
-    #[arg(long = "controller", value_name = "URL", value_parser = controller_url, required_unless_present = "cleanup")]
+    #[arg(long = "controller", value_name = "URL", value_parser = controller_url, required_unless_present_any = ["cleanup", "controller_service"])]
     pub controllers: Vec<String>,
+
+    /// Find the controllers instead as the ready endpoints of this Service, NAMESPACE/NAME:
+    /// its EndpointSlices are watched through the API server (no Service rule is used), and
+    /// the controllers' certificate is checked against NAME.NAMESPACE.svc.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = namespaced_name, conflicts_with = "controllers")]
+    pub controller_service: Option<(String, String)>,
+
+    /// The port (by its name in the Service) the controllers' gRPC is served on.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "grpc",
+        requires = "controller_service"
+    )]
+    pub controller_port_name: String,
+
+    /// The name the controllers' certificate must carry, with --controller-service
+    /// [default: NAME.NAMESPACE.svc].
+    #[arg(long, value_name = "DNS_NAME", requires = "controller_service")]
+    pub controller_server_name: Option<String>,
 
     /// Address of /healthz and /livez.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
@@ -88,8 +108,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub cert_dir: Option<PathBuf>,
 
-    /// Kubeconfig for --cert-dir's requests [default: $KUBECONFIG, else in-cluster].
-    #[arg(long, value_name = "PATH", requires = "cert_dir")]
+    /// Kubeconfig for the API server (--cert-dir, --controller-service) [default:
+    /// $KUBECONFIG, else in-cluster].
+    #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -116,6 +137,21 @@ fn non_empty(s: &str) -> Result<String, String> {
         Err("must not be empty".into())
     } else {
         Ok(s.to_owned())
+    }
+}
+
+fn namespaced_name(s: &str) -> Result<(String, String), String> {
+    let label = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    match s.split_once('/') {
+        Some((ns, name)) if label(ns) && label(name) => Ok((ns.to_owned(), name.to_owned())),
+        _ => Err(format!(
+            "{s:?} is not NAMESPACE/NAME (lower-case DNS labels)"
+        )),
     }
 }
 
@@ -153,6 +189,9 @@ impl Args {
     /// TLS needs all three files and https:// URLs; plaintext must be asked for and takes
     /// http:// URLs only (an https:// URL never falls back to plaintext).
     pub fn tls(&self) -> Result<Option<AgentTls>, String> {
+        if self.kubeconfig.is_some() && !self.uses_api_server() {
+            return Err("--kubeconfig is for --cert-dir or --controller-service".into());
+        }
         let issued = self.cert_dir().map(|d| d.file());
         if issued.is_some() && (self.tls_cert_file.is_some() || self.tls_private_key_file.is_some())
         {
@@ -217,8 +256,29 @@ impl Args {
     pub fn cert_dir(&self) -> Option<crate::certs::CertDir> {
         Some(crate::certs::CertDir {
             dir: self.cert_dir.clone()?,
-            kubeconfig: self.kubeconfig.clone(),
         })
+    }
+
+    /// The controllers' Service (`--controller-service`), with the certificate name to check
+    /// when TLS is on.
+    pub fn controller_service(&self) -> Option<crate::discovery::ServiceRef> {
+        let (namespace, name) = self.controller_service.clone()?;
+        let server_name = (!self.insecure).then(|| {
+            self.controller_server_name
+                .clone()
+                .unwrap_or_else(|| format!("{name}.{namespace}.svc"))
+        });
+        Some(crate::discovery::ServiceRef {
+            namespace,
+            name,
+            port_name: self.controller_port_name.clone(),
+            server_name,
+        })
+    }
+
+    /// Whether the agent talks to the API server at all.
+    pub fn uses_api_server(&self) -> bool {
+        self.cert_dir.is_some() || self.controller_service.is_some()
     }
 
     /// The node name: the flag, `$NODE_NAME`, or the hostname.
@@ -276,7 +336,37 @@ mod tests {
         let e = with(&["--cert-dir", "/d", "--tls-cert-file", "a.crt"]).unwrap_err();
         assert!(e.contains("--cert-dir replaces"), "{e}");
         assert!(with(&["--cert-dir", "/d", "--insecure"]).is_err());
-        assert!(parse(&["--controller", "https://c:1", "--kubeconfig", "k"]).is_err());
+        assert!(
+            parse(&["--controller", "https://c:1", "--kubeconfig", "k"])
+                .unwrap()
+                .tls()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn controllers_found_through_their_service() {
+        let a = parse(&[
+            "--controller-service",
+            "kubenft-system/kubenft-controller",
+            "--controller-ca-file",
+            "ca.crt",
+            "--cert-dir",
+            "/d",
+        ])
+        .unwrap();
+        assert!(a.tls().unwrap().is_some());
+        let s = a.controller_service().unwrap();
+        assert_eq!(
+            s.server_name.as_deref(),
+            Some("kubenft-controller.kubenft-system.svc")
+        );
+        assert_eq!(s.port_name, "grpc");
+        let plain = parse(&["--controller-service", "ns/c", "--insecure"]).unwrap();
+        assert_eq!(plain.controller_service().unwrap().server_name, None);
+        assert!(parse(&["--controller-service", "ns/c", "--controller", "http://a:1"]).is_err());
+        assert!(parse(&["--controller-service", "nope"]).is_err());
+        assert!(parse(&["--controller", "http://a:1", "--controller-port-name", "x"]).is_err());
     }
 
     #[test]

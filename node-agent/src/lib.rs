@@ -9,11 +9,13 @@
 
 pub mod addrs;
 pub mod agent;
+pub mod apiserver;
 pub mod applier;
 pub mod apply;
 pub mod certs;
 pub mod cli;
 pub mod conntrack;
+pub mod discovery;
 pub mod drift;
 pub mod hcport;
 pub mod health;

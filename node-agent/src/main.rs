@@ -29,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
             .exit(),
     };
     let cert_dir = args.cert_dir();
+    let controller_service = args.controller_service();
     let cfg = Config {
         node_name: args
             .node_name()
@@ -42,6 +43,8 @@ async fn main() -> anyhow::Result<()> {
         livez_grace: args.livez_grace,
         tls,
         cert_dir,
+        controller_service,
+        kubeconfig: args.kubeconfig.clone(),
     };
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::addrs;
 use crate::applier::Applier;
+use crate::discovery::{Controllers, Target};
 use crate::metrics::Metrics;
 use crate::nft::Nft;
 
@@ -36,7 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const LARGE_CHANGE: usize = 512;
 
 pub struct StreamConfig {
-    pub controllers: Vec<String>,
+    /// Tried in turn; a discovered list is read afresh before each attempt.
+    pub controllers: Controllers,
     pub node_name: String,
     /// The agent's client certificate and the controllers' CA, read afresh for each
     /// connection (so rotated files are used from the next one on). `None`: plaintext.
@@ -104,13 +106,19 @@ pub async fn run<N: Nft>(
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut outage = Outage::default();
-    for url in cfg.controllers.iter().cycle() {
+    let mut controllers = cfg.controllers.clone();
+    let mut turn = 0usize;
+    loop {
         if cancel.is_cancelled() {
             break;
         }
+        let Some(target) = next_target(&mut controllers, &mut turn, &cancel).await else {
+            break;
+        };
+        let url = target.url.as_str();
         let mut up_since = None;
         let result = session(
-            url,
+            &target,
             &cfg,
             &applier,
             &metrics,
@@ -139,6 +147,37 @@ pub async fn run<N: Nft>(
     tracing::debug!("controller client stopped");
 }
 
+/// The controller to try next (in turn through the current list); waits while none is
+/// known. `None` once cancelled.
+async fn next_target(
+    controllers: &mut Controllers,
+    turn: &mut usize,
+    cancel: &CancellationToken,
+) -> Option<Target> {
+    let mut logged = false;
+    loop {
+        let list = controllers.current();
+        if !list.is_empty() {
+            let target = list[*turn % list.len()].clone();
+            *turn = turn.wrapping_add(1);
+            return Some(target);
+        }
+        if !logged {
+            tracing::warn!(
+                "no controller known yet: rules kept as they are; waiting for the controllers' endpoints"
+            );
+            logged = true;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            changed = controllers.changed() => if !changed {
+                cancel.cancelled().await;
+                return None;
+            },
+        }
+    }
+}
+
 /// An error with its causes (tonic's transport error says only "transport error"; the cause
 /// says which: refused, a TLS handshake failure, a certificate the controller rejected...).
 fn chain(e: &dyn std::error::Error) -> String {
@@ -165,7 +204,7 @@ fn jittered(backoff: Duration) -> Duration {
 }
 
 async fn session<N: Nft>(
-    url: &str,
+    target: &Target,
     cfg: &StreamConfig,
     applier: &Applier<N>,
     metrics: &Metrics,
@@ -173,10 +212,16 @@ async fn session<N: Nft>(
     up_since: &mut Option<Instant>,
     outage: &mut Outage,
 ) -> Result<(), SessionError> {
+    let url = target.url.as_str();
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
     if let Some(files) = &cfg.tls {
-        // The controller's certificate is checked against the URL's host.
-        endpoint = endpoint.tls_config(files.load()?)?;
+        // The controller's certificate is checked against the URL's host, or the Service's
+        // name for a discovered address.
+        let mut tls = files.load()?;
+        if let Some(name) = &target.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(tls)?;
     }
     let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kubenft_agent::applier::Applier;
+use kubenft_agent::discovery::Controllers;
 use kubenft_agent::health::Health;
 use kubenft_agent::metrics::Metrics;
 use kubenft_agent::nft::{FakeNft, TableName};
@@ -108,7 +109,10 @@ async fn hello_ack_nack_and_reconnect() {
     let cancel = CancellationToken::new();
     let cfg = StreamConfig {
         // The first controller refuses connections: the client moves on to the next.
-        controllers: vec!["http://127.0.0.1:1".into(), format!("http://{addr}")],
+        controllers: Controllers::fixed(vec![
+            "http://127.0.0.1:1".into(),
+            format!("http://{addr}"),
+        ]),
         node_name: "node-a".into(),
         tls: None,
     };
@@ -220,7 +224,7 @@ fn client(
         Arc::new(Health::default()),
     ));
     let cfg = StreamConfig {
-        controllers: vec![url],
+        controllers: Controllers::fixed(vec![url]),
         node_name: "node-a".into(),
         tls: None,
     };

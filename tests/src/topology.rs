@@ -248,6 +248,7 @@ impl LabTls {
                 format!("IP:{CP_V4}"),
                 format!("IP:{CP_V6}"),
                 "DNS:kubenft-controller".into(),
+                "DNS:kubenft-controller.kubenft-system.svc".into(),
             ],
             Usage::Server,
             30,

@@ -1,0 +1,299 @@
+//! End to end for issue 13 item 1: agents find the controllers without pinned addresses and
+//! without any Service rule, from the EndpointSlices of the controllers' Service watched
+//! through the (fake) API server, and follow a controller that moves to another address
+//! under continuous traffic: zero failed requests, nothing re-applied. An agent restarted
+//! while the API server is away finds the controllers from its last list.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use kubenft_lab::topology::{CONTROLLER_GRPC_PORT, CONTROLLER_HTTP_PORT, CP_V4};
+use kubenft_lab::{Cond, Host, Lab, ProbeOpts, Process, Proto, Service, Slice, wait_until};
+use serde_json::{Value, json};
+
+const API: &str = "192.168.50.2:6443";
+/// The controller's second home: another address of `cp`.
+const MOVED_V4: &str = "192.168.50.3";
+const AGENT_USER: &str = "system:serviceaccount:kubenft-system:kubenft-agent";
+
+fn stderr(p: &Process) -> String {
+    std::fs::read_to_string(p.stderr_path()).unwrap_or_default()
+}
+
+/// The fake API server over its own manifest directory (the controllers' EndpointSlice),
+/// with one token per agent.
+fn start_apiserver(lab: &Lab) -> (Process, PathBuf) {
+    let dir = lab.dir().join("api-manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let user = |node: &str| json!({"username": AGENT_USER, "extra": {"authentication.kubernetes.io/node-name": [node]}});
+    let users = lab.dir().join("users.json");
+    std::fs::write(
+        &users,
+        json!({"token-a": user("a"), "token-b": user("b")}).to_string(),
+    )
+    .unwrap();
+    let bin = lab.binary("kubenft-fake-apiserver").unwrap();
+    let argv = [
+        bin.to_str().unwrap(),
+        "--listen",
+        API,
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--watch",
+        "--users",
+        users.to_str().unwrap(),
+    ];
+    let api = lab.spawn("apiserver", Host::ControlPlane, &argv).unwrap();
+    api.wait_for_stdout(&format!("http://{API}"), START)
+        .unwrap_or_else(|e| panic!("fake API server: {e}"));
+    (api, dir)
+}
+
+/// The controllers' EndpointSlice with one ready endpoint per address.
+fn write_controller_slice(dir: &std::path::Path, addresses: &[&str]) {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+        .collect();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubenft-controller-x1",
+            "namespace": "kubenft-system",
+            "labels": {"kubernetes.io/service-name": "kubenft-controller"},
+        },
+        "addressType": "IPv4",
+        "ports": [
+            {"name": "grpc", "port": CONTROLLER_GRPC_PORT, "protocol": "TCP"},
+            {"name": "http", "port": CONTROLLER_HTTP_PORT, "protocol": "TCP"},
+        ],
+        "endpoints": endpoints,
+    });
+    let tmp = dir.join(".slice.tmp");
+    std::fs::write(&tmp, slice.to_string()).unwrap();
+    std::fs::rename(&tmp, dir.join("controller-slice.json")).unwrap();
+}
+
+/// An agent that knows no controller address: only the Service's name and the API server.
+fn spawn_discovering_agent(lab: &Lab, node: &str) -> Process {
+    let kubeconfig = lab.dir().join(format!("agent-{node}.kubeconfig"));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster: {{server: \"http://{API}\"}}\n\
+             users:\n- name: u\n  user: {{token: token-{node}}}\ncontexts:\n- name: c\n  context: {{cluster: f, user: u}}\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    let bin = lab.binary("kubenft-agent").unwrap().display().to_string();
+    let mut argv = vec![bin];
+    argv.extend(lab.agent_args_without_tls(node).unwrap());
+    argv.extend(lab.tls().agent_args(&lab.tls().nodes[node]));
+    argv.extend(
+        [
+            "--controller-service",
+            "kubenft-system/kubenft-controller",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    std::fs::create_dir_all(lab.dir().join(format!("state-{node}"))).unwrap();
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    lab.spawn(&format!("agent-{node}"), Host::Node(node), &argv)
+        .unwrap()
+}
+
+/// The lab's controller, listening on `addr`.
+fn spawn_controller_at(lab: &Lab, name: &str, addr: &str) -> Process {
+    let mut args = lab.controller_default_args();
+    for (flag, port) in [
+        ("--grpc-listen", CONTROLLER_GRPC_PORT),
+        ("--http-listen", CONTROLLER_HTTP_PORT),
+    ] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = format!("{addr}:{port}");
+    }
+    let bin = lab
+        .binary("kubenft-controller")
+        .unwrap()
+        .display()
+        .to_string();
+    let mut argv = vec![bin.as_str()];
+    argv.extend(args.iter().map(String::as_str));
+    lab.spawn(name, Host::ControlPlane, &argv).unwrap()
+}
+
+/// ListNodes from the controller at `addr`: node → state.
+fn states_at(c: &Cluster, addr: &str) -> Vec<(String, String)> {
+    let target = format!("{addr}:{CONTROLLER_GRPC_PORT}");
+    let (ok, out, err) = c.grpcurl(
+        Host::ControlPlane,
+        &[
+            "-servername",
+            "kubenft-controller.kubenft-system.svc",
+            &target,
+            "kubenft.v1.ControllerInspect/ListNodes",
+        ],
+    );
+    if !ok {
+        eprintln!("ListNodes at {target}: {out} {err}");
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_str(&out).unwrap_or_default();
+    v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or_default().to_owned(),
+                n["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn all_synced_at(c: &Cluster, addr: &str) -> bool {
+    let states = states_at(c, addr);
+    states.len() == 2 && states.iter().all(|(_, s)| s == "SYNCED")
+}
+
+#[test]
+fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
+    client(&lab, "client", "a");
+    let svc = Service::cluster_ip("web", "10.96.0.90").port("http", 80, TCP, Proto::Tcp);
+    let slice = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoints(&backends, Cond::READY);
+    lab.write_manifest("web.yaml", &kubenft_lab::manifest::list(&[&svc, &slice]))
+        .unwrap();
+    lab.exec_ok(
+        Host::ControlPlane,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{MOVED_V4}/24"),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    let (api, api_dir) = start_apiserver(&lab);
+    write_controller_slice(&api_dir, &[&CP_V4.to_string()]);
+    let first = spawn_controller_at(&lab, "controller", &CP_V4.to_string());
+    let agents = ["a", "b"]
+        .map(|n| (n.to_string(), spawn_discovering_agent(&lab, n)))
+        .into_iter()
+        .collect();
+    let c = Cluster {
+        lab,
+        controller: first,
+        agents,
+    };
+    let target = vip("10.96.0.90:80");
+    c.wait_all_seen(
+        Host::Pod("client"),
+        Proto::Tcp,
+        target,
+        &["web-1", "web-2"],
+        START,
+    );
+    wait_until(START, POLL, || {
+        Ok::<_, String>(all_synced_at(&c, &CP_V4.to_string()))
+    })
+    .unwrap_or_else(|e| panic!("not synced through the discovered controller: {e}"));
+    let generations: Vec<String> = ["a", "b"].iter().map(|n| c.generation(n)).collect();
+
+    // The controller moves: a replica starts at another address, the Service's endpoints
+    // follow it, the old one is stopped. Traffic never stops and nothing is re-applied.
+    let moved = spawn_controller_at(&c.lab, "controller-moved", MOVED_V4);
+    let stop = AtomicBool::new(false);
+    let results = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            probe_until_stopped(
+                &c,
+                (Host::Pod("client"), Proto::Tcp, target),
+                &ProbeOpts::count(5),
+                (1000, Duration::from_millis(20)),
+                &stop,
+            )
+        });
+        wait_until(START, POLL, || {
+            let (code, _) = c.http_get(
+                Host::ControlPlane,
+                &format!("http://{MOVED_V4}:{CONTROLLER_HTTP_PORT}/readyz"),
+            );
+            Ok::<_, String>(code == 200)
+        })
+        .unwrap_or_else(|e| panic!("the moved controller is not ready: {e}"));
+        write_controller_slice(&api_dir, &[MOVED_V4]);
+        wait_until(START, POLL, || {
+            Ok::<_, String>(["a", "b"].iter().all(|n| {
+                stderr(&c.agents[*n])
+                    .contains(&format!("https://{MOVED_V4}:{CONTROLLER_GRPC_PORT}"))
+            }))
+        })
+        .unwrap_or_else(|e| panic!("the agents did not learn the new address: {e}"));
+        c.controller.stop().unwrap();
+        wait_until(START, POLL, || Ok::<_, String>(all_synced_at(&c, MOVED_V4)))
+            .unwrap_or_else(|e| panic!("the agents did not follow the controller: {e}"));
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    let failed: Vec<_> = results.iter().filter(|r| !r.is_ok()).collect();
+    assert!(
+        failed.is_empty() && results.len() > 20,
+        "{} of {} requests failed while the controller moved: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+    let after: Vec<String> = ["a", "b"].iter().map(|n| c.generation(n)).collect();
+    assert_eq!(
+        after, generations,
+        "following the controller re-applied rules"
+    );
+    for n in ["a", "b"] {
+        let log = stderr(&c.agents[n]);
+        assert!(
+            log.contains(&format!(
+                "connected to controller controller=https://{MOVED_V4}"
+            )),
+            "agent {n} did not reconnect to the moved controller:\n{log}"
+        );
+    }
+
+    // The API server goes away and agent a restarts: its last list finds the controller.
+    api.stop().unwrap();
+    let agent_a = &c.agents["a"];
+    agent_a.stop().unwrap();
+    agent_a.start().unwrap();
+    wait_until(START, POLL, || {
+        Ok::<_, String>(stderr(agent_a).matches("connected to controller").count() >= 3)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "agent a found no controller without the API server: {e}\n{}",
+            stderr(agent_a)
+        )
+    });
+    assert!(stderr(agent_a).contains("controllers from the last run"));
+    assert!(wait_until(START, POLL, || Ok::<_, String>(all_synced_at(&c, MOVED_V4))).is_ok());
+    assert_eq!(
+        c.generation("a"),
+        generations[0],
+        "the restart re-applied rules"
+    );
+    drop(moved);
+}
