@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod select;
+pub mod skew;
 pub mod source;
 pub mod stream;
 pub mod view;

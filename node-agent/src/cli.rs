@@ -11,7 +11,7 @@ use crate::nft::TableName;
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "kubenft-agent",
-    version,
+    version = kubenft_proto::release::VERSION,
     about = "kubenft node agent: enforces its node's rule set with nftables"
 )]
 pub struct Args {
