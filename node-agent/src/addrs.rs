@@ -46,6 +46,8 @@ const DUMP_ATTEMPTS: usize = 3;
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 /// Larger than any datagram the kernel sends in a dump (it fills about a page per read).
 const RECV_BUFFER: usize = 64 * 1024;
+/// Datagrams one dump may take (a page each: far more than any node's addresses).
+const MAX_DATAGRAMS: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AddrsError {
@@ -166,7 +168,12 @@ fn dump<T: Default>(
             .map_err(|e| AddrsError::Socket(e.into()))?;
         let mut out = T::default();
         let mut interrupted = false;
+        let mut datagrams = 0;
         loop {
+            datagrams += 1;
+            if datagrams > MAX_DATAGRAMS {
+                return Err(malformed(format!("no end after {MAX_DATAGRAMS} replies")));
+            }
             let (_, len) = rustix::net::recv(socket, &mut buf[..], RecvFlags::TRUNC)
                 .map_err(|e| AddrsError::Socket(e.into()))?;
             if len > buf.len() {
