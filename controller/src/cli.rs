@@ -29,7 +29,7 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(
     name = "kubenft-controller",
-    version,
+    version = kubenft_proto::release::VERSION,
     about = "Computes each node's Service rules and streams them to the kubenft agents"
 )]
 pub struct Args {

@@ -29,6 +29,10 @@ use crate::view::NodeRuleSet;
 pub struct NodeStatus {
     pub streams: u32,
     pub agent_version: String,
+    /// The rule-stream protocol of the agent last connected.
+    pub agent_protocol: u32,
+    /// Why the node's agent was last refused (version skew), until one of its streams opens.
+    pub refused: Option<String>,
     pub agent_addresses: Vec<IpAddr>,
     pub acked_version: String,
     pub last_nack_version: String,
@@ -89,6 +93,15 @@ struct State {
     streams_opened: u64,
 }
 
+/// What a connecting agent says it is.
+#[derive(Clone, Debug, Default)]
+pub struct AgentBuild {
+    /// Its release and commit.
+    pub version: String,
+    /// The rule-stream protocol it speaks (accepted by the version-skew rule).
+    pub protocol: u32,
+}
+
 /// Shared by the source task, every agent stream and the inspection service.
 pub struct Hub {
     policy: Arc<ClusterPolicy>,
@@ -147,7 +160,7 @@ impl Hub {
         &self,
         node: &str,
         addresses: Vec<IpAddr>,
-        agent_version: String,
+        agent: AgentBuild,
     ) -> (watch::Receiver<Arc<NodeRuleSet>>, u64) {
         let mut state = self.state.lock();
         state.streams_opened += 1;
@@ -159,7 +172,9 @@ impl Hub {
             .entry(node.to_owned())
             .or_insert_with(|| NodeEntry::new(node));
         entry.status.streams += 1;
-        entry.status.agent_version = agent_version;
+        entry.status.agent_version = agent.version;
+        entry.status.agent_protocol = agent.protocol;
+        entry.status.refused = None;
         entry.status.agent_addresses = addresses.clone();
         let facts_changed = entry.facts.agent_addresses != addresses;
         entry.facts.agent_addresses = addresses;
@@ -169,6 +184,21 @@ impl Hub {
             entry.replan(&catalog, facts_changed);
         }
         (entry.desired.subscribe(), stream)
+    }
+
+    /// An agent of `node` was refused (`reason`) before its stream opened. Kept on nodes the
+    /// hub knows (from Node objects or an agent), so that a peer naming made-up nodes cannot
+    /// grow it. Whether the reason is new for the node (an unknown node's always is).
+    pub fn refused(&self, node: &str, reason: &str) -> bool {
+        let mut state = self.state.lock();
+        let Some(entry) = state.nodes.get_mut(node) else {
+            return true;
+        };
+        if entry.status.refused.as_deref() == Some(reason) {
+            return false;
+        }
+        entry.status.refused = Some(reason.to_owned());
+        true
     }
 
     /// Stream `stream` of `node` closed: what it reported goes with it.

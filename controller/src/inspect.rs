@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kubenft_proto::release;
 use kubenft_proto::v1::{
     GetNodeRulesRequest, GetServiceRequest, ListNodesRequest, ListNodesResponse,
     ListRejectedRequest, ListRejectedResponse, NodeRuleSet, NodeStatus, ObjectError, Resource,
@@ -13,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::hub::Hub;
 use crate::model::{ObjectName, Rejection};
+use crate::skew;
 
 /// Inspection calls answered at once, over every connection: each copies a node's rule set
 /// or every node's status; beyond it a call is refused with RESOURCE_EXHAUSTED at once.
@@ -82,6 +84,9 @@ impl ControllerInspect for InspectService {
                     last_nack_error: s.last_nack_error,
                     lag_ms: s.pending_since.map_or(0, |t| ms(t.elapsed())),
                     resources: u32::try_from(desired.len()).unwrap_or(u32::MAX),
+                    version_skew: s.streams > 0 && skew::release_differs(&s.agent_version),
+                    agent_protocol_version: s.agent_protocol,
+                    refused: s.refused.unwrap_or_default(),
                     agent_version: s.agent_version,
                     agent_addresses: s.agent_addresses.iter().map(ToString::to_string).collect(),
                     dataplane: s.dataplane,
@@ -93,7 +98,12 @@ impl ControllerInspect for InspectService {
                 }
             })
             .collect();
-        Ok(Response::new(ListNodesResponse { nodes }))
+        Ok(Response::new(ListNodesResponse {
+            nodes,
+            controller_version: release::VERSION.to_owned(),
+            oldest_agent_protocol_version: release::OLDEST_AGENT_PROTOCOL,
+            protocol_version: release::PROTOCOL_VERSION,
+        }))
     }
 
     async fn get_node_rules(

@@ -18,6 +18,7 @@ pub mod model;
 pub mod plan;
 pub mod select;
 pub mod signer;
+pub mod skew;
 pub mod source;
 pub mod stream;
 pub mod view;

@@ -86,7 +86,8 @@ pub struct Metrics {
     /// handshake: `no_certificate`, `unknown_ca`, `expired`, `not_tls`, ...; a certificate
     /// naming another node: `wrong_node`; `connection_limit`: closed at once, the port had its
     /// maximum of connections open; `handshake_timeout`: nothing or no handshake in time;
-    /// `invalid_argument`: a message with a field out of bounds).
+    /// `invalid_argument`: a message with a field out of bounds; `protocol_version`: an agent
+    /// whose rule-stream protocol this controller does not speak).
     pub stream_refused: Family<ReasonLabels, Counter>,
     /// Agents' certificate signing requests the signer decided, by `result` (`issued`,
     /// `denied`, `failed`: an API error; retried at the next watch event).
@@ -232,7 +233,7 @@ impl Metrics {
         let stream_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "stream_refused",
-            "Connections refused at accept (connection limit) or during the handshake, and streams refused because the client certificate names another node or a message is out of bounds, by reason; nothing is sent to them",
+            "Connections refused at accept (connection limit) or during the handshake, and streams refused because the client certificate names another node, a message is out of bounds or the agent's protocol is not spoken here, by reason; nothing is sent to them",
             stream_refused.clone(),
         );
         let certificate_requests = Family::<ResultLabels, Counter>::default();

@@ -32,9 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::hub::Hub;
+use crate::hub::{AgentBuild, Hub};
 use crate::metrics::Metrics;
 use crate::model::{clip, is_dns_subdomain};
+use crate::skew;
 use crate::view::NodeRuleSet;
 
 /// How long an agent has to say Hello.
@@ -300,6 +301,20 @@ impl RuleStream for RuleStreamService {
         if self.node_identity {
             info!(%peer, common_name = ?common_name, serial = ?serial, node = %hello.node_name, "stream authenticated");
         }
+        // The version-skew rule: an agent whose protocol is not spoken here is sent nothing.
+        let protocol = match skew::check(&hello.agent_version, hello.protocol_version) {
+            Ok(protocol) => protocol,
+            Err(skew) => {
+                self.metrics.refused("protocol_version");
+                let reason = skew.to_string();
+                if self.hub.refused(&hello.node_name, &reason) {
+                    warn!(%peer, node = %hello.node_name, error = %reason, "refused a stream: the agent's protocol is not spoken here");
+                } else {
+                    debug!(%peer, node = %hello.node_name, error = %reason, "refused a stream again: the agent's protocol is not spoken here");
+                }
+                return Err(skew.status());
+            }
+        };
         let (tx, rx) = mpsc::channel(4);
         let span = info_span!("agent", node = %hello.node_name);
         let session = Session::open(
@@ -308,6 +323,7 @@ impl RuleStream for RuleStreamService {
             self.large_changes.clone(),
             self.ack_deadline,
             hello,
+            protocol,
         );
         tokio::spawn(
             session
@@ -494,19 +510,26 @@ impl Session {
         large_changes: Arc<Semaphore>,
         ack_deadline: Duration,
         mut hello: Hello,
+        protocol: u32,
     ) -> Self {
         let addresses = hello
             .addresses
             .iter()
             .filter_map(|a| a.parse().ok())
             .collect();
-        let (desired, stream) =
-            hub.attach(&hello.node_name, addresses, hello.agent_version.clone());
+        let agent = AgentBuild {
+            version: hello.agent_version.clone(),
+            protocol,
+        };
+        let (desired, stream) = hub.attach(&hello.node_name, addresses, agent);
         metrics.agents_connected.inc();
         info!(
             node = %hello.node_name,
             applied = hello.applied.len(),
             on_request = hello.applied_on_request,
+            agent_version = %hello.agent_version,
+            protocol,
+            release_skew = skew::release_differs(&hello.agent_version),
             "agent connected"
         );
         let known = Known::from(&mut hello);

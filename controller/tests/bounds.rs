@@ -178,6 +178,7 @@ fn hello(node: &str) -> Hello {
         agent_version: "test".into(),
         system_version: String::new(),
         applied_on_request: false,
+        protocol_version: kubenft_proto::release::PROTOCOL_VERSION,
     }
 }
 

@@ -349,6 +349,7 @@ async fn connect_agent(
             agent_version: "test".into(),
             system_version: String::new(),
             applied_on_request: false,
+            protocol_version: kubenft_proto::release::PROTOCOL_VERSION,
         })),
     })
     .await

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use kubenft_controller::plan::{ClusterPolicy, endpoint_bucket, node_endpoints_name};
 use kubenft_controller::{Config, cli::SourceArg};
+use kubenft_proto::release::{OLDEST_AGENT_PROTOCOL, PROTOCOL_VERSION, VERSION};
 use kubenft_proto::v1::{
     Ack, AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, Hello,
-    Inventory, ListNodesRequest, Nack, NodeStatus, RepairCount, ResourceVersion, SyncState,
-    agent_message, controller_inspect_client::ControllerInspectClient, controller_message,
-    rule_stream_client::RuleStreamClient,
+    Inventory, ListNodesRequest, ListNodesResponse, Nack, NodeStatus, RepairCount, ResourceVersion,
+    SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
+    controller_message, rule_stream_client::RuleStreamClient,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -133,6 +134,7 @@ impl Controller {
             agent_version: "test".into(),
             system_version,
             applied_on_request: false,
+            protocol_version: PROTOCOL_VERSION,
         })
         .await
     }
@@ -146,11 +148,17 @@ impl Controller {
             agent_version: "test".into(),
             system_version,
             applied_on_request: true,
+            protocol_version: PROTOCOL_VERSION,
         })
         .await
     }
 
     async fn open(&self, hello: Hello) -> Agent {
+        self.try_open(hello).await.expect("stream refused")
+    }
+
+    /// Opens a stream with `hello`: the stream, or the status it was refused with.
+    async fn try_open(&self, hello: Hello) -> Result<Agent, tonic::Status> {
         let url = format!("http://{}", self.grpc);
         let mut client = None;
         for _ in 0..100 {
@@ -169,12 +177,8 @@ impl Controller {
         })
         .await
         .unwrap();
-        let inbound = client
-            .stream(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Agent { tx, inbound }
+        let inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Agent { tx, inbound })
     }
 
     async fn node_state(&self) -> (SyncState, String) {
@@ -184,6 +188,11 @@ impl Controller {
 
     /// Node a as ListNodes shows it, if listed.
     async fn node(&self) -> Option<NodeStatus> {
+        self.list().await.nodes.into_iter().find(|n| n.name == "a")
+    }
+
+    /// ListNodes.
+    async fn list(&self) -> ListNodesResponse {
         let url = format!("http://{}", self.grpc);
         let mut client = None;
         for _ in 0..100 {
@@ -195,14 +204,12 @@ impl Controller {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-        let nodes = client
+        client
             .expect("controller never listened")
             .list_nodes(ListNodesRequest {})
             .await
             .unwrap()
             .into_inner()
-            .nodes;
-        nodes.into_iter().find(|n| n.name == "a")
     }
 
     /// Node a once it is in `state` (messages on the stream are handled asynchronously).
@@ -747,5 +754,104 @@ async fn a_large_change_arrives_in_parts_answered_once() {
     agent.nothing_for(Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(ctl.node_state().await.0, SyncState::Synced);
+    ctl.stop().await;
+}
+
+/// The version-skew rule over a real stream. An agent of another release but the same
+/// protocol is served and shown as skewed; an agent speaking a protocol this controller does
+/// not is refused with FAILED_PRECONDITION naming both versions, sent nothing, counted, and
+/// shown on its node until one of its streams opens.
+#[tokio::test]
+async fn an_agent_of_a_protocol_not_spoken_here_is_refused_and_shown() {
+    let ctl = Controller::start().await;
+    write(
+        &ctl.dir.0,
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n",
+    );
+    let newer = Hello {
+        node_name: "a".into(),
+        agent_version: "9.0.0 (git 0123456789ab)".into(),
+        protocol_version: PROTOCOL_VERSION + 1,
+        ..Default::default()
+    };
+    // Until the controller has read its directory it serves nothing; then node a is known.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ctl.node().await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node a never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = ctl.try_open(newer.clone()).await.err().expect("accepted");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let text = refused.message();
+    for part in [
+        format!("protocol {}", PROTOCOL_VERSION + 1),
+        format!("({OLDEST_AGENT_PROTOCOL} to {PROTOCOL_VERSION})"),
+        "9.0.0 (git 0123456789ab)".to_owned(),
+        VERSION.to_owned(),
+        "upgrade the controllers first".to_owned(),
+    ] {
+        assert!(text.contains(&part), "{part:?} not in {text:?}");
+    }
+    let node = ctl.node().await.expect("node a listed");
+    assert_eq!(node.state, SyncState::NotConnected as i32, "{node:?}");
+    assert_eq!(node.refused, text, "{node:?}");
+    assert!(
+        ctl.metrics()
+            .await
+            .contains("kubenft_controller_stream_refused_total{reason=\"protocol_version\"} 1"),
+        "refusal not counted"
+    );
+
+    // The same release line with the protocol spoken here: served (a first sync), shown as
+    // skewed against this controller's release, and the refusal is gone.
+    let mut older = ctl
+        .open(Hello {
+            agent_version: "0.0.9 (git 0123456789ab)".into(),
+            protocol_version: PROTOCOL_VERSION,
+            ..newer.clone()
+        })
+        .await;
+    let full = older.next().await;
+    assert!(!full.resources.is_empty());
+    older.ack(&full).await;
+    let node = ctl.node_in(SyncState::Synced).await;
+    assert_eq!(node.agent_version, "0.0.9 (git 0123456789ab)");
+    assert_eq!(node.agent_protocol_version, PROTOCOL_VERSION);
+    assert!(node.version_skew, "{node:?}");
+    assert!(node.refused.is_empty(), "{node:?}");
+    let list = ctl.list().await;
+    assert_eq!(list.controller_version, VERSION);
+    assert_eq!(list.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(list.oldest_agent_protocol_version, OLDEST_AGENT_PROTOCOL);
+    drop(older);
+
+    // An agent of this very build is not skewed.
+    let mut same = ctl
+        .open(Hello {
+            agent_version: VERSION.into(),
+            protocol_version: PROTOCOL_VERSION,
+            ..newer
+        })
+        .await;
+    let full = same.next().await;
+    same.ack(&full).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let node = ctl.node().await.expect("node a listed");
+        if node.connected && node.agent_version == VERSION {
+            assert!(!node.version_skew, "{node:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{node:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     ctl.stop().await;
 }

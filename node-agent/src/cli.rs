@@ -11,7 +11,7 @@ use crate::nft::TableName;
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "kubenft-agent",
-    version,
+    version = kubenft_proto::release::VERSION,
     about = "kubenft node agent: enforces its node's rule set with nftables"
 )]
 pub struct Args {
@@ -30,14 +30,10 @@ pub struct Args {
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = namespaced_name, conflicts_with = "controllers")]
     pub controller_service: Option<(String, String)>,
 
-    /// The port (by its name in the Service) the controllers' gRPC is served on.
-    #[arg(
-        long,
-        value_name = "NAME",
-        default_value = "grpc",
-        requires = "controller_service"
-    )]
-    pub controller_port_name: String,
+    /// The port (by its name in the Service) the controllers' gRPC is served on [default:
+    /// grpc].
+    #[arg(long, value_name = "NAME", requires = "controller_service")]
+    pub controller_port_name: Option<String>,
 
     /// The name the controllers' certificate must carry, with --controller-service
     /// [default: NAME.NAMESPACE.svc].
@@ -192,6 +188,14 @@ impl Args {
         if self.kubeconfig.is_some() && !self.uses_api_server() {
             return Err("--kubeconfig is for --cert-dir or --controller-service".into());
         }
+        if self.controller_service.is_none()
+            && (self.controller_port_name.is_some() || self.controller_server_name.is_some())
+        {
+            return Err(
+                "--controller-port-name and --controller-server-name need --controller-service"
+                    .into(),
+            );
+        }
         let issued = self.cert_dir().map(|d| d.file());
         if issued.is_some() && (self.tls_cert_file.is_some() || self.tls_private_key_file.is_some())
         {
@@ -271,7 +275,10 @@ impl Args {
         Some(crate::discovery::ServiceRef {
             namespace,
             name,
-            port_name: self.controller_port_name.clone(),
+            port_name: self
+                .controller_port_name
+                .clone()
+                .unwrap_or_else(|| "grpc".into()),
             server_name,
         })
     }
@@ -366,7 +373,8 @@ mod tests {
         assert_eq!(plain.controller_service().unwrap().server_name, None);
         assert!(parse(&["--controller-service", "ns/c", "--controller", "http://a:1"]).is_err());
         assert!(parse(&["--controller-service", "nope"]).is_err());
-        assert!(parse(&["--controller", "http://a:1", "--controller-port-name", "x"]).is_err());
+        let stray = parse(&["--controller", "http://a:1", "--controller-port-name", "x"]);
+        assert!(stray.is_err() || stray.unwrap().tls().is_err());
     }
 
     #[test]

@@ -39,6 +39,8 @@ impl<N: Nft> AgentInspect for Inspect<N> {
                 .last_applied
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            agent_version: kubenft_proto::release::VERSION.to_owned(),
+            protocol_version: kubenft_proto::release::PROTOCOL_VERSION,
         }))
     }
 

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kubenft_proto::release;
 use kubenft_proto::v1::{
     self, AgentMessage, agent_message, controller_message, rule_stream_client::RuleStreamClient,
 };
@@ -55,6 +56,10 @@ enum SessionError {
     Closed,
     #[error("TLS: {0}")]
     Tls(#[from] kubenft_tls::Error),
+    /// Never sent as an empty list: the controller would take the node's CIDR NodePort
+    /// addresses away.
+    #[error("cannot list the node's addresses for Hello: {0}")]
+    Addresses(#[from] addrs::AddrsError),
 }
 
 /// Since when no controller stream is open, for the one line logged when it ends.
@@ -81,9 +86,14 @@ impl Outage {
     }
 
     /// An attempt (or an open stream) ended: logs the start of an outage, and nothing for
-    /// the attempts that follow.
-    fn failed(&mut self, url: &str, error: &str, was_up: Option<Duration>) {
-        if let Some(up) = was_up {
+    /// the attempts that follow. A controller that refuses this agent's protocol (version
+    /// skew) is logged as an error: it will not change by retrying alone.
+    fn failed(&mut self, url: &str, error: &str, was_up: Option<Duration>, skew: bool) {
+        if skew && self.since.is_none() {
+            tracing::error!(controller = %url, %error, "the controller refuses this agent's rule-stream protocol (version skew): nothing applied, rules kept as they are; retrying with backoff (logged again once connected)");
+            self.since = Some(Instant::now());
+            self.attempts = 1;
+        } else if let Some(up) = was_up {
             tracing::warn!(controller = %url, %error, up_ms = up.as_millis() as u64, "lost the controller stream: rules kept as they are; reconnecting (logged again once connected)");
             self.since = Some(Instant::now());
         } else if self.since.is_none() {
@@ -128,13 +138,14 @@ pub async fn run<N: Nft>(
         )
         .await;
         metrics.set_connected(false);
+        let skew = matches!(&result, Err(SessionError::Status(s)) if s.code() == tonic::Code::FailedPrecondition);
         let error = match result {
             Ok(()) if cancel.is_cancelled() => break,
             Ok(()) => "the controller closed the stream".to_owned(),
             Err(e) => chain(&e),
         };
         let was_up = up_since.map(|t: Instant| t.elapsed());
-        outage.failed(url, &error, was_up);
+        outage.failed(url, &error, was_up, skew);
         if was_up.is_some_and(|up| up >= STABLE_AFTER) {
             backoff = MIN_BACKOFF;
         }
@@ -213,6 +224,9 @@ async fn session<N: Nft>(
     outage: &mut Outage,
 ) -> Result<(), SessionError> {
     let url = target.url.as_str();
+    // Before connecting: a node whose addresses cannot be read does not connect at all (its
+    // rules stay as they are) rather than say it has none.
+    let hello = hello(cfg, applier).await?;
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
     if let Some(files) = &cfg.tls {
         // The controller's certificate is checked against the URL's host, or the Service's
@@ -231,11 +245,9 @@ async fn session<N: Nft>(
         .connect()
         .await?;
     let (tx, rx) = mpsc::channel(4);
-    tx.send(message(agent_message::Message::Hello(
-        hello(cfg, applier).await,
-    )))
-    .await
-    .map_err(|_| SessionError::Closed)?;
+    tx.send(message(agent_message::Message::Hello(hello)))
+        .await
+        .map_err(|_| SessionError::Closed)?;
     let mut inbound = RuleStreamClient::new(channel)
         .max_decoding_message_size(MAX_CHANGE_BYTES)
         .stream(ReceiverStream::new(rx))
@@ -339,21 +351,23 @@ fn message(m: agent_message::Message) -> AgentMessage {
 }
 
 /// The Hello states the system version only: a controller that agrees the agent is current
-/// needs nothing more, and one that does not asks for the [`inventory`].
-async fn hello<N: Nft>(cfg: &StreamConfig, applier: &Applier<N>) -> v1::Hello {
-    let addresses = addrs::node_addresses().await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "cannot list the node's addresses");
-        Vec::new()
-    });
+/// needs nothing more, and one that does not asks for the [`inventory`]. It names the
+/// agent's release and protocol, which the controller checks against its version-skew rule.
+async fn hello<N: Nft>(
+    cfg: &StreamConfig,
+    applier: &Applier<N>,
+) -> Result<v1::Hello, SessionError> {
+    let addresses = addrs::node_addresses().await?;
     let system_version = applier.state().read().hello_version();
-    v1::Hello {
+    Ok(v1::Hello {
         node_name: cfg.node_name.clone(),
         addresses,
         applied: Vec::new(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: release::VERSION.to_owned(),
         applied_on_request: !system_version.is_empty(),
         system_version,
-    }
+        protocol_version: release::PROTOCOL_VERSION,
+    })
 }
 
 /// What the agent has applied (an empty version when it holds nothing).

@@ -136,7 +136,18 @@ async fn hello_ack_nack_and_reconnect() {
     assert_eq!(status.state(), v1::DataplaneState::DataplaneConverged);
     assert!(hello.applied.is_empty() && !hello.applied_on_request);
     assert!(hello.system_version.is_empty());
-    assert!(!hello.agent_version.is_empty());
+    // It names this build and its protocol, and the node's addresses as the kernel lists them
+    // (this test's network namespace has some besides loopback, which is never listed).
+    assert_eq!(hello.agent_version, kubenft_proto::release::VERSION);
+    assert_eq!(
+        hello.protocol_version,
+        kubenft_proto::release::PROTOCOL_VERSION
+    );
+    assert!(!hello.addresses.is_empty(), "{hello:?}");
+    for a in &hello.addresses {
+        let ip: std::net::IpAddr = a.parse().expect("an IP address");
+        assert!(!ip.is_loopback(), "{a}");
+    }
 
     use v1::{IpFamily::Ipv4, Protocol::Tcp};
     let svc = common::resource(
@@ -335,4 +346,90 @@ async fn a_stream_that_ends_at_once_does_not_reset_the_backoff() {
         longest >= Duration::from_millis(1500),
         "streams that end at once are reopened without backing off: {gaps:?}"
     );
+}
+
+/// Refuses every stream as a controller refuses an agent whose protocol it does not speak.
+struct SkewedController {
+    hellos: mpsc::UnboundedSender<v1::Hello>,
+}
+
+#[tonic::async_trait]
+impl RuleStream for SkewedController {
+    type StreamStream = ReceiverStream<Result<ControllerMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        if let Ok(Some(AgentMessage {
+            message: Some(agent_message::Message::Hello(hello)),
+        })) = inbound.message().await
+        {
+            let _ = self.hellos.send(hello);
+        }
+        Err(Status::failed_precondition(
+            "agent speaks rule-stream protocol 1, older than this controller accepts (2 to 3): upgrade the agent",
+        ))
+    }
+}
+
+/// A controller that refuses this agent's protocol: the agent applies nothing, logs the
+/// refusal once as an error naming it, and keeps trying with backoff (another replica, or the
+/// same one once upgraded, may speak it).
+#[tokio::test]
+async fn a_protocol_refusal_is_logged_once_and_retried_without_applying_anything() {
+    let captured = common::Captured::default();
+    let _log = captured.install();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (h_tx, mut hellos) = mpsc::unbounded_channel();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RuleStreamServer::new(SkewedController { hellos: h_tx }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let dir = common::TempDir::new();
+    let nft = FakeNft::default();
+    let applier = Arc::new(Applier::new(
+        Arc::new(nft.clone()),
+        TableName::default(),
+        dir.0.clone(),
+        AppliedState::unknown(0),
+        Arc::new(Metrics::default()),
+        Arc::new(Health::default()),
+    ));
+    let cancel = CancellationToken::new();
+    let cfg = StreamConfig {
+        controllers: Controllers::fixed(vec![format!("http://{addr}")]),
+        node_name: "node-a".into(),
+        tls: None,
+    };
+    let run = tokio::spawn(stream::run(
+        cfg,
+        applier,
+        Arc::new(Metrics::default()),
+        cancel.clone(),
+    ));
+    for _ in 0..3 {
+        let hello = next(&mut hellos).await;
+        assert_eq!(
+            hello.protocol_version,
+            kubenft_proto::release::PROTOCOL_VERSION
+        );
+    }
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("client stops on cancel")
+        .unwrap();
+    server.abort();
+    assert!(nft.applied().is_empty(), "applied {:?}", nft.applied());
+    let logs = captured.text();
+    assert_eq!(logs.matches("ERROR").count(), 1, "{logs}");
+    assert!(
+        logs.contains("version skew") && logs.contains("(2 to 3): upgrade the agent"),
+        "{logs}"
+    );
+    assert!(!logs.contains("connected to controller"), "{logs}");
 }

@@ -1,6 +1,6 @@
 //! The `kubenft.v1` API shared by the controller and the agent: generated message and service
 //! types, the descriptor set that reflection serves, and the content versions that make two
-//! controller replicas interchangeable.
+//! controller replicas interchangeable; and what this build is ([`release`]).
 #![forbid(unsafe_code)]
 
 pub mod v1 {
@@ -13,6 +13,7 @@ pub mod v1 {
 }
 
 mod names;
+pub mod release;
 mod version;
 
 pub use names::{

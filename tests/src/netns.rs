@@ -112,10 +112,24 @@ pub fn ip(ns: Option<&str>, args: &[&str]) -> Result<()> {
 /// A `Command` that runs `argv` inside namespace `ns` (`ip netns exec NS ARGV...`).
 /// `ip netns exec` execs the program directly, so the child's pid is the program's pid.
 pub fn exec_cmd<S: AsRef<std::ffi::OsStr>>(ns: &str, argv: &[S]) -> Command {
-    let mut cmd = Command::new("ip");
+    let mut cmd = Command::new(ip_binary());
     cmd.args(["netns", "exec", ns]);
     cmd.args(argv);
     cmd
+}
+
+/// `ip` as found on this process's PATH, by its full path: a program the lab starts may be
+/// given another PATH (one without `ip`), and `Command` would look for `ip` there.
+fn ip_binary() -> &'static std::path::Path {
+    static IP: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IP.get_or_init(|| {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|dir| dir.join("ip"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("ip"))
+    })
 }
 
 /// Sets sysctls inside `ns`; unknown keys are ignored (`sysctl -e`) because some (e.g. the

@@ -406,6 +406,7 @@ async fn agent(
         agent_version: "kubenft-bench".into(),
         system_version: system_version.clone(),
         applied_on_request: !system_version.is_empty(),
+        protocol_version: kubenft_proto::release::PROTOCOL_VERSION,
     };
     tx.send(message(agent_message::Message::Hello(hello)))
         .await?;

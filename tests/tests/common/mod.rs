@@ -103,8 +103,17 @@ impl Cluster {
     /// Starts the controller (lab defaults) and one agent per node; the agents of the nodes
     /// named in `agent_env` get those environment variables (e.g. `KUBENFT_NFT`).
     pub fn start_with_agent_env(lab: Lab, agent_env: &[(&str, &[(&str, &str)])]) -> Cluster {
+        Self::start_with_args_and_agent_env(lab, &[], agent_env)
+    }
+
+    /// [`Cluster::start_with`] and [`Cluster::start_with_agent_env`] together.
+    pub fn start_with_args_and_agent_env(
+        lab: Lab,
+        controller_args: &[&str],
+        agent_env: &[(&str, &[(&str, &str)])],
+    ) -> Cluster {
         let controller = lab
-            .spawn_controller(&[])
+            .spawn_controller(controller_args)
             .unwrap_or_else(|e| panic!("starting the controller: {e}"));
         Self::with_agents(lab, controller, agent_env)
     }
