@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize as _, Serialize};
@@ -107,6 +108,7 @@ fn check_schemas() -> BTreeMap<String, usize> {
                 drop(typed::<RoleBinding>(&file, &doc))
             }
             ("apps/v1", "Deployment") => drop(typed::<Deployment>(&file, &doc)),
+            ("policy/v1", "PodDisruptionBudget") => drop(typed::<PodDisruptionBudget>(&file, &doc)),
             ("apps/v1", "DaemonSet") => drop(typed::<DaemonSet>(&file, &doc)),
             _ => panic!("{file}: unexpected {api} {kind}"),
         }
@@ -127,6 +129,7 @@ fn every_document_matches_its_schema() {
         "DaemonSet",
         "Service",
         "ConfigMap",
+        "PodDisruptionBudget",
     ] {
         assert!(kinds.contains_key(kind), "no {kind} in deploy/: {kinds:?}");
     }
@@ -231,6 +234,13 @@ fn every_role_grants_only_what_its_component_uses() {
             "/configmaps/kubenft-ca:update",
             "/secrets:create",
             "/secrets/kubenft-ca:get",
+        ])
+    );
+    assert_eq!(
+        grants("Role", "kubenft-agent"),
+        set(&[
+            "discovery.k8s.io/endpointslices:list",
+            "discovery.k8s.io/endpointslices:watch",
         ])
     );
     assert_eq!(
@@ -358,7 +368,14 @@ fn every_command_line_is_accepted_by_its_binary() {
                     std::iter::once("kubenft-agent".to_owned()).chain(args.iter().cloned()),
                 )
                 .unwrap_or_else(|e| panic!("{file}: {args:?} refused: {e}"));
-                assert_eq!(parsed.controllers.len(), 2, "{file}: two controllers");
+                let service = parsed
+                    .controller_service()
+                    .unwrap_or_else(|| panic!("{file}: no --controller-service"));
+                assert_eq!(
+                    service.server_name.as_deref(),
+                    Some("kubenft-controller.kubenft-system.svc"),
+                    "{file}: the name the controllers' certificate carries"
+                );
                 let tls = parsed
                     .tls()
                     .unwrap_or_else(|e| panic!("{file}: {args:?} refused: {e}"));
@@ -373,7 +390,7 @@ fn every_command_line_is_accepted_by_its_binary() {
 #[test]
 fn probes_point_at_the_ports_the_binaries_serve() {
     for (file, c, args) in workloads() {
-        for probe in [&c.liveness_probe, &c.readiness_probe]
+        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
             .into_iter()
             .flatten()
         {
@@ -403,4 +420,88 @@ fn the_dockerfile_ships_both_binaries_and_the_tools() {
     ] {
         assert!(text.contains(want), "Dockerfile lacks {want}");
     }
+}
+
+/// The controllers run as an ordinary Deployment (no host network, no pinned nodes, a
+/// PodDisruptionBudget), and what the agents look for exists: the Service they name, with the
+/// port they dial, selecting the controllers' pods, and the name they check is in the
+/// controllers' serving certificate.
+#[test]
+fn agents_find_the_controllers_an_ordinary_deployment_through_their_service() {
+    let docs = documents();
+    let (file, doc) = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "Deployment")
+        .unwrap();
+    let deployment: Deployment = typed(file, doc);
+    let pod = deployment.spec.unwrap().template;
+    let spec = pod.spec.unwrap();
+    assert_ne!(spec.host_network, Some(true), "{file}: host network");
+    assert_eq!(
+        spec.node_selector.unwrap_or_default(),
+        BTreeMap::from([("kubernetes.io/os".to_owned(), "linux".to_owned())]),
+        "{file}: pinned to some nodes"
+    );
+    assert!(
+        spec.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .all(|p| p.host_port.is_none()),
+        "{file}: hostPort"
+    );
+    let labels = pod.metadata.unwrap().labels.unwrap_or_default();
+    assert!(docs.iter().any(|(_, d)| d["kind"] == "PodDisruptionBudget"));
+
+    let workloads = workloads();
+    let (_, _, agent_args) = workloads
+        .iter()
+        .find(|(_, c, _)| binary(c) == "kubenft-agent")
+        .unwrap();
+    let (_, _, controller_args) = workloads
+        .iter()
+        .find(|(_, c, _)| binary(c) == "kubenft-controller")
+        .unwrap();
+    use clap::Parser;
+    let agent = kubenft_agent::cli::Args::try_parse_from(
+        std::iter::once("kubenft-agent".to_owned()).chain(agent_args.iter().cloned()),
+    )
+    .unwrap();
+    let wanted = agent.controller_service().unwrap();
+    let (sfile, sdoc) = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "Service" && d["metadata"]["name"] == wanted.name.as_str())
+        .unwrap_or_else(|| panic!("no Service {} in deploy/", wanted.name));
+    let service: Service = typed(sfile, sdoc);
+    let sspec = service.spec.unwrap();
+    assert_eq!(
+        sspec.cluster_ip.as_deref(),
+        Some("None"),
+        "{sfile}: headless"
+    );
+    assert!(
+        sspec
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some(wanted.port_name.as_str())),
+        "{sfile}: no port {}",
+        wanted.port_name
+    );
+    for (k, v) in sspec.selector.unwrap_or_default() {
+        assert_eq!(labels.get(&k), Some(&v), "{sfile}: selector {k}={v}");
+    }
+    let controller = kubenft_controller::cli::Args::try_parse_from(
+        std::iter::once("kubenft-controller".to_owned()).chain(controller_args.iter().cloned()),
+    )
+    .unwrap();
+    let serving = controller.signer().unwrap().serving.unwrap();
+    assert!(
+        serving
+            .dns_names
+            .contains(wanted.server_name.as_ref().unwrap()),
+        "the serving certificate's names {:?} lack {:?}",
+        serving.dns_names,
+        wanted.server_name
+    );
 }
