@@ -18,6 +18,7 @@ use crate::http;
 use crate::inspect::{self, Inspect};
 use crate::lock::{self, Acquired};
 use crate::metrics::Metrics;
+use crate::migrate;
 use crate::model::Family;
 use crate::nft::monitor;
 use crate::nft::{Command, Nft, NftError, TableName, Transaction};
@@ -136,7 +137,7 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         node: cfg.node_name.clone(),
         table: cfg.table.clone(),
         state: applier.state().clone(),
-        nft,
+        nft: nft.clone(),
     };
     tracing::info!(node = %cfg.node_name, table = %cfg.table, controllers = ?cfg.controllers, "agent starting");
 
@@ -165,6 +166,18 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     let (a, c) = (applier.clone(), cancel.clone());
     tasks.spawn(async move {
         drift::run(a, notices_rx, c).await;
+        Ok(())
+    });
+    // Other programs' Service rules (kube-proxy's during a migration): reported, not touched.
+    let (n, t, h, m, c) = (
+        nft.clone(),
+        cfg.table.clone(),
+        health.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    );
+    tasks.spawn(async move {
+        migrate::detect::run(n, t, h, m, c).await;
         Ok(())
     });
     let c = cancel.clone();
