@@ -22,7 +22,7 @@
 //! tables`, `list table` and `list chain` fetch every element of the sets involved, which
 //! takes seconds at 100,000 elements) and, for the few chains that need it, `list chain`.
 
-
+pub mod cleanup;
 pub mod detect;
 mod json;
 
