@@ -292,6 +292,21 @@ const KUBE_PROXY_TABLES: [(&str, &str); 5] = [
     ("kube-proxy-iptables", "ip nat"),
 ];
 
+/// What kube-proxy's process holds on the node besides its rules: `/healthz` on 10256 and
+/// `/metrics` on 127.0.0.1:10249, sockets without `SO_REUSEPORT` (as Go's).
+const KUBE_PROXY_PORTS: &str = "\
+import socket, time
+held = []
+for addr in (('0.0.0.0', 10256), ('127.0.0.1', 10249)):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(addr)
+    s.listen(16)
+    held.append(s)
+print('READY', flush=True)
+time.sleep(600)
+";
+
 /// Loads an nft script in `node`'s namespace (through a file: a script is many lines).
 fn load(lab: &Lab, node: &str, name: &str, script: &str) {
     let path = lab.dir().join(format!("{name}.nft"));
@@ -535,6 +550,19 @@ fn kubenft_takes_over_from_kube_proxy_and_removes_its_rules_without_a_failed_con
         "kube-proxy's rules did not serve"
     );
 
+    // kube-proxy's process holds its health and metrics ports (without SO_REUSEPORT).
+    let kube_proxy = c
+        .lab
+        .spawn(
+            "kube-proxy",
+            Host::Node("a"),
+            &["python3", "-c", KUBE_PROXY_PORTS],
+        )
+        .unwrap();
+    kube_proxy
+        .wait_for_stdout("READY", START)
+        .unwrap_or_else(|e| panic!("kube-proxy's ports: {e}\n{}", kube_proxy.logs()));
+
     let held = HeldTcp::start(&c, "held", Host::Pod("client"), target);
     wait_until(START, POLL, || Ok::<_, String>(held.exchanges() >= 2)).unwrap_or_else(|e| {
         panic!(
@@ -568,7 +596,7 @@ fn kubenft_takes_over_from_kube_proxy_and_removes_its_rules_without_a_failed_con
             )
         });
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            take_over_and_clean_up(c, &held, &others_before, &bystander_before)
+            take_over_and_clean_up(c, (&held, &kube_proxy), &others_before, &bystander_before)
         }));
         stop.store(true, Ordering::Relaxed);
         let (from_pod, from_node) = (pod_loop.join().unwrap(), node_loop.join().unwrap());
@@ -599,7 +627,7 @@ fn kubenft_takes_over_from_kube_proxy_and_removes_its_rules_without_a_failed_con
 /// The migration steps while traffic runs (the caller keeps probing); returns node a's agent.
 fn take_over_and_clean_up(
     c: &Cluster,
-    held: &HeldTcp,
+    (held, kube_proxy): (&HeldTcp, &Process),
     others_before: &BTreeMap<&'static str, Option<String>>,
     bystander_before: &Option<String>,
 ) -> Process {
@@ -607,6 +635,33 @@ fn take_over_and_clean_up(
     // same priority, see new connections first.
     let agent = c.lab.spawn_agent("a", &[]).unwrap();
     wait_node_synced(c, "a");
+    let dispatched = kube_proxy_dispatched(c);
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip(WEB),
+        &ProbeOpts::count(10),
+    );
+    assert_all_ok(&rs, "new connections once kubenft runs");
+    assert_eq!(
+        kube_proxy_dispatched(c),
+        dispatched,
+        "kube-proxy's rules still chose endpoints for new connections"
+    );
+    held.wait_more(2, "after kubenft took over");
+    // kube-proxy still holds its health and metrics ports: the agent waits for them.
+    let log = agent.logs();
+    for flag in ["what=\"--healthz-listen\"", "what=\"--metrics-listen\""] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("another program holds the address") && l.contains(flag)),
+            "{flag}:\n{log}"
+        );
+    }
+
+    // kube-proxy's DaemonSet leaves the node: the process goes, its rules stay (stale but
+    // consistent), and the agent takes its ports and reports its rules.
+    kube_proxy.stop().unwrap();
     let body = wait_conflicts(c, &KUBE_PROXY_TABLES);
     for needle in [
         "nat-prerouting at prerouting priority -100",
@@ -622,20 +677,6 @@ fn take_over_and_clean_up(
             gauge(source, table)
         );
     }
-    let dispatched = kube_proxy_dispatched(c);
-    let rs = c.probe(
-        Host::Pod("client"),
-        Proto::Tcp,
-        vip(WEB),
-        &ProbeOpts::count(10),
-    );
-    assert_all_ok(&rs, "new connections once kubenft runs");
-    assert_eq!(
-        kube_proxy_dispatched(c),
-        dispatched,
-        "kube-proxy's rules still chose endpoints for new connections"
-    );
-    held.wait_more(2, "after kubenft took over");
     // One warning per table, however many checks ran.
     std::thread::sleep(DETECT_PERIOD + Duration::from_secs(1));
     let log = agent.logs();
@@ -655,7 +696,7 @@ fn take_over_and_clean_up(
         eprintln!("{l}");
     }
 
-    // kube-proxy's DaemonSet leaves the node (its rules stay); the cleanup removes them.
+    // The cleanup removes kube-proxy's rules.
     let bin = c.lab.binary("kubenft-agent").unwrap().display().to_string();
     let out = c
         .lab

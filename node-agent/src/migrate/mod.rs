@@ -25,6 +25,7 @@
 pub mod cleanup;
 pub mod detect;
 mod json;
+pub mod ports;
 
 pub use json::{ChainInfo, Effects, Hook, ParseError, RuleInfo, parse_chains, parse_rules};
 
