@@ -35,6 +35,9 @@ const ENDPOINT_CHAINS: [&str; 2] = [
 const ENDPOINTS: [&str; 2] = ["10.244.1.11", "10.244.2.11"];
 /// The detection's shortest period (`migrate::detect::MIN_INTERVAL`).
 const DETECT_PERIOD: Duration = Duration::from_secs(5);
+/// How long a report may take to follow a change: the detection checks every 5 s, longer when
+/// a check costs more (a hundred times its cost), as on a machine busy building.
+const DETECT_CAP: Duration = Duration::from_secs(20);
 
 /// kube-proxy's nftables-mode table for `web` (ClusterIP 10.96.0.80:80 → the two endpoints
 /// on 8080), node IP 192.168.50.11, cluster CIDR 10.244.0.0/16, Service CIDR 10.96.0.0/16;
@@ -386,7 +389,7 @@ fn wait_conflicts(c: &Cluster, want: &[(&str, &str)]) -> String {
         w
     };
     let mut last = (0, Vec::new(), String::new());
-    wait_until(START, POLL, || {
+    wait_until(DETECT_CAP, POLL, || {
         last = conflicts(c);
         last.1.sort();
         Ok::<_, String>(last.1 == want)
