@@ -5,13 +5,15 @@
 //! table, sets, maps, per-Service and per-endpoint chains and masquerading as upstream
 //! generates them, plus a counter on the Service chain's dispatch rule to see whether it is
 //! used), and iptables-mode leftovers sit in iptables-nft's `ip nat`, `ip filter` and `ip
-//! mangle` tables beside kubelet's and Docker's chains. Then, while a pod and the node itself
-//! open new connections to the Service without pause and a long-lived connection made
-//! through kube-proxy's rules exchanges a line every 200 ms: kubenft's agent starts (it
-//! reports every kube-proxy table, once, and new connections go through its rules), and
-//! `kubenft-agent --cleanup-kube-proxy` removes kube-proxy's objects (the report goes).
-//! Not one connection fails, the long-lived one keeps its pod, and everything that is not
-//! kube-proxy's is exactly as before.
+//! mangle` tables beside kubelet's and Docker's chains, and a stand-in for kube-proxy's process
+//! holds its health and metrics ports. Then, while a pod and the node itself open new
+//! connections to the Service without pause and a long-lived connection made through
+//! kube-proxy's rules exchanges a line every 200 ms: kubenft's agent starts (new connections
+//! go through its rules; it waits for kube-proxy's ports), kube-proxy's process goes (the
+//! agent serves the ports and reports every kube-proxy table, once), and `kubenft-agent
+//! --cleanup-kube-proxy` removes kube-proxy's objects (the report goes). Not one connection
+//! fails, the long-lived one keeps its pod, and everything that is not kube-proxy's is
+//! exactly as before.
 
 mod common;
 
