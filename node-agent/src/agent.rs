@@ -18,6 +18,7 @@ use crate::http;
 use crate::inspect::{self, Inspect};
 use crate::lock::{self, Acquired};
 use crate::metrics::Metrics;
+use crate::migrate;
 use crate::model::Family;
 use crate::nft::monitor;
 use crate::nft::{Command, Nft, NftError, TableName, Transaction};
@@ -77,17 +78,38 @@ pub enum AgentError {
 /// [`crate::lock`]) can listen on the same ports; the kernel shares them only between
 /// sockets of the same user, and spreads connections over them.
 async fn listen(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    let bind = || {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
+    bind_reuseport(addr).map_err(|source| AgentError::Listen { what, addr, source })
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    bind().map_err(|source| AgentError::Listen { what, addr, source })
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Serves `router` on `addr` once it is free: kube-proxy holds the health and metrics
+/// ports until it leaves the node (see [`migrate::ports`]), and meanwhile the agent already
+/// programs the node's rules.
+async fn serve_when_free(
+    what: &'static str,
+    addr: SocketAddr,
+    router: axum::Router,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    let bound = migrate::ports::bind_when_free(what, addr, || bind_reuseport(addr), &cancel)
+        .await
+        .map_err(|source| AgentError::Listen { what, addr, source })?;
+    match bound {
+        Some(listener) => http::serve(listener, router, cancel)
+            .await
+            .map_err(AgentError::Http),
+        None => Ok(()),
+    }
 }
 
 /// Runs the agent until `cancel` fires (or a server fails). The tables are left in place.
@@ -97,16 +119,17 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     if cfg.cert_dir.is_none() {
         load_tls(&cfg)?;
     }
-    let healthz = listen("--healthz-listen", cfg.healthz_listen).await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::with_livez_grace(cfg.livez_grace));
     let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
     let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
-    tasks.spawn(async move {
-        http::serve(healthz, http::health_router(h, m), c)
-            .await
-            .map_err(AgentError::Http)
-    });
+    let router = http::health_router(h, m);
+    tasks.spawn(serve_when_free(
+        "--healthz-listen",
+        cfg.healthz_listen,
+        router,
+        c,
+    ));
     // A standby serves only the probes until it holds the node: metrics and inspection are
     // the holder's, and it neither connects to a controller nor touches nft.
     let _lock = match lock::acquire(&cfg.state_dir, &health, &cancel).await {
@@ -114,12 +137,9 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         Acquired::Unavailable => None,
         Acquired::Cancelled => return finish(tasks, &cancel).await,
     };
-    let (metrics_l, grpc) = match (
-        listen("--metrics-listen", cfg.metrics_listen).await,
-        listen("--grpc-listen", cfg.grpc_listen).await,
-    ) {
-        (Ok(m), Ok(g)) => (m, g),
-        (Err(e), _) | (_, Err(e)) => {
+    let grpc = match listen("--grpc-listen", cfg.grpc_listen).await {
+        Ok(g) => g,
+        Err(e) => {
             cancel.cancel();
             finish(tasks, &cancel).await?;
             return Err(e);
@@ -169,16 +189,16 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         node: cfg.node_name.clone(),
         table: cfg.table.clone(),
         state: applier.state().clone(),
-        nft,
+        nft: nft.clone(),
     };
     tracing::info!(node = %cfg.node_name, table = %cfg.table, controllers = ?cfg.controllers, "agent starting");
 
-    let (c, m) = (cancel.clone(), metrics.clone());
-    tasks.spawn(async move {
-        http::serve(metrics_l, http::metrics_router(m), c)
-            .await
-            .map_err(AgentError::Http)
-    });
+    tasks.spawn(serve_when_free(
+        "--metrics-listen",
+        cfg.metrics_listen,
+        http::metrics_router(metrics.clone()),
+        cancel.clone(),
+    ));
     // Self-healing: the monitor reports other programs' changes, the drift loop repairs them.
     // Both run before the certificate is in place: the data plane does not wait for it.
     let (notices_tx, notices_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -192,6 +212,18 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     let (a, c) = (applier.clone(), cancel.clone());
     tasks.spawn(async move {
         drift::run(a, notices_rx, c).await;
+        Ok(())
+    });
+    // Other programs' Service rules (kube-proxy's during a migration): reported, not touched.
+    let (n, t, h, m, c) = (
+        nft.clone(),
+        cfg.table.clone(),
+        health.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    );
+    tasks.spawn(async move {
+        migrate::detect::run(n, t, h, m, c).await;
         Ok(())
     });
     if let (Some(dir), Some(client)) = (&cfg.cert_dir, &client) {

@@ -21,7 +21,7 @@ pub struct Args {
 
     /// Controller gRPC URL (repeatable; tried in turn), e.g. https://192.168.50.2:9650 (the
     /// certificate is checked against the host); http:// only with --insecure.
-    #[arg(long = "controller", value_name = "URL", value_parser = controller_url, required_unless_present_any = ["cleanup", "controller_service"])]
+    #[arg(long = "controller", value_name = "URL", value_parser = controller_url, required_unless_present_any = ["cleanup", "cleanup_kube_proxy", "controller_service"])]
     pub controllers: Vec<String>,
 
     /// Find the controllers instead as the ready endpoints of this Service, NAMESPACE/NAME:
@@ -68,6 +68,12 @@ pub struct Args {
     /// Delete the agent's tables and state file, then exit.
     #[arg(long)]
     pub cleanup: bool,
+
+    /// Remove kube-proxy's rules as `kube-proxy --cleanup` does (its nftables tables, its
+    /// iptables-nft chains and the jumps to them; nothing else), then exit. Run it on a node
+    /// once kube-proxy no longer runs there.
+    #[arg(long, conflicts_with = "cleanup")]
+    pub cleanup_kube_proxy: bool,
 
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -383,6 +389,10 @@ mod tests {
         assert_eq!(a.controllers, ["http://a:1", "http://b:2"]);
         assert!(parse(&["--cleanup"]).is_ok());
         assert!(parse(&[]).is_err());
+        let a = parse(&["--cleanup-kube-proxy"]).unwrap();
+        assert!(a.cleanup_kube_proxy && !a.cleanup);
+        let err = parse(&["--cleanup-kube-proxy", "--cleanup"]).unwrap_err();
+        assert!(err.contains("--cleanup"), "{err}");
     }
 
     #[test]

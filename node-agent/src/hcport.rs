@@ -137,15 +137,27 @@ impl HealthCheckPorts {
     }
 
     fn serve(&self, addr: SocketAddr, shared: Shared, stop: CancellationToken) {
-        let listener = match bind(addr) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(%addr, error = %e, "cannot open health-check node port");
-                return;
-            }
-        };
         let app = Router::new().fallback(answer).with_state(shared);
+        // Bound at once when free, so that the port answers when `sync` returns.
+        let first = bind(addr);
         tokio::spawn(async move {
+            let bound = match first {
+                Ok(l) => Ok(Some(l)),
+                // kube-proxy serves the same port until it leaves the node (a migration).
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let what = "health-check node port";
+                    crate::migrate::ports::bind_when_free(what, addr, || bind(addr), &stop).await
+                }
+                Err(e) => Err(e),
+            };
+            let listener = match bound {
+                Ok(Some(l)) => l,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot open health-check node port");
+                    return;
+                }
+            };
             let served = kubenft_tls::serve_http(listener, app, HC_LIMITS, stop, |peer| {
                 tracing::debug!(%peer, "health-check port: refused a connection: too many open");
             })
@@ -284,5 +296,52 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(closed, "the port is still open");
+    }
+
+    /// kube-proxy holds a health-check node port until it leaves the node: the agent answers
+    /// on it as soon as it is free.
+    #[tokio::test]
+    async fn a_port_another_program_holds_is_served_once_free() {
+        let hc = HealthCheckPorts::new(Arc::new(Health::default()), CancellationToken::new());
+        let kube_proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = kube_proxy.local_addr().unwrap();
+        let desired = Desired {
+            ports: BTreeMap::from([(
+                addr.port(),
+                Target {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    local_endpoints: 1,
+                },
+            )]),
+            addresses: vec![addr.ip()],
+        };
+        hc.sync(&desired);
+        // While the other program holds the port, it gets the connections (and never
+        // answers): the agent keeps trying meanwhile.
+        tokio::time::sleep(crate::migrate::ports::RETRY * 2).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_millis(300), s.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "answered while another program held the port"
+        );
+        drop((s, kube_proxy));
+        let mut reply = None;
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                reply = Some(get(addr).await);
+                break;
+            }
+        }
+        let reply = reply.expect("the port was never served");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains(r#""localEndpoints":1"#), "{reply}");
     }
 }

@@ -33,6 +33,20 @@ struct Inner {
     standby: bool,
     /// Whether the kernel holds what was applied (see [`crate::drift`]).
     dataplane: Dataplane,
+    /// Other programs' Service rules on this node (see [`crate::migrate::detect`]).
+    conflicts: Vec<Conflict>,
+}
+
+/// Another program's Service rules on this node: reported, never a failure (a migration from
+/// kube-proxy in progress has them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// `kube-proxy-nftables`, `kube-proxy-iptables`, `kube-proxy-iptables-legacy` or
+    /// `foreign-dnat`.
+    pub source: &'static str,
+    /// `FAMILY NAME`.
+    pub table: String,
+    pub detail: String,
 }
 
 /// The data plane as `/healthz` shows it: drift seen, repairs made, when the kernel last
@@ -63,6 +77,7 @@ pub struct Status {
     /// This agent waits for another to release the node.
     pub standby: bool,
     pub dataplane: Dataplane,
+    pub conflicts: Vec<Conflict>,
 }
 
 impl Health {
@@ -126,6 +141,11 @@ impl Health {
         self.inner.lock().dataplane = dataplane;
     }
 
+    /// Other programs' Service rules found on this node (all of them, each time).
+    pub fn set_conflicts(&self, conflicts: Vec<Conflict>) {
+        self.inner.lock().conflicts = conflicts;
+    }
+
     pub fn status(&self) -> Status {
         self.status_at(Instant::now())
     }
@@ -153,6 +173,7 @@ impl Health {
             persist_error: inner.persist_error.clone(),
             standby: inner.standby,
             dataplane: inner.dataplane.clone(),
+            conflicts: inner.conflicts.clone(),
         }
     }
 }

@@ -46,6 +46,17 @@ struct HealthBody {
     /// the agent cannot converge (its repairs keep failing).
     #[serde(skip_serializing_if = "Option::is_none")]
     dataplane: Option<DataplaneBody>,
+    /// Beyond kube-proxy: other programs' Service rules on this node (kube-proxy's during a
+    /// migration, or a table that DNATs before us). Reported only: the answer stays 200.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    conflicts: Vec<ConflictBody>,
+}
+
+#[derive(Serialize)]
+struct ConflictBody {
+    source: &'static str,
+    table: String,
+    detail: String,
 }
 
 #[derive(Serialize)]
@@ -138,6 +149,15 @@ fn health_reply(health: &Health, with_node: bool) -> Response {
             last_converged: status.dataplane.last_converged.map(rfc3339),
             error: status.dataplane.error.clone(),
         }),
+        conflicts: status
+            .conflicts
+            .iter()
+            .map(|c| ConflictBody {
+                source: c.source,
+                table: c.table.clone(),
+                detail: c.detail.clone(),
+            })
+            .collect(),
     };
     let ok = if with_node {
         status.node_eligible
@@ -378,6 +398,34 @@ mod tests {
             !body.contains("standby") && !body.contains("stateFile"),
             "{body}"
         );
+    }
+
+    #[tokio::test]
+    async fn conflicts_are_reported_without_failing() {
+        let health = Arc::new(Health::default());
+        let metrics = Arc::new(Metrics::default());
+        let router = || health_router(health.clone(), metrics.clone());
+        health.committed();
+        let (_, body) = get_text(router(), "/healthz").await;
+        assert!(!body.contains("conflicts"), "{body}");
+        health.set_conflicts(vec![crate::health::Conflict {
+            source: "kube-proxy-nftables",
+            table: "ip kube-proxy".into(),
+            detail: "kube-proxy's nftables table".into(),
+        }]);
+        for path in ["/healthz", "/livez"] {
+            let (code, body) = get_text(router(), path).await;
+            assert_eq!(code, 200, "{path}: {body}");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                json["conflicts"][0]["source"], "kube-proxy-nftables",
+                "{body}"
+            );
+            assert_eq!(json["conflicts"][0]["table"], "ip kube-proxy", "{body}");
+        }
+        health.set_conflicts(Vec::new());
+        let (_, body) = get_text(router(), "/healthz").await;
+        assert!(!body.contains("conflicts"), "{body}");
     }
 
     #[tokio::test]

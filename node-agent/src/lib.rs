@@ -24,6 +24,7 @@ pub mod inspect;
 pub mod lock;
 pub mod memory;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod nft;
 pub mod render;

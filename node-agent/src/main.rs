@@ -22,6 +22,15 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("cleanup");
     }
+    if args.cleanup_kube_proxy {
+        let removed = kubenft_agent::migrate::cleanup::run(&nft)
+            .await
+            .context("--cleanup-kube-proxy")?;
+        if removed.is_empty() {
+            tracing::info!("no kube-proxy rules on this node");
+        }
+        return Ok(());
+    }
     let tls = match args.tls() {
         Ok(tls) => tls,
         Err(e) => Args::command()

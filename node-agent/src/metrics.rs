@@ -51,6 +51,12 @@ struct StateLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ForeignLabels {
+    source: &'static str,
+    table: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     drift_detected: Counter,
@@ -67,6 +73,7 @@ pub struct Metrics {
     network_programming: MetricFamily<FamilyLabels, Histogram>,
     healthz: MetricFamily<CodeLabels, Counter>,
     livez: MetricFamily<CodeLabels, Counter>,
+    foreign_service_rules: MetricFamily<ForeignLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -93,6 +100,7 @@ impl Default for Metrics {
             }),
             healthz: MetricFamily::default(),
             livez: MetricFamily::default(),
+            foreign_service_rules: MetricFamily::default(),
         };
         metrics.register()
     }
@@ -178,7 +186,25 @@ impl Metrics {
             "Unix time the kernel was last known to hold exactly the applied state",
             self.last_converged.clone(),
         );
+        r.register(
+            "kubenft_agent_foreign_service_rules",
+            "1 for each table holding another program's Service rules (kube-proxy's, or DNAT before ours), by source",
+            self.foreign_service_rules.clone(),
+        );
         self
+    }
+
+    /// Another program's Service rules in `table` appeared (or are gone: the series goes).
+    pub fn foreign_service_rules(&self, source: &'static str, table: &str, present: bool) {
+        let labels = ForeignLabels {
+            source,
+            table: table.to_owned(),
+        };
+        if present {
+            self.foreign_service_rules.get_or_create(&labels).set(1);
+        } else {
+            self.foreign_service_rules.remove(&labels);
+        }
     }
 
     pub fn drift_detected(&self, commits: u64) {
@@ -292,7 +318,11 @@ mod tests {
         m.sync_failed();
         m.change(ChangeResult::ack);
         m.set_connected(true);
+        m.foreign_service_rules("kube-proxy-nftables", "ip kube-proxy", true);
+        m.foreign_service_rules("foreign-dnat", "ip other", true);
+        m.foreign_service_rules("foreign-dnat", "ip other", false);
         let text = m.encode();
+        assert!(!text.contains("ip other"), "{text}");
         for needle in [
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=",
             "ip_family=\"IPv4\"",
@@ -300,6 +330,7 @@ mod tests {
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
             "kubenft_agent_changes_total{result=\"ack\"} 1",
             "kubenft_agent_controller_connected 1",
+            "kubenft_agent_foreign_service_rules{source=\"kube-proxy-nftables\",table=\"ip kube-proxy\"} 1",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }

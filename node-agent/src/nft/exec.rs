@@ -69,6 +69,16 @@ pub trait Nft: Send + Sync + 'static {
         set: SetId,
     ) -> impl Future<Output = Result<Vec<Option<String>>, NftError>> + Send;
 
+    /// A read-only listing of other programs' objects (nft's JSON, verbatim). Runners
+    /// without a kernel (fakes) list nothing.
+    fn list_json(
+        &self,
+        listing: &super::Listing,
+    ) -> impl Future<Output = Result<String, NftError>> + Send {
+        let _ = listing;
+        async { Err(NftError::Output("this runner lists no other tables".into())) }
+    }
+
     /// The processes this runner started, so that `nft monitor` can tell our commits from
     /// other programs'.
     fn own_processes(&self) -> OwnProcesses;
@@ -379,6 +389,10 @@ impl Nft for NftCli {
             .flatten()
             .map(super::parse::json_element_text)
             .collect())
+    }
+
+    async fn list_json(&self, listing: &super::Listing) -> Result<String, NftError> {
+        self.run(&listing.args(), None).await
     }
 
     fn own_processes(&self) -> OwnProcesses {

@@ -14,8 +14,8 @@ mod session;
 
 pub use exec::{FakeNft, Nft, NftCli, NftError, OwnProcesses, TableObjects};
 pub use objects::{
-    AddrKey, Chain, Element, ElementKey, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
-    PortKey, Rule, Scope, SetId, Slot,
+    AddrKey, BaseHook, Chain, Element, ElementKey, EntryChain, EntryKey, EntryKind, LbChain,
+    NoEndpoint, PortKey, Rule, Scope, SetId, Slot,
 };
 
 use std::fmt;
@@ -74,6 +74,103 @@ impl ForeignName {
 impl fmt::Display for ForeignName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Any nftables family (other programs' tables come in all of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AnyFamily {
+    Ip,
+    Ip6,
+    Inet,
+    Arp,
+    Bridge,
+    Netdev,
+}
+
+impl AnyFamily {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AnyFamily::Ip => "ip",
+            AnyFamily::Ip6 => "ip6",
+            AnyFamily::Inet => "inet",
+            AnyFamily::Arp => "arp",
+            AnyFamily::Bridge => "bridge",
+            AnyFamily::Netdev => "netdev",
+        }
+    }
+
+    /// nft's spelling; `None` for anything else.
+    pub fn parse(s: &str) -> Option<AnyFamily> {
+        [
+            AnyFamily::Ip,
+            AnyFamily::Ip6,
+            AnyFamily::Inet,
+            AnyFamily::Arp,
+            AnyFamily::Bridge,
+            AnyFamily::Netdev,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == s)
+    }
+}
+
+impl From<Family> for AnyFamily {
+    fn from(f: Family) -> AnyFamily {
+        match f {
+            Family::V4 => AnyFamily::Ip,
+            Family::V6 => AnyFamily::Ip6,
+        }
+    }
+}
+
+impl fmt::Display for AnyFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A read-only listing of other programs' objects, as nft's JSON (see [`crate::migrate`]).
+/// Names are [`ForeignName`]s: nft joins its arguments into one command line, so a name is
+/// only ever passed once it is known to be a plain identifier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listing {
+    /// `nft -j list chains`: every chain of every table, without rules (milliseconds at any
+    /// size: nft 1.0.6 fetches no rules and no set elements for it).
+    Chains,
+    /// `nft -j list chain FAMILY TABLE CHAIN`: one chain's rules, with handles. nft fetches
+    /// the elements of every set of that table for it, so it costs what the table holds.
+    Chain {
+        family: AnyFamily,
+        table: ForeignName,
+        chain: ForeignName,
+    },
+}
+
+impl Listing {
+    /// nft's arguments.
+    pub fn args(&self) -> Vec<&str> {
+        match self {
+            Listing::Chains => vec!["-j", "list", "chains"],
+            Listing::Chain {
+                family,
+                table,
+                chain,
+            } => vec![
+                "-j",
+                "list",
+                "chain",
+                family.as_str(),
+                table.as_str(),
+                chain.as_str(),
+            ],
+        }
+    }
+}
+
+impl ForeignName {
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 

@@ -288,6 +288,39 @@ impl Chain {
     }
 }
 
+/// Where a base chain hooks in, as numbers (what other tables' chains are compared with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaseHook {
+    /// `nat` or `filter`.
+    pub kind: &'static str,
+    /// `prerouting`, `input`, `forward`, `output` or `postrouting`.
+    pub hook: &'static str,
+    /// Lower runs first (`dstnat` is -100, `srcnat` 100).
+    pub priority: i32,
+}
+
+impl Chain {
+    /// The base chains' hooks, priorities as numbers: the same as [`Chain::base`] says.
+    pub fn hook(self) -> Option<BaseHook> {
+        let (kind, hook, priority) = match self {
+            Chain::NatPrerouting => ("nat", "prerouting", -100),
+            Chain::NatOutput => ("nat", "output", -100),
+            Chain::NatPostrouting => ("nat", "postrouting", 100),
+            Chain::FilterInput => ("filter", "input", 0),
+            Chain::FilterForward => ("filter", "forward", 0),
+            Chain::FilterOutput => ("filter", "output", 0),
+            Chain::FilterPreroutingPreDnat => ("filter", "prerouting", -110),
+            Chain::FilterOutputPreDnat => ("filter", "output", -110),
+            _ => return None,
+        };
+        Some(BaseHook {
+            kind,
+            hook,
+            priority,
+        })
+    }
+}
+
 impl fmt::Display for Chain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {
