@@ -201,6 +201,18 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
         agents,
     };
     let target = vip("10.96.0.90:80");
+    // The agents first list the controllers' EndpointSlice, then connect and sync.
+    let started = wait_until(START, POLL, || {
+        Ok::<_, String>(all_synced_at(&c, &CP_V4.to_string()))
+    });
+    if let Err(e) = started {
+        panic!(
+            "the agents did not sync through the discovered controller: {e}\n{}\n{}\n{}",
+            c.agents["a"].log_tail(30),
+            c.agents["b"].log_tail(30),
+            c.controller.log_tail(30)
+        );
+    }
     c.wait_all_seen(
         Host::Pod("client"),
         Proto::Tcp,
