@@ -113,10 +113,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     // The signer's CA comes first: the serving certificate it issues is the gRPC port's.
     let signer = match (&config.signer, &client) {
-        (Some(cfg), Some(client)) => match start_signer(cfg, client, &shutdown).await? {
-            Some(ca) => Some((cfg.clone(), ca)),
-            None => return Ok(()),
-        },
+        (Some(cfg), Some(client)) => {
+            let Some(started) = start_signer(cfg, client, &shutdown).await? else {
+                return Ok(()); // shut down while waiting for the API server
+            };
+            Some(started)
+        }
         _ => None,
     };
     // Unreadable TLS files stop the start, before anything else is started.
@@ -157,19 +159,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
 
     let mut signer_tasks = tokio::task::JoinSet::new();
-    if let (Some((cfg, ca)), Some(client)) = (signer, client) {
-        if let Some((serving, due)) = cfg.serving.zip(ca.1) {
-            signer_tasks.spawn(serving.renew(
-                ca.0.clone(),
-                cfg.policy.max_duration,
-                due,
-                shutdown.clone(),
-            ));
+    if let (Some(started), Some(client)) = (signer, client) {
+        let lifetime = started.config.policy.max_duration;
+        if let Some((serving, due)) = started.config.serving.zip(started.serving_due) {
+            signer_tasks.spawn(serving.renew(started.ca.clone(), lifetime, due, shutdown.clone()));
         }
         signer_tasks.spawn(signer::run(
             client,
-            ca.0,
-            cfg.policy,
+            started.ca,
+            started.config.policy,
             metrics.clone(),
             shutdown.clone(),
         ));
@@ -193,20 +191,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     result
 }
 
+/// A signer whose CA is loaded and whose serving certificate (if any) is written.
+struct StartedSigner {
+    config: signer::SignerConfig,
+    ca: Arc<kubenft_tls::pki::Authority>,
+    /// When the serving certificate is due for renewal.
+    serving_due: Option<std::time::SystemTime>,
+}
+
 /// Reads (or creates) the signer's CA, retrying while the API server cannot be reached, and
-/// issues the serving certificate if the controller serves with one of its own: the CA and
-/// when the serving certificate is due for renewal. `None` if shut down meanwhile.
+/// issues the serving certificate if the controller serves with one of its own. `None` if
+/// shut down meanwhile.
 async fn start_signer(
     cfg: &signer::SignerConfig,
     client: &kube::Client,
     shutdown: &CancellationToken,
-) -> Result<
-    Option<(
-        Arc<kubenft_tls::pki::Authority>,
-        Option<std::time::SystemTime>,
-    )>,
-    Error,
-> {
+) -> Result<Option<StartedSigner>, Error> {
     let mut backoff = std::time::Duration::from_millis(500);
     let ca = loop {
         match signer::authority::load_or_create(client, &cfg.ca).await {
@@ -231,7 +231,11 @@ async fn start_signer(
         }
         None => None,
     };
-    Ok(Some((ca, due)))
+    Ok(Some(StartedSigner {
+        config: cfg.clone(),
+        ca,
+        serving_due: due,
+    }))
 }
 
 /// Feeds each new view of the cluster to the hub.

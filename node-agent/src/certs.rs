@@ -97,14 +97,7 @@ impl Certs {
 
     /// Renews the certificate at `due`, and each new one at its own renewal time.
     pub async fn renew(self, mut due: SystemTime, cancel: CancellationToken) {
-        loop {
-            let wait = due
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-            }
+        while pki::sleep_until(due, &cancel).await {
             match self.obtain(&cancel).await {
                 Some(next) => due = next,
                 None => return,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::*;
 use kubenft_lab::topology::{AGENT_GRPC_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_HTTP_PORT, CP_V4};
-use kubenft_lab::{Cond, Host, Lab, ProbeOpts, Process, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Host, Lab, ProbeOpts, Process, Proto, wait_until};
 use serde_json::{Value, json};
 
 const API_PORT: u16 = 6443;
@@ -54,15 +54,12 @@ fn write_users(lab: &Lab) -> PathBuf {
 
 /// A kubeconfig for the fake API server with `token` (none: the admin).
 fn write_kubeconfig(lab: &Lab, name: &str, token: Option<&str>) -> PathBuf {
-    let user = token.map_or("{}".to_string(), |t| format!("{{token: {t}}}"));
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\n\
-         users:\n- name: u\n  user: {user}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u}}\n\
-         current-context: c\n",
-        api_url()
-    );
     let path = lab.dir().join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(
+        &path,
+        kubenft_fake_apiserver::kubeconfig_for(&api_url(), token),
+    )
+    .unwrap();
     path
 }
 
@@ -235,10 +232,6 @@ fn metric(c: &Cluster, series: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-fn stderr(p: &Process) -> String {
-    std::fs::read_to_string(p.stderr_path()).unwrap_or_default()
-}
-
 /// Agents without certificates get them from the signer (each for its own node, with its
 /// node's addresses), connect over mutual TLS and serve a ClusterIP from both nodes. An agent
 /// whose token is bound to another node, and a token of another ServiceAccount, are denied
@@ -247,15 +240,7 @@ fn stderr(p: &Process) -> String {
 /// failed requests, the streams are not dropped, nothing is re-applied.
 #[test]
 fn agents_obtain_and_renew_their_certificates_through_the_signer() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    client(&lab, "client", "a");
-    let svc = Service::cluster_ip("web", "10.96.0.80").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoints(&backends, Cond::READY);
-    lab.write_manifest("web.yaml", &kubenft_lab::manifest::list(&[&svc, &slice]))
-        .unwrap();
+    let lab = two_node_web("10.96.0.80");
     write_ca_secret(&lab);
     let users = write_users(&lab);
     let api = start_apiserver(&lab, &users);
@@ -320,22 +305,22 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
     let stranger = spawn_extra_agent(&c, "stranger", "a", "a", "token-web-a", &ca);
     wait_until(START, POLL, || {
         Ok::<_, String>(
-            stderr(&impostor).contains("denied") && stderr(&stranger).contains("denied"),
+            stderr_of(&impostor).contains("denied") && stderr_of(&stranger).contains("denied"),
         )
     })
     .unwrap_or_else(|e| {
         panic!(
             "expected both to be denied: {e}\n{}\n{}",
-            stderr(&impostor),
-            stderr(&stranger)
+            stderr_of(&impostor),
+            stderr_of(&stranger)
         )
     });
-    let why = stderr(&impostor);
+    let why = stderr_of(&impostor);
     assert!(why.contains("system:node:a"), "impostor: {why}");
     assert!(
-        stderr(&stranger).contains("spec.username"),
+        stderr_of(&stranger).contains("spec.username"),
         "stranger: {}",
-        stderr(&stranger)
+        stderr_of(&stranger)
     );
     assert!(
         !cert_dir(&c.lab, "impostor")
@@ -368,7 +353,7 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
         ["a", "b"]
             .iter()
             .map(|n| {
-                stderr(&c.agents[*n])
+                stderr_of(&c.agents[*n])
                     .matches("connected to controller")
                     .count()
             })
@@ -397,14 +382,7 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
         renewed.unwrap_or_else(|e| panic!("not every certificate was renewed: {e}"));
         traffic.join().unwrap()
     });
-    let failed: Vec<_> = results.iter().filter(|r| !r.is_ok()).collect();
-    assert!(
-        failed.is_empty() && results.len() > 20,
-        "{} of {} requests failed during renewal: {:?}",
-        failed.len(),
-        results.len(),
-        failed.first()
-    );
+    assert_no_failed_request(&results, "during renewal");
     assert_eq!(
         connects(&c),
         connects_before,

@@ -12,17 +12,13 @@ use std::time::Duration;
 
 use common::*;
 use kubenft_lab::topology::{CONTROLLER_GRPC_PORT, CONTROLLER_HTTP_PORT, CP_V4};
-use kubenft_lab::{Cond, Host, Lab, ProbeOpts, Process, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Host, Lab, ProbeOpts, Process, Proto, wait_until};
 use serde_json::{Value, json};
 
 const API: &str = "192.168.50.2:6443";
 /// The controller's second home: another address of `cp`.
 const MOVED_V4: &str = "192.168.50.3";
 const AGENT_USER: &str = "system:serviceaccount:kubenft-system:kubenft-agent";
-
-fn stderr(p: &Process) -> String {
-    std::fs::read_to_string(p.stderr_path()).unwrap_or_default()
-}
 
 /// The fake API server over its own manifest directory (the controllers' EndpointSlice),
 /// with one token per agent.
@@ -82,13 +78,11 @@ fn write_controller_slice(dir: &std::path::Path, addresses: &[&str]) {
 /// An agent that knows no controller address: only the Service's name and the API server.
 fn spawn_discovering_agent(lab: &Lab, node: &str) -> Process {
     let kubeconfig = lab.dir().join(format!("agent-{node}.kubeconfig"));
+    let server = format!("http://{API}");
+    let token = format!("token-{node}");
     std::fs::write(
         &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster: {{server: \"http://{API}\"}}\n\
-             users:\n- name: u\n  user: {{token: token-{node}}}\ncontexts:\n- name: c\n  context: {{cluster: f, user: u}}\n\
-             current-context: c\n"
-        ),
+        kubenft_fake_apiserver::kubeconfig_for(&server, Some(&token)),
     )
     .unwrap();
     let bin = lab.binary("kubenft-agent").unwrap().display().to_string();
@@ -167,15 +161,7 @@ fn all_synced_at(c: &Cluster, addr: &str) -> bool {
 
 #[test]
 fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    client(&lab, "client", "a");
-    let svc = Service::cluster_ip("web", "10.96.0.90").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoints(&backends, Cond::READY);
-    lab.write_manifest("web.yaml", &kubenft_lab::manifest::list(&[&svc, &slice]))
-        .unwrap();
+    let lab = two_node_web("10.96.0.90");
     lab.exec_ok(
         Host::ControlPlane,
         &[
@@ -251,7 +237,7 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
         write_controller_slice(&api_dir, &[MOVED_V4]);
         wait_until(START, POLL, || {
             Ok::<_, String>(["a", "b"].iter().all(|n| {
-                stderr(&c.agents[*n])
+                stderr_of(&c.agents[*n])
                     .contains(&format!("https://{MOVED_V4}:{CONTROLLER_GRPC_PORT}"))
             }))
         })
@@ -263,21 +249,14 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
         stop.store(true, Ordering::Relaxed);
         traffic.join().unwrap()
     });
-    let failed: Vec<_> = results.iter().filter(|r| !r.is_ok()).collect();
-    assert!(
-        failed.is_empty() && results.len() > 20,
-        "{} of {} requests failed while the controller moved: {:?}",
-        failed.len(),
-        results.len(),
-        failed.first()
-    );
+    assert_no_failed_request(&results, "while the controller moved");
     let after: Vec<String> = ["a", "b"].iter().map(|n| c.generation(n)).collect();
     assert_eq!(
         after, generations,
         "following the controller re-applied rules"
     );
     for n in ["a", "b"] {
-        let log = stderr(&c.agents[n]);
+        let log = stderr_of(&c.agents[n]);
         assert!(
             log.contains(&format!(
                 "connected to controller controller=https://{MOVED_V4}"
@@ -292,15 +271,20 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
     agent_a.stop().unwrap();
     agent_a.start().unwrap();
     wait_until(START, POLL, || {
-        Ok::<_, String>(stderr(agent_a).matches("connected to controller").count() >= 3)
+        Ok::<_, String>(
+            stderr_of(agent_a)
+                .matches("connected to controller")
+                .count()
+                >= 3,
+        )
     })
     .unwrap_or_else(|e| {
         panic!(
             "agent a found no controller without the API server: {e}\n{}",
-            stderr(agent_a)
+            stderr_of(agent_a)
         )
     });
-    assert!(stderr(agent_a).contains("controllers from the last run"));
+    assert!(stderr_of(agent_a).contains("controllers from the last run"));
     assert!(wait_until(START, POLL, || Ok::<_, String>(all_synced_at(&c, MOVED_V4))).is_ok());
     assert_eq!(
         c.generation("a"),

@@ -64,16 +64,11 @@ fn extra_agent(c: &Cluster, name: &str, host_node: &str, args: &[String]) -> Pro
     c.lab.spawn(name, Host::Node(host_node), &argv).unwrap()
 }
 
-/// The stderr log of a process.
-fn stderr(p: &Process) -> String {
-    std::fs::read_to_string(p.stderr_path()).unwrap_or_default()
-}
-
 /// Waits until `p`'s stderr has a line containing every one of `words`; returns the line.
 fn wait_log_line(p: &Process, words: &[&str], cap: Duration) -> String {
     let mut found = String::new();
     wait_until(cap, POLL, || {
-        found = stderr(p)
+        found = stderr_of(p)
             .lines()
             .find(|l| words.iter().all(|w| l.contains(w)))
             .unwrap_or_default()
@@ -177,7 +172,7 @@ fn node_a_certificate_cannot_open_node_b_stream_and_b_is_undisturbed() {
     // It keeps trying, and is refused each time, while b keeps its stream.
     wait_until(START, POLL, || {
         Ok::<_, String>(
-            stderr(&c.controller)
+            stderr_of(&c.controller)
                 .matches("does not name this node")
                 .count()
                 >= 3,
@@ -215,7 +210,7 @@ fn node_a_certificate_cannot_open_node_b_stream_and_b_is_undisturbed() {
     );
     assert_eq!(status_of(&c, "a"), a_before);
     assert!(
-        !stderr(c.agent("b")).contains("lost the controller stream"),
+        !stderr_of(c.agent("b")).contains("lost the controller stream"),
         "{}",
         c.agent("b").log_tail(20)
     );
@@ -311,7 +306,7 @@ fn connections_without_a_valid_certificate_are_refused_with_the_reason() {
         "node a's real agent was disturbed"
     );
     assert_eq!(
-        stderr(&c.controller).matches("agent connected").count(),
+        stderr_of(&c.controller).matches("agent connected").count(),
         1,
         "{}",
         c.controller.log_tail(30)
@@ -386,7 +381,7 @@ fn plaintext_and_tls_never_mix() {
     );
     std::thread::sleep(Duration::from_secs(1));
     assert!(
-        !stderr(&insecure).contains("agent connected"),
+        !stderr_of(&insecure).contains("agent connected"),
         "{}",
         insecure.log_tail(20)
     );
@@ -553,7 +548,7 @@ fn rotated_certificates_are_used_by_new_handshakes_without_dropping_or_reapplyin
         "failures during rotation: {failures:?}"
     );
     // Nothing dropped, nothing re-applied.
-    let log = stderr(&c.controller);
+    let log = stderr_of(&c.controller);
     assert_eq!(
         log.matches("agent connected").count(),
         1,
@@ -565,7 +560,7 @@ fn rotated_certificates_are_used_by_new_handshakes_without_dropping_or_reapplyin
         "{}",
         c.controller.log_tail(30)
     );
-    assert!(!stderr(c.agent("a")).contains("lost the controller stream"));
+    assert!(!stderr_of(c.agent("a")).contains("lost the controller stream"));
     let applied_after = c.agent_call("a", "GetApplied").unwrap();
     assert_eq!(
         applied_after["systemVersion"],

@@ -317,6 +317,18 @@ impl Validity {
     }
 }
 
+/// Sleeps until the wall-clock time `when` (at once if it has passed): a renewal time.
+/// `false` if cancelled first.
+pub async fn sleep_until(when: SystemTime, cancel: &tokio_util::sync::CancellationToken) -> bool {
+    let wait = when
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
 /// Writes `content` to a temporary file beside `path` (mode 0600: keys are among it) and
 /// renames it over `path`, so a reader sees the old file or the new one, never half of one.
 pub fn write_atomically(path: &std::path::Path, content: &str) -> std::io::Result<()> {

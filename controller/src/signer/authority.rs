@@ -184,14 +184,7 @@ impl Serving {
         mut due: SystemTime,
         cancel: CancellationToken,
     ) {
-        loop {
-            let wait = due
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-            }
+        while kubenft_tls::pki::sleep_until(due, &cancel).await {
             due = match self.issue(&ca, validity) {
                 Ok(next) => {
                     info!(dir = %self.dir.display(), "renewed the serving certificate");

@@ -496,6 +496,39 @@ pub fn client(lab: &Lab, name: &str, node: &str) -> Pod {
         .unwrap_or_else(|e| panic!("adding client {name}: {e}"))
 }
 
+/// A two-node lab (`a`, `b`) with pods web-1 on a and web-2 on b behind ClusterIP Service
+/// `web` at `vip` (port 80 → [`TCP`]), and a client pod on a; nothing started yet.
+pub fn two_node_web(vip: &str) -> Lab {
+    let lab = Cluster::lab(&["a", "b"]);
+    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
+    client(&lab, "client", "a");
+    let svc = kubenft_lab::Service::cluster_ip("web", vip).port("http", 80, TCP, Proto::Tcp);
+    let slice = kubenft_lab::Slice::for_service("web")
+        .port("http", TCP)
+        .endpoints(&backends, kubenft_lab::Cond::READY);
+    lab.write_manifest("web.yaml", &list(&[&svc, &slice]))
+        .unwrap_or_else(|e| panic!("writing web.yaml: {e}"));
+    lab
+}
+
+/// A process's stderr log so far.
+pub fn stderr_of(p: &Process) -> String {
+    std::fs::read_to_string(p.stderr_path()).unwrap_or_default()
+}
+
+/// Asserts that continuous traffic (more than 20 requests) saw no failure during `what`.
+#[track_caller]
+pub fn assert_no_failed_request(results: &[ProbeResult], what: &str) {
+    let failed: Vec<_> = results.iter().filter(|r| !r.is_ok()).collect();
+    assert!(
+        failed.is_empty() && results.len() > 20,
+        "{} of {} requests failed {what}: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+}
+
 /// Asserts every result is a success and returns the tally by server.
 #[track_caller]
 pub fn assert_all_ok(rs: &[ProbeResult], what: &str) -> BTreeMap<String, usize> {
