@@ -14,29 +14,18 @@ use tonic::{Request, Response, Status};
 use crate::hub::Hub;
 use crate::model::{ObjectName, Rejection};
 
-/// Inspection calls answered at once, over every connection: each copies a node's rule set
-/// or every node's status; beyond it a call is refused with RESOURCE_EXHAUSTED at once.
+/// Inspection calls answered at once, over every connection, until their answers are sent:
+/// each copies a node's rule set or every node's status; beyond it a call is refused with
+/// RESOURCE_EXHAUSTED at once (`kubenft_tls::CallLimit`, applied where the server is built).
 pub const CONCURRENT_CALLS: usize = 16;
 
 pub struct InspectService {
     hub: Arc<Hub>,
-    calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl InspectService {
     pub fn new(hub: Arc<Hub>) -> Self {
-        InspectService {
-            hub,
-            calls: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CALLS)),
-        }
-    }
-
-    fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
-        self.calls.try_acquire().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "{CONCURRENT_CALLS} inspection calls in progress; try again"
-            ))
-        })
+        InspectService { hub }
     }
 }
 
@@ -64,7 +53,6 @@ impl ControllerInspect for InspectService {
         &self,
         _: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let _call = self.admit()?;
         let nodes = self
             .hub
             .statuses()
@@ -100,7 +88,6 @@ impl ControllerInspect for InspectService {
         &self,
         request: Request<GetNodeRulesRequest>,
     ) -> Result<Response<NodeRuleSet>, Status> {
-        let _call = self.admit()?;
         let node = required(&request.get_ref().node, "node")?;
         let rules = self.hub.rules_for(node);
         Ok(Response::new(NodeRuleSet {
@@ -114,7 +101,6 @@ impl ControllerInspect for InspectService {
         &self,
         request: Request<GetServiceRequest>,
     ) -> Result<Response<ServiceView>, Status> {
-        let _call = self.admit()?;
         let req = request.into_inner();
         let node = required(&req.node, "node")?;
         let name = required(&req.name, "name")?;
@@ -160,7 +146,6 @@ impl ControllerInspect for InspectService {
         &self,
         _: Request<ListRejectedRequest>,
     ) -> Result<Response<ListRejectedResponse>, Status> {
-        let _call = self.admit()?;
         let errors = self.hub.rejections().iter().map(object_error).collect();
         Ok(Response::new(ListRejectedResponse { errors }))
     }

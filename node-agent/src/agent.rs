@@ -96,7 +96,7 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
     let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
     tasks.spawn(async move {
-        http::serve(healthz, http::health_router(h, m), c)
+        http::serve(healthz, http::health_router(h, m.clone()), m, "healthz", c)
             .await
             .map_err(AgentError::Http)
     });
@@ -142,7 +142,7 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
 
     let (c, m) = (cancel.clone(), metrics.clone());
     tasks.spawn(async move {
-        http::serve(metrics_l, http::metrics_router(m), c)
+        http::serve(metrics_l, http::metrics_router(m.clone()), m, "metrics", c)
             .await
             .map_err(AgentError::Http)
     });
@@ -185,8 +185,8 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
             return Err(e);
         }
     };
-    let c = cancel.clone();
-    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, c).await?) });
+    let (c, m) = (cancel.clone(), metrics.clone());
+    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, m, c).await?) });
     let stream_cfg = StreamConfig {
         controllers: cfg.controllers.clone(),
         node_name: cfg.node_name.clone(),

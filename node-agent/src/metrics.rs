@@ -51,6 +51,12 @@ struct StateLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    port: &'static str,
+    reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     drift_detected: Counter,
@@ -67,6 +73,7 @@ pub struct Metrics {
     network_programming: MetricFamily<FamilyLabels, Histogram>,
     healthz: MetricFamily<CodeLabels, Counter>,
     livez: MetricFamily<CodeLabels, Counter>,
+    connections_refused: MetricFamily<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -93,6 +100,7 @@ impl Default for Metrics {
             }),
             healthz: MetricFamily::default(),
             livez: MetricFamily::default(),
+            connections_refused: MetricFamily::default(),
         };
         metrics.register()
     }
@@ -178,7 +186,19 @@ impl Metrics {
             "Unix time the kernel was last known to hold exactly the applied state",
             self.last_converged.clone(),
         );
+        r.register(
+            "kubenft_agent_connections_refused",
+            "Connections refused on the agent's ports (grpc, healthz, metrics), by reason: the port had its maximum open (connection_limit), a failed or timed-out TLS handshake, no request within the header timeout, a request that does not parse",
+            self.connections_refused.clone(),
+        );
         self
+    }
+
+    /// A connection refused on `port` (`grpc`, `healthz`, `metrics`) for `reason`.
+    pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { port, reason })
+            .inc();
     }
 
     pub fn drift_detected(&self, commits: u64) {

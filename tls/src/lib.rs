@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod bounds;
 pub mod pki;
-pub use bounds::{HttpLimits, Limited, Limits, plaintext, serve_http};
+pub use bounds::{CallLimit, HttpLimits, Limited, Limits, plaintext, serve_http};
 
 /// How long a client has to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
