@@ -231,17 +231,26 @@ async fn no_body(
 }
 
 /// Caps the calls of one gRPC service answered at once, over every connection. A call holds
-/// its permit until its response has been sent or abandoned (the permit lives in the response
-/// body), so a client that stops reading a large answer keeps one, and the memory responses
-/// hold is bounded by the cap times the largest answer; tower's concurrency limits let go when
-/// the handler returns, before the answer is sent. Beyond the cap a call is refused at once
-/// with RESOURCE_EXHAUSTED (a queued call would wait without bound and hold its stream).
+/// its permit until its answer has been sent or abandoned, so a client that stops reading a
+/// large answer keeps one, and the answers in memory are bounded by the cap (tower's
+/// concurrency limits let go when the handler returns, before the answer is sent). Beyond
+/// the cap a call is refused at once with RESOURCE_EXHAUSTED (a queued call would wait
+/// without bound and hold its stream).
+///
+/// The permit lives in the answer's body, which hands the answer to hyper in pieces of
+/// [`ANSWER_PIECE`] bytes: hyper asks for the next piece only once the peer's window has room,
+/// and drops the body after the last one, so a whole answer handed over at once would let go
+/// of the permit while the answer still waited, unread, in the connection's send buffer. At
+/// most the last piece waits there after the permit is gone.
 #[derive(Clone, Debug)]
 pub struct CallLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
     calls: usize,
 }
+
+/// The pieces a [`CallLimit`]ed answer is sent in.
+pub const ANSWER_PIECE: usize = 4096;
 
 impl<S> CallLimit<S> {
     /// `inner` (a tonic service) answering at most `calls` calls at once.
@@ -287,6 +296,7 @@ where
             Ok(response.map(|body| {
                 tonic::body::Body::new(Permitted {
                     body,
+                    piece: bytes::Bytes::new(),
                     _permit: permit,
                 })
             }))
@@ -294,9 +304,12 @@ where
     }
 }
 
-/// A response body holding its call's permit until it is dropped (sent, or abandoned).
+/// An answer's body in pieces of at most [`ANSWER_PIECE`] bytes, holding its call's permit
+/// until it is dropped (sent, or abandoned).
 struct Permitted {
     body: tonic::body::Body,
+    /// What is left of the data frame being cut into pieces.
+    piece: bytes::Bytes,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -308,15 +321,32 @@ impl http_body::Body for Permitted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        if self.piece.is_empty() {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => self.piece = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        }
+        let n = self.piece.len().min(ANSWER_PIECE);
+        let piece = self.piece.split_to(n);
+        Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.piece.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        let left = self.piece.len() as u64;
+        hint.set_lower(hint.lower() + left);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + left);
+        }
+        hint
     }
 }
 
@@ -506,6 +536,49 @@ mod tests {
         let fourth = call().await;
         assert_eq!(grpc_status(&fourth), None);
         drop((second, fourth));
+    }
+
+    /// An answer goes out in pieces of at most ANSWER_PIECE bytes, then its trailers; the
+    /// permit is back once the body is gone.
+    #[tokio::test]
+    async fn answers_go_out_in_pieces() {
+        use http_body::Body as _;
+        use tower::{Service as _, ServiceExt as _};
+        let answer = bytes::Bytes::from(vec![7u8; ANSWER_PIECE * 2 + 5]);
+        let inner = tower::service_fn(move |_: http::Request<()>| {
+            let answer = answer.clone();
+            async move {
+                let frames = vec![
+                    Ok::<_, tonic::Status>(http_body::Frame::data(answer)),
+                    Ok(http_body::Frame::trailers(http::HeaderMap::new())),
+                ];
+                let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::new(body)))
+            }
+        });
+        let mut limited = CallLimit::new(inner, 1);
+        let response = limited
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let mut sizes = Vec::new();
+        let mut trailers = false;
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            match frame.unwrap().into_data() {
+                Ok(d) => sizes.push(d.len()),
+                Err(f) => trailers = f.is_trailers(),
+            }
+        }
+        assert_eq!(sizes, [ANSWER_PIECE, ANSWER_PIECE, 5]);
+        assert!(trailers);
+        assert_eq!(limited.permits.available_permits(), 0);
+        drop(body);
+        assert_eq!(limited.permits.available_permits(), 1);
     }
 
     /// What an HTTP port reports as refused: the connection cap, a client that sends no
