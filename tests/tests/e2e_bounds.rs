@@ -30,7 +30,7 @@ const HEADERS: Duration = Duration::from_secs(5);
 /// How late past its timeout a connection may be seen closed (the flood polls every 50 ms; a
 /// loaded machine is slower).
 const SLACK: Duration = Duration::from_secs(3);
-/// The resident memory bounds (debug builds; about 27 MiB for the agent and 30 MiB for the
+/// The resident memory bounds (debug builds; about 26 MiB for the agent and 29 MiB for the
 /// controller before a flood here): a 100 MB message read into memory would pass the peaks.
 const AGENT_PEAK_KB: u64 = 48 * 1024;
 const CONTROLLER_PEAK_KB: u64 = 64 * 1024;
