@@ -363,7 +363,8 @@ fn idle(to: SocketAddr, count: u32, cap: Duration) -> std::result::Result<(), St
         if started.elapsed() >= cap {
             break;
         }
-        match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+        // 5 s: a SYN the full accept queue dropped is sent again after 1 s and 3 s.
+        match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
             Ok(s) => {
                 s.set_nonblocking(true).map_err(|e| e.to_string())?;
                 open.push((s, Instant::now()));
