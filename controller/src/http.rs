@@ -87,9 +87,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    kubenft_tls::serve_http(listener, router, LIMITS, shutdown, move |peer| {
-        metrics.http_refused.inc();
-        tracing::debug!(%peer, "HTTP: refused a connection: too many open");
+    kubenft_tls::serve_http(listener, router, LIMITS, shutdown, move |r| {
+        if r.reason == "connection_limit" {
+            metrics.http_refused.inc();
+            tracing::debug!(peer = %r.peer, "HTTP: refused a connection: too many open");
+        } else {
+            tracing::debug!(peer = %r.peer, reason = r.reason, error = %r.error, "HTTP: closed a connection");
+        }
     })
     .await
 }

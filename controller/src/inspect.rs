@@ -16,29 +16,18 @@ use crate::hub::Hub;
 use crate::model::{ObjectName, Rejection};
 use crate::skew;
 
-/// Inspection calls answered at once, over every connection: each copies a node's rule set
-/// or every node's status; beyond it a call is refused with RESOURCE_EXHAUSTED at once.
+/// Inspection calls answered at once, over every connection, until their answers are sent:
+/// each copies a node's rule set or every node's status; beyond it a call is refused with
+/// RESOURCE_EXHAUSTED at once (`kubenft_tls::CallLimit`, applied where the server is built).
 pub const CONCURRENT_CALLS: usize = 16;
 
 pub struct InspectService {
     hub: Arc<Hub>,
-    calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl InspectService {
     pub fn new(hub: Arc<Hub>) -> Self {
-        InspectService {
-            hub,
-            calls: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CALLS)),
-        }
-    }
-
-    fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
-        self.calls.try_acquire().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "{CONCURRENT_CALLS} inspection calls in progress; try again"
-            ))
-        })
+        InspectService { hub }
     }
 }
 
@@ -66,7 +55,6 @@ impl ControllerInspect for InspectService {
         &self,
         _: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let _call = self.admit()?;
         let nodes = self
             .hub
             .statuses()
@@ -110,7 +98,6 @@ impl ControllerInspect for InspectService {
         &self,
         request: Request<GetNodeRulesRequest>,
     ) -> Result<Response<NodeRuleSet>, Status> {
-        let _call = self.admit()?;
         let node = required(&request.get_ref().node, "node")?;
         let rules = self.hub.rules_for(node);
         Ok(Response::new(NodeRuleSet {
@@ -124,7 +111,6 @@ impl ControllerInspect for InspectService {
         &self,
         request: Request<GetServiceRequest>,
     ) -> Result<Response<ServiceView>, Status> {
-        let _call = self.admit()?;
         let req = request.into_inner();
         let node = required(&req.node, "node")?;
         let name = required(&req.name, "name")?;
@@ -170,7 +156,6 @@ impl ControllerInspect for InspectService {
         &self,
         _: Request<ListRejectedRequest>,
     ) -> Result<Response<ListRejectedResponse>, Status> {
-        let _call = self.admit()?;
         let errors = self.hub.rejections().iter().map(object_error).collect();
         Ok(Response::new(ListRejectedResponse { errors }))
     }

@@ -289,9 +289,20 @@ pub const GRPC_MAX_CONNECTIONS: usize = 8192;
 /// A client has this long to complete its TLS handshake (plaintext: to send its first bytes).
 pub const GRPC_HANDSHAKE_TIMEOUT: std::time::Duration = kubenft_tls::HANDSHAKE_TIMEOUT;
 /// HTTP/2 pings: a connection whose peer does not answer within the timeout is closed (a
-/// half-open connection after a node died).
-const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// half-open connection after a node died). [`KEEPALIVE_ENV`], read at start, replaces both
+/// (for tests).
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_ENV: &str = "KUBENFT_HTTP2_KEEPALIVE_MS";
+
+/// The keepalive interval and timeout: [`KEEPALIVE_ENV`] if set, else the defaults.
+fn keepalive() -> (std::time::Duration, std::time::Duration) {
+    std::env::var(KEEPALIVE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+        .map_or((KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT), |d| (d, d))
+}
 /// Streams per connection: an agent opens one; grpcurl one per call.
 const MAX_CONCURRENT_STREAMS: u32 = 16;
 /// The largest message an agent sends is its Inventory (a name and version per resource it
@@ -361,18 +372,20 @@ async fn serve_grpc(
         max_connections: GRPC_MAX_CONNECTIONS,
         handshake_timeout: GRPC_HANDSHAKE_TIMEOUT,
     };
+    let (keepalive_interval, keepalive_timeout) = keepalive();
     let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(keepalive_interval))
+        .http2_keepalive_timeout(Some(keepalive_timeout))
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         // tower's ConcurrencyLimit per connection: calls being answered at once (a stream
         // counts until its response starts, after its Hello).
         .concurrency_limit_per_connection(8)
         .add_service(streams.max_decoding_message_size(AGENT_MESSAGE_BYTES))
-        .add_service(
+        .add_service(kubenft_tls::CallLimit::new(
             ControllerInspectServer::new(inspect::InspectService::new(hub))
                 .max_decoding_message_size(INSPECT_MESSAGE_BYTES),
-        )
+            inspect::CONCURRENT_CALLS,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

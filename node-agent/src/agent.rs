@@ -99,13 +99,14 @@ async fn serve_when_free(
     what: &'static str,
     addr: SocketAddr,
     router: axum::Router,
+    (metrics, port): (Arc<Metrics>, &'static str),
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
     let bound = migrate::ports::bind_when_free(what, addr, || bind_reuseport(addr), &cancel)
         .await
         .map_err(|source| AgentError::Listen { what, addr, source })?;
     match bound {
-        Some(listener) => http::serve(listener, router, cancel)
+        Some(listener) => http::serve(listener, router, metrics, port, cancel)
             .await
             .map_err(AgentError::Http),
         None => Ok(()),
@@ -123,11 +124,12 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     let health = Arc::new(Health::with_livez_grace(cfg.livez_grace));
     let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
     let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
-    let router = http::health_router(h, m);
+    let router = http::health_router(h, m.clone());
     tasks.spawn(serve_when_free(
         "--healthz-listen",
         cfg.healthz_listen,
         router,
+        (m, "healthz"),
         c,
     ));
     // A standby serves only the probes until it holds the node: metrics and inspection are
@@ -197,6 +199,7 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         "--metrics-listen",
         cfg.metrics_listen,
         http::metrics_router(metrics.clone()),
+        (metrics.clone(), "metrics"),
         cancel.clone(),
     ));
     // Self-healing: the monitor reports other programs' changes, the drift loop repairs them.
@@ -250,8 +253,8 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
             return Err(e);
         }
     };
-    let c = cancel.clone();
-    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, c).await?) });
+    let (c, m) = (cancel.clone(), metrics.clone());
+    tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, m, c).await?) });
     let stream_cfg = StreamConfig {
         controllers,
         node_name: cfg.node_name.clone(),

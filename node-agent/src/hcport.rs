@@ -158,8 +158,8 @@ impl HealthCheckPorts {
                     return;
                 }
             };
-            let served = kubenft_tls::serve_http(listener, app, HC_LIMITS, stop, |peer| {
-                tracing::debug!(%peer, "health-check port: refused a connection: too many open");
+            let served = kubenft_tls::serve_http(listener, app, HC_LIMITS, stop, |r| {
+                tracing::debug!(peer = %r.peer, reason = r.reason, "health-check port: refused a connection");
             })
             .await;
             if let Err(e) = served {

@@ -208,16 +208,32 @@ pub const LIMITS: kubenft_tls::HttpLimits = kubenft_tls::HttpLimits {
     connection_lifetime: std::time::Duration::from_secs(60),
 };
 
-/// Serves a router until cancelled, under [`LIMITS`].
+/// Counts and logs a connection refused on `port` (`grpc`, `healthz`, `metrics`), naming the
+/// peer: at debug beyond the connection limit (a flood would otherwise flood the log too).
+pub fn refusal(
+    metrics: Arc<Metrics>,
+    port: &'static str,
+) -> impl Fn(kubenft_tls::Refusal) + Send + Sync + 'static {
+    move |r| {
+        metrics.connection_refused(port, r.reason);
+        if r.reason == "connection_limit" {
+            tracing::debug!(port, peer = %r.peer, "refused a connection: too many open");
+        } else {
+            tracing::warn!(port, peer = %r.peer, common_name = ?r.common_name, reason = r.reason, error = %r.error, "refused a connection");
+        }
+    }
+}
+
+/// Serves a router on `port` (`healthz`, `metrics`) until cancelled, under [`LIMITS`];
+/// refused connections are counted in `metrics`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    metrics: Arc<Metrics>,
+    port: &'static str,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    kubenft_tls::serve_http(listener, router, LIMITS, cancel, |peer| {
-        tracing::debug!(%peer, "HTTP: refused a connection: too many open");
-    })
-    .await
+    kubenft_tls::serve_http(listener, router, LIMITS, cancel, refusal(metrics, port)).await
 }
 
 #[cfg(test)]
@@ -235,7 +251,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
         let router = Router::new().route("/healthz", get(|| async { "ok\n" }));
-        let server = tokio::spawn(serve(listener, router, cancel.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            Arc::new(Metrics::default()),
+            "healthz",
+            cancel.clone(),
+        ));
         let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
         slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             .await
@@ -272,7 +294,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, router, cancel.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            Arc::new(Metrics::default()),
+            "healthz",
+            cancel.clone(),
+        ));
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::applier::SharedState;
+use crate::metrics::Metrics;
 use crate::model::Family;
 use crate::nft::{Nft, TableName};
 
@@ -79,12 +80,14 @@ const LIMITS: kubenft_tls::Limits = kubenft_tls::Limits {
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 const MAX_CONCURRENT_STREAMS: u32 = 8;
 const CALLS_PER_CONNECTION: usize = 4;
-/// Calls answered at once over every connection (more wait their turn): rendering the table
-/// text runs `nft list`.
-const CALLS: usize = 8;
+/// Inspection calls answered at once over every connection, until their answers are sent
+/// (more are refused with RESOURCE_EXHAUSTED, see `kubenft_tls::CallLimit`): rendering the
+/// table text runs `nft list`, and an answer a client does not read stays in memory.
+pub const CALLS: usize = 8;
 const REQUEST_BYTES: usize = 64 * 1024;
 
-/// Serves inspection, health and reflection until cancelled.
+/// Serves inspection, health and reflection until cancelled; refused connections are counted
+/// in `metrics` (port `grpc`).
 ///
 /// With TLS, every client needs a certificate signed by the inspection port's client CA
 /// (`--client-ca-file`, else `--controller-ca-file`); files are re-read when they change.
@@ -92,6 +95,7 @@ pub async fn serve<N: Nft>(
     listener: TcpListener,
     tls: Option<Arc<kubenft_tls::ServerTls>>,
     inspect: Inspect<N>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -114,21 +118,18 @@ pub async fn serve<N: Nft>(
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(CALLS))
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(AgentInspectServer::new(inspect).max_decoding_message_size(REQUEST_BYTES));
+        .add_service(kubenft_tls::CallLimit::new(
+            AgentInspectServer::new(inspect).max_decoding_message_size(REQUEST_BYTES),
+            CALLS,
+        ));
+    let refused = crate::http::refusal(metrics, "grpc");
     match tls {
         Some(tls) => {
             tls.watch(cancel.clone());
-            let incoming = kubenft_tls::incoming_with(listener, tls, LIMITS, |r| {
-                if r.reason == "connection_limit" {
-                    tracing::debug!(peer = %r.peer, "inspection: refused a connection: too many open");
-                    return;
-                }
-                tracing::warn!(peer = %r.peer, common_name = ?r.common_name, reason = r.reason, error = %r.error, "inspection: refused a connection: TLS handshake failed");
-            });
+            let incoming = kubenft_tls::incoming_with(listener, tls, LIMITS, refused);
             router
                 .serve_with_incoming_shutdown(incoming, cancel.cancelled())
                 .await?
@@ -136,9 +137,7 @@ pub async fn serve<N: Nft>(
         None => {
             router
                 .serve_with_incoming_shutdown(
-                    kubenft_tls::plaintext(listener, LIMITS, |r| {
-                        tracing::debug!(peer = %r.peer, reason = r.reason, "inspection: refused a connection");
-                    }),
+                    kubenft_tls::plaintext(listener, LIMITS, refused),
                     cancel.cancelled(),
                 )
                 .await?

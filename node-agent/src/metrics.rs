@@ -57,6 +57,12 @@ struct ForeignLabels {
     table: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    port: &'static str,
+    reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     drift_detected: Counter,
@@ -74,6 +80,7 @@ pub struct Metrics {
     healthz: MetricFamily<CodeLabels, Counter>,
     livez: MetricFamily<CodeLabels, Counter>,
     foreign_service_rules: MetricFamily<ForeignLabels, Gauge>,
+    connections_refused: MetricFamily<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,6 +108,7 @@ impl Default for Metrics {
             healthz: MetricFamily::default(),
             livez: MetricFamily::default(),
             foreign_service_rules: MetricFamily::default(),
+            connections_refused: MetricFamily::default(),
         };
         metrics.register()
     }
@@ -191,6 +199,11 @@ impl Metrics {
             "1 for each table holding another program's Service rules (kube-proxy's, or DNAT before ours), by source",
             self.foreign_service_rules.clone(),
         );
+        r.register(
+            "kubenft_agent_connections_refused",
+            "Connections refused on the agent's ports (grpc, healthz, metrics), by reason: the port had its maximum open (connection_limit), a failed or timed-out TLS handshake, no request within the header timeout, a request that does not parse",
+            self.connections_refused.clone(),
+        );
         self
     }
 
@@ -205,6 +218,13 @@ impl Metrics {
         } else {
             self.foreign_service_rules.remove(&labels);
         }
+    }
+
+    /// A connection refused on `port` (`grpc`, `healthz`, `metrics`) for `reason`.
+    pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { port, reason })
+            .inc();
     }
 
     pub fn drift_detected(&self, commits: u64) {

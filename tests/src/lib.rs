@@ -21,11 +21,13 @@
 //! [`process`] (managed child processes), [`manifest`] (Kubernetes objects for the
 //! controller's `--source dir:`), [`probe`] (typed probe results), [`echo`] (the
 //! `kubenft-echo` server and probe client), [`burst`] (the `kubenft-burst` many-flow counter),
-//! [`pki`] (the lab's certificates: every lab runs the controller and agents with mutual TLS).
+//! [`pki`] (the lab's certificates: every lab runs the controller and agents with mutual TLS),
+//! [`flood`] (the `kubenft-flood` hostile clients of the bounded-resources tests).
 #![forbid(unsafe_code)]
 
 pub mod burst;
 pub mod echo;
+pub mod flood;
 pub mod manifest;
 pub mod netns;
 pub mod pki;

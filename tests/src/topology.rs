@@ -839,10 +839,24 @@ impl Lab {
     /// Starts `kubenft-controller` in `cp` with [`Self::controller_default_args`] followed
     /// by `extra`.
     pub fn spawn_controller(&self, extra: &[&str]) -> Result<Process> {
+        self.spawn_controller_with_env(extra, &[])
+    }
+
+    /// [`Self::spawn_controller`] with environment variables `env` set for the controller
+    /// (e.g. `KUBENFT_ACK_DEADLINE_MS`).
+    pub fn spawn_controller_with_env(
+        &self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Process> {
         let mut argv = vec![self.binary("kubenft-controller")?.display().to_string()];
         argv.extend(self.controller_default_args());
         argv.extend(extra.iter().map(|s| s.to_string()));
-        self.spawn_in("controller", &self.ns_name("cp"), argv)
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn_in_with_env("controller", &self.ns_name("cp"), argv, env)
     }
 
     /// The agent's default arguments for `node`: TLS with the node's certificate, the

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod bounds;
 pub mod pki;
-pub use bounds::{HttpLimits, Limited, Limits, plaintext, serve_http};
+pub use bounds::{CallLimit, HttpLimits, Limited, Limits, plaintext, serve_http};
 
 /// How long a client has to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -296,6 +296,11 @@ impl ServerTls {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption: a cache per handshake could never resume anything, yet rustls's
+        // default one allocates 256 entries up front (19 KB for each connection still in
+        // its handshake), and a resumed session would skip the client certificate's check.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Arc::new(config)
     }
 }
@@ -378,8 +383,7 @@ pub struct Refusal {
     /// `no_certificate`, `unknown_ca`, `expired`, `not_yet_valid`, `bad_certificate`,
     /// `not_tls` (plaintext or garbage), `peer_alert` (the client refused us),
     /// `handshake_timeout` or `handshake_error`; `connection_limit` (closed at once: the port
-    /// had its maximum of connections open) and, in plaintext, `closed` (closed before sending
-    /// anything).
+    /// had its maximum of connections open) and `closed` (closed before sending anything).
     pub reason: &'static str,
     pub error: String,
 }
@@ -433,20 +437,36 @@ pub fn incoming_with(
             let tls = tls.clone();
             async move {
                 let seen = Arc::new(Mutex::new(None));
-                let acceptor = TlsAcceptor::from(tls.config(seen.clone()));
                 let refusal = |reason, error: String| Refusal {
                     peer,
                     common_name: seen.lock().take(),
                     reason,
                     error,
                 };
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => Ok(stream),
-                    Ok(Err(e)) => Err(refusal(reason(&e), e.to_string())),
-                    Err(_) => Err(refusal(
+                let timed_out = || {
+                    refusal(
                         "handshake_timeout",
                         format!("no TLS handshake within {:?}", limits.handshake_timeout),
-                    )),
+                    )
+                };
+                let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+                // The TLS state (configuration, buffers: about 5 KB) only once the client has
+                // sent something, so a connection that stays silent costs its descriptor and
+                // this task alone. `peek` rather than `readable`, which reports a fresh socket
+                // readable at once.
+                match tokio::time::timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(Ok(_)) => {
+                        return Err(refusal("closed", "closed before sending anything".into()));
+                    }
+                    Ok(Err(e)) => return Err(refusal("handshake_error", e.to_string())),
+                    Err(_) => return Err(timed_out()),
+                }
+                let acceptor = TlsAcceptor::from(tls.config(seen.clone()));
+                match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => Ok(stream),
+                    Ok(Err(e)) => Err(refusal(reason(&e), e.to_string())),
+                    Err(_) => Err(timed_out()),
                 }
             }
         },

@@ -146,6 +146,15 @@ impl Cluster {
         }
     }
 
+    /// Starts the controller (lab defaults) with environment variables `env` (e.g.
+    /// `KUBENFT_HTTP2_KEEPALIVE_MS`) and one agent per node.
+    pub fn start_with_controller_env(lab: Lab, env: &[(&str, &str)]) -> Cluster {
+        let controller = lab
+            .spawn_controller_with_env(&[], env)
+            .unwrap_or_else(|e| panic!("starting the controller: {e}"));
+        Self::with_agents(lab, controller, &[])
+    }
+
     pub fn start(lab: Lab) -> Cluster {
         Self::start_with(lab, &[])
     }
