@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_apt=()
-for cmd in nft:nftables ip:iproute2 conntrack:conntrack socat:socat curl:curl; do
+for cmd in nft:nftables ip:iproute2 conntrack:conntrack socat:socat curl:curl iptables-legacy-save:iptables; do
   command -v "${cmd%%:*}" >/dev/null 2>&1 || need_apt+=("${cmd##*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -9,7 +9,14 @@
 use std::path::{Path, PathBuf};
 
 /// The programs the agent starts, and the Debian package of each.
-const PROGRAMS: &[(&str, &str)] = &[("nft", "nftables"), ("conntrack", "conntrack")];
+const PROGRAMS: &[(&str, &str)] = &[
+    ("nft", "nftables"),
+    ("conntrack", "conntrack"),
+    // Only to see (and refuse to clean) kube-proxy's iptables-legacy rules, which nft cannot
+    // list; the agent looks for it on PATH.
+    ("iptables-legacy-save", "iptables"),
+    ("ip6tables-legacy-save", "iptables"),
+];
 
 /// Files that start a program named by a variable (`Command::new(&argv[0])`), and the
 /// program it names in the agent (tests may put a wrapper in front of it).
@@ -17,6 +24,8 @@ const INDIRECT: &[(&str, &str)] = &[
     ("nft/exec.rs", "nft"),
     ("nft/session.rs", "nft"),
     ("nft/monitor.rs", "nft"),
+    ("migrate/cleanup.rs", "iptables-legacy-save"),
+    ("migrate/detect.rs", "iptables-legacy-save"),
 ];
 
 fn root() -> PathBuf {
