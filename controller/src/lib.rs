@@ -93,6 +93,7 @@ impl From<&cli::Args> for Config {
             signer: a.signer(),
             policy: ClusterPolicy {
                 cluster_cidrs: a.cluster_cidrs.clone(),
+                detect_local: a.detect_local().unwrap_or_default(),
                 service_cidrs: a.service_cidrs.clone(),
                 masquerade_all: a.masquerade_all,
                 node_port_addresses: a.node_port_addresses.clone(),
@@ -126,6 +127,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map(kubenft_tls::ServerTls::load)
         .transpose()?;
     let limits = config.policy.limits.clone();
+    log_detect_local(&config.policy);
     let hub = Arc::new(Hub::new(config.policy));
     let metrics = Arc::new(Metrics::new());
     let (inputs_tx, inputs_rx) = watch::channel::<Option<Arc<Inputs>>>(None);
@@ -191,6 +193,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     shutdown.cancel();
     let _ = tokio::join!(source_task, planner_task, signer_tasks.join_all());
     result
+}
+
+/// Says at start how local traffic is recognised, and what is not used or missing for it.
+fn log_detect_local(policy: &ClusterPolicy) {
+    let mode = policy.detect_local.mode_name();
+    match &policy.detect_local {
+        plan::DetectLocal::ClusterCidr => match plan::missing_detector(policy, None) {
+            Some(why) => warn!("{why}"),
+            None => info!(mode, "local-traffic detection"),
+        },
+        _ if !policy.cluster_cidrs.is_empty() => {
+            warn!(
+                mode,
+                "--cluster-cidr is not used with --detect-local-mode {mode}"
+            )
+        }
+        detector => info!(mode, detector = ?detector, "local-traffic detection"),
+    }
 }
 
 /// Reads (or creates) the signer's CA, retrying while the API server cannot be reached, and

@@ -15,7 +15,7 @@ use kubenft_proto::v1::{NodeEndpoints, Resource, resource};
 use super::claims::Claims;
 use super::{
     ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, RefusedEndpoint, Specific,
-    endpoint_bucket, explain_port, node_endpoints_name, node_ips, node_rules,
+    endpoint_bucket, explain_port, missing_detector, node_endpoints_name, node_ips, node_rules,
     parse_node_endpoints_name, plan_service, port_rules,
 };
 use crate::cores;
@@ -548,6 +548,10 @@ impl Catalog {
             .unwrap_or_else(|| Arc::new([]));
         for port in names.iter().filter_map(|n| self.ports.get(n)) {
             notes.extend(explain_port(&port.plan, &site));
+        }
+        if !names.is_empty() {
+            let node = self.nodes().get(&facts.name).map(|n| &**n);
+            notes.extend(missing_detector(&self.policy, node));
         }
         notes
     }
