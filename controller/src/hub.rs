@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use kubenft_proto::v1::{DataplaneState, DataplaneStatus, SyncState};
+use kubenft_proto::v1::{DataplaneState, DataplaneStatus, IpFamily, SyncState};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -372,14 +372,18 @@ impl NodeEntry {
     }
 }
 
-/// In NodeCIDR mode, warns about each node that appeared or changed without pod CIDRs (of a
-/// family): nothing is local there until it has them.
+/// In NodeCIDR mode, warns about each node that appeared or changed without pod CIDRs:
+/// nothing is local there until it has them.
 fn warn_without_pod_cidrs(policy: &ClusterPolicy, previous: &Catalog, catalog: &Catalog) {
     for (name, node) in catalog.nodes() {
         if previous.nodes().get(name) == Some(node) {
             continue;
         }
-        if let Some(why) = missing_detector(policy, Some(node)) {
+        // No podCIDR at all: a node of a single-stack cluster has one family only.
+        if node.pod_cidrs.is_empty()
+            && let Some(why) =
+                missing_detector(policy, Some(node), &[IpFamily::Ipv4, IpFamily::Ipv6])
+        {
             tracing::warn!(node = %name, "{why}");
         }
     }

@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kubenft_proto::v1::IpFamily;
 use kubenft_proto::v1::controller_inspect_server::ControllerInspectServer;
 use kubenft_proto::v1::rule_stream_server::RuleStreamServer;
 use tokio::sync::watch;
@@ -199,10 +200,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 fn log_detect_local(policy: &ClusterPolicy) {
     let mode = policy.detect_local.mode_name();
     match &policy.detect_local {
-        plan::DetectLocal::ClusterCidr => match plan::missing_detector(policy, None) {
-            Some(why) => warn!("{why}"),
-            None => info!(mode, "local-traffic detection"),
-        },
+        plan::DetectLocal::ClusterCidr if policy.cluster_cidrs.is_empty() => {
+            let both = [IpFamily::Ipv4, IpFamily::Ipv6];
+            if let Some(why) = plan::missing_detector(policy, None, &both) {
+                warn!("{why}");
+            }
+        }
+        plan::DetectLocal::ClusterCidr => {
+            info!(mode, cluster_cidrs = ?policy.cluster_cidrs, "local-traffic detection")
+        }
         _ if !policy.cluster_cidrs.is_empty() => {
             warn!(
                 mode,

@@ -522,13 +522,18 @@ fn local_detector(
     }
 }
 
-/// Why a node has no local-traffic detector in some family, if it lacks one (said in
+/// Why a node has no local-traffic detector in some of `families`, if it lacks one (said in
 /// inspection and logged): nothing is local there, so ClusterIP traffic from outside the pod
 /// network is not masqueraded and externalTrafficPolicy Local has no pod short-circuit.
-pub fn missing_detector(policy: &ClusterPolicy, node: Option<&NodeModel>) -> Option<String> {
+pub fn missing_detector(
+    policy: &ClusterPolicy,
+    node: Option<&NodeModel>,
+    families: &[IpFamily],
+) -> Option<String> {
     let families = |cidrs: &[IpNet]| {
-        [IpFamily::Ipv4, IpFamily::Ipv6]
-            .into_iter()
+        families
+            .iter()
+            .copied()
             .filter(|f| !cidrs.iter().any(|c| family_of(&c.addr()) == *f))
             .map(family_name)
             .collect::<Vec<_>>()

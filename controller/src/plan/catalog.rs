@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet, ordmap::DiffItem};
-use kubenft_proto::v1::{NodeEndpoints, Resource, resource};
+use kubenft_proto::v1::{IpFamily, NodeEndpoints, Resource, resource};
 
 use super::claims::Claims;
 use super::{
@@ -549,10 +549,16 @@ impl Catalog {
         for port in names.iter().filter_map(|n| self.ports.get(n)) {
             notes.extend(explain_port(&port.plan, &site));
         }
-        if !names.is_empty() {
-            let node = self.nodes().get(&facts.name).map(|n| &**n);
-            notes.extend(missing_detector(&self.policy, node));
-        }
+        // Only the families the Service uses: a single-stack cluster has no detector of the
+        // other family, and needs none.
+        let families: BTreeSet<IpFamily> = names
+            .iter()
+            .filter_map(|n| self.ports.get(n))
+            .map(|p| p.plan.family)
+            .collect();
+        let families: Vec<IpFamily> = families.into_iter().collect();
+        let node = self.nodes().get(&facts.name).map(|n| &**n);
+        notes.extend(missing_detector(&self.policy, node, &families));
         notes
     }
 }

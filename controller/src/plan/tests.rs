@@ -1082,6 +1082,24 @@ fn the_local_traffic_detector_is_planned_per_mode() {
         );
     }
 
+    // A single-stack cluster's --cluster-cidr covers the families its Services use.
+    let v4_only = ClusterPolicy {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        ..Default::default()
+    };
+    let c = catalog(v4_only, &inputs);
+    assert!(
+        c.explain(&facts("a"), &web.id)
+            .iter()
+            .all(|n| !n.contains("detector"))
+    );
+    let c = catalog(ClusterPolicy::default(), &inputs);
+    let notes = c.explain(&facts("a"), &web.id).join("\n");
+    assert!(
+        notes.contains("ClusterCIDR: no --cluster-cidr of ipv4"),
+        "{notes}"
+    );
+
     let node_cidr = ClusterPolicy {
         detect_local: DetectLocal::NodeCidr,
         ..cluster.clone()
@@ -1102,7 +1120,7 @@ fn the_local_traffic_detector_is_planned_per_mode() {
     );
     let notes = c.explain(&facts("b"), &web.id).join("\n");
     assert!(
-        notes.contains("NodeCIDR") && notes.contains("no spec.podCIDRs of ipv4 and ipv6"),
+        notes.contains("NodeCIDR") && notes.ends_with("no spec.podCIDRs of ipv4: no local-traffic detector there (traffic to ClusterIPs is not masqueraded, externalTrafficPolicy Local sends pods to local endpoints only)"),
         "{notes}"
     );
     assert!(
