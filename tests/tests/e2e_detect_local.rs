@@ -1,5 +1,6 @@
 //! End to end through the real controller and agents: each `--detect-local-mode` with real
-//! traffic, with kube-proxy's meanings (reference/kube-proxy-nftables.md rows 9, 14 and 15).
+//! traffic, with kube-proxy's meanings for ClusterIP masquerading and the externalTrafficPolicy
+//! Local short-circuit.
 //!
 //! In every mode, on node a: a local pod's connections to a ClusterIP keep their source (IPv4
 //! and IPv6), the node's own and ext's are masqueraded; a local pod reaching an
