@@ -144,7 +144,7 @@ pub fn node_resource(node: u32, node_ip: &str) -> v1::Resource {
         "node".into(),
         resource::Kind::Node(v1::NodeRules {
             node_name: node_name(node),
-            cluster_cidrs: vec![CLUSTER_CIDR.into()],
+            local_pod_cidrs: vec![CLUSTER_CIDR.into()],
             service_cidrs: vec![SERVICE_CIDR.into()],
             node_port_ips: vec![node_ip.into()],
             ..Default::default()

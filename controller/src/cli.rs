@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 use crate::model::parse_cidr;
-use crate::plan::NodePortAddresses;
+use crate::plan::{DetectLocal, InterfaceName, NodePortAddresses};
 use crate::signer::review::Policy;
 use crate::signer::{CaRef, Serving, SignerConfig};
 
@@ -24,6 +24,24 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// `--detect-local-mode`: kube-proxy's values, spelled as kube-proxy spells them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum DetectLocalMode {
+    /// Traffic from `--cluster-cidr` is from a pod (none given: nothing is).
+    #[default]
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    /// Traffic from the node's own `spec.podCIDRs` is from a pod.
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    /// Traffic entering through `--pod-bridge-interface` is from a pod.
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    /// Traffic entering through an interface named `--pod-interface-name-prefix`* is from a pod.
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
 }
 
 #[derive(Debug, Parser)]
@@ -45,6 +63,18 @@ pub struct Args {
     /// Pod address range (repeatable): traffic from it is "from a pod".
     #[arg(long = "cluster-cidr", value_parser = parse_cidr_arg)]
     pub cluster_cidrs: Vec<IpNet>,
+    /// How traffic from a node's own pods is recognised (not masqueraded to ClusterIPs; sent
+    /// to every endpoint of an externalTrafficPolicy Local Service), as kube-proxy's flag.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = DetectLocalMode::ClusterCidr)]
+    pub detect_local_mode: DetectLocalMode,
+    /// The bridge the node's pods are attached to, for `--detect-local-mode BridgeInterface`
+    /// (e.g. cbr0, cni0).
+    #[arg(long, value_name = "NAME", value_parser = parse_interface_name)]
+    pub pod_bridge_interface: Option<InterfaceName>,
+    /// The name prefix of the pods' host-side interfaces, for `--detect-local-mode
+    /// InterfaceNamePrefix` (e.g. eni for the AWS VPC CNI, cali for Calico).
+    #[arg(long, value_name = "PREFIX", value_parser = parse_interface_name)]
+    pub pod_interface_name_prefix: Option<InterfaceName>,
     /// Service address range (repeatable): unallocated addresses in it are dropped.
     #[arg(long = "service-cidr", value_parser = parse_cidr_arg)]
     pub service_cidrs: Vec<IpNet>,
@@ -153,6 +183,36 @@ impl Args {
 }
 
 impl Args {
+    /// The local-traffic detector, or why the command line is refused: an interface mode
+    /// needs its flag, and an interface flag is used only with its mode.
+    pub fn detect_local(&self) -> Result<DetectLocal, String> {
+        let mode = self.detect_local_mode;
+        let bridge = self.pod_bridge_interface.clone();
+        let prefix = self.pod_interface_name_prefix.clone();
+        if bridge.is_some() && mode != DetectLocalMode::BridgeInterface {
+            return Err(
+                "--pod-bridge-interface is used only with --detect-local-mode BridgeInterface"
+                    .into(),
+            );
+        }
+        if prefix.is_some() && mode != DetectLocalMode::InterfaceNamePrefix {
+            return Err("--pod-interface-name-prefix is used only with --detect-local-mode InterfaceNamePrefix".into());
+        }
+        match mode {
+            DetectLocalMode::ClusterCidr => Ok(DetectLocal::ClusterCidr),
+            DetectLocalMode::NodeCidr => Ok(DetectLocal::NodeCidr),
+            DetectLocalMode::BridgeInterface => bridge.map(DetectLocal::BridgeInterface).ok_or_else(|| {
+                "--detect-local-mode BridgeInterface needs --pod-bridge-interface NAME".into()
+            }),
+            DetectLocalMode::InterfaceNamePrefix => prefix
+                .map(DetectLocal::InterfaceNamePrefix)
+                .ok_or_else(|| {
+                    "--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix PREFIX"
+                        .into()
+                }),
+        }
+    }
+
     /// The signer's settings, with `--signer-ca-secret`.
     pub fn signer(&self) -> Option<SignerConfig> {
         Some(SignerConfig {
@@ -236,6 +296,10 @@ fn parse_source(s: &str) -> Result<SourceArg, String> {
 
 fn parse_cidr_arg(s: &str) -> Result<IpNet, String> {
     parse_cidr(s).ok_or_else(|| format!("{s:?} is not a CIDR (like 10.244.0.0/16)"))
+}
+
+fn parse_interface_name(s: &str) -> Result<InterfaceName, String> {
+    InterfaceName::new(s).map_err(|why| format!("not an interface name: {why}"))
 }
 
 fn parse_node_port_addresses(s: &str) -> Result<NodePortAddresses, String> {
@@ -376,6 +440,88 @@ mod tests {
         }
         for bad in ["0h", "10", "5d", "h"] {
             assert!(parse(&["--signer-cert-duration", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn detect_local_modes_take_kube_proxys_flags() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(
+                ["kubenft-controller", "--insecure"]
+                    .into_iter()
+                    .chain(args.iter().copied()),
+            )
+        };
+        let mode = |args: &[&str]| parse(args).unwrap().detect_local();
+        let name = |s: &str| InterfaceName::new(s).unwrap();
+        assert_eq!(mode(&[]), Ok(DetectLocal::ClusterCidr));
+        assert_eq!(
+            mode(&["--detect-local-mode", "ClusterCIDR"]),
+            Ok(DetectLocal::ClusterCidr)
+        );
+        assert_eq!(
+            mode(&["--detect-local-mode", "NodeCIDR"]),
+            Ok(DetectLocal::NodeCidr)
+        );
+        assert_eq!(
+            mode(&[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "cbr0"
+            ]),
+            Ok(DetectLocal::BridgeInterface(name("cbr0")))
+        );
+        assert_eq!(
+            mode(&[
+                "--detect-local-mode=InterfaceNamePrefix",
+                "--pod-interface-name-prefix=eni"
+            ]),
+            Ok(DetectLocal::InterfaceNamePrefix(name("eni")))
+        );
+        // A mode without its flag, a flag without its mode: refused, naming both.
+        for (args, flags) in [
+            (
+                &["--detect-local-mode", "BridgeInterface"][..],
+                ["--detect-local-mode", "--pod-bridge-interface"],
+            ),
+            (
+                &["--detect-local-mode", "InterfaceNamePrefix"][..],
+                ["--detect-local-mode", "--pod-interface-name-prefix"],
+            ),
+            (
+                &["--pod-bridge-interface", "cbr0"][..],
+                ["--detect-local-mode", "--pod-bridge-interface"],
+            ),
+            (
+                &[
+                    "--detect-local-mode",
+                    "BridgeInterface",
+                    "--pod-bridge-interface",
+                    "cbr0",
+                    "--pod-interface-name-prefix",
+                    "cali",
+                ][..],
+                ["--detect-local-mode", "--pod-interface-name-prefix"],
+            ),
+        ] {
+            let err = mode(args).unwrap_err();
+            for flag in flags {
+                assert!(err.contains(flag), "{args:?}: {err}");
+            }
+        }
+        // kube-proxy's spelling only; names that are not safe interface names are refused.
+        for args in [
+            &["--detect-local-mode", "clustercidr"][..],
+            &["--detect-local-mode", "Bridge"][..],
+            &["--pod-bridge-interface", "a-very-long-bridge"][..],
+            &["--pod-bridge-interface", ""][..],
+            &["--pod-interface-name-prefix", "cali*"][..],
+            &["--pod-interface-name-prefix", "x\"; drop"][..],
+            &["--pod-bridge-interface", "br 0"][..],
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(args[0]), "{args:?}: {err}");
         }
     }
 

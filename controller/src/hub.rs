@@ -14,14 +14,14 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use kubenft_proto::v1::{DataplaneState, DataplaneStatus, SyncState};
+use kubenft_proto::v1::{DataplaneState, DataplaneStatus, IpFamily, SyncState};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cores;
 use crate::model::Rejection;
-use crate::plan::{Catalog, ClusterPolicy, Inputs, NodeFacts};
+use crate::plan::{Catalog, ClusterPolicy, DetectLocal, Inputs, NodeFacts, missing_detector};
 use crate::view::NodeRuleSet;
 
 /// Sync status of one node, as inspection shows it.
@@ -122,11 +122,19 @@ impl Hub {
         }
     }
 
+    /// The cluster-wide settings this hub plans with.
+    pub fn policy(&self) -> &ClusterPolicy {
+        &self.policy
+    }
+
     /// Replans every node from new inputs: only the ports that changed are recomputed, and
     /// only for the nodes that see them differently from the shared base.
     pub fn set_inputs(&self, inputs: &Inputs) {
         let previous = self.state.lock().catalog.clone();
         let catalog = Arc::new(Catalog::build(self.policy.clone(), inputs, Some(&previous)));
+        if self.policy.detect_local == DetectLocal::NodeCidr {
+            warn_without_pod_cidrs(&self.policy, &previous, &catalog);
+        }
         let mut state = self.state.lock();
         state.synced = true;
         state.catalog = catalog.clone();
@@ -360,6 +368,23 @@ impl NodeEntry {
             self.status.pending_since.get_or_insert_with(Instant::now);
         } else if desired == self.status.acked_version {
             self.status.pending_since = None;
+        }
+    }
+}
+
+/// In NodeCIDR mode, warns about each node that appeared or changed without pod CIDRs:
+/// nothing is local there until it has them.
+fn warn_without_pod_cidrs(policy: &ClusterPolicy, previous: &Catalog, catalog: &Catalog) {
+    for (name, node) in catalog.nodes() {
+        if previous.nodes().get(name) == Some(node) {
+            continue;
+        }
+        // No podCIDR at all: a node of a single-stack cluster has one family only.
+        if node.pod_cidrs.is_empty()
+            && let Some(why) =
+                missing_detector(policy, Some(node), &[IpFamily::Ipv4, IpFamily::Ipv6])
+        {
+            tracing::warn!(node = %name, "{why}");
         }
     }
 }

@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kubenft_proto::v1::IpFamily;
 use kubenft_proto::v1::controller_inspect_server::ControllerInspectServer;
 use kubenft_proto::v1::rule_stream_server::RuleStreamServer;
 use tokio::sync::watch;
@@ -93,6 +94,7 @@ impl From<&cli::Args> for Config {
             signer: a.signer(),
             policy: ClusterPolicy {
                 cluster_cidrs: a.cluster_cidrs.clone(),
+                detect_local: a.detect_local().unwrap_or_default(),
                 service_cidrs: a.service_cidrs.clone(),
                 masquerade_all: a.masquerade_all,
                 node_port_addresses: a.node_port_addresses.clone(),
@@ -128,6 +130,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map(kubenft_tls::ServerTls::load)
         .transpose()?;
     let limits = config.policy.limits.clone();
+    log_detect_local(&config.policy);
     let hub = Arc::new(Hub::new(config.policy));
     let metrics = Arc::new(Metrics::new());
     let (inputs_tx, inputs_rx) = watch::channel::<Option<Arc<Inputs>>>(None);
@@ -197,6 +200,29 @@ struct StartedSigner {
     ca: Arc<kubenft_tls::pki::Authority>,
     /// When the serving certificate is due for renewal.
     serving_due: Option<std::time::SystemTime>,
+}
+
+/// Says at start how local traffic is recognised, and what is not used or missing for it.
+fn log_detect_local(policy: &ClusterPolicy) {
+    let mode = policy.detect_local.mode_name();
+    match &policy.detect_local {
+        plan::DetectLocal::ClusterCidr if policy.cluster_cidrs.is_empty() => {
+            let both = [IpFamily::Ipv4, IpFamily::Ipv6];
+            if let Some(why) = plan::missing_detector(policy, None, &both) {
+                warn!("{why}");
+            }
+        }
+        plan::DetectLocal::ClusterCidr => {
+            info!(mode, cluster_cidrs = ?policy.cluster_cidrs, "local-traffic detection")
+        }
+        _ if !policy.cluster_cidrs.is_empty() => {
+            warn!(
+                mode,
+                "--cluster-cidr is not used with --detect-local-mode {mode}"
+            )
+        }
+        detector => info!(mode, detector = ?detector, "local-traffic detection"),
+    }
 }
 
 /// Reads (or creates) the signer's CA, retrying while the API server cannot be reached, and

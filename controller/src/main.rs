@@ -15,6 +15,12 @@ async fn main() -> anyhow::Result<()> {
             .error(clap::error::ErrorKind::ArgumentConflict, e)
             .exit(),
     };
+    let detect_local = match args.detect_local() {
+        Ok(d) => d,
+        Err(e) => Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit(),
+    };
     if args.check_config {
         println!("OK");
         return Ok(());
@@ -24,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let mut config = kubenft_controller::Config::from(&args);
     config.tls = tls;
+    config.policy.detect_local = detect_local;
     kubenft_controller::run(config, shutdown)
         .await
         .context("kubenft-controller")

@@ -15,7 +15,7 @@ use std::num::NonZeroU16;
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kubenft_proto::v1::{IpFamily, Protocol};
@@ -237,6 +237,9 @@ pub struct NodeModel {
     pub zone: Option<String>,
     /// Being deleted: load balancers should drain it.
     pub deleting: bool,
+    /// `spec.podCIDRs` (else `spec.podCIDR`): at most one per family, in the order given.
+    /// Empty if the node has none, or if they are invalid (refused as the API server would).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// The cluster-wide limits that validation enforces.
@@ -919,7 +922,9 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<(SliceModel, Vec<Rejectio
 }
 
 /// Checks a Node.
-pub fn node(node: &Node) -> Result<NodeModel, Rejection> {
+/// A Node: refused as a whole for an invalid name or InternalIP; invalid pod CIDRs are
+/// refused alone (the node is kept without them).
+pub fn node(node: &Node) -> Result<(NodeModel, Vec<Rejection>), Rejection> {
     let id = ObjectName {
         namespace: String::new(),
         name: node.metadata.name.clone().unwrap_or_default(),
@@ -958,7 +963,14 @@ pub fn node(node: &Node) -> Result<NodeModel, Rejection> {
         .as_ref()
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
-    Ok(NodeModel {
+    let (pod_cidrs, problems) = match pod_cidrs(node.spec.as_ref()) {
+        Ok(cidrs) => (cidrs, Vec::new()),
+        Err((field, message)) => (
+            Vec::new(),
+            vec![Rejection::new("Node", &id, field, message)],
+        ),
+    };
+    let model = NodeModel {
         name: id.name,
         internal_ips,
         zone: node
@@ -968,7 +980,55 @@ pub fn node(node: &Node) -> Result<NodeModel, Rejection> {
             .and_then(|l| l.get(ZONE_LABEL))
             .cloned(),
         deleting: tainted || node.metadata.deletion_timestamp.is_some(),
-    })
+        pod_cidrs,
+    };
+    Ok((model, problems))
+}
+
+/// A node's pod CIDRs, by the API server's rules (`validateNodeSpec`): each a CIDR, at most
+/// one per family, `podCIDR` (the legacy field) equal to the first of `podCIDRs` when both
+/// are set. Only `podCIDR`: that one.
+fn pod_cidrs(spec: Option<&NodeSpec>) -> Result<Vec<IpNet>, (String, String)> {
+    let Some(spec) = spec else {
+        return Ok(Vec::new());
+    };
+    let list = spec.pod_cidrs.as_deref().unwrap_or_default();
+    let legacy = spec.pod_cidr.as_deref().filter(|s| !s.is_empty());
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    for (i, raw) in list.iter().enumerate() {
+        let field = format!("spec.podCIDRs[{i}]");
+        let net = parse_cidr(raw)
+            .ok_or_else(|| (field.clone(), format!("{:?} is not a CIDR", clip(raw))))?;
+        if cidrs
+            .iter()
+            .any(|c| family_of(&c.addr()) == family_of(&net.addr()))
+        {
+            return Err((
+                "spec.podCIDRs".into(),
+                "may specify no more than one CIDR for each IP family".into(),
+            ));
+        }
+        cidrs.push(net);
+    }
+    match (legacy, cidrs.first()) {
+        (Some(raw), first) => {
+            let net = parse_cidr(raw).ok_or_else(|| {
+                (
+                    "spec.podCIDR".to_owned(),
+                    format!("{:?} is not a CIDR", clip(raw)),
+                )
+            })?;
+            match first {
+                None => Ok(vec![net]),
+                Some(first) if *first == net => Ok(cidrs),
+                Some(first) => Err((
+                    "spec.podCIDR".into(),
+                    format!("{net} is not the first of spec.podCIDRs ({first})"),
+                )),
+            }
+        }
+        (None, _) => Ok(cidrs),
+    }
 }
 
 #[cfg(test)]
@@ -1216,6 +1276,61 @@ mod tests {
         assert_eq!(m.endpoints.len(), 1);
         assert_eq!(m.endpoints[0].index, 5);
         assert_eq!(problems.len(), 5, "{problems:?}");
+    }
+
+    fn node_from(spec: serde_json::Value) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a"},
+            "spec": spec,
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.11"}]},
+        }))
+        .unwrap()
+    }
+
+    /// spec.podCIDRs as the API server validates them; a bad value is refused alone, the
+    /// node kept (its addresses still serve NodePorts) without pod CIDRs.
+    #[test]
+    fn node_pod_cidrs_are_validated_and_refused_alone() {
+        let cidrs = |spec: serde_json::Value| {
+            let (m, problems) = node(&node_from(spec)).unwrap();
+            assert_eq!(m.internal_ips, ["192.168.50.11".parse::<IpAddr>().unwrap()]);
+            let fields: Vec<String> = problems.iter().map(|p| p.field.clone()).collect();
+            let cidrs: Vec<String> = m.pod_cidrs.iter().map(ToString::to_string).collect();
+            (cidrs, fields)
+        };
+        let ok = |c: &[&str]| (c.iter().map(|s| s.to_string()).collect::<Vec<_>>(), vec![]);
+        assert_eq!(cidrs(serde_json::json!({})), ok(&[]));
+        assert_eq!(
+            cidrs(serde_json::json!({"podCIDR": "10.244.1.0/24",
+                "podCIDRs": ["10.244.1.0/24", "fd00:244:1::/64"]})),
+            ok(&["10.244.1.0/24", "fd00:244:1::/64"])
+        );
+        // IPv6 first (an IPv6-primary cluster), and the legacy field alone.
+        assert_eq!(
+            cidrs(serde_json::json!({"podCIDRs": ["fd00:244:1::/64", "10.244.1.0/24"]})),
+            ok(&["fd00:244:1::/64", "10.244.1.0/24"])
+        );
+        assert_eq!(
+            cidrs(serde_json::json!({"podCIDR": "10.244.001.0/24"})),
+            ok(&["10.244.1.0/24"])
+        );
+        let refused = |field: &str| (Vec::<String>::new(), vec![field.to_string()]);
+        assert_eq!(
+            cidrs(serde_json::json!({"podCIDRs": ["10.244.1.0/24", "10.244.1.0/33"]})),
+            refused("spec.podCIDRs[1]")
+        );
+        assert_eq!(
+            cidrs(serde_json::json!({"podCIDRs": ["10.244.1.0/24", "10.244.2.0/24"]})),
+            refused("spec.podCIDRs")
+        );
+        assert_eq!(
+            cidrs(serde_json::json!({"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.1.0/24"]})),
+            refused("spec.podCIDR")
+        );
+        assert_eq!(
+            cidrs(serde_json::json!({"podCIDR": "not-a-cidr"})),
+            refused("spec.podCIDR")
+        );
     }
 
     #[test]

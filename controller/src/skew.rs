@@ -32,6 +32,17 @@ pub enum Skew {
         oldest: u32,
         newest: u32,
     },
+    /// The agent speaks a protocol this controller accepts, but not one that carries a
+    /// setting the controller was started with: it would misapply it.
+    #[error(
+        "agent {agent_version:?} speaks rule-stream protocol {agent}, but this controller's ({CONTROLLER_VERSION}) {feature} needs protocol {needed} or later: upgrade the agent"
+    )]
+    FeatureNeedsNewer {
+        agent_version: String,
+        agent: u32,
+        needed: u32,
+        feature: String,
+    },
 }
 
 impl Skew {
@@ -49,6 +60,25 @@ pub fn check(agent_version: &str, announced: u32) -> Result<u32, Skew> {
         OLDEST_AGENT_PROTOCOL,
         PROTOCOL_VERSION,
     )
+}
+
+/// [`check`], and then whether the agent's protocol carries `feature`, which needs protocol
+/// `needed` (an older agent would ignore the fields that say it, and misapply the rules).
+pub fn check_feature(
+    agent_version: &str,
+    announced: u32,
+    (feature, needed): (&str, u32),
+) -> Result<u32, Skew> {
+    let agent = check(agent_version, announced)?;
+    if agent < needed {
+        return Err(Skew::FeatureNeedsNewer {
+            agent_version: agent_version.to_owned(),
+            agent,
+            needed,
+            feature: feature.to_owned(),
+        });
+    }
+    Ok(agent)
 }
 
 fn check_within(
@@ -130,6 +160,34 @@ mod tests {
             check_within("a", 4, 2, 3),
             Err(Skew::AgentNewer { agent: 4, .. })
         ));
+    }
+
+    #[test]
+    fn a_setting_an_older_agent_would_misapply_refuses_it() {
+        let feature = ("--detect-local-mode BridgeInterface", 2);
+        assert_eq!(check_feature("a", 2, feature), Ok(2));
+        let err = check_feature("0.1.0 (git 0123)", 1, feature).unwrap_err();
+        assert!(matches!(
+            err,
+            Skew::FeatureNeedsNewer {
+                agent: 1,
+                needed: 2,
+                ..
+            }
+        ));
+        let text = err.status().message().to_owned();
+        assert!(
+            text.contains("--detect-local-mode BridgeInterface")
+                && text.contains("protocol 1")
+                && text.contains("needs protocol 2")
+                && text.contains("upgrade the agent"),
+            "{text}"
+        );
+        // A setting every accepted protocol carries changes nothing.
+        assert_eq!(
+            check_feature("a", 0, ("--detect-local-mode NodeCIDR", 1)),
+            Ok(1)
+        );
     }
 
     #[test]

@@ -302,7 +302,16 @@ impl RuleStream for RuleStreamService {
             info!(%peer, common_name = ?common_name, serial = ?serial, node = %hello.node_name, "stream authenticated");
         }
         // The version-skew rule: an agent whose protocol is not spoken here is sent nothing.
-        let protocol = match skew::check(&hello.agent_version, hello.protocol_version) {
+        let detect_local = &self.hub.policy().detect_local;
+        let feature = (
+            format!("--detect-local-mode {}", detect_local.mode_name()),
+            detect_local.agent_protocol(),
+        );
+        let protocol = match skew::check_feature(
+            &hello.agent_version,
+            hello.protocol_version,
+            (&feature.0, feature.1),
+        ) {
             Ok(protocol) => protocol,
             Err(skew) => {
                 self.metrics.refused("protocol_version");

@@ -322,10 +322,8 @@ fn detect_local_modes_render_their_controller_flags() {
     }
 }
 
-/// The controller flags for detect-local arrive on another branch (issue 13 item 2); until
-/// they are merged the controller refuses them, and this test says so.
+/// Every detect-local values set renders flags the real controller accepts.
 #[test]
-#[ignore = "needs the controller's --detect-local-mode, --pod-bridge-interface and --pod-interface-name-prefix"]
 fn detect_local_modes_are_accepted_by_the_controller() {
     for (values, _) in DETECT_LOCAL {
         check_all(&render_with(values));

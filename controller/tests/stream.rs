@@ -7,13 +7,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use kubenft_controller::plan::{ClusterPolicy, endpoint_bucket, node_endpoints_name};
+use kubenft_controller::plan::{
+    ClusterPolicy, DetectLocal, InterfaceName, endpoint_bucket, node_endpoints_name,
+};
 use kubenft_controller::{Config, cli::SourceArg};
 use kubenft_proto::release::{OLDEST_AGENT_PROTOCOL, PROTOCOL_VERSION, VERSION};
 use kubenft_proto::v1::{
-    Ack, AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, Hello,
-    Inventory, ListNodesRequest, ListNodesResponse, Nack, NodeStatus, RepairCount, ResourceVersion,
-    SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
+    Ack, AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, DetectLocalMode,
+    Hello, Inventory, ListNodesRequest, ListNodesResponse, Nack, NodeStatus, RepairCount,
+    ResourceVersion, SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
     controller_message, rule_stream_client::RuleStreamClient,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,6 +79,10 @@ mod tempdir {
 
 impl Controller {
     async fn start() -> Self {
+        Self::start_with(ClusterPolicy::default()).await
+    }
+
+    async fn start_with(policy: ClusterPolicy) -> Self {
         let dir = tempdir::Dir::new();
         write(
             &dir.0,
@@ -93,7 +99,7 @@ impl Controller {
             source: SourceArg::Dir(dir.0.clone()),
             grpc_listen: grpc,
             http_listen: http,
-            policy: ClusterPolicy::default(),
+            policy,
             kubeconfig: None,
             tls: None,
             signer: None,
@@ -854,4 +860,78 @@ async fn an_agent_of_a_protocol_not_spoken_here_is_refused_and_shown() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     ctl.stop().await;
+}
+
+/// An interface local-traffic detector needs agents of protocol 2: an agent of protocol 1
+/// would ignore the mode and render "nothing is local", so it is refused (naming the mode and
+/// the protocol it needs) and sent nothing; an agent of this build is served the mode with its
+/// interface in its node settings.
+#[tokio::test]
+async fn an_interface_detector_refuses_agents_that_would_ignore_it() {
+    let ctl = Controller::start_with(ClusterPolicy {
+        detect_local: DetectLocal::BridgeInterface(InterfaceName::new("cbr0").unwrap()),
+        ..Default::default()
+    })
+    .await;
+    write(
+        &ctl.dir.0,
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n",
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ctl.node().await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node a never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let old = Hello {
+        node_name: "a".into(),
+        agent_version: "0.0.9 (git 0123456789ab)".into(),
+        protocol_version: 1,
+        ..Default::default()
+    };
+    let refused = ctl.try_open(old.clone()).await.err().expect("accepted");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    for part in [
+        "--detect-local-mode BridgeInterface",
+        "protocol 1",
+        "needs protocol 2",
+        "upgrade the agent",
+    ] {
+        assert!(
+            refused.message().contains(part),
+            "{part:?} not in {refused:?}"
+        );
+    }
+    assert_eq!(ctl.node().await.unwrap().refused, refused.message());
+
+    let mut current = ctl
+        .open(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            ..old
+        })
+        .await;
+    let full = current.next().await;
+    let node = full
+        .resources
+        .iter()
+        .find_map(|r| match &r.kind {
+            Some(kubenft_proto::v1::resource::Kind::Node(n)) => Some(n.clone()),
+            _ => None,
+        })
+        .expect("node settings sent");
+    assert_eq!(
+        node.detect_local_mode,
+        DetectLocalMode::BridgeInterface as i32
+    );
+    assert_eq!(node.local_interface, "cbr0");
+    assert!(node.local_pod_cidrs.is_empty(), "{node:?}");
+    current.ack(&full).await;
+    ctl.node_in(SyncState::Synced).await;
 }

@@ -247,6 +247,9 @@ fn create_commands(tx: &mut Transaction, f: Family, new: &Created) {
 fn node_commands(tx: &mut Transaction, f: Family, old: &NodeConfig, new: &NodeConfig) {
     if render::node_elements(old, f) != render::node_elements(new, f) {
         for set in SetId::NODE_SETS {
+            // Declared again (a no-op if it exists): a table written by an agent that named
+            // the set otherwise (`cluster-cidrs`) gets it before the chains refer to it.
+            tx.push(f, Command::AddSet(set));
             tx.push(f, Command::FlushSet(set));
         }
         for element in render::node_elements(new, f) {

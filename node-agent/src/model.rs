@@ -156,10 +156,43 @@ impl ServicePort {
     }
 }
 
+/// An interface name or name prefix from the controller, checked to be safe in nft's quoted
+/// strings (see [`kubenft_proto::check_interface_name`]); only [`NodeConfig`] makes one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceName(String);
+
+impl InterfaceName {
+    pub fn new(text: &str) -> Result<InterfaceName, String> {
+        kubenft_proto::check_interface_name(text)
+            .map(|()| InterfaceName(text.to_owned()))
+            .map_err(|why| format!("{text:?} {why}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How this node recognises traffic from its own pods (kube-proxy's --detect-local-mode).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LocalDetector {
+    /// Sources in [`NodeConfig::local_pod_cidrs`] (ClusterCIDR, NodeCIDR); a family without
+    /// one has no detector.
+    #[default]
+    Cidrs,
+    /// Packets entering through this interface (BridgeInterface).
+    Bridge(InterfaceName),
+    /// Packets entering through an interface whose name starts with this
+    /// (InterfaceNamePrefix).
+    Prefix(InterfaceName),
+}
+
 /// A validated `NodeRules`: the node-wide settings behind the constant chains and node sets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
-    pub cluster_cidrs: Vec<IpNet>,
+    /// Sources that are this node's pods, in the CIDR modes.
+    pub local_pod_cidrs: Vec<IpNet>,
+    pub local_detector: LocalDetector,
     pub service_cidrs: Vec<IpNet>,
     pub node_port_ips: Vec<IpAddr>,
     pub node_port_all_addresses: bool,
@@ -169,9 +202,9 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// The cluster CIDRs of one family, merged so an interval set accepts them.
-    pub fn cluster_cidrs(&self, family: Family) -> Vec<IpNet> {
-        of_family(&self.cluster_cidrs, family)
+    /// The local pod CIDRs of one family, merged so an interval set accepts them.
+    pub fn local_pod_cidrs(&self, family: Family) -> Vec<IpNet> {
+        of_family(&self.local_pod_cidrs, family)
     }
 
     /// The service CIDRs of one family, merged.
@@ -262,14 +295,49 @@ pub fn validate(res: &v1::Resource) -> Result<Spec, InvalidResource> {
 type FieldError = (String, String);
 
 fn node_config(node: &v1::NodeRules) -> Result<NodeConfig, FieldError> {
+    let local_pod_cidrs = parse_all(&node.local_pod_cidrs, "local_pod_cidrs", parse_cidr)?;
     Ok(NodeConfig {
-        cluster_cidrs: parse_all(&node.cluster_cidrs, "cluster_cidrs", parse_cidr)?,
+        local_detector: local_detector(node, !local_pod_cidrs.is_empty())?,
+        local_pod_cidrs,
         service_cidrs: parse_all(&node.service_cidrs, "service_cidrs", parse_cidr)?,
         node_port_ips: parse_all(&node.node_port_ips, "node_port_ips", parse_ip)?,
         node_port_all_addresses: node.node_port_all_addresses,
         masquerade_all: node.masquerade_all,
         deleting: node.deleting,
     })
+}
+
+/// The detector the mode names: the CIDR modes use `local_pod_cidrs` and no interface; the
+/// interface modes a valid interface name and no CIDRs.
+fn local_detector(node: &v1::NodeRules, has_cidrs: bool) -> Result<LocalDetector, FieldError> {
+    use v1::DetectLocalMode as Mode;
+    let field = |f: &str, why: String| (f.to_owned(), why);
+    let mode = Mode::try_from(node.detect_local_mode).map_err(|_| {
+        field(
+            "detect_local_mode",
+            format!("unknown mode {}", node.detect_local_mode),
+        )
+    })?;
+    let name = &node.local_interface;
+    match mode {
+        Mode::Unspecified | Mode::ClusterCidr | Mode::NodeCidr if name.is_empty() => {
+            Ok(LocalDetector::Cidrs)
+        }
+        Mode::Unspecified | Mode::ClusterCidr | Mode::NodeCidr => Err(field(
+            "local_interface",
+            format!("must be empty with {}", mode.as_str_name()),
+        )),
+        Mode::BridgeInterface | Mode::InterfaceNamePrefix if has_cidrs => Err(field(
+            "local_pod_cidrs",
+            format!("must be empty with {}", mode.as_str_name()),
+        )),
+        Mode::BridgeInterface => InterfaceName::new(name)
+            .map(LocalDetector::Bridge)
+            .map_err(|why| field("local_interface", why)),
+        Mode::InterfaceNamePrefix => InterfaceName::new(name)
+            .map(LocalDetector::Prefix)
+            .map_err(|why| field("local_interface", why)),
+    }
 }
 
 fn service_port(sp: &v1::ServicePortRules) -> Result<ServicePort, FieldError> {
@@ -492,16 +560,90 @@ mod tests {
     #[test]
     fn cidrs_are_split_by_family_and_merged() {
         let cfg = NodeConfig {
-            cluster_cidrs: ["10.0.0.0/16", "10.0.0.0/8", "fd00::/48"]
+            local_pod_cidrs: ["10.0.0.0/16", "10.0.0.0/8", "fd00::/48"]
                 .iter()
                 .map(|s| s.parse().unwrap())
                 .collect(),
             ..Default::default()
         };
         assert_eq!(
-            cfg.cluster_cidrs(Family::V4),
+            cfg.local_pod_cidrs(Family::V4),
             vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
         );
-        assert_eq!(cfg.cluster_cidrs(Family::V6).len(), 1);
+        assert_eq!(cfg.local_pod_cidrs(Family::V6).len(), 1);
+    }
+
+    fn node_resource(rules: v1::NodeRules) -> v1::Resource {
+        v1::Resource::versioned(NODE_RESOURCE.into(), resource::Kind::Node(rules))
+    }
+
+    fn detector(rules: v1::NodeRules) -> Result<LocalDetector, InvalidResource> {
+        match validate(&node_resource(rules))? {
+            Spec::Node(cfg) => Ok(cfg.local_detector),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn detect_local_modes_are_read_with_their_parameter() {
+        use v1::DetectLocalMode as Mode;
+        let rules = |mode: Mode, cidrs: &[&str], iface: &str| v1::NodeRules {
+            detect_local_mode: mode as i32,
+            local_pod_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+            local_interface: iface.into(),
+            ..Default::default()
+        };
+        // A controller of protocol 1 sends no mode: its CIDRs are the detector.
+        assert_eq!(
+            detector(rules(Mode::Unspecified, &["10.244.0.0/16"], "")),
+            Ok(LocalDetector::Cidrs)
+        );
+        assert_eq!(
+            detector(rules(Mode::NodeCidr, &["10.244.1.0/24"], "")),
+            Ok(LocalDetector::Cidrs)
+        );
+        assert_eq!(
+            detector(rules(Mode::BridgeInterface, &[], "cbr0")),
+            Ok(LocalDetector::Bridge(InterfaceName("cbr0".into())))
+        );
+        assert_eq!(
+            detector(rules(Mode::InterfaceNamePrefix, &[], "cali")),
+            Ok(LocalDetector::Prefix(InterfaceName("cali".into())))
+        );
+        // Anything that could reach nft unquoted, or does not fit the mode, is refused.
+        for (bad, field) in [
+            (rules(Mode::BridgeInterface, &[], ""), "local_interface"),
+            (
+                rules(Mode::BridgeInterface, &[], "br0\" accept"),
+                "local_interface",
+            ),
+            (
+                rules(Mode::InterfaceNamePrefix, &[], "cali*"),
+                "local_interface",
+            ),
+            (
+                rules(Mode::InterfaceNamePrefix, &[], "0123456789abcdef"),
+                "local_interface",
+            ),
+            (
+                rules(Mode::InterfaceNamePrefix, &[], "a;b"),
+                "local_interface",
+            ),
+            (rules(Mode::ClusterCidr, &[], "cbr0"), "local_interface"),
+            (
+                rules(Mode::BridgeInterface, &["10.0.0.0/8"], "cbr0"),
+                "local_pod_cidrs",
+            ),
+            (
+                v1::NodeRules {
+                    detect_local_mode: 99,
+                    ..Default::default()
+                },
+                "detect_local_mode",
+            ),
+        ] {
+            let err = detector(bad).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use crate::model::{Endpoint, Family, NodeConfig, ServicePort, Spec};
+use crate::model::{Endpoint, Family, LocalDetector, NodeConfig, ServicePort, Spec};
 use crate::nft::{
     AddrKey, Chain, Command, Element, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
     PortKey, Rule, Scope, SetId, Slot, TableName, Transaction,
@@ -150,10 +150,10 @@ pub fn owned_elements(spec: &Spec) -> Vec<(Family, Element)> {
 
 /// The node sets' elements for one family.
 pub fn node_elements(cfg: &NodeConfig, family: Family) -> Vec<Element> {
-    let cluster = cfg
-        .cluster_cidrs(family)
+    let local = cfg
+        .local_pod_cidrs(family)
         .into_iter()
-        .map(Element::ClusterCidr);
+        .map(Element::LocalPodCidr);
     let service = cfg
         .service_cidrs(family)
         .into_iter()
@@ -162,7 +162,49 @@ pub fn node_elements(cfg: &NodeConfig, family: Family) -> Vec<Element> {
         .node_port_ips(family)
         .into_iter()
         .map(Element::NodePortIp);
-    cluster.chain(service).chain(nodeport).collect()
+    local.chain(service).chain(nodeport).collect()
+}
+
+/// The matches for "from one of this node's pods" and its negation, as kube-proxy's local
+/// traffic detector writes them (`iifname`, not `iif`, which needs the interface to exist);
+/// `None` where there is no detector (a CIDR mode without a CIDR of this family): then
+/// nothing is local.
+pub fn local_traffic(cfg: &NodeConfig, family: Family) -> Option<(String, String)> {
+    let iifname = |pattern: String| {
+        Some((
+            format!("iifname {pattern}"),
+            format!("iifname != {pattern}"),
+        ))
+    };
+    match &cfg.local_detector {
+        LocalDetector::Cidrs if cfg.local_pod_cidrs(family).is_empty() => None,
+        LocalDetector::Cidrs => {
+            let (p, set) = (family.nft(), SetId::LocalPodCidrs);
+            Some((format!("{p} saddr @{set}"), format!("{p} saddr != @{set}")))
+        }
+        LocalDetector::Bridge(name) => iifname(nft_string(name.as_str(), false)),
+        LocalDetector::Prefix(prefix) => iifname(nft_string(prefix.as_str(), true)),
+    }
+}
+
+/// `text` as an nft quoted string; with `prefix`, a trailing `*` makes it a prefix match.
+/// Interface names hold no character nft treats specially (`InterfaceName`); should one ever
+/// hold a `\` or a `*`, it is escaped to match literally, and a `"` (which nft cannot escape
+/// inside quotes) is never written.
+fn nft_string(text: &str, prefix: bool) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push('"');
+    for c in text.chars().filter(|&c| c != '"') {
+        if matches!(c, '\\' | '*') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    if prefix {
+        out.push('*');
+    }
+    out.push('"');
+    out
 }
 
 /// The rules of one constant chain.
@@ -170,7 +212,7 @@ pub fn chain_rules(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> 
     let p = family.nft();
     let addr_vmap = |map: SetId| format!("{p} daddr . meta l4proto . th dport vmap @{map}");
     let port_vmap = |map: SetId| format!("meta l4proto . th dport vmap @{map}");
-    let has_cluster_cidrs = !cfg.cluster_cidrs(family).is_empty();
+    let local = local_traffic(cfg, family);
     let ip_c = SetId::Dispatch(EntryKind::Ip, Scope::Cluster);
     let ip_l = SetId::Dispatch(EntryKind::Ip, Scope::Local);
     let np_c = SetId::Dispatch(EntryKind::NodePort, Scope::Cluster);
@@ -181,18 +223,20 @@ pub fn chain_rules(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> 
         format!("{p} daddr @{}", SetId::NodePortIps)
     };
     let masq = Chain::MarkForMasquerade;
+    // ClusterIP traffic from anything but the node's pods is masqueraded (all of it with
+    // masquerade-all; none of it without a detector, as kube-proxy).
     let cluster_ip_masq = if cfg.masquerade_all {
         Some(format!("jump {masq}"))
-    } else if has_cluster_cidrs {
-        Some(format!("{p} saddr != @{} jump {masq}", SetId::ClusterCidrs))
     } else {
-        None
+        local
+            .as_ref()
+            .map(|(_, not_local)| format!("{not_local} jump {masq}"))
     };
     // externalTrafficPolicy Local: pods and the host reach every endpoint, the rest local ones.
     let ext_local = |vmap: &dyn Fn(SetId) -> String, c: SetId, l: SetId| {
         let mut rules = Vec::new();
-        if has_cluster_cidrs {
-            rules.push(format!("{p} saddr @{} {}", SetId::ClusterCidrs, vmap(c)));
+        if let Some((is_local, _)) = &local {
+            rules.push(format!("{is_local} {}", vmap(c)));
         }
         rules.push(format!("fib saddr type local jump {masq}"));
         rules.push(format!("fib saddr type local {}", vmap(c)));
@@ -620,15 +664,147 @@ mod tests {
                 .collect()
         };
         assert_eq!(r(&cfg).len(), 1);
-        cfg.cluster_cidrs = vec!["10.1.0.0/16".parse().unwrap()];
+        cfg.local_pod_cidrs = vec!["10.1.0.0/16".parse().unwrap()];
         assert_eq!(
             r(&cfg)[0],
-            "ip saddr != @cluster-cidrs jump mark-for-masquerade"
+            "ip saddr != @local-pod-cidrs jump mark-for-masquerade"
         );
         cfg.masquerade_all = true;
         assert_eq!(r(&cfg)[0], "jump mark-for-masquerade");
         // The v6 family has no cluster CIDR: no detector there.
         cfg.masquerade_all = false;
         assert_eq!(chain_rules(Chain::SvcCluster, &cfg, Family::V6).len(), 1);
+    }
+
+    fn rules_of_chain(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<String> {
+        chain_rules(chain, cfg, family)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn with_detector(detector: LocalDetector) -> NodeConfig {
+        NodeConfig {
+            local_detector: detector,
+            ..NodeConfig::default()
+        }
+    }
+
+    /// Each detector gives kube-proxy's match in the two places it is used: ClusterIP
+    /// masquerade for what is not local, and the externalTrafficPolicy Local short-circuit
+    /// for what is. Interface matches apply to both families; CIDRs to their own.
+    #[test]
+    fn each_detector_matches_where_kube_proxy_does() {
+        let name = |s: &str| crate::model::InterfaceName::new(s).unwrap();
+        let cases = [
+            (
+                NodeConfig {
+                    local_pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+                    ..NodeConfig::default()
+                },
+                Family::V4,
+                "ip saddr != @local-pod-cidrs",
+                "ip saddr @local-pod-cidrs",
+            ),
+            (
+                NodeConfig {
+                    local_pod_cidrs: vec!["fd00:244:1::/64".parse().unwrap()],
+                    ..NodeConfig::default()
+                },
+                Family::V6,
+                "ip6 saddr != @local-pod-cidrs",
+                "ip6 saddr @local-pod-cidrs",
+            ),
+            (
+                with_detector(LocalDetector::Bridge(name("cbr0"))),
+                Family::V4,
+                r#"iifname != "cbr0""#,
+                r#"iifname "cbr0""#,
+            ),
+            (
+                with_detector(LocalDetector::Bridge(name("cni0"))),
+                Family::V6,
+                r#"iifname != "cni0""#,
+                r#"iifname "cni0""#,
+            ),
+            (
+                with_detector(LocalDetector::Prefix(name("eni"))),
+                Family::V4,
+                r#"iifname != "eni*""#,
+                r#"iifname "eni*""#,
+            ),
+            (
+                with_detector(LocalDetector::Prefix(name("cali"))),
+                Family::V6,
+                r#"iifname != "cali*""#,
+                r#"iifname "cali*""#,
+            ),
+        ];
+        for (cfg, f, not_local, local) in cases {
+            let p = f.nft();
+            let masq = format!("{not_local} jump mark-for-masquerade");
+            for chain in [Chain::SvcCluster, Chain::SvcLocal] {
+                assert_eq!(rules_of_chain(chain, &cfg, f)[0], masq, "{chain} {f:?}");
+            }
+            assert_eq!(
+                rules_of_chain(Chain::ExtLocal, &cfg, f)[0],
+                format!("{local} {p} daddr . meta l4proto . th dport vmap @ip-c-dispatch")
+            );
+            assert_eq!(
+                rules_of_chain(Chain::NpLocal, &cfg, f)[0],
+                format!("{local} meta l4proto . th dport vmap @np-c-dispatch")
+            );
+            // The host's own traffic is short-circuited (and masqueraded) whatever the mode.
+            assert_eq!(
+                rules_of_chain(Chain::NpLocal, &cfg, f)[1..3],
+                [
+                    "fib saddr type local jump mark-for-masquerade",
+                    "fib saddr type local meta l4proto . th dport vmap @np-c-dispatch"
+                ]
+            );
+            // External traffic policy Cluster and masquerade-all do not look at the detector.
+            assert_eq!(
+                rules_of_chain(Chain::ExtCluster, &cfg, f)[0],
+                "jump mark-for-masquerade"
+            );
+            let all = NodeConfig {
+                masquerade_all: true,
+                ..cfg.clone()
+            };
+            assert_eq!(
+                rules_of_chain(Chain::SvcCluster, &all, f)[0],
+                "jump mark-for-masquerade"
+            );
+            // The CIDR set holds CIDRs only in the CIDR modes.
+            let cidrs = node_elements(&cfg, f)
+                .into_iter()
+                .filter(|e| e.set() == SetId::LocalPodCidrs)
+                .count();
+            let cidr_mode = cfg.local_detector == LocalDetector::Cidrs;
+            assert_eq!(
+                cidrs,
+                usize::from(cidr_mode),
+                "{f:?} {:?}",
+                cfg.local_detector
+            );
+        }
+        // No detector: no ClusterIP masquerade rule, no pod short-circuit.
+        let none = NodeConfig::default();
+        for f in Family::ALL {
+            assert_eq!(rules_of_chain(Chain::SvcCluster, &none, f).len(), 1);
+            assert_eq!(rules_of_chain(Chain::NpLocal, &none, f).len(), 3);
+        }
+    }
+
+    #[test]
+    fn nft_strings_never_carry_a_quote_or_an_unescaped_wildcard() {
+        assert_eq!(nft_string("cali", true), r#""cali*""#);
+        assert_eq!(nft_string("cbr0", false), r#""cbr0""#);
+        assert_eq!(nft_string("a*b", false), r#""a\*b""#);
+        assert_eq!(
+            nft_string(r#"x"; flush ruleset"#, true),
+            r#""x; flush ruleset*""#
+        );
+        assert_eq!(nft_string(r"a\", false), r#""a\\""#);
     }
 }

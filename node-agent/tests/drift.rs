@@ -489,3 +489,123 @@ async fn without_the_drift_loop_nothing_heals() {
     assert!(ok);
     fx.stop().await;
 }
+
+/// An agent upgraded in place over tables written before the local-traffic set was renamed
+/// (`cluster-cidrs`, now `local-pod-cidrs`): it adopts its state, its structure check finds
+/// the set missing and rewrites the tables in place (no table delete), and the next check
+/// deletes the old set, which nothing refers to any more. The tables end as a fresh agent
+/// writes them.
+#[tokio::test]
+async fn tables_from_before_the_set_rename_are_brought_up_to_date() {
+    if !common::require_root() {
+        return;
+    }
+    let fx = Fixture::start(false).await;
+    let before = fx.listing();
+    // The old layout: the same CIDRs in `cluster-cidrs`, the four chains testing it.
+    for (f, addr, cidr) in [
+        ("ip", "ipv4_addr", "10.244.0.0/16"),
+        ("ip6", "ipv6_addr", "fd00:10:244::/56"),
+    ] {
+        let vmap = |map: &str| format!("{f} daddr . meta l4proto . th dport vmap @{map}");
+        let port_vmap = |map: &str| format!("meta l4proto . th dport vmap @{map}");
+        let local = |vmap: String| {
+            [
+                format!("{f} saddr @cluster-cidrs {vmap}"),
+                "fib saddr type local jump mark-for-masquerade".to_string(),
+                format!("fib saddr type local {vmap}"),
+            ]
+        };
+        let mut script = vec![
+            format!("add set {f} kubenft cluster-cidrs {{ type {addr}; flags interval; }}"),
+            format!("add element {f} kubenft cluster-cidrs {{ {cidr} }}"),
+        ];
+        for (chain, dispatch) in [
+            ("svc-cluster", "ip-c-dispatch"),
+            ("svc-local", "ip-l-dispatch"),
+        ] {
+            script.push(format!("flush chain {f} kubenft {chain}"));
+            script.push(format!(
+                "add rule {f} kubenft {chain} {f} saddr != @cluster-cidrs jump mark-for-masquerade"
+            ));
+            script.push(format!("add rule {f} kubenft {chain} {}", vmap(dispatch)));
+        }
+        for (chain, rules, last) in [
+            (
+                "ext-local",
+                local(vmap("ip-c-dispatch")),
+                vmap("ip-l-dispatch"),
+            ),
+            (
+                "np-local",
+                local(port_vmap("np-c-dispatch")),
+                port_vmap("np-l-dispatch"),
+            ),
+        ] {
+            script.push(format!("flush chain {f} kubenft {chain}"));
+            for rule in rules.iter().chain([&last]) {
+                script.push(format!("add rule {f} kubenft {chain} {rule}"));
+            }
+        }
+        script.push(format!("delete set {f} kubenft local-pod-cidrs"));
+        fx.nft(&script.join("; "));
+    }
+    let old = fx.listing();
+    assert!(
+        old.contains("@cluster-cidrs") && !old.contains("local-pod-cidrs"),
+        "{old}"
+    );
+    let (_, handle_before, _) = fx.ns.exec(&["nft", "-a", "list", "tables"]);
+
+    let table = TableName::new(TABLE).unwrap();
+    let nft = Arc::new(NftCli::in_netns(&fx.ns.0));
+    let adopted = applier::recover(nft.as_ref(), &table, &fx._dir.0).await;
+    assert!(adopted.is_synced());
+    let upgraded = Applier::new(
+        nft,
+        table,
+        fx._dir.0.clone(),
+        adopted,
+        Arc::new(Metrics::default()),
+        Arc::new(Health::default()),
+    );
+    for _ in 0..3 {
+        let damage = upgraded.check_structure().await.unwrap();
+        if damage.is_empty() {
+            break;
+        }
+        upgraded.repair(&damage).await.unwrap();
+    }
+    assert!(upgraded.check_structure().await.unwrap().is_empty());
+    // In any order: the recreated set lists after the others.
+    let blocks = |listing: &str| {
+        let mut out: Vec<String> = Vec::new();
+        for line in listing
+            .lines()
+            .filter(|l| !l.trim().is_empty() && *l != "}")
+        {
+            let starts = ["table ", "\tset ", "\tmap ", "\tchain "];
+            if starts.iter().any(|p| line.starts_with(p)) || out.is_empty() {
+                out.push(String::new());
+            }
+            let block = out.last_mut().expect("pushed");
+            block.push_str(line.trim());
+            block.push('\n');
+        }
+        out.sort();
+        out
+    };
+    let (now, fresh) = (blocks(&fx.listing()), blocks(&before));
+    let differ: Vec<&String> = now
+        .iter()
+        .filter(|b| !fresh.contains(b))
+        .chain(fresh.iter().filter(|b| !now.contains(b)))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "not as a fresh agent writes them: {differ:#?}"
+    );
+    let (_, handle_after, _) = fx.ns.exec(&["nft", "-a", "list", "tables"]);
+    assert_eq!(handle_after, handle_before, "a table was recreated");
+    fx.stop().await;
+}

@@ -36,9 +36,75 @@ pub fn parse_node_endpoints_name(name: &str) -> Option<u8> {
     (bucket < ENDPOINT_BUCKETS && node_endpoints_name(bucket) == name).then_some(bucket)
 }
 
+/// The longest Linux interface name (IFNAMSIZ less the terminating NUL).
+pub const MAX_INTERFACE_NAME: usize = 15;
+
+/// Why `name` cannot be an interface name (or prefix) for local-traffic detection, if it
+/// cannot: 1 to 15 bytes, a Linux interface name (not `.` or `..`), and only ASCII letters,
+/// digits, `.`, `_` and `-`. The kernel allows more, but nothing else appears in the names
+/// CNIs give (`cali`, `eni`, `cbr0`, `cni0`, `flannel.1`, `kube-bridge`), and this set needs
+/// no escaping in nft's quoted strings, where `*` is a wildcard and `"` cannot be escaped.
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_INTERFACE_NAME {
+        return Err(format!(
+            "is {} bytes long; interface names have at most {MAX_INTERFACE_NAME}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err("is not an interface name".into());
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(c) => Err(format!(
+            "contains {c:?}: only ASCII letters, digits, '.', '_' and '-' are accepted"
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_names_are_short_and_plain() {
+        for ok in [
+            "eni",
+            "cali",
+            "cbr0",
+            "cni0",
+            "flannel.1",
+            "kube-bridge",
+            "v",
+            "azv_",
+            "a23456789012345",
+        ] {
+            assert_eq!(check_interface_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a234567890123456",
+            "br 0",
+            "br/0",
+            "eth0:1",
+            "cali*",
+            "x\"",
+            "x\\",
+            "a;b",
+            "é",
+            "br\n0",
+        ] {
+            assert!(check_interface_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn bucket_names_round_trip_and_nothing_else_parses() {

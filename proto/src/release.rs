@@ -25,7 +25,17 @@ pub const VERSION: &str = concat!(
 /// peer of the previous protocol would misread the stream (a new resource kind an old agent
 /// would not apply, a field whose absence changes meaning); fields an old peer may ignore
 /// safely do not raise it.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// - 1: the first.
+/// - 2: `NodeRules.detect_local_mode` and `local_interface` (an agent of protocol 1 would
+///   render the interface modes as "nothing is local"). A controller still serves agents of
+///   protocol 1 unless its `--detect-local-mode` is an interface mode
+///   ([`INTERFACE_DETECT_LOCAL_PROTOCOL`]).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest agent protocol that renders `--detect-local-mode BridgeInterface` and
+/// `InterfaceNamePrefix`.
+pub const INTERFACE_DETECT_LOCAL_PROTOCOL: u32 = 2;
 
 /// The oldest agent protocol a controller of this build accepts.
 pub const OLDEST_AGENT_PROTOCOL: u32 = 1;

@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde_json::{Map, Value, json};
 
 use crate::Proto;
@@ -96,6 +97,7 @@ impl IpFamily {
 pub struct Node {
     name: String,
     addresses: Vec<IpAddr>,
+    pod_cidrs: Vec<IpNet>,
     labels: Map<String, Value>,
     taints: Vec<Value>,
     patches: Vec<Value>,
@@ -108,6 +110,7 @@ impl Node {
         Node {
             name: name.to_string(),
             addresses: Vec::new(),
+            pod_cidrs: Vec::new(),
             labels,
             taints: Vec::new(),
             patches: Vec::new(),
@@ -122,6 +125,13 @@ impl Node {
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets `spec.podCIDRs` (and `spec.podCIDR`, its first, as the API server does); none:
+    /// neither field.
+    pub fn pod_cidrs(mut self, cidrs: &[IpNet]) -> Self {
+        self.pod_cidrs = cidrs.to_vec();
         self
     }
 
@@ -163,6 +173,10 @@ impl ToJson for Node {
         });
         if !self.taints.is_empty() {
             v["spec"]["taints"] = Value::Array(self.taints.clone());
+        }
+        if let Some(first) = self.pod_cidrs.first() {
+            v["spec"]["podCIDR"] = first.to_string().into();
+            v["spec"]["podCIDRs"] = self.pod_cidrs.iter().map(|c| c.to_string()).collect();
         }
         for p in &self.patches {
             merge_patch(&mut v, p);

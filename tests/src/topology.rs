@@ -6,7 +6,10 @@
 //!   and node-local semantics (ETP/ITP=Local, stale UDP conntrack) are real.
 //! - Pods are routed point-to-point (a /32 and /128 route per veth, the `ptp`/Calico shape),
 //!   not bridged: with br_netfilter loaded on this host, bridged hairpin traffic is
-//!   misrouted (gotcha 1), and a routed pod network keeps the proxy the only variable.
+//!   misrouted (gotcha 1), and a routed pod network keeps the proxy the only variable. A node
+//!   built with [`NodeConfig::pod_bridge`] puts its pods behind a bridge instead, [`POD_BRIDGE`]
+//!   with `hairpin on` on every port (kubelet's hairpin-veth), as bridge CNIs do: for
+//!   `--detect-local-mode BridgeInterface`.
 //! - Nodes share one L2 underlay (`br0` in the `fab` namespace); pod CIDRs are routed via
 //!   the owning node's fabric address, like a flat cloud VPC.
 //! - `ext` sends everything via node a, so external, LB and externalIP traffic enters the
@@ -54,6 +57,8 @@ pub const POD_GW_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const POD_GW_V6: &str = "fe80::1";
 /// Name of the file holding the lab's Node objects in the manifest directory.
 pub const NODES_MANIFEST: &str = "nodes.yaml";
+/// The bridge pods sit behind on a node built with [`NodeConfig::pod_bridge`].
+pub const POD_BRIDGE: &str = "cbr0";
 
 const MAX_NODES: usize = 9;
 const ECHO_READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,6 +68,8 @@ const ECHO_READY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NodeConfig {
     pub name: String,
     pub zone: Option<String>,
+    /// Pods attach to the bridge [`POD_BRIDGE`] rather than to routed veths.
+    pub pod_bridge: bool,
 }
 
 impl NodeConfig {
@@ -70,11 +77,20 @@ impl NodeConfig {
         NodeConfig {
             name: name.to_string(),
             zone: None,
+            pod_bridge: false,
         }
     }
 
     pub fn zone(mut self, zone: &str) -> Self {
         self.zone = Some(zone.to_string());
+        self
+    }
+
+    /// Puts the node's pods behind the bridge [`POD_BRIDGE`] (the bridge carries the pods'
+    /// gateway addresses; each pod's veth is a bridge port with `hairpin on`), as bridge CNIs
+    /// (kubenet's cbr0, the `bridge` plugin's cni0) do.
+    pub fn pod_bridge(mut self) -> Self {
+        self.pod_bridge = true;
         self
     }
 }
@@ -114,6 +130,8 @@ pub struct Node {
     pub ipv6: Ipv6Addr,
     pub pod_cidr_v4: Ipv4Net,
     pub pod_cidr_v6: Ipv6Net,
+    /// The bridge its pods sit behind ([`POD_BRIDGE`]), if it was built with one.
+    pub pod_bridge: Option<String>,
 }
 
 /// Listening ports of a pod's echo server.
@@ -168,7 +186,7 @@ pub struct Pod {
     pub ns: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
-    /// The node-side veth (`v<k>`).
+    /// The node-side veth (`v<k>`; a port of the node's pod bridge, if it has one).
     pub host_veth: String,
     pub ports: EchoPorts,
     /// The echo server.
@@ -383,6 +401,7 @@ impl Lab {
                     pod_cidr_v4: Ipv4Net::new(Ipv4Addr::new(10, 244, i, 0), 24).expect("valid /24"),
                     pod_cidr_v6: Ipv6Net::new(parse_v6(&format!("fd00:244:{i}::")), 64)
                         .expect("valid /64"),
+                    pod_bridge: n.pod_bridge.then(|| POD_BRIDGE.to_string()),
                 }
             })
             .collect::<Vec<Node>>();
@@ -439,6 +458,9 @@ impl Lab {
                 &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
             )?;
         }
+        for node in self.nodes.iter().filter(|n| n.pod_bridge.is_some()) {
+            self.add_pod_bridge(node)?;
+        }
         for node in &self.nodes {
             for other in self.nodes.iter().filter(|o| o.name != node.name) {
                 let (c4, c6) = (other.pod_cidr_v4.to_string(), other.pod_cidr_v6.to_string());
@@ -459,6 +481,50 @@ impl Lab {
             &["-6", "route", "add", "default", "via", &gw.ipv6.to_string()],
         )?;
         self.write_manifest(NODES_MANIFEST, &self.nodes_manifest())
+    }
+
+    /// The node's pod bridge: a fixed MAC (a bridge otherwise takes its lowest port's, and
+    /// pods' neighbour entries for their gateway would go stale as pods come), the pods'
+    /// gateway addresses, and no ICMP redirects (pods talk to each other through the node).
+    fn add_pod_bridge(&self, node: &Node) -> Result<()> {
+        let mac = format!("0a:58:0a:f4:{:02x}:01", node.index);
+        netns::ip(
+            Some(&node.ns),
+            &[
+                "link",
+                "add",
+                POD_BRIDGE,
+                "address",
+                &mac,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
+        netns::sysctl(
+            &node.ns,
+            &[
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.default.send_redirects=0",
+            ],
+        )?;
+        netns::ip(
+            Some(&node.ns),
+            &["addr", "add", &format!("{POD_GW_V4}/32"), "dev", POD_BRIDGE],
+        )?;
+        netns::ip(
+            Some(&node.ns),
+            &[
+                "addr",
+                "add",
+                &format!("{POD_GW_V6}/64"),
+                "dev",
+                POD_BRIDGE,
+                "nodad",
+            ],
+        )?;
+        netns::ip(Some(&node.ns), &["link", "set", POD_BRIDGE, "up"])
     }
 
     fn ns_name(&self, suffix: &str) -> String {
@@ -649,29 +715,24 @@ impl Lab {
                 "-6", "route", "add", "default", "via", POD_GW_V6, "dev", "eth0",
             ],
         )?;
-        // Node side: the gateway addresses and a host route to the pod. `src` makes
-        // node-originated traffic to the pod use the node IP, not 169.254.1.1.
+        // Node side: the gateway addresses (on the veth, or on the bridge it joins) and a host
+        // route to the pod. `src` makes node-originated traffic to the pod use the node IP,
+        // not 169.254.1.1.
+        let dev = match &node.pod_bridge {
+            Some(bridge) => {
+                self.bridge_port(&node, &ns, &veth, bridge)?;
+                bridge.clone()
+            }
+            None => {
+                self.routed_veth(&node, &veth)?;
+                veth.clone()
+            }
+        };
         netns::ip(
             Some(&node.ns),
-            &["addr", "add", &format!("{gw4}/32"), "dev", &veth],
+            &["route", "add", &a4, "dev", &dev, "src", &src4],
         )?;
-        netns::ip(
-            Some(&node.ns),
-            &[
-                "addr",
-                "add",
-                &format!("{POD_GW_V6}/64"),
-                "dev",
-                &veth,
-                "nodad",
-            ],
-        )?;
-        netns::ip(Some(&node.ns), &["link", "set", &veth, "up"])?;
-        netns::ip(
-            Some(&node.ns),
-            &["route", "add", &a4, "dev", &veth, "src", &src4],
-        )?;
-        netns::ip(Some(&node.ns), &["-6", "route", "add", &a6, "dev", &veth])?;
+        netns::ip(Some(&node.ns), &["-6", "route", "add", &a6, "dev", &dev])?;
 
         let mut argv = vec![
             self.echo_bin.display().to_string(),
@@ -695,6 +756,50 @@ impl Lab {
         };
         self.state().pods.insert(name.to_string(), pod.clone());
         Ok(pod)
+    }
+
+    /// A routed pod veth: the pods' gateway addresses on it.
+    fn routed_veth(&self, node: &Node, veth: &str) -> Result<()> {
+        netns::ip(
+            Some(&node.ns),
+            &["addr", "add", &format!("{POD_GW_V4}/32"), "dev", veth],
+        )?;
+        netns::ip(
+            Some(&node.ns),
+            &[
+                "addr",
+                "add",
+                &format!("{POD_GW_V6}/64"),
+                "dev",
+                veth,
+                "nodad",
+            ],
+        )?;
+        netns::ip(Some(&node.ns), &["link", "set", veth, "up"])
+    }
+
+    /// A pod veth as a port of `bridge` with hairpin on; the pod ignores ICMP redirects (it
+    /// reaches everything through its gateway, as on a routed veth).
+    fn bridge_port(&self, node: &Node, pod_ns: &str, veth: &str, bridge: &str) -> Result<()> {
+        netns::sysctl(
+            pod_ns,
+            &[
+                "net.ipv4.conf.all.accept_redirects=0",
+                "net.ipv6.conf.all.accept_redirects=0",
+            ],
+        )?;
+        netns::ip(
+            Some(&node.ns),
+            &["link", "set", veth, "master", bridge, "up"],
+        )?;
+        let out = netns::run_ok(
+            &mut netns::exec_cmd(
+                &node.ns,
+                &["bridge", "link", "set", "dev", veth, "hairpin", "on"],
+            ),
+            CMD_TIMEOUT,
+        );
+        out.map(|_| ())
     }
 
     /// Stops the pod's echo server (SIGTERM) and deletes its namespace (and so its veth and
@@ -918,14 +1023,15 @@ impl Lab {
     // -----------------------------------------------------------------------------------
     // manifests
 
-    /// The Node object for lab node `name` (InternalIPs, hostname and zone labels); modify
-    /// and write it back to change nodes.yaml.
+    /// The Node object for lab node `name` (InternalIPs, hostname and zone labels, and its
+    /// pod ranges as `spec.podCIDRs`); modify and write it back to change nodes.yaml.
     pub fn node_manifest(&self, name: &str) -> manifest::Node {
         let n = self.node(name);
         manifest::Node::new(&n.name)
             .address(n.ipv4)
             .address(n.ipv6)
             .zone(&n.zone)
+            .pod_cidrs(&[n.pod_cidr_v4.into(), n.pod_cidr_v6.into()])
     }
 
     /// All lab nodes as a `kind: List` (what [`NODES_MANIFEST`] holds initially).

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use kubenft_lab::{Cond, Host, Lab, ProbeOpts, Proto, Service, Slice};
+use kubenft_proto::release::PROTOCOL_VERSION;
 
 const NP: u16 = 30061;
 
@@ -181,13 +182,13 @@ fn an_agent_without_ip_reports_its_addresses_and_serves_cidr_nodeports() {
     assert_eq!(agent_version, controller_version);
     let list = c.controller_call("ListNodes", None).unwrap();
     assert_eq!(list["controllerVersion"], controller_version.as_str());
-    assert_eq!(list["protocolVersion"], 1);
+    assert_eq!(list["protocolVersion"], PROTOCOL_VERSION);
     assert_eq!(nodes["a"]["agentVersion"], agent_version.as_str());
-    assert_eq!(nodes["a"]["agentProtocolVersion"], 1);
+    assert_eq!(nodes["a"]["agentProtocolVersion"], PROTOCOL_VERSION);
     assert_ne!(nodes["a"]["versionSkew"], true);
     let applied = c.agent_call("a", "GetApplied").unwrap();
     assert_eq!(applied["agentVersion"], agent_version.as_str());
-    assert_eq!(applied["protocolVersion"], 1);
+    assert_eq!(applied["protocolVersion"], PROTOCOL_VERSION);
     let log = c.agent("a").logs();
     assert!(!log.contains("cannot list"), "{log}");
 }

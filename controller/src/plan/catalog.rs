@@ -10,12 +10,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet, ordmap::DiffItem};
-use kubenft_proto::v1::{NodeEndpoints, Resource, resource};
+use kubenft_proto::v1::{IpFamily, NodeEndpoints, Resource, resource};
 
 use super::claims::Claims;
 use super::{
     ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, RefusedEndpoint, Specific,
-    endpoint_bucket, explain_port, node_endpoints_name, node_ips, node_rules,
+    endpoint_bucket, explain_port, missing_detector, node_endpoints_name, node_ips, node_rules,
     parse_node_endpoints_name, plan_service, port_rules,
 };
 use crate::cores;
@@ -549,6 +549,16 @@ impl Catalog {
         for port in names.iter().filter_map(|n| self.ports.get(n)) {
             notes.extend(explain_port(&port.plan, &site));
         }
+        // Only the families the Service uses: a single-stack cluster has no detector of the
+        // other family, and needs none.
+        let families: BTreeSet<IpFamily> = names
+            .iter()
+            .filter_map(|n| self.ports.get(n))
+            .map(|p| p.plan.family)
+            .collect();
+        let families: Vec<IpFamily> = families.into_iter().collect();
+        let node = self.nodes().get(&facts.name).map(|n| &**n);
+        notes.extend(missing_detector(&self.policy, node, &families));
         notes
     }
 }

@@ -2,7 +2,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 
-use kubenft_proto::v1::{IpFamily, Protocol, resource};
+use kubenft_proto::v1::{DetectLocalMode, IpFamily, Protocol, resource};
 
 use super::*;
 use crate::model::{Conditions, ServiceType, SlicePort};
@@ -113,6 +113,7 @@ fn node(name: &str, ips: &[&str]) -> NodeModel {
         internal_ips: ips.iter().map(|s| ip(s)).collect(),
         zone: None,
         deleting: false,
+        pod_cidrs: Vec::new(),
     }
 }
 
@@ -1031,4 +1032,153 @@ fn an_endpoint_at_a_cluster_ip_is_refused_and_the_rest_of_the_slice_kept() {
             "endpoints[4].addresses[0]"
         ]
     );
+}
+
+fn with_pod_cidrs(mut inputs: Inputs, name: &str, cidrs: &[&str]) -> Inputs {
+    let mut n = (*inputs.nodes[name]).clone();
+    n.pod_cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+    inputs.nodes.insert(name.into(), Arc::new(n));
+    inputs
+}
+
+fn detector(rules: &NodeRuleSet) -> (DetectLocalMode, Vec<String>, String) {
+    let n = node_of(rules);
+    (
+        DetectLocalMode::try_from(n.detect_local_mode).unwrap(),
+        n.local_pod_cidrs.clone(),
+        n.local_interface.clone(),
+    )
+}
+
+/// Each --detect-local-mode reaches every node's settings with its parameter: the cluster
+/// CIDRs everywhere, each node its own podCIDRs (none: no detector, said in inspection), or
+/// the interface name or prefix everywhere.
+#[test]
+fn the_local_traffic_detector_is_planned_per_mode() {
+    let web = svc("web", &["10.96.0.10"], &[("http", Protocol::Tcp, 80, None)]);
+    let inputs = inputs(vec![web.clone()], vec![]);
+    let inputs = with_pod_cidrs(inputs, "a", &["10.244.1.0/24", "fd00:244:1::/64"]);
+    let cluster = ClusterPolicy {
+        cluster_cidrs: vec![
+            "fd00:244::/32".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        ],
+        ..Default::default()
+    };
+    let c = catalog(cluster.clone(), &inputs);
+    for node in ["a", "b"] {
+        assert_eq!(
+            detector(&rules(&c, &facts(node))),
+            (
+                DetectLocalMode::ClusterCidr,
+                vec!["10.244.0.0/16".into(), "fd00:244::/32".into()],
+                String::new()
+            )
+        );
+        assert!(
+            c.explain(&facts(node), &web.id)
+                .iter()
+                .all(|n| !n.contains("detector"))
+        );
+    }
+
+    // A single-stack cluster's --cluster-cidr covers the families its Services use.
+    let v4_only = ClusterPolicy {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        ..Default::default()
+    };
+    let c = catalog(v4_only, &inputs);
+    assert!(
+        c.explain(&facts("a"), &web.id)
+            .iter()
+            .all(|n| !n.contains("detector"))
+    );
+    let c = catalog(ClusterPolicy::default(), &inputs);
+    let notes = c.explain(&facts("a"), &web.id).join("\n");
+    assert!(
+        notes.contains("ClusterCIDR: no --cluster-cidr of ipv4"),
+        "{notes}"
+    );
+
+    let node_cidr = ClusterPolicy {
+        detect_local: DetectLocal::NodeCidr,
+        ..cluster.clone()
+    };
+    let c = catalog(node_cidr.clone(), &inputs);
+    assert_eq!(
+        detector(&rules(&c, &facts("a"))),
+        (
+            DetectLocalMode::NodeCidr,
+            vec!["10.244.1.0/24".into(), "fd00:244:1::/64".into()],
+            String::new()
+        )
+    );
+    // Node b has no podCIDRs: nothing is local there (kube-proxy's detector for no CIDR).
+    assert_eq!(
+        detector(&rules(&c, &facts("b"))),
+        (DetectLocalMode::NodeCidr, vec![], String::new())
+    );
+    let notes = c.explain(&facts("b"), &web.id).join("\n");
+    assert!(
+        notes.contains("NodeCIDR") && notes.ends_with("no spec.podCIDRs of ipv4: no local-traffic detector there (traffic to ClusterIPs is not masqueraded, externalTrafficPolicy Local sends pods to local endpoints only)"),
+        "{notes}"
+    );
+    assert!(
+        c.explain(&facts("a"), &web.id)
+            .iter()
+            .all(|n| !n.contains("podCIDRs"))
+    );
+
+    for (policy, mode, name) in [
+        (
+            DetectLocal::BridgeInterface(InterfaceName::new("cbr0").unwrap()),
+            DetectLocalMode::BridgeInterface,
+            "cbr0",
+        ),
+        (
+            DetectLocal::InterfaceNamePrefix(InterfaceName::new("eni").unwrap()),
+            DetectLocalMode::InterfaceNamePrefix,
+            "eni",
+        ),
+    ] {
+        let c = catalog(
+            ClusterPolicy {
+                detect_local: policy,
+                ..cluster.clone()
+            },
+            &inputs,
+        );
+        for node in ["a", "b", "unknown"] {
+            assert_eq!(
+                detector(&rules(&c, &facts(node))),
+                (mode, vec![], name.to_string())
+            );
+        }
+    }
+}
+
+/// In NodeCIDR mode a node's pod CIDRs are part of its own settings: when they change (or
+/// arrive), that node's `node` resource changes and no other node's rule set does.
+#[test]
+fn pod_cidrs_changing_change_only_that_nodes_settings() {
+    let web = svc("web", &["10.96.0.10"], &[("http", Protocol::Tcp, 80, None)]);
+    let before = with_pod_cidrs(inputs(vec![web], vec![]), "a", &["10.244.1.0/24"]);
+    let policy = Arc::new(ClusterPolicy {
+        detect_local: DetectLocal::NodeCidr,
+        ..Default::default()
+    });
+    let old = Catalog::build(policy.clone(), &before, None);
+    let after = with_pod_cidrs(before.clone(), "b", &["10.244.2.0/24"]);
+    let new = Catalog::build(policy, &after, Some(&old));
+    let (a0, a1) = (rules(&old, &facts("a")), rules(&new, &facts("a")));
+    let (b0, b1) = (rules(&old, &facts("b")), rules(&new, &facts("b")));
+    assert_eq!(a0.system_version, a1.system_version);
+    assert_ne!(b0.system_version, b1.system_version);
+    assert_eq!(node_of(&b1).local_pod_cidrs, ["10.244.2.0/24"]);
+    let changed: Vec<String> = b1
+        .iter()
+        .filter(|r| b0.get(&r.name).map(|o| &o.version) != Some(&r.version))
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(changed, [NODE_RESOURCE]);
 }

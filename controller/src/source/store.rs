@@ -77,7 +77,10 @@ impl Batch {
         }
         for node in &objects.nodes {
             match model::node(node) {
-                Ok(m) => batch.nodes.push(Arc::new(m)),
+                Ok((m, problems)) => {
+                    batch.rejections.extend(problems);
+                    batch.nodes.push(Arc::new(m));
+                }
                 Err(r) => batch.rejections.push(r),
             }
         }

@@ -508,7 +508,7 @@ async fn unknown_state_applies_a_full_reconcile_without_deleting_the_table() {
 async fn node_rules_change_rewrites_only_dependent_chains() {
     let f = Fixture::synced();
     let rules = v1::NodeRules {
-        cluster_cidrs: vec!["10.1.0.0/16".into()],
+        local_pod_cidrs: vec!["10.1.0.0/16".into()],
         node_port_ips: vec!["192.168.50.3".into()],
         ..Default::default()
     };
@@ -527,9 +527,69 @@ async fn node_rules_change_rewrites_only_dependent_chains() {
             "flush chain np-local"
         ]
     );
-    assert!(last.contains(&"add element cluster-cidrs { 10.1.0.0/16 }".to_string()));
+    assert!(last.contains(&"add element local-pod-cidrs { 10.1.0.0/16 }".to_string()));
     assert!(last.contains(&"add element nodeport-ips { 192.168.50.3 }".to_string()));
     assert!(!last.iter().any(|l| l.contains("ip6")));
+}
+
+/// Switching --detect-local-mode is one transaction like any other: it rewrites the four
+/// chains that test for local traffic (both families, since an interface match applies to
+/// both), empties the CIDR set, and touches no Service element and no table.
+#[tokio::test]
+async fn a_detect_local_mode_change_rewrites_only_the_detecting_chains() {
+    let f = Fixture::synced();
+    let r = svc(
+        "a",
+        port_rules("10.96.0.10", vec![ep("10.1.0.1", 8080, false)]),
+    );
+    let cidr = v1::NodeRules {
+        local_pod_cidrs: vec!["10.1.0.0/16".into()],
+        detect_local_mode: v1::DetectLocalMode::ClusterCidr as i32,
+        ..Default::default()
+    };
+    f.apply(change(1, vec![node(cidr), r], &[])).await.unwrap();
+    let prefix = v1::NodeRules {
+        detect_local_mode: v1::DetectLocalMode::InterfaceNamePrefix as i32,
+        local_interface: "cali".into(),
+        ..Default::default()
+    };
+    f.apply(change(2, vec![node(prefix)], &[])).await.unwrap();
+    let last = f.last();
+    let flushed: Vec<&String> = last
+        .iter()
+        .filter(|l| l.starts_with("flush chain"))
+        .collect();
+    assert_eq!(
+        flushed,
+        [
+            "flush chain svc-cluster",
+            "flush chain svc-local",
+            "flush chain ext-local",
+            "flush chain np-local",
+            "flush chain ip6 kubenft svc-cluster",
+            "flush chain ip6 kubenft svc-local",
+            "flush chain ip6 kubenft ext-local",
+            "flush chain ip6 kubenft np-local"
+        ],
+        "{last:#?}"
+    );
+    for rule in [
+        r#"add rule svc-cluster iifname != "cali*" jump mark-for-masquerade"#,
+        r#"add rule ext-local iifname "cali*" ip daddr . meta l4proto . th dport vmap @ip-c-dispatch"#,
+        r#"add rule ip6 kubenft np-local iifname "cali*" meta l4proto . th dport vmap @np-c-dispatch"#,
+    ] {
+        assert!(last.contains(&rule.to_string()), "{rule} not in {last:#?}");
+    }
+    assert!(
+        last.contains(&"flush set local-pod-cidrs".to_string()),
+        "{last:#?}"
+    );
+    assert!(
+        !last
+            .iter()
+            .any(|l| l.contains("service-ips") || l.contains("table")),
+        "{last:#?}"
+    );
 }
 
 #[tokio::test]

@@ -50,7 +50,8 @@ impl EntryKind {
 /// Every set and map of a table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetId {
-    ClusterCidrs,
+    /// Sources that are this node's pods (the CIDR modes of local-traffic detection).
+    LocalPodCidrs,
     ServiceCidrs,
     NodePortIps,
     ClusterIps,
@@ -75,7 +76,7 @@ pub enum SetId {
 impl SetId {
     /// Every set and map declared with the table (endpoint slot maps come on demand).
     pub const ALL: [SetId; 16] = [
-        SetId::ClusterCidrs,
+        SetId::LocalPodCidrs,
         SetId::ServiceCidrs,
         SetId::NodePortIps,
         SetId::ClusterIps,
@@ -95,13 +96,16 @@ impl SetId {
 
     /// Sets and maps whose content is derived from NodeRules (flushed and refilled when it
     /// changes).
-    pub const NODE_SETS: [SetId; 3] =
-        [SetId::ClusterCidrs, SetId::ServiceCidrs, SetId::NodePortIps];
+    pub const NODE_SETS: [SetId; 3] = [
+        SetId::LocalPodCidrs,
+        SetId::ServiceCidrs,
+        SetId::NodePortIps,
+    ];
 
     pub fn is_map(self) -> bool {
         !matches!(
             self,
-            SetId::ClusterCidrs
+            SetId::LocalPodCidrs
                 | SetId::ServiceCidrs
                 | SetId::NodePortIps
                 | SetId::ClusterIps
@@ -117,7 +121,7 @@ impl SetId {
     pub fn declaration(self, family: Family) -> String {
         let a = family.addr_type();
         match self {
-            SetId::ClusterCidrs | SetId::ServiceCidrs => format!("type {a}; flags interval;"),
+            SetId::LocalPodCidrs | SetId::ServiceCidrs => format!("type {a}; flags interval;"),
             SetId::NodePortIps | SetId::ClusterIps => format!("type {a};"),
             SetId::Hairpin => format!("type {a} . {a};"),
             SetId::Generation => "typeof meta mark;".into(),
@@ -157,7 +161,7 @@ impl SetId {
 impl fmt::Display for SetId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SetId::ClusterCidrs => f.write_str("cluster-cidrs"),
+            SetId::LocalPodCidrs => f.write_str("local-pod-cidrs"),
             SetId::ServiceCidrs => f.write_str("service-cidrs"),
             SetId::NodePortIps => f.write_str("nodeport-ips"),
             SetId::ClusterIps => f.write_str("cluster-ips"),
@@ -450,7 +454,7 @@ pub enum NoEndpoint {
 /// One element of one set or map. The variant decides the set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Element {
-    ClusterCidr(IpNet),
+    LocalPodCidr(IpNet),
     ServiceCidr(IpNet),
     NodePortIp(IpAddr),
     Generation(u32),
@@ -480,7 +484,7 @@ pub enum Element {
 /// The identity of an element: its set and key, without the value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ElementKey {
-    ClusterCidr(IpNet),
+    LocalPodCidr(IpNet),
     ServiceCidr(IpNet),
     NodePortIp(IpAddr),
     Generation(u32),
@@ -503,7 +507,7 @@ pub enum ElementKey {
 impl Element {
     pub fn key(&self) -> ElementKey {
         match *self {
-            Element::ClusterCidr(n) => ElementKey::ClusterCidr(n),
+            Element::LocalPodCidr(n) => ElementKey::LocalPodCidr(n),
             Element::ServiceCidr(n) => ElementKey::ServiceCidr(n),
             Element::NodePortIp(a) => ElementKey::NodePortIp(a),
             Element::Generation(g) => ElementKey::Generation(g),
@@ -550,7 +554,7 @@ impl Element {
 impl ElementKey {
     pub fn set(&self) -> SetId {
         match self {
-            ElementKey::ClusterCidr(_) => SetId::ClusterCidrs,
+            ElementKey::LocalPodCidr(_) => SetId::LocalPodCidrs,
             ElementKey::ServiceCidr(_) => SetId::ServiceCidrs,
             ElementKey::NodePortIp(_) => SetId::NodePortIps,
             ElementKey::Generation(_) => SetId::Generation,
@@ -596,7 +600,7 @@ impl fmt::Display for EntryKey {
 impl fmt::Display for ElementKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ElementKey::ClusterCidr(n) | ElementKey::ServiceCidr(n) => n.fmt(f),
+            ElementKey::LocalPodCidr(n) | ElementKey::ServiceCidr(n) => n.fmt(f),
             ElementKey::NodePortIp(a) | ElementKey::ClusterIp(a) => a.fmt(f),
             ElementKey::Generation(g) => g.fmt(f),
             ElementKey::Hairpin(a) => write!(f, "{a} . {a}"),
@@ -628,7 +632,7 @@ impl fmt::Display for Element {
                 write!(f, " : goto {}", Chain::RejectChain)
             }
             Element::NoEndpoint(_, NoEndpoint::Drop) => f.write_str(" : drop"),
-            Element::ClusterCidr(_)
+            Element::LocalPodCidr(_)
             | Element::ServiceCidr(_)
             | Element::NodePortIp(_)
             | Element::Generation(_)

@@ -168,7 +168,7 @@ pub fn element_key(set: SetId, text: &str) -> Option<ElementKey> {
     let key = text.split_once(" : ").map_or(text, |(k, _)| k).trim();
     let f = fields(key);
     Some(match set {
-        SetId::ClusterCidrs => ElementKey::ClusterCidr(net(key)?),
+        SetId::LocalPodCidrs => ElementKey::LocalPodCidr(net(key)?),
         SetId::ServiceCidrs => ElementKey::ServiceCidr(net(key)?),
         SetId::NodePortIps => ElementKey::NodePortIp(addr(key)?),
         SetId::ClusterIps => ElementKey::ClusterIp(addr(key)?),
@@ -316,7 +316,7 @@ mod tests {
             port: Port::new(30053).unwrap(),
         };
         let elements = [
-            Element::ClusterCidr("10.244.0.0/16".parse().unwrap()),
+            Element::LocalPodCidr("10.244.0.0/16".parse().unwrap()),
             Element::ServiceCidr("fd00:96::/112".parse().unwrap()),
             Element::NodePortIp(a4),
             Element::Generation(42),
@@ -346,8 +346,8 @@ mod tests {
             Some(ElementKey::Generation(42))
         );
         assert_eq!(
-            element_key(SetId::ClusterCidrs, "10.0.0.1"),
-            Some(ElementKey::ClusterCidr("10.0.0.1/32".parse().unwrap()))
+            element_key(SetId::LocalPodCidrs, "10.0.0.1"),
+            Some(ElementKey::LocalPodCidr("10.0.0.1/32".parse().unwrap()))
         );
         assert_eq!(
             element_key(SetId::ServiceNodePorts, "6 . 30080 : goto np-cluster"),
@@ -399,7 +399,7 @@ mod tests {
             (SetId::ServiceIps, "10.96.0.10 . tcp . 0"),
             (SetId::ServiceIps, "10.96.0.10 . tcp"),
             (SetId::Hairpin, "10.0.0.1 . 10.0.0.2"),
-            (SetId::ClusterCidrs, "10.0.0.1-10.0.0.9"),
+            (SetId::LocalPodCidrs, "10.0.0.1-10.0.0.9"),
             (SetId::Sticky(slots()[0]), "10.0.0.1 . tcp . 80"),
             (SetId::ClusterIps, "x\n; flush ruleset"),
         ] {

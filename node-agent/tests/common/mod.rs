@@ -134,12 +134,14 @@ pub fn node_rules() -> v1::Resource {
         "node".into(),
         resource::Kind::Node(v1::NodeRules {
             node_name: "node-a".into(),
-            cluster_cidrs: vec!["10.244.0.0/16".into(), "fd00:10:244::/56".into()],
+            local_pod_cidrs: vec!["10.244.0.0/16".into(), "fd00:10:244::/56".into()],
             service_cidrs: vec!["10.96.0.0/16".into(), "fd00:10:96::/112".into()],
             node_port_ips: vec!["192.168.50.3".into(), "fd00:50::3".into()],
             node_port_all_addresses: false,
             masquerade_all: false,
             deleting: false,
+            detect_local_mode: v1::DetectLocalMode::ClusterCidr as i32,
+            local_interface: String::new(),
         }),
     )
 }

@@ -74,12 +74,18 @@ impl Cluster {
     /// unallocated Service IP) dies in routing with "network unreachable" before the
     /// filter forward hook where the proxy rejects or drops it, as in kube-proxy.
     pub fn lab(nodes: &[&str]) -> Lab {
-        let lab = Lab::new(LabConfig {
+        Self::lab_with(LabConfig {
             nodes: nodes.iter().map(|n| (*n).into()).collect(),
             ..Default::default()
         })
-        .unwrap_or_else(|e| panic!("building the lab: {e}"));
-        for n in nodes {
+    }
+
+    /// [`Cluster::lab`] from a full configuration (e.g. a node whose pods sit behind a
+    /// bridge).
+    pub fn lab_with(config: LabConfig) -> Lab {
+        let nodes: Vec<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
+        let lab = Lab::new(config).unwrap_or_else(|e| panic!("building the lab: {e}"));
+        for n in &nodes {
             for argv in [
                 &["ip", "route", "add", "default", "via", "192.168.50.2"][..],
                 &["ip", "-6", "route", "add", "default", "via", "fd00:50::2"][..],
