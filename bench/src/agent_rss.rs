@@ -70,17 +70,22 @@ async fn feed(
         if tx.send(Ok(msg)).await.is_err() {
             return;
         }
-        match inbound.message().await {
-            Ok(Some(AgentMessage {
-                message: Some(agent_message::Message::Ack(_)),
-            })) => {}
-            Ok(Some(AgentMessage {
-                message: Some(agent_message::Message::Nack(n)),
-            })) => {
-                println!("nacked {}", n.error.replace('\n', " "));
-                return;
+        // The agent also reports its data plane's state (DataplaneStatus) whenever it
+        // changes: only an Ack or a Nack answers the change.
+        loop {
+            match inbound.message().await {
+                Ok(Some(AgentMessage {
+                    message: Some(agent_message::Message::Ack(_)),
+                })) => break,
+                Ok(Some(AgentMessage {
+                    message: Some(agent_message::Message::Nack(n)),
+                })) => {
+                    println!("nacked {}", n.error.replace('\n', " "));
+                    return;
+                }
+                Ok(Some(_)) => continue,
+                _ => return,
             }
-            _ => return,
         }
     }
     println!("acked {}", started.elapsed().as_millis());
