@@ -88,12 +88,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     kubenft_tls::serve_http(listener, router, LIMITS, shutdown, move |r| {
-        if r.reason == "connection_limit" {
-            metrics.http_refused.inc();
-            tracing::debug!(peer = %r.peer, "HTTP: refused a connection: too many open");
-        } else {
-            tracing::debug!(peer = %r.peer, reason = r.reason, error = %r.error, "HTTP: closed a connection");
-        }
+        metrics
+            .http_refused
+            .get_or_create(&crate::metrics::ReasonLabels { reason: r.reason })
+            .inc();
+        // At debug: a flood would otherwise flood the log too.
+        tracing::debug!(peer = %r.peer, reason = r.reason, error = %r.error, "HTTP: refused or closed a connection");
     })
     .await
 }

@@ -74,8 +74,9 @@ pub struct Metrics {
     /// Streams closed because a change was neither acknowledged nor refused within its
     /// deadline (the agent reconnects and resumes; a slot for large changes is released).
     pub ack_timeouts: Counter,
-    /// HTTP connections closed at once because the port had its maximum open.
-    pub http_refused: Counter,
+    /// HTTP connections refused or closed by the port's bounds, by reason
+    /// (`connection_limit`, `header_timeout`, `headers_too_large`, `bad_request`).
+    pub http_refused: Family<ReasonLabels, Counter>,
     pub source_updates: Counter,
     pub rejected_objects: Gauge,
     /// Seconds from sending a change to its acknowledgement.
@@ -155,7 +156,7 @@ impl Metrics {
         let nacks = Counter::default();
         let nack_retries = Counter::default();
         let ack_timeouts = Counter::default();
-        let http_refused = Counter::default();
+        let http_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "ack_timeouts",
             "Agent streams closed because a change was neither acknowledged nor refused within its deadline",
@@ -163,7 +164,7 @@ impl Metrics {
         );
         registry.register(
             "http_connections_refused",
-            "HTTP connections closed at once because the port had its maximum open",
+            "HTTP connections refused or closed by the port's bounds, by reason: the port had its maximum open (connection_limit), no request within the header timeout, headers too large, a request that does not parse",
             http_refused.clone(),
         );
         let source_updates = Counter::default();

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kubenft_lab::flood::{CallReport, ConnReport, HeldReport, IdleReport, reports, wait_report};
-use kubenft_lab::topology::{AGENT_GRPC_PORT, CONTROLLER_GRPC_PORT, CP_V4, EXT_V4};
+use kubenft_lab::topology::{
+    AGENT_GRPC_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_HTTP_PORT, CP_V4, EXT_V4,
+};
 use kubenft_lab::{Cond, Host, Process, Proto, Service, Slice, wait_until};
 
 /// The agent's ports in the lab: (metric label, address inside node a's namespace).
@@ -24,6 +26,8 @@ const AGENT_PORTS: [(&str, &str); 3] = [
 ];
 /// Connections each agent port holds at once (`node-agent/src/inspect.rs`, `http.rs`).
 const AGENT_PORT_CONNECTIONS: usize = 32;
+/// Connections the controller's HTTP port holds at once (`controller/src/http.rs`).
+const CONTROLLER_HTTP_CONNECTIONS: usize = 64;
 /// The gRPC handshake timeout and the HTTP header read timeout, as built.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 const HEADERS: Duration = Duration::from_secs(5);
@@ -111,10 +115,6 @@ fn controller_refused(c: &Cluster, reason: &str) -> u64 {
     )
 }
 
-fn stderr(p: &Process) -> String {
-    std::fs::read_to_string(p.stderr_path()).unwrap_or_default()
-}
-
 /// A ClusterIP Service `name` at `vip`:80 backed by `backends`.
 fn web(c: &Cluster, name: &str, vip_addr: &str, backends: &[kubenft_lab::Pod]) {
     let svc = Service::cluster_ip(name, vip_addr).port("http", 80, TCP, Proto::Tcp);
@@ -155,7 +155,7 @@ fn next_change_applies(c: &Cluster, name: &str, vip_addr: &str, backends: &[kube
 /// The agent's stream to the controller was never re-opened.
 fn agent_stream_undisturbed(c: &Cluster) {
     assert_eq!(
-        stderr(&c.controller).matches("agent connected").count(),
+        stderr_of(&c.controller).matches("agent connected").count(),
         1,
         "the agent's stream was re-opened\n{}",
         c.controller.log_tail(30)
@@ -231,7 +231,7 @@ fn idle_connections_to_the_agents_ports_are_bounded() {
         let n = agent_refused(&m, port, timed_out);
         assert!(n >= 1, "{port}: {timed_out} {n}\n{m}");
     }
-    let log = stderr(agent);
+    let log = stderr_of(agent);
     assert!(
         log.lines().any(|l| l.contains("refused a connection")
             && l.contains("127.0.0.1:")
@@ -690,4 +690,124 @@ fn keepalive_closes_a_connection_whose_peer_went_silent() {
         "the agent lost its stream"
     );
     agent_stream_undisturbed(&c);
+}
+
+/// The controller's HTTP port (`/healthz`, `/livez`, `/readyz`, `/metrics`): 2,000 idle
+/// connections from outside: the port holds at most its 64 (the rest are refused at once)
+/// and closes them at the header timeout. Then garbage, a 100 MB body, a 100 MB header and a
+/// slowloris client at once: garbage is answered 400, the big body 413 and the big header
+/// 431 long before they are all sent, the slowloris client is closed at the header timeout; every refusal is counted by reason; the controller's
+/// descriptors and memory come back down, and the real agents keep their streams and apply
+/// their next change.
+#[test]
+fn the_controllers_http_port_is_bounded() {
+    let (c, backends) = cluster();
+    let before = usage(&c.controller);
+    let to = format!("{CP_V4}:{CONTROLLER_HTTP_PORT}");
+    let spawn = |name: &str, args: &[&str]| {
+        c.lab
+            .spawn_flood(name, Host::External, args)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let idle = spawn(
+        "idle-http",
+        &["idle", "--to", &to, "--count", "2000", "--cap-ms", "20000"],
+    );
+    let open: IdleReport =
+        wait_report(&idle, START * 2, |r: &IdleReport| r.phase == "open").unwrap();
+    assert_eq!((open.opened, open.failed), (2000, 0), "{open:?}");
+    let during = busiest(&c.controller, 5, Duration::from_millis(200));
+    next_change_applies(&c, "web2", "10.96.0.81", &backends);
+    let done: IdleReport = wait_report(&idle, HEADERS + SLACK * 3, |r: &IdleReport| {
+        r.phase == "done"
+    })
+    .unwrap();
+    eprintln!("idle: {done:?}");
+    assert_eq!(done.still_open, 0, "{done:?}");
+    assert!(
+        Duration::from_millis(done.longest_ms) <= HEADERS + SLACK,
+        "held past the header timeout: {done:?}"
+    );
+    // The port is free again: the other hostile clients, all at once.
+    let mut runs = vec![
+        ("garbage", spawn("garbage-http", &["garbage", "--to", &to])),
+        (
+            "slowloris",
+            spawn("slow-http", &["slowloris", "--to", &to, "--kind", "http"]),
+        ),
+    ];
+    for what in ["body", "headers"] {
+        runs.push((
+            what,
+            spawn(
+                &format!("big-{what}-http"),
+                &[
+                    "http-big",
+                    "--to",
+                    &to,
+                    "--what",
+                    what,
+                    "--bytes",
+                    "104857600",
+                ],
+            ),
+        ));
+    }
+    for (what, p) in &runs {
+        wait_until(HEADERS + SLACK * 3, POLL, || {
+            Ok::<_, String>(!p.is_running())
+        })
+        .unwrap_or_else(|e| panic!("{what}: still running: {e}"));
+        let r: Vec<ConnReport> = reports(p);
+        eprintln!("{what}: {r:?}");
+        let r = &r[0];
+        assert!(r.closed, "{what}: not closed: {r:?}");
+        match *what {
+            "garbage" => assert!(r.answer.starts_with("HTTP/1.1 400"), "{r:?}"),
+            "slowloris" => assert!(
+                Duration::from_millis(r.closed_after_ms) <= HEADERS + SLACK,
+                "{r:?}"
+            ),
+            big => {
+                let status = if big == "body" { "413" } else { "431" };
+                assert!(r.answer.contains(status), "{big}: {r:?}");
+                assert!(r.sent < 100 << 20, "{big}: all 100 MB taken: {r:?}");
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = usage(&c.controller);
+    eprintln!("controller before {before:?}, during {during:?}, after {after:?}");
+    assert!(
+        during.fds <= before.fds + CONTROLLER_HTTP_CONNECTIONS + FD_SLACK,
+        "descriptors during: {during:?} (before: {before:?})"
+    );
+    assert!(
+        after.fds <= before.fds + FD_SLACK,
+        "{after:?} (before {before:?})"
+    );
+    assert!(after.peak_kb <= CONTROLLER_PEAK_KB, "{after:?}");
+    assert!(
+        after.rss_kb <= before.rss_kb + CONTROLLER_GROWTH_KB,
+        "{after:?} (before {before:?})"
+    );
+    let (_, m) = c.http_get(Host::ControlPlane, &format!("http://{to}/metrics"));
+    for reason in [
+        "connection_limit",
+        "header_timeout",
+        "headers_too_large",
+        "bad_request",
+    ] {
+        let series =
+            format!("kubenft_controller_http_connections_refused_total{{reason=\"{reason}\"}}");
+        assert!(metric(&m, &series) >= 1, "{series}\n{m}");
+    }
+    assert!(
+        metric(
+            &m,
+            "kubenft_controller_http_connections_refused_total{reason=\"connection_limit\"}"
+        ) >= 1900
+    );
+    agent_stream_undisturbed(&c);
+    next_change_applies(&c, "web3", "10.96.0.82", &backends);
 }
