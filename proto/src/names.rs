@@ -124,4 +124,14 @@ mod tests {
         assert!(endpoint_bucket(&ip) < ENDPOINT_BUCKETS);
         assert_eq!(endpoint_bucket(&ip), endpoint_bucket(&ip));
     }
+
+    /// Known answers: every replica and release must put an endpoint address in the same
+    /// bucket (the bucket is part of a resource's name on the stream).
+    #[test]
+    fn buckets_are_stable_across_releases() {
+        for (ip, bucket) in [("10.244.1.5", 1), ("fd00::5", 7), ("0.0.0.0", 5)] {
+            assert_eq!(endpoint_bucket(&ip.parse().unwrap()), bucket, "{ip}");
+        }
+        assert_eq!(node_endpoints_name(7), "node-endpoints/7");
+    }
 }

@@ -110,4 +110,25 @@ mod tests {
             system_version([("a", "1"), ("b", "3")])
         );
     }
+
+    /// Known answers: a resource's version, a version term and a system version must be the
+    /// same in every replica and every release that speaks this protocol (an agent adopting
+    /// its state after an upgrade compares them). A change here is a protocol change.
+    #[test]
+    fn versions_are_stable_across_releases() {
+        let node = resource::Kind::Node(NodeRules {
+            node_name: "a".into(),
+            ..Default::default()
+        });
+        assert_eq!(resource_version(&node), "10c22081c8253357");
+        assert_eq!(
+            version_term("default/web/TCP/http/4", "0123456789abcdef"),
+            10_849_791_958_191_755_980
+        );
+        assert_eq!(
+            system_version([("node", "1"), ("default/web/TCP/http/4", "2")]),
+            "5d83d6259008685d"
+        );
+        assert_eq!(system_version([]), "0000000000000000");
+    }
 }
