@@ -1,13 +1,14 @@
 //! The baseline: the ruleset kube-proxy's nftables mode generates for the same workload
-//! (reference `kube-proxy-nftables.md` §2), rendered as nft text.
+//! (docs/semantics.md §2), rendered as nft text.
 //!
 //! Per Service port a `service-<hash>-ns/svc/tcp/http` chain (masquerade for off-cluster
 //! sources, then `numgen random mod 10 vmap { … }`), per endpoint an `endpoint-<hash>-…__ip/port`
 //! chain (hairpin masquerade, `dnat`), the `service-ips` vmap and the `cluster-ips` set. The
-//! workload has no session affinity, so no affinity sets (the 214 s figure in DESIGN.md §5
-//! included 10% affinity Services). A one-endpoint change is what kube-proxy's partial sync
-//! sends (§4): new endpoint chain, service chain flushed and rewritten, the old endpoint chain
-//! flushed (kube-proxy deletes it ≥ 1 s later in a second transaction, not timed here).
+//! workload has no session affinity, so no affinity sets (the 214 s figure in
+//! docs/decisions/0001-services-as-set-elements.md included 10% affinity Services). A
+//! one-endpoint change is what kube-proxy's partial sync sends (docs/semantics.md §4): new
+//! endpoint chain, service chain flushed and rewritten, the old endpoint chain flushed
+//! (kube-proxy deletes it ≥ 1 s later in a second transaction, not timed here).
 
 use std::fmt::Write as _;
 

@@ -1,4 +1,4 @@
-//! Command line (DESIGN.md §3). Invalid values are refused at start with the flag's name.
+//! Command line (docs/contract.md §3). Invalid values are refused at start with the flag's name.
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;

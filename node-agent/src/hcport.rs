@@ -1,6 +1,6 @@
 //! Health-check node ports: for every LoadBalancer Service with externalTrafficPolicy Local,
 //! an HTTP server on its `healthCheckNodePort` that tells load balancers whether this node has
-//! ready local endpoints, exactly as kube-proxy answers (reference row 17).
+//! ready local endpoints, exactly as kube-proxy answers (docs/semantics.md row 17).
 //!
 //! Servers follow the applied state: after every commit [`HealthCheckPorts::sync`] opens the
 //! ports that appeared, closes the ones that went away and updates the counts in place.

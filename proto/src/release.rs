@@ -1,10 +1,11 @@
 //! What this build is, and which rule-stream protocol it speaks: one place for both
 //! binaries' `--version`, the agent's Hello and both inspection services.
 //!
-//! The version-skew rule (ARCHITECTURE.md): releases do not have to match, protocols do. A
-//! controller accepts agents speaking [`OLDEST_AGENT_PROTOCOL`] to [`PROTOCOL_VERSION`] (its
-//! own and, once there is one, the one before), so controllers are upgraded first and agents
-//! may lag one protocol behind, never lead. Any other agent is refused before anything is sent.
+//! The version-skew rule (docs/controller.md, "Releases, protocols and version skew"):
+//! releases do not have to match, protocols do. A controller accepts agents speaking
+//! [`OLDEST_AGENT_PROTOCOL`] to [`PROTOCOL_VERSION`] (its own and, once there is one, the one
+//! before), so controllers are upgraded first and agents may lag one protocol behind, never
+//! lead. Any other agent is refused before anything is sent.
 
 /// The release, as in Cargo.toml.
 pub const RELEASE: &str = env!("CARGO_PKG_VERSION");

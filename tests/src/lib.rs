@@ -5,8 +5,8 @@
 //! judges them (which pod answered, which source address it saw, refused versus timed out).
 //! This crate builds that world from `ip netns` namespaces — a fabric bridge, a control-plane
 //! host, nodes with routed pods, an external client — and runs the real `kubenft-controller`,
-//! `kubenft-agent` and the `kubenft-echo` test server in it (DESIGN.md §6, and
-//! reference/testing-and-operations.md §4.3).
+//! `kubenft-agent` and the `kubenft-echo` test server in it (docs/contract.md §6,
+//! docs/behaviours.md §4.3).
 //!
 //! Design rules that shape the API:
 //! - Everything is bounded: every command runs with a timeout ([`netns::run`]), every wait is

@@ -1,12 +1,12 @@
 //! The lab itself: a fabric, a control-plane host, nodes, routed pods and an external client,
 //! each a network namespace, plus the processes running in them.
 //!
-//! Why this shape (reference/testing-and-operations.md §4.3):
+//! Why this shape (docs/behaviours.md §4.3):
 //! - Every node is its own namespace, so it has its own nftables ruleset and conntrack table
 //!   and node-local semantics (ETP/ITP=Local, stale UDP conntrack) are real.
 //! - Pods are routed point-to-point (a /32 and /128 route per veth, the `ptp`/Calico shape),
 //!   not bridged: with br_netfilter loaded on this host, bridged hairpin traffic is
-//!   misrouted (gotcha 1), and a routed pod network keeps the proxy the only variable. A node
+//!   misrouted (docs/behaviours.md §4.2, gotcha 1), and a routed pod network keeps the proxy the only variable. A node
 //!   built with [`NodeConfig::pod_bridge`] puts its pods behind a bridge instead, [`POD_BRIDGE`]
 //!   with `hairpin on` on every port (kubelet's hairpin-veth), as bridge CNIs do: for
 //!   `--detect-local-mode BridgeInterface`.

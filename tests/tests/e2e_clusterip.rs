@@ -1,5 +1,5 @@
 //! End to end through the real controller and agents: ClusterIP Services as a pod sees them.
-//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+//! Behaviour numbers refer to docs/behaviours.md §5.
 
 mod common;
 

@@ -2,7 +2,7 @@
 //! keeps one source port sees them — moved off a replaced endpoint, refused rather than
 //! blackholed, never stuck on an entry that bypassed the proxy, and never disturbed by changes
 //! to other Services or an agent restart.
-//! Behaviour numbers refer to reference/testing-and-operations.md §5 (29 itself is
+//! Behaviour numbers refer to docs/behaviours.md §5 (29 itself is
 //! `stale_udp_conntrack_entries_are_cleaned` in e2e_lb.rs).
 //!
 //! The clients here are real looping processes (a bounded bash loop of `kubenft-echo probe`

@@ -2,8 +2,8 @@
 //! hairpin with several endpoints, internalTrafficPolicy Local, endpoint conditions (not
 //! ready, terminating fallback, terminating and not serving), topology hints and
 //! host-network endpoints.
-//! Behaviour numbers refer to reference/testing-and-operations.md §5; "row N" to the rows of
-//! reference/kube-proxy-nftables.md §1.
+//! Behaviour numbers refer to docs/behaviours.md §5; "row N" to the rows of
+//! docs/semantics.md §1.
 
 mod common;
 

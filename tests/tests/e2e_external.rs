@@ -1,8 +1,8 @@
 //! End to end through the real controller and agents: externalIPs and load-balancer ingress
 //! IPs (both traffic policies, `ipMode: Proxy`), ClientIP affinity on the external addresses,
 //! and who gets masqueraded (with and without `--cluster-cidr`, with `--masquerade-all`).
-//! Behaviour numbers refer to reference/testing-and-operations.md §5; rows to
-//! reference/kube-proxy-nftables.md §1.
+//! Behaviour numbers refer to docs/behaviours.md §5; rows to
+//! docs/semantics.md §1.
 //!
 //! External addresses (203.0.113.0/24) are only ever destinations routed inside the lab: ext
 //! gets a /32 route to them via a node, and a packet the proxy does not DNAT follows the nodes'
@@ -356,7 +356,7 @@ fn lb_ip_is_served_and_masqueraded_while_proxy_mode_ip_is_not_programmed() {
     }
 }
 
-/// §5.36 and §5.14-like, rows 7 and 9 (kube-proxy-nftables.md §5 item 1): ETP=Local on an
+/// §5.36 and §5.14-like, rows 7 and 9 (docs/semantics.md §5 item 1): ETP=Local on an
 /// externalIP and an LB IP whose only endpoint is on node b. Ext routed via node b reaches it
 /// with its own address; routed via node a (no local endpoint) it is dropped (timeout). A pod
 /// on node a still reaches both, short-circuited to the cluster endpoints without SNAT
@@ -457,7 +457,7 @@ fn client_ip_affinity_sticks_on_external_ip_lb_ip_and_nodeport() {
     }
 }
 
-/// Row 14 and §5 item 3 of kube-proxy-nftables.md: ClusterIP traffic from outside the
+/// Row 14 and §5 item 3 of docs/semantics.md: ClusterIP traffic from outside the
 /// cluster CIDR — the node's host network, ext routed to the ClusterIP via the node — is
 /// masqueraded; a pod's is not. internalTrafficPolicy Local changes none of that.
 #[test]

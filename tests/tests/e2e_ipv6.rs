@@ -2,7 +2,7 @@
 //! dual-stack Services (`ipFamilies` [IPv6], [IPv4, IPv6] and [IPv6, IPv4]) — scenarios 1, 2,
 //! 7, 11, 14, 17, 24 and 29 on the IPv6 ClusterIPs and the nodes' IPv6 addresses — and each
 //! family's health and metrics reported separately.
-//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+//! Behaviour numbers refer to docs/behaviours.md §5.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! End to end through the real controller and agents: LoadBalancer source ranges,
 //! health-check node ports and stale UDP conntrack entries.
-//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+//! Behaviour numbers refer to docs/behaviours.md §5.
 
 mod common;
 

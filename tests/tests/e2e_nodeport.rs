@@ -1,6 +1,6 @@
 //! End to end through the real controller and agents: NodePorts from outside the cluster
 //! and from the nodes themselves, with both externalTrafficPolicy values.
-//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+//! Behaviour numbers refer to docs/behaviours.md §5.
 
 mod common;
 

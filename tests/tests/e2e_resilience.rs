@@ -1,7 +1,7 @@
 //! End to end through the real controller and agents: what users see while the agent
 //! crashes, while the controller is away, when the kernel refuses a transaction (once, or
 //! every time), and when its state file is corrupted.
-//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+//! Behaviour numbers refer to docs/behaviours.md §5.
 
 mod common;
 

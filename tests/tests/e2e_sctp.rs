@@ -1,5 +1,5 @@
-//! End to end through the real controller and agents: SCTP Services (reference
-//! kube-proxy-nftables.md row 20).
+//! End to end through the real controller and agents: SCTP Services (row 20 of
+//! docs/semantics.md §1).
 //!
 //! This CI kernel has SCTP conntrack and NAT but no SCTP sockets, so the echo tool speaks
 //! SCTP through raw sockets there: a real INIT answered by a real INIT-ACK that carries the

@@ -1,7 +1,7 @@
 //! End to end through the real controller and agents: what happens to traffic when a Service
 //! changes shape — its ports and protocols, its type, its labels — and the edges of what is
 //! served (NodePort addresses, Service CIDR holes, large payloads, services sharing pods).
-//! Behaviour numbers refer to reference/testing-and-operations.md §5.
+//! Behaviour numbers refer to docs/behaviours.md §5.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Mutual TLS and node identity (DESIGN.md §3), with real certificates, the real binaries,
+//! Mutual TLS and node identity (docs/contract.md §3), with real certificates, the real binaries,
 //! grpcurl and `openssl s_client`: impostors and clients without a valid certificate are
 //! refused before anything is sent, and never disturb the real agent of the node; rotated
 //! certificates are used by new handshakes without dropping a stream or re-applying rules.

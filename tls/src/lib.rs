@@ -1,5 +1,6 @@
-//! Mutual TLS for kubenft's gRPC ports (DESIGN.md §3), with rustls and the ring provider only
-//! (the one kube uses: a second provider in the tree makes rustls panic at run time).
+//! Mutual TLS for kubenft's gRPC ports (docs/contract.md §3, docs/trust.md), with rustls and
+//! the ring provider only (the one kube uses: a second provider in the tree makes rustls panic
+//! at run time).
 //!
 //! - A server ([`ServerTls`]) holds its certificate, key and client CA as read from files, and
 //!   re-reads them when a file changes ([`ServerTls::watch`] polls their inode, size and

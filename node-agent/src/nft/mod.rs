@@ -1,10 +1,11 @@
 //! A typed nftables transaction builder and its runners.
 //!
 //! The agent writes nft *text* and pipes it to `nft -f -` (as knftables does): the nftables crate
-//! cannot express verdict maps and drops nft's error text (see ARCHITECTURE.md). To keep that
-//! text safe, it is only ever produced from the typed objects below: table, set, chain and
-//! element names are enums, values are parsed addresses, ports and protocols, and rules are
-//! built by [`crate::render`] alone. A [`Transaction`] renders with `Display`.
+//! cannot express verdict maps and drops nft's error text (see
+//! docs/decisions/0002-nft-text-through-nft-i.md). To keep that text safe, it is only ever
+//! produced from the typed objects below: table, set, chain and element names are enums,
+//! values are parsed addresses, ports and protocols, and rules are built by [`crate::render`]
+//! alone. A [`Transaction`] renders with `Display`.
 
 mod exec;
 pub mod monitor;
