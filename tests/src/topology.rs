@@ -509,22 +509,7 @@ impl Lab {
                 "net.ipv4.conf.default.send_redirects=0",
             ],
         )?;
-        netns::ip(
-            Some(&node.ns),
-            &["addr", "add", &format!("{POD_GW_V4}/32"), "dev", POD_BRIDGE],
-        )?;
-        netns::ip(
-            Some(&node.ns),
-            &[
-                "addr",
-                "add",
-                &format!("{POD_GW_V6}/64"),
-                "dev",
-                POD_BRIDGE,
-                "nodad",
-            ],
-        )?;
-        netns::ip(Some(&node.ns), &["link", "set", POD_BRIDGE, "up"])
+        self.routed_veth(node, POD_BRIDGE)
     }
 
     fn ns_name(&self, suffix: &str) -> String {
@@ -758,7 +743,7 @@ impl Lab {
         Ok(pod)
     }
 
-    /// A routed pod veth: the pods' gateway addresses on it.
+    /// A routed pod veth (or the pods' bridge): the pods' gateway addresses on it, up.
     fn routed_veth(&self, node: &Node, veth: &str) -> Result<()> {
         netns::ip(
             Some(&node.ns),
