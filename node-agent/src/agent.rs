@@ -141,21 +141,13 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
     };
     let grpc = match listen("--grpc-listen", cfg.grpc_listen).await {
         Ok(g) => g,
-        Err(e) => {
-            cancel.cancel();
-            finish(tasks, &cancel).await?;
-            return Err(e);
-        }
+        Err(e) => return abort(tasks, &cancel, e).await,
     };
     // The API server, for the certificate and the controllers' addresses, if used.
     let client = if cfg.controller_service.is_some() || cfg.cert_dir.is_some() {
         match crate::apiserver::client(cfg.kubeconfig.as_deref()).await {
             Ok(c) => Some(c),
-            Err(e) => {
-                cancel.cancel();
-                finish(tasks, &cancel).await?;
-                return Err(e.into());
-            }
+            Err(e) => return abort(tasks, &cancel, e.into()).await,
         }
     } else {
         None
@@ -238,20 +230,12 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
                 });
             }
             Ok(None) => return finish(tasks, &cancel).await,
-            Err(e) => {
-                cancel.cancel();
-                finish(tasks, &cancel).await?;
-                return Err(e);
-            }
+            Err(e) => return abort(tasks, &cancel, e).await,
         }
     }
     let inspect_tls = match load_tls(&cfg) {
         Ok(t) => t,
-        Err(e) => {
-            cancel.cancel();
-            finish(tasks, &cancel).await?;
-            return Err(e);
-        }
+        Err(e) => return abort(tasks, &cancel, e).await,
     };
     let (c, m) = (cancel.clone(), metrics.clone());
     tasks.spawn(async move { Ok(inspect::serve(grpc, inspect_tls, inspect, m, c).await?) });
@@ -293,6 +277,17 @@ async fn certificate(
         return Ok(None);
     };
     Ok(Some(certs.renew(due, cancel.clone())))
+}
+
+/// A start-up step failed: stops every task started so far, then returns `error`.
+async fn abort(
+    tasks: JoinSet<Result<(), AgentError>>,
+    cancel: &CancellationToken,
+    error: AgentError,
+) -> Result<(), AgentError> {
+    cancel.cancel();
+    finish(tasks, cancel).await?;
+    Err(error)
 }
 
 /// Waits for every task; the first to end stops the others. The first error is returned.
