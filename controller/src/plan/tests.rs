@@ -8,6 +8,8 @@ use super::*;
 use crate::model::{Conditions, ServiceType, SlicePort};
 use crate::view::NodeRuleSet;
 
+mod incremental;
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }

@@ -10,6 +10,8 @@ use crate::metrics::Metrics;
 use crate::nft::{Command, FakeNft, Nft, TableName, Transaction};
 use crate::state::{AppliedState, testdir::TestDir};
 
+mod diff_property;
+
 pub(crate) fn ep(ip: &str, port: u32, local: bool) -> v1::Endpoint {
     v1::Endpoint {
         ip: ip.into(),
