@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Desired state is level-triggered: a stream task only ever looks at the latest rule set, so
-//! a slow agent gets one merged change, never a backlog.
+//! a slow agent gets one merged change, never a backlog. It is computed without the hub's lock
+//! and published whole, so nobody waits for a replan to read it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -78,15 +79,22 @@ impl NodeStatus {
     }
 }
 
+/// One node: its published desired rule set, the facts it is planned from, and its status,
+/// each behind its own lock so that none waits for another.
 struct NodeEntry {
-    facts: NodeFacts,
+    /// The latest desired rule set, published whole: readers never wait for a plan.
     desired: watch::Sender<Arc<NodeRuleSet>>,
-    status: NodeStatus,
+    /// Held while this node alone is planned, so that its plans are published in the order
+    /// they were made (never an older catalog's over a newer one).
+    facts: Mutex<NodeFacts>,
+    /// Held only to read or write a field or two.
+    status: Mutex<NodeStatus>,
 }
 
-struct State {
+/// Which nodes exist and the catalog they are planned from: held only to look up or swap.
+struct Directory {
     catalog: Arc<Catalog>,
-    nodes: BTreeMap<String, NodeEntry>,
+    nodes: BTreeMap<String, Arc<NodeEntry>>,
     /// The source has delivered its first complete view.
     synced: bool,
     /// Agent streams opened so far (numbers them).
@@ -102,22 +110,37 @@ pub struct AgentBuild {
     pub protocol: u32,
 }
 
+/// Called before each node is planned by a replan (tests hold a replan in progress with it).
+#[cfg(test)]
+type PlanHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Shared by the source task, every agent stream and the inspection service.
+///
+/// Planning happens without the hub's lock: a new catalog is built aside, swapped in, and each
+/// node's rule set is then planned under that node's own lock and published on its watch
+/// channel. Stream tasks and inspection only ever take short locks.
 pub struct Hub {
     policy: Arc<ClusterPolicy>,
-    state: Mutex<State>,
+    directory: Mutex<Directory>,
+    /// One replan at a time: each builds on the catalog before it.
+    replanning: Mutex<()>,
+    #[cfg(test)]
+    plan_hook: Mutex<Option<PlanHook>>,
 }
 
 impl Hub {
     pub fn new(policy: ClusterPolicy) -> Self {
         let policy = Arc::new(policy);
         Hub {
-            state: Mutex::new(State {
+            directory: Mutex::new(Directory {
                 catalog: Arc::new(Catalog::empty(policy.clone())),
                 nodes: BTreeMap::new(),
                 synced: false,
                 streams_opened: 0,
             }),
+            replanning: Mutex::new(()),
+            #[cfg(test)]
+            plan_hook: Mutex::new(None),
             policy,
         }
     }
@@ -128,124 +151,167 @@ impl Hub {
     }
 
     /// Replans every node from new inputs: only the ports that changed are recomputed, and
-    /// only for the nodes that see them differently from the shared base.
+    /// only for the nodes that see them differently from the shared base. Readers see each
+    /// node's old rule set until its new one is published.
     pub fn set_inputs(&self, inputs: &Inputs) {
-        let previous = self.state.lock().catalog.clone();
+        let _replanning = self.replanning.lock();
+        let previous = self.directory.lock().catalog.clone();
         let catalog = Arc::new(Catalog::build(self.policy.clone(), inputs, Some(&previous)));
         if self.policy.detect_local == DetectLocal::NodeCidr {
             warn_without_pod_cidrs(&self.policy, &previous, &catalog);
         }
-        let mut state = self.state.lock();
-        state.synced = true;
-        state.catalog = catalog.clone();
-        // Nodes known from Node objects, plus nodes with a connected agent.
-        for name in catalog.nodes().keys() {
-            state
-                .nodes
-                .entry(name.clone())
-                .or_insert_with(|| NodeEntry::new(name));
-        }
-        state
-            .nodes
-            .retain(|name, e| e.status.streams > 0 || catalog.nodes().contains_key(name));
+        let mut entries = self.publish_catalog(&catalog);
         // After a restart every connected agent's rule set is built here, on every core.
-        let mut entries: Vec<(&String, &mut NodeEntry)> = state.nodes.iter_mut().collect();
         cores::for_each_mut(&mut entries, |(name, entry)| {
-            let node_changed = previous.nodes().get(*name) != catalog.nodes().get(*name);
+            #[cfg(test)]
+            if let Some(hook) = self.plan_hook.lock().clone() {
+                hook(name);
+            }
+            let node_changed = previous.nodes().get(name) != catalog.nodes().get(name);
             entry.replan(&catalog, node_changed);
         });
+    }
+
+    /// Swaps `catalog` in and brings the node list up to it: nodes known from Node objects,
+    /// plus nodes with a connected agent. Returns every node, to be planned.
+    fn publish_catalog(&self, catalog: &Arc<Catalog>) -> Vec<(String, Arc<NodeEntry>)> {
+        let mut directory = self.directory.lock();
+        directory.synced = true;
+        directory.catalog = catalog.clone();
+        for name in catalog.nodes().keys() {
+            directory
+                .nodes
+                .entry(name.clone())
+                .or_insert_with(|| Arc::new(NodeEntry::new(name)));
+        }
+        directory
+            .nodes
+            .retain(|name, e| e.status.lock().streams > 0 || catalog.nodes().contains_key(name));
+        directory
+            .nodes
+            .iter()
+            .map(|(name, e)| (name.clone(), e.clone()))
+            .collect()
     }
 
     /// Whether the source has delivered a complete view (before that, nothing is served: a cold
     /// cache must never push an empty rule set).
     pub fn synced(&self) -> bool {
-        self.state.lock().synced
+        self.directory.lock().synced
+    }
+
+    /// The node's entry, if the hub knows it.
+    fn entry(&self, node: &str) -> Option<Arc<NodeEntry>> {
+        self.directory.lock().nodes.get(node).cloned()
     }
 
     /// An agent stream for `node` opened. Returns the node's desired rule set channel and the
-    /// stream's number (for what it reports, and `detach`).
+    /// stream's number (for what it reports, and `detach`). Plans only this node, and only
+    /// when its addresses changed or it has no rule set yet.
     pub fn attach(
         &self,
         node: &str,
         addresses: Vec<IpAddr>,
         agent: AgentBuild,
     ) -> (watch::Receiver<Arc<NodeRuleSet>>, u64) {
-        let mut state = self.state.lock();
-        state.streams_opened += 1;
-        let stream = state.streams_opened;
-        let catalog = state.catalog.clone();
-        let synced = state.synced;
-        let entry = state
-            .nodes
-            .entry(node.to_owned())
-            .or_insert_with(|| NodeEntry::new(node));
-        entry.status.streams += 1;
-        entry.status.agent_version = agent.version;
-        entry.status.agent_protocol = agent.protocol;
-        entry.status.refused = None;
-        entry.status.agent_addresses = addresses.clone();
-        let facts_changed = entry.facts.agent_addresses != addresses;
-        entry.facts.agent_addresses = addresses;
+        let (entry, stream) = {
+            let mut directory = self.directory.lock();
+            directory.streams_opened += 1;
+            let stream = directory.streams_opened;
+            let entry = directory
+                .nodes
+                .entry(node.to_owned())
+                .or_insert_with(|| Arc::new(NodeEntry::new(node)))
+                .clone();
+            // Counted before the lock is let go, so that a replan keeps the entry.
+            let mut status = entry.status.lock();
+            status.streams += 1;
+            status.agent_version = agent.version;
+            status.agent_protocol = agent.protocol;
+            status.refused = None;
+            status.agent_addresses = addresses.clone();
+            drop(status);
+            (entry, stream)
+        };
+        let receiver = entry.desired.subscribe();
+        let mut facts = entry.facts.lock();
+        let facts_changed = facts.agent_addresses != addresses;
+        facts.agent_addresses = addresses;
+        // Read under the node's lock: a replan that swapped a newer catalog in plans this
+        // node after us, so the last rule set published is the newest catalog's.
+        let (catalog, synced) = {
+            let directory = self.directory.lock();
+            (directory.catalog.clone(), directory.synced)
+        };
         // Before the first complete view the catalog is empty: planning from it would hand the
         // agent a rule set without any Service (a cold cache must never push that).
         if synced {
-            entry.replan(&catalog, facts_changed);
+            entry.plan(&mut facts, &catalog, facts_changed);
         }
-        (entry.desired.subscribe(), stream)
+        (receiver, stream)
     }
 
     /// An agent of `node` was refused (`reason`) before its stream opened. Kept on nodes the
     /// hub knows (from Node objects or an agent), so that a peer naming made-up nodes cannot
     /// grow it. Whether the reason is new for the node (an unknown node's always is).
     pub fn refused(&self, node: &str, reason: &str) -> bool {
-        let mut state = self.state.lock();
-        let Some(entry) = state.nodes.get_mut(node) else {
+        let Some(entry) = self.entry(node) else {
             return true;
         };
-        if entry.status.refused.as_deref() == Some(reason) {
+        let mut status = entry.status.lock();
+        if status.refused.as_deref() == Some(reason) {
             return false;
         }
-        entry.status.refused = Some(reason.to_owned());
+        status.refused = Some(reason.to_owned());
         true
     }
 
     /// Stream `stream` of `node` closed: what it reported goes with it.
     pub fn detach(&self, node: &str, stream: u64) {
-        let mut state = self.state.lock();
-        let known = state.catalog.nodes().contains_key(node);
-        if let Some(entry) = state.nodes.get_mut(node) {
-            entry.status.streams = entry.status.streams.saturating_sub(1);
-            if entry.status.dataplane_stream == stream {
-                entry.status.dataplane = None;
-            }
-            if entry.status.retry_stream == stream {
-                entry.status.nack_retries = 0;
-                entry.status.next_retry = None;
-            }
-            if entry.status.streams == 0 && !known {
-                state.nodes.remove(node);
-            }
+        let mut directory = self.directory.lock();
+        let known = directory.catalog.nodes().contains_key(node);
+        let Some(entry) = directory.nodes.get(node).cloned() else {
+            return;
+        };
+        let mut status = entry.status.lock();
+        status.streams = status.streams.saturating_sub(1);
+        if status.dataplane_stream == stream {
+            status.dataplane = None;
+        }
+        if status.retry_stream == stream {
+            status.nack_retries = 0;
+            status.next_retry = None;
+        }
+        if status.streams == 0 && !known {
+            directory.nodes.remove(node);
+        }
+    }
+
+    /// Runs `f` on the status of `node`, if the hub knows it.
+    fn with_status(&self, node: &str, f: impl FnOnce(&mut NodeStatus, &NodeEntry)) {
+        if let Some(entry) = self.entry(node) {
+            f(&mut entry.status.lock(), &entry);
         }
     }
 
     /// A change was sent (something differs from what the agent has).
     pub fn sent(&self, node: &str) {
-        if let Some(e) = self.state.lock().nodes.get_mut(node) {
-            e.status.pending_since.get_or_insert_with(Instant::now);
-        }
+        self.with_status(node, |s, _| {
+            s.pending_since.get_or_insert_with(Instant::now);
+        });
     }
 
     /// The agent holds `version`.
     pub fn acked(&self, node: &str, version: &str) {
-        if let Some(e) = self.state.lock().nodes.get_mut(node) {
-            e.status.acked_version = version.to_owned();
-            e.status.nacked = false;
-            e.status.nack_retries = 0;
-            e.status.next_retry = None;
+        self.with_status(node, |s, e| {
+            s.acked_version = version.to_owned();
+            s.nacked = false;
+            s.nack_retries = 0;
+            s.next_retry = None;
             if e.desired.borrow().system_version == version {
-                e.status.pending_since = None;
+                s.pending_since = None;
             }
-        }
+        });
     }
 
     /// The agent refused `version` (`error` already shortened); stream `stream` sends it again
@@ -258,50 +324,66 @@ impl Hub {
         error: String,
         next_retry: Option<Instant>,
     ) {
-        if let Some(e) = self.state.lock().nodes.get_mut(node) {
-            e.status.last_nack_version = version.to_owned();
-            e.status.last_nack_error = error;
-            e.status.nacked = true;
-            e.status.next_retry = next_retry;
-            e.status.retry_stream = stream;
-        }
+        self.with_status(node, |s, _| {
+            s.last_nack_version = version.to_owned();
+            s.last_nack_error = error;
+            s.nacked = true;
+            s.next_retry = next_retry;
+            s.retry_stream = stream;
+        });
     }
 
     /// Stream `stream` sends the refused change again (its `retries`-th retry), or a new one
     /// (`retries` 0: the desired rule set changed, and the backoff starts over).
     pub fn retrying(&self, node: &str, stream: u64, retries: u32) {
-        if let Some(e) = self.state.lock().nodes.get_mut(node) {
-            e.status.nack_retries = retries;
-            e.status.next_retry = None;
-            e.status.retry_stream = stream;
-        }
+        self.with_status(node, |s, _| {
+            s.nack_retries = retries;
+            s.next_retry = None;
+            s.retry_stream = stream;
+        });
     }
 
     /// Stream `stream`'s agent reported on its data plane.
     pub fn dataplane(&self, node: &str, stream: u64, status: DataplaneStatus) {
-        if let Some(e) = self.state.lock().nodes.get_mut(node) {
-            e.status.dataplane = Some(status);
-            e.status.dataplane_stream = stream;
-        }
+        self.with_status(node, |s, _| {
+            s.dataplane = Some(status);
+            s.dataplane_stream = stream;
+        });
     }
 
-    /// Every node with its desired version and status.
+    /// Every node with its desired version and status (each node's as last published).
     pub fn statuses(&self) -> Vec<(String, Arc<NodeRuleSet>, NodeStatus)> {
-        let state = self.state.lock();
-        state
-            .nodes
-            .iter()
-            .map(|(name, e)| (name.clone(), e.desired.borrow().clone(), e.status.clone()))
+        let entries: Vec<(String, Arc<NodeEntry>)> = {
+            let directory = self.directory.lock();
+            directory
+                .nodes
+                .iter()
+                .map(|(name, e)| (name.clone(), e.clone()))
+                .collect()
+        };
+        entries
+            .into_iter()
+            .map(|(name, e)| {
+                let desired = e.desired.borrow().clone();
+                let status = e.status.lock().clone();
+                (name, desired, status)
+            })
             .collect()
     }
 
     /// The desired rule set of a node: from its entry, or computed on the spot for a node the
     /// controller has not seen (so operators can ask "what would node X get").
     pub fn rules_for(&self, node: &str) -> Arc<NodeRuleSet> {
-        let state = self.state.lock();
-        match state.nodes.get(node) {
+        let (entry, catalog) = {
+            let directory = self.directory.lock();
+            (
+                directory.nodes.get(node).cloned(),
+                directory.catalog.clone(),
+            )
+        };
+        match entry {
             Some(e) => e.desired.borrow().clone(),
-            None => Arc::new(state.catalog.rules_for(
+            None => Arc::new(catalog.rules_for(
                 &NodeFacts {
                     name: node.to_owned(),
                     ..Default::default()
@@ -313,23 +395,27 @@ impl Hub {
 
     /// The facts the hub holds for a node (for explanations).
     pub fn facts(&self, node: &str) -> NodeFacts {
-        let state = self.state.lock();
-        state
-            .nodes
-            .get(node)
-            .map(|e| e.facts.clone())
-            .unwrap_or_else(|| NodeFacts {
+        match self.entry(node) {
+            Some(e) => e.facts.lock().clone(),
+            None => NodeFacts {
                 name: node.to_owned(),
                 ..Default::default()
-            })
+            },
+        }
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
-        self.state.lock().catalog.clone()
+        self.directory.lock().catalog.clone()
     }
 
     pub fn rejections(&self) -> Vec<Rejection> {
-        self.state.lock().catalog.rejections()
+        self.catalog().rejections()
+    }
+
+    /// Calls `hook` with each node's name before a replan plans it.
+    #[cfg(test)]
+    fn set_plan_hook(&self, hook: PlanHook) {
+        *self.plan_hook.lock() = Some(hook);
     }
 }
 
@@ -337,24 +423,30 @@ impl NodeEntry {
     fn new(name: &str) -> Self {
         let (desired, _) = watch::channel(Arc::new(NodeRuleSet::default()));
         NodeEntry {
-            facts: NodeFacts {
+            desired,
+            facts: Mutex::new(NodeFacts {
                 name: name.to_owned(),
                 ..Default::default()
-            },
-            desired,
-            status: NodeStatus::default(),
+            }),
+            status: Mutex::new(NodeStatus::default()),
         }
     }
 
-    /// Brings this node's rule set up to `catalog`: incrementally, or rebuilt when the node
+    /// Brings this node's rule set up to `catalog`, under the node's lock.
+    fn replan(&self, catalog: &Catalog, rebuild: bool) {
+        let mut facts = self.facts.lock();
+        self.plan(&mut facts, catalog, rebuild);
+    }
+
+    /// Plans the node from `facts` (its lock held): incrementally, or rebuilt when the node
     /// itself changed (or has no rule set yet). Subscribers are woken only if its content
     /// changed.
-    fn replan(&mut self, catalog: &Catalog, rebuild: bool) {
+    fn plan(&self, facts: &mut NodeFacts, catalog: &Catalog, rebuild: bool) {
         let current = self.desired.borrow().clone();
         let next = if rebuild || current.rev == 0 {
-            Some(catalog.rules_for(&self.facts, current.rev + 1))
+            Some(catalog.rules_for(facts, current.rev + 1))
         } else {
-            catalog.update(&current, &self.facts)
+            catalog.update(&current, facts)
         };
         if let Some(next) = next {
             let changed = next.system_version != current.system_version;
@@ -364,10 +456,11 @@ impl NodeEntry {
             });
         }
         let desired = self.desired.borrow().system_version.clone();
-        if desired != self.status.acked_version && self.status.streams > 0 {
-            self.status.pending_since.get_or_insert_with(Instant::now);
-        } else if desired == self.status.acked_version {
-            self.status.pending_since = None;
+        let mut status = self.status.lock();
+        if desired != status.acked_version && status.streams > 0 {
+            status.pending_since.get_or_insert_with(Instant::now);
+        } else if desired == status.acked_version {
+            status.pending_since = None;
         }
     }
 }
@@ -388,3 +481,6 @@ fn warn_without_pod_cidrs(policy: &ClusterPolicy, previous: &Catalog, catalog: &
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -32,6 +32,7 @@ use kubenft_proto::v1::controller_inspect_server::ControllerInspectServer;
 use kubenft_proto::v1::rule_stream_server::RuleStreamServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::hub::Hub;
@@ -183,15 +184,46 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
     );
     let tls_enabled = tls.is_some();
-    let grpc = serve_grpc(config.grpc_listen, tls, hub, metrics, shutdown.clone());
+    let sessions = TaskTracker::new();
+    let grpc = serve_grpc(
+        config.grpc_listen,
+        tls,
+        hub,
+        metrics,
+        sessions.clone(),
+        shutdown.clone(),
+    );
     info!(grpc = %config.grpc_listen, http = %config.http_listen, tls = tls_enabled, "controller started");
     let result = tokio::select! {
         r = grpc => r,
         r = http => r.map_err(|source| Error::Http { addr: config.http_listen, source }),
     };
     shutdown.cancel();
-    let _ = tokio::join!(source_task, planner_task, signer_tasks.join_all());
+    let _ = tokio::join!(
+        source_task,
+        planner_task,
+        signer_tasks.join_all(),
+        drain(sessions)
+    );
     result
+}
+
+/// How long shutdown waits for agent sessions to finish (each ends at once on shutdown; only
+/// one stuck sending to a dead peer could take longer).
+const SESSION_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits (at most [`SESSION_DRAIN`]) for every agent session to finish.
+async fn drain(sessions: TaskTracker) {
+    sessions.close();
+    if tokio::time::timeout(SESSION_DRAIN, sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            sessions = sessions.len(),
+            "agent sessions still running at shutdown"
+        );
+    }
 }
 
 /// A signer whose CA is loaded and whose serving certificate (if any) is written.
@@ -276,7 +308,8 @@ async fn plan_on_change(
         if let Some(inputs) = inputs {
             let started = std::time::Instant::now();
             // Planning 10k Services for 1,000 nodes takes a good fraction of a second: on a
-            // blocking thread, so the runtime's workers keep serving agents meanwhile.
+            // blocking thread, and without holding the hub's lock (each node's new rule set
+            // is published when ready), so agents and inspection are served meanwhile.
             let (planner, planned) = (hub.clone(), inputs.clone());
             if cores::off_runtime(move || planner.set_inputs(&planned))
                 .await
@@ -372,6 +405,7 @@ async fn serve_grpc(
     tls: Option<Arc<kubenft_tls::ServerTls>>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    sessions: TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -391,7 +425,8 @@ async fn serve_grpc(
         .build_v1alpha()?;
     let streams = RuleStreamServer::new(
         stream::RuleStreamService::new(hub.clone(), metrics.clone(), shutdown.clone())
-            .require_node_identity(tls.is_some()),
+            .require_node_identity(tls.is_some())
+            .track_sessions(sessions),
     );
     let listener = listen(addr, GRPC_BACKLOG).map_err(|source| Error::Listen { addr, source })?;
     let limits = kubenft_tls::Limits {

@@ -29,6 +29,7 @@ use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -222,6 +223,8 @@ pub struct RuleStreamService {
     ack_deadline: Duration,
     /// Whether a stream needs a client certificate naming its node (TLS is on).
     node_identity: bool,
+    /// Every agent session task, so that shutdown can wait for them to finish.
+    sessions: TaskTracker,
 }
 
 impl RuleStreamService {
@@ -236,7 +239,14 @@ impl RuleStreamService {
                 .and_then(|v| v.parse().ok())
                 .map_or(ACK_DEADLINE, Duration::from_millis),
             node_identity: false,
+            sessions: TaskTracker::new(),
         }
+    }
+
+    /// Spawns agent sessions on `sessions`, which the caller closes and waits for at shutdown.
+    pub fn track_sessions(mut self, sessions: TaskTracker) -> Self {
+        self.sessions = sessions;
+        self
     }
 
     /// Opens node N's stream only for a client certificate with Subject CN
@@ -334,7 +344,7 @@ impl RuleStream for RuleStreamService {
             hello,
             protocol,
         );
-        tokio::spawn(
+        self.sessions.spawn(
             session
                 .run(inbound, tx, self.shutdown.clone())
                 .instrument(span),
