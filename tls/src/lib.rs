@@ -615,81 +615,35 @@ mod tests {
         assert_eq!(serial_hex(&der).as_deref(), Some("8BADF00D"));
     }
 
-    fn openssl(args: &[&str]) {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A CA in `dir` and a leaf `name` it signs (SAN IP 127.0.0.1, both usages).
+    /// A CA in `dir` (made on first use) and a leaf `name` it signs (SAN IP 127.0.0.1, both
+    /// usages), with the crate's own issuing code.
     fn leaf(dir: &Path, name: &str, cn: &str) {
-        let p = |f: &str| dir.join(f).display().to_string();
-        if !dir.join("ca.crt").exists() {
-            openssl(&[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &p("ca.key"),
-                "-out",
-                &p("ca.crt"),
-                "-subj",
-                "/CN=ca",
-                "-days",
-                "1",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign",
-            ]);
-        }
-        std::fs::write(
-            dir.join("ext"),
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-        )
-        .unwrap();
-        openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &p(&format!("{name}.key")),
-            "-out",
-            &p("csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &p("csr"),
-            "-CA",
-            &p("ca.crt"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-out",
-            &p(&format!("{name}.crt")),
-            "-days",
-            "1",
-            "-extfile",
-            &p("ext"),
-        ]);
+        use crate::pki::{Authority, Leaf};
+        let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+        let ca = if ca_crt.exists() {
+            Authority::from_pem(
+                &std::fs::read_to_string(&ca_crt).unwrap(),
+                &std::fs::read_to_string(&ca_key).unwrap(),
+            )
+            .unwrap()
+        } else {
+            let ca = Authority::generate("ca", Duration::from_secs(86400)).unwrap();
+            std::fs::write(&ca_crt, ca.cert_pem()).unwrap();
+            std::fs::write(&ca_key, ca.key_pem()).unwrap();
+            ca
+        };
+        let leaf = Leaf {
+            common_name: cn.into(),
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            server: true,
+            client: true,
+            ..Leaf::default()
+        };
+        let (cert, key) = ca
+            .issue_with_key(&leaf, Duration::from_secs(86400))
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
     }
 
     fn tempdir(what: &str) -> PathBuf {
