@@ -240,31 +240,14 @@ impl Args {
 }
 
 fn parse_ca_ref(s: &str) -> Result<CaRef, String> {
-    let (namespace, name) = namespaced_name(s)?;
+    let (namespace, name) = kubenft_proto::parse_namespaced_name(s)?;
     Ok(CaRef { namespace, name })
 }
 
 /// `NAMESPACE/NAME` to the user name of that ServiceAccount's tokens.
 fn parse_service_account(s: &str) -> Result<String, String> {
-    let (namespace, name) = namespaced_name(s)?;
+    let (namespace, name) = kubenft_proto::parse_namespaced_name(s)?;
     Ok(format!("system:serviceaccount:{namespace}:{name}"))
-}
-
-fn namespaced_name(s: &str) -> Result<(String, String), String> {
-    let dns_label = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && p.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !p.starts_with('-')
-            && !p.ends_with('-')
-    };
-    match s.split_once('/') {
-        Some((ns, name)) if dns_label(ns) && dns_label(name) => Ok((ns.into(), name.into())),
-        _ => Err(format!(
-            "{s:?} is not NAMESPACE/NAME (lower-case DNS labels)"
-        )),
-    }
 }
 
 /// `90s`, `30m`, `168h`: a positive whole number and a unit.

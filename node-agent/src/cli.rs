@@ -27,7 +27,7 @@ pub struct Args {
     /// Find the controllers instead as the ready endpoints of this Service, NAMESPACE/NAME:
     /// its EndpointSlices are watched through the API server (no Service rule is used), and
     /// the controllers' certificate is checked against NAME.NAMESPACE.svc.
-    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = namespaced_name, conflicts_with = "controllers")]
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = kubenft_proto::parse_namespaced_name, conflicts_with = "controllers")]
     pub controller_service: Option<(String, String)>,
 
     /// The port (by its name in the Service) the controllers' gRPC is served on [default:
@@ -139,21 +139,6 @@ fn non_empty(s: &str) -> Result<String, String> {
         Err("must not be empty".into())
     } else {
         Ok(s.to_owned())
-    }
-}
-
-fn namespaced_name(s: &str) -> Result<(String, String), String> {
-    let label = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && p.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    match s.split_once('/') {
-        Some((ns, name)) if label(ns) && label(name) => Ok((ns.to_owned(), name.to_owned())),
-        _ => Err(format!(
-            "{s:?} is not NAMESPACE/NAME (lower-case DNS labels)"
-        )),
     }
 }
 

@@ -18,6 +18,6 @@ mod version;
 
 pub use names::{
     ENDPOINT_BUCKETS, MAX_INTERFACE_NAME, NODE_RESOURCE, check_interface_name, endpoint_bucket,
-    node_endpoints_name, parse_node_endpoints_name,
+    node_endpoints_name, parse_namespaced_name, parse_node_endpoints_name,
 };
 pub use version::{format_version, resource_version, system_version, version_term};

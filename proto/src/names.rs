@@ -68,6 +68,25 @@ pub fn check_interface_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// `NAMESPACE/NAME` of a Kubernetes object named on a command line (a ServiceAccount, the
+/// controllers' Service, the signer's Secret): two DNS labels.
+pub fn parse_namespaced_name(s: &str) -> Result<(String, String), String> {
+    let dns_label = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    match s.split_once('/') {
+        Some((ns, name)) if dns_label(ns) && dns_label(name) => Ok((ns.into(), name.into())),
+        _ => Err(format!(
+            "{s:?} is not NAMESPACE/NAME (lower-case DNS labels)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
