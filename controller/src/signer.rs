@@ -18,7 +18,6 @@ pub mod review;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
@@ -30,13 +29,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use kubenft_tls::pki::{Authority, Request};
+use kubenft_tls::pki::Authority;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 pub use authority::{CaRef, Serving};
-use review::{Csr, Decision, Policy};
+use review::{Csr, Decision, Issuance, Policy};
 
 /// The `spec.signerName` of agents' requests.
 pub const SIGNER_NAME: &str = "kubenft.io/agent";
@@ -140,16 +139,10 @@ async fn handle(
                 .await
                 .map(|_| "denied")
         }
-        Decision::Issue {
-            node,
-            leaf,
-            validity,
-        } => issue(csrs, ca, csr, &pem, &node, &leaf, validity)
-            .await
-            .map(|()| {
-                info!(csr = %name, node, valid_for_s = validity.as_secs(), "issued an agent certificate");
-                "issued"
-            }),
+        Decision::Issue(issuance) => issue(csrs, ca, csr, &issuance).await.map(|()| {
+            info!(csr = %name, node = %issuance.node, valid_for_s = issuance.validity.as_secs(), "issued an agent certificate");
+            "issued"
+        }),
     };
     Some(outcome.unwrap_or_else(|e| {
         match &e {
@@ -185,18 +178,15 @@ async fn issue(
     csrs: &Api<CertificateSigningRequest>,
     ca: &Authority,
     csr: &CertificateSigningRequest,
-    pem: &str,
-    node: &str,
-    leaf: &kubenft_tls::pki::Leaf,
-    validity: Duration,
+    issuance: &Issuance,
 ) -> Result<(), SignerError> {
     let mut current = if has_condition(csr, "Approved") {
         csr.clone()
     } else {
-        let why = format!("the requester's pod runs on node {node:?}");
+        let why = format!("the requester's pod runs on node {:?}", issuance.node);
         condition(csrs, csr, "Approved", "KubenftSignerApproved", &why).await?
     };
-    let cert = ca.issue(&Request::parse_pem(pem)?, leaf, validity)?;
+    let cert = ca.issue(&issuance.request, &issuance.leaf, issuance.validity)?;
     current.status.get_or_insert_default().certificate = Some(ByteString(cert.into_bytes()));
     csrs.replace_status(&current.name_any(), &PostParams::default(), &current)
         .await?;

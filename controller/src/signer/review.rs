@@ -41,14 +41,20 @@ pub struct Csr<'a> {
 }
 
 /// The review's outcome for a request that is still undecided.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Decision {
-    Issue {
-        node: String,
-        leaf: Leaf,
-        validity: Duration,
-    },
+    Issue(Box<Issuance>),
     Deny(String),
+}
+
+/// What to sign: the checked request (its public key is all the certificate takes from it)
+/// and everything the signer decides.
+#[derive(Clone, Debug)]
+pub struct Issuance {
+    pub node: String,
+    pub request: Request,
+    pub leaf: Leaf,
+    pub validity: Duration,
 }
 
 /// The node the requester's token is bound to, if exactly one.
@@ -109,18 +115,20 @@ fn check(
     if !request.ips.is_empty() && !server {
         return Err("spec.usages: IP addresses are only for \"server auth\"".into());
     }
-    Ok(Decision::Issue {
+    let leaf = Leaf {
+        common_name: want,
+        organizations: vec![NODES_GROUP.into()],
+        dns_names: Vec::new(),
+        ips: request.ips.clone(),
+        server,
+        client: true,
+    };
+    Ok(Decision::Issue(Box::new(Issuance {
         node: node.to_owned(),
-        leaf: Leaf {
-            common_name: want,
-            organizations: vec![NODES_GROUP.into()],
-            dns_names: Vec::new(),
-            ips: request.ips.clone(),
-            server,
-            client: true,
-        },
+        request,
+        leaf,
         validity: validity(csr.expiration_seconds, policy.max_duration),
-    })
+    })))
 }
 
 /// Checks the requested usages; whether "server auth" is among them.
@@ -193,6 +201,13 @@ mod tests {
         a.iter().map(|i| i.parse().unwrap()).collect()
     }
 
+    fn issued(d: Decision) -> Issuance {
+        match d {
+            Decision::Issue(issuance) => *issuance,
+            other => panic!("expected a certificate, got {other:?}"),
+        }
+    }
+
     fn denial(d: Decision) -> String {
         match d {
             Decision::Deny(why) => why,
@@ -205,14 +220,12 @@ mod tests {
         let pem = request("system:node:a", &["10.0.0.1"]);
         let node = addrs(&["10.0.0.1", "fd00::1"]);
         let d = review(&csr(&pem, AGENT, "a"), &policy(), Some(&node));
-        let Decision::Issue {
+        let Issuance {
             node,
             leaf,
             validity,
-        } = d
-        else {
-            panic!("{d:?}")
-        };
+            ..
+        } = issued(d);
         assert_eq!(node, "a");
         assert_eq!(leaf.common_name, "system:node:a");
         assert_eq!(leaf.ips, addrs(&["10.0.0.1"]));
@@ -286,15 +299,11 @@ mod tests {
         assert!(denial(review(&c, &policy(), Some(&[]))).contains("client auth"));
         c.usages = vec!["client auth".into()];
         c.expiration_seconds = Some(60);
-        let Decision::Issue { validity, leaf, .. } = review(&c, &policy(), Some(&[])) else {
-            panic!()
-        };
+        let Issuance { validity, leaf, .. } = issued(review(&c, &policy(), Some(&[])));
         assert_eq!(validity, MIN_EXPIRATION);
         assert!(!leaf.server);
         c.expiration_seconds = Some(i32::MAX);
-        let Decision::Issue { validity, .. } = review(&c, &policy(), Some(&[])) else {
-            panic!()
-        };
+        let Issuance { validity, .. } = issued(review(&c, &policy(), Some(&[])));
         assert_eq!(validity, policy().max_duration);
     }
 
