@@ -98,30 +98,14 @@ async fn hello_ack_nack_and_reconnect() {
 
     let dir = common::TempDir::new();
     let nft = FakeNft::default();
-    let applier = Arc::new(Applier::new(
-        Arc::new(nft.clone()),
-        TableName::default(),
-        dir.0.clone(),
-        AppliedState::unknown(0),
-        Arc::new(Metrics::default()),
-        Arc::new(Health::default()),
-    ));
+    let applier = applier(&dir, &nft);
     let cancel = CancellationToken::new();
-    let cfg = StreamConfig {
-        // The first controller refuses connections: the client moves on to the next.
-        controllers: Controllers::fixed(vec![
-            "http://127.0.0.1:1".into(),
-            format!("http://{addr}"),
-        ]),
-        node_name: "node-a".into(),
-        tls: None,
-    };
-    let client = tokio::spawn(stream::run(
-        cfg,
+    // The first controller refuses connections: the client moves on to the next.
+    let client = run_client(
+        vec!["http://127.0.0.1:1".into(), format!("http://{addr}")],
         applier.clone(),
-        Arc::new(Metrics::default()),
-        cancel.clone(),
-    ));
+        &cancel,
+    );
 
     // First stream: Hello with nothing applied (unknown kernel state).
     let first = streams.recv().await.unwrap();
@@ -221,21 +205,26 @@ fn gaps(attempts: &[std::time::Instant]) -> Vec<Duration> {
     attempts.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
-fn client(
-    url: String,
-    dir: &common::TempDir,
-    cancel: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let applier = Arc::new(Applier::new(
-        Arc::new(FakeNft::default()),
+/// An applier over a fake nft, its state in `dir`, knowing nothing applied.
+fn applier(dir: &common::TempDir, nft: &FakeNft) -> Arc<Applier<FakeNft>> {
+    Arc::new(Applier::new(
+        Arc::new(nft.clone()),
         TableName::default(),
         dir.0.clone(),
         AppliedState::unknown(0),
         Arc::new(Metrics::default()),
         Arc::new(Health::default()),
-    ));
+    ))
+}
+
+/// The agent's stream client for node-a against `urls`, in plaintext.
+fn run_client(
+    urls: Vec<String>,
+    applier: Arc<Applier<FakeNft>>,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let cfg = StreamConfig {
-        controllers: Controllers::fixed(vec![url]),
+        controllers: Controllers::fixed(urls),
         node_name: "node-a".into(),
         tls: None,
     };
@@ -245,6 +234,14 @@ fn client(
         Arc::new(Metrics::default()),
         cancel.clone(),
     ))
+}
+
+fn client(
+    url: String,
+    dir: &common::TempDir,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    run_client(vec![url], applier(dir, &FakeNft::default()), cancel)
 }
 
 /// A controller address that accepts every connection and closes it at once: each attempt
@@ -391,26 +388,9 @@ async fn a_protocol_refusal_is_logged_once_and_retried_without_applying_anything
     );
     let dir = common::TempDir::new();
     let nft = FakeNft::default();
-    let applier = Arc::new(Applier::new(
-        Arc::new(nft.clone()),
-        TableName::default(),
-        dir.0.clone(),
-        AppliedState::unknown(0),
-        Arc::new(Metrics::default()),
-        Arc::new(Health::default()),
-    ));
+    let applier = applier(&dir, &nft);
     let cancel = CancellationToken::new();
-    let cfg = StreamConfig {
-        controllers: Controllers::fixed(vec![format!("http://{addr}")]),
-        node_name: "node-a".into(),
-        tls: None,
-    };
-    let run = tokio::spawn(stream::run(
-        cfg,
-        applier,
-        Arc::new(Metrics::default()),
-        cancel.clone(),
-    ));
+    let run = run_client(vec![format!("http://{addr}")], applier, &cancel);
     for _ in 0..3 {
         let hello = next(&mut hellos).await;
         assert_eq!(
