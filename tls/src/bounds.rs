@@ -120,16 +120,16 @@ where
                 () = tx.closed() => return,
                 c = next_connection(&listener) => c,
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                drop(tcp);
-                refused(Refusal {
-                    peer,
-                    common_name: None,
-                    reason: "connection_limit",
-                    error: format!("{} connections open", limits.max_connections),
-                });
+            let Some(permit) = admit(
+                &permits,
+                limits.max_connections,
+                tcp,
+                peer,
+                refused.as_ref(),
+            ) else {
                 continue;
             };
+            let (tcp, permit) = permit;
             let _ = tcp.set_nodelay(true);
             let (tx, refused, handshake) = (tx.clone(), refused.clone(), handshake.clone());
             tokio::spawn(async move {
@@ -389,14 +389,13 @@ pub async fn serve_http(
             () = shutdown.cancelled() => break,
             c = next_connection(&listener) => c,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            drop(tcp);
-            refused(Refusal {
-                peer,
-                common_name: None,
-                reason: "connection_limit",
-                error: format!("{} connections open", limits.max_connections),
-            });
+        let Some((tcp, permit)) = admit(
+            &permits,
+            limits.max_connections,
+            tcp,
+            peer,
+            refused.as_ref(),
+        ) else {
             continue;
         };
         let served = Arc::new(AtomicBool::new(false));
@@ -434,6 +433,30 @@ pub async fn serve_http(
     tracker.close();
     let _ = tokio::time::timeout(HTTP_GRACE, tracker.wait()).await;
     Ok(())
+}
+
+/// A connection with its permit, or none: with every permit taken it is closed at once and
+/// reported as refused (`connection_limit`).
+fn admit(
+    permits: &Arc<Semaphore>,
+    max: usize,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    refused: &(dyn Fn(Refusal) + Send + Sync),
+) -> Option<(TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    match permits.clone().try_acquire_owned() {
+        Ok(permit) => Some((tcp, permit)),
+        Err(_) => {
+            drop(tcp);
+            refused(Refusal {
+                peer,
+                common_name: None,
+                reason: "connection_limit",
+                error: format!("{max} connections open"),
+            });
+            None
+        }
+    }
 }
 
 /// The next connection; an accept error (out of descriptors and the like) pauses rather
