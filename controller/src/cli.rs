@@ -8,10 +8,10 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
-use crate::model::parse_cidr;
-use crate::plan::{DetectLocal, InterfaceName, NodePortAddresses};
 use crate::signer::review::Policy;
 use crate::signer::{CaRef, Serving, SignerConfig};
+use kubenft_plan::model::parse_cidr;
+use kubenft_plan::{DetectLocal, InterfaceName, NodePortAddresses};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceArg {

@@ -21,9 +21,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cores;
-use crate::model::Rejection;
-use crate::plan::{Catalog, ClusterPolicy, DetectLocal, Inputs, NodeFacts, missing_detector};
-use crate::view::NodeRuleSet;
+use kubenft_plan::model::Rejection;
+use kubenft_plan::policy::missing_detector;
+use kubenft_plan::view::NodeRuleSet;
+use kubenft_plan::{AgentFacts, Catalog, ClusterPolicy, DetectLocal, Inputs};
 
 /// Sync status of one node, as inspection shows it.
 #[derive(Clone, Debug, Default)]
@@ -86,7 +87,7 @@ struct NodeEntry {
     desired: watch::Sender<Arc<NodeRuleSet>>,
     /// Held while this node alone is planned, so that its plans are published in the order
     /// they were made (never an older catalog's over a newer one).
-    facts: Mutex<NodeFacts>,
+    facts: Mutex<AgentFacts>,
     /// Held only to read or write a field or two.
     status: Mutex<NodeStatus>,
 }
@@ -384,7 +385,7 @@ impl Hub {
         match entry {
             Some(e) => e.desired.borrow().clone(),
             None => Arc::new(catalog.rules_for(
-                &NodeFacts {
+                &AgentFacts {
                     name: node.to_owned(),
                     ..Default::default()
                 },
@@ -394,10 +395,10 @@ impl Hub {
     }
 
     /// The facts the hub holds for a node (for explanations).
-    pub fn facts(&self, node: &str) -> NodeFacts {
+    pub fn facts(&self, node: &str) -> AgentFacts {
         match self.entry(node) {
             Some(e) => e.facts.lock().clone(),
-            None => NodeFacts {
+            None => AgentFacts {
                 name: node.to_owned(),
                 ..Default::default()
             },
@@ -424,7 +425,7 @@ impl NodeEntry {
         let (desired, _) = watch::channel(Arc::new(NodeRuleSet::default()));
         NodeEntry {
             desired,
-            facts: Mutex::new(NodeFacts {
+            facts: Mutex::new(AgentFacts {
                 name: name.to_owned(),
                 ..Default::default()
             }),
@@ -441,7 +442,7 @@ impl NodeEntry {
     /// Plans the node from `facts` (its lock held): incrementally, or rebuilt when the node
     /// itself changed (or has no rule set yet). Subscribers are woken only if its content
     /// changed.
-    fn plan(&self, facts: &mut NodeFacts, catalog: &Catalog, rebuild: bool) {
+    fn plan(&self, facts: &mut AgentFacts, catalog: &Catalog, rebuild: bool) {
         let current = self.desired.borrow().clone();
         let next = if rebuild || current.rev == 0 {
             Some(catalog.rules_for(facts, current.rev + 1))

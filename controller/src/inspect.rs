@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::hub::Hub;
-use crate::model::{ObjectName, Rejection};
 use crate::skew;
+use kubenft_plan::model::{ObjectName, Rejection};
 
 /// Inspection calls answered at once, over every connection, until their answers are sent:
 /// each copies a node's rule set or every node's status; beyond it a call is refused with

@@ -14,14 +14,11 @@ pub mod http;
 pub mod hub;
 pub mod inspect;
 pub mod metrics;
-pub mod model;
-pub mod plan;
-pub mod select;
+
 pub mod signer;
 pub mod skew;
 pub mod source;
 pub mod stream;
-pub mod view;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::plan::{ClusterPolicy, Inputs};
+use kubenft_plan::{ClusterPolicy, Inputs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -99,7 +96,7 @@ impl From<&cli::Args> for Config {
                 service_cidrs: a.service_cidrs.clone(),
                 masquerade_all: a.masquerade_all,
                 node_port_addresses: a.node_port_addresses.clone(),
-                limits: model::Limits {
+                limits: kubenft_plan::model::Limits {
                     node_port_range: a.node_port_range.clone(),
                     service_cidrs: a.service_cidrs.clone(),
                 },
@@ -238,13 +235,13 @@ struct StartedSigner {
 fn log_detect_local(policy: &ClusterPolicy) {
     let mode = policy.detect_local.mode_name();
     match &policy.detect_local {
-        plan::DetectLocal::ClusterCidr if policy.cluster_cidrs.is_empty() => {
+        kubenft_plan::policy::DetectLocal::ClusterCidr if policy.cluster_cidrs.is_empty() => {
             let both = [IpFamily::Ipv4, IpFamily::Ipv6];
-            if let Some(why) = plan::missing_detector(policy, None, &both) {
+            if let Some(why) = kubenft_plan::policy::missing_detector(policy, None, &both) {
                 warn!("{why}");
             }
         }
-        plan::DetectLocal::ClusterCidr => {
+        kubenft_plan::policy::DetectLocal::ClusterCidr => {
             info!(mode, cluster_cidrs = ?policy.cluster_cidrs, "local-traffic detection")
         }
         _ if !policy.cluster_cidrs.is_empty() => {

@@ -122,7 +122,7 @@ impl SourceHealth {
                 failures.len() - 1
             )),
         }
-        .map(|p| crate::model::one_line(&p).into_owned());
+        .map(|p| kubenft_plan::model::one_line(&p).into_owned());
         self.healthy.set(i64::from(problem.is_none()));
         self.failures
             .set(i64::try_from(failures.len()).unwrap_or(i64::MAX));

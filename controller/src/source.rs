@@ -22,8 +22,8 @@ mod store;
 pub use dir::run_dir;
 pub use store::{Batch, Store};
 
-use crate::model::{Limits, Rejection, clip};
-use crate::plan::Inputs;
+use kubenft_plan::Inputs;
+use kubenft_plan::model::{Limits, Rejection, clip};
 
 /// A manifest file larger than this is refused whole (it cannot be a sane set of objects).
 pub const MAX_FILE_BYTES: u64 = 32 * 1024 * 1024;

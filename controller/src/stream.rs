@@ -35,9 +35,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::hub::{AgentBuild, Hub};
 use crate::metrics::Metrics;
-use crate::model::{clip, is_dns_subdomain};
 use crate::skew;
-use crate::view::NodeRuleSet;
+use kubenft_plan::model::{clip, is_dns_subdomain};
+use kubenft_plan::view::NodeRuleSet;
 
 /// How long an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
+use kubenft_controller::{Config, cli::SourceArg};
+use kubenft_plan::ClusterPolicy;
 use kubenft_proto::v1::{
     AgentMessage, DataplaneState, DataplaneStatus, Hello, ListNodesRequest, Nack, RepairCount,
     SyncState, agent_message, controller_inspect_client::ControllerInspectClient,

@@ -5,8 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kubenft_controller::{Config, cli::SourceArg, plan::ClusterPolicy};
+use kubenft_controller::{Config, cli::SourceArg};
 use kubenft_fake_apiserver::{FakeApiServer, Kind};
+use kubenft_plan::ClusterPolicy;
 use kubenft_proto::v1::{
     AgentMessage, ControllerMessage, GetNodeRulesRequest, Hello, ListNodesRequest, agent_message,
     controller_inspect_client::ControllerInspectClient, rule_stream_client::RuleStreamClient,

@@ -7,10 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use kubenft_controller::plan::{
-    ClusterPolicy, DetectLocal, InterfaceName, endpoint_bucket, node_endpoints_name,
-};
 use kubenft_controller::{Config, cli::SourceArg};
+use kubenft_plan::{ClusterPolicy, DetectLocal, InterfaceName};
 use kubenft_proto::release::{OLDEST_AGENT_PROTOCOL, PROTOCOL_VERSION, VERSION};
 use kubenft_proto::v1::{
     Ack, AgentMessage, Change, ControllerMessage, DataplaneState, DataplaneStatus, DetectLocalMode,
@@ -18,6 +16,7 @@ use kubenft_proto::v1::{
     ResourceVersion, SyncState, agent_message, controller_inspect_client::ControllerInspectClient,
     controller_message, rule_stream_client::RuleStreamClient,
 };
+use kubenft_proto::{endpoint_bucket, node_endpoints_name};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -1,15 +1,15 @@
 //! The `kubenft.v1` API shared by the controller and the agent: generated message and service
-//! types, the descriptor set that reflection serves, and the content versions that make two
+//! types (the service stubs with the `grpc` feature), the descriptor set that reflection serves, and the content versions that make two
 //! controller replicas interchangeable; and what this build is ([`release`]).
 #![forbid(unsafe_code)]
 
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("kubenft.v1");
+    include!(concat!(env!("OUT_DIR"), "/kubenft.v1.rs"));
 
     /// Encoded `FileDescriptorSet` of every kubenft.v1 file, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("kubenft_descriptor");
+        include_bytes!(concat!(env!("OUT_DIR"), "/kubenft_descriptor.bin"));
 }
 
 mod names;

@@ -42,7 +42,7 @@ fn inputs(services: &[(&str, &str)]) -> Inputs {
     }
     let objects = crate::source::parse_file("test.yaml", &text).expect("valid manifest");
     assert!(objects.rejections.is_empty(), "{:?}", objects.rejections);
-    crate::source::objects_to_inputs(objects, &crate::model::Limits::default())
+    crate::source::objects_to_inputs(objects, &kubenft_plan::model::Limits::default())
 }
 
 /// Serves the rule stream and inspection of `hub` on a loopback port until `shutdown`.

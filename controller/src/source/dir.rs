@@ -39,8 +39,8 @@ use tracing::{info, warn};
 use super::{Batch, MAX_FILE_BYTES, Store, is_manifest_name, parse_file};
 use crate::cores;
 use crate::metrics::Metrics;
-use crate::model::{Limits, Rejection, one_line};
-use crate::plan::Inputs;
+use kubenft_plan::Inputs;
+use kubenft_plan::model::{Limits, Rejection, one_line};
 
 /// How often every file is checked even when no event arrived.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);

@@ -32,8 +32,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Batch, Objects, Store};
 use crate::metrics::Metrics;
-use crate::model::{Limits, ObjectName, one_line};
-use crate::plan::Inputs;
+use kubenft_plan::Inputs;
+use kubenft_plan::model::{Limits, ObjectName, one_line};
 
 /// Quiet time after an event before publishing (more events in it are merged).
 pub const DEBOUNCE: Duration = Duration::from_millis(20);

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use super::Objects;
-use crate::model::{
+use kubenft_plan::Inputs;
+use kubenft_plan::model::{
     self, Limits, NodeModel, ObjectName, Rejection, ServiceModel, ServiceOutcome, SliceModel, clip,
 };
-use crate::plan::Inputs;
 
 /// What became of a Service that was not refused.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,8 +16,11 @@ use std::sync::Arc;
 use kubenft_proto::v1::{IpFamily, Protocol};
 use proptest::prelude::*;
 
-use super::super::*;
+use crate::Catalog;
+use crate::model::*;
 use crate::model::{Conditions, ServiceType, SlicePort};
+use crate::policy::*;
+use crate::port::*;
 use crate::view::NodeRuleSet;
 
 const SERVICES: usize = 3;
@@ -333,8 +336,8 @@ fn content(rules: &NodeRuleSet) -> (String, Vec<(String, String)>) {
     (rules.system_version.clone(), resources)
 }
 
-fn facts(name: &str) -> NodeFacts {
-    NodeFacts {
+fn facts(name: &str) -> AgentFacts {
+    AgentFacts {
         name: name.into(),
         agent_addresses: vec![],
     }

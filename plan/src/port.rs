@@ -1,137 +1,24 @@
-//! Per-node planning: pure functions from validated objects to the rule set a node enforces.
-//!
-//! ```text
-//!  Inputs (services, slices, nodes) ──Catalog::build──▶ PortPlan per Service port and family
-//!                                                       (node-independent, conflicts resolved)
-//!  Catalog + NodeSite ──Catalog::rules_for──▶ NodeRuleSet: "node" + one resource per PortPlan
-//! ```
-//!
-//! The catalog is computed once per input change and shared by every node; a node's view only
-//! adds what differs per node (local endpoints, topology, node addresses).
+//! One Service port in one IP family: the draft every node shares ([`PortDraft`], planned
+//! once per input change by the catalog) and the rules one node finishes from it
+//! ([`port_rules`]: local endpoints, topology, the node's own addresses).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
 
-use imbl::OrdMap;
 use ipnet::IpNet;
 use kubenft_proto::v1::{
-    DetectLocalMode, Endpoint, IpFamily, NodeRules, Protocol, Resource, ServicePortRules,
-    SessionAffinity, resource,
+    Endpoint, IpFamily, Protocol, Resource, ServicePortRules, SessionAffinity, resource,
 };
 
+use crate::claims::{Claim, Refusal, Via};
 use crate::model::{
-    EndpointModel, Limits, NodeModel, ObjectName, Rejection, ServiceModel, ServicePortModel,
-    SliceModel, TrafficPolicy, family_of,
+    EndpointModel, NodeModel, ObjectName, Rejection, ServiceModel, ServicePortModel, SliceModel,
+    TrafficPolicy, family_of,
 };
-use crate::select::{self, Candidate, NodeSite, TopologyMode};
-
-mod catalog;
-mod claims;
-
-pub use catalog::Catalog;
-use claims::{Claim, Refusal, Via};
-
-/// Where NodePorts are served (`--node-port-addresses`).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub enum NodePortAddresses {
-    /// The node's InternalIP of each family (kube-proxy nftables' default).
-    #[default]
-    Primary,
-    /// Every local address in these ranges (as the agent reports them).
-    Cidrs(Vec<IpNet>),
-    /// Every local address except loopback.
-    All,
-}
-
-/// How a node recognises traffic from its own pods (`--detect-local-mode`), with kube-proxy's
-/// meanings: such traffic is not masqueraded to ClusterIPs, and reaches every endpoint of an
-/// externalTrafficPolicy Local Service. Without a detector (no CIDR of a family) nothing is
-/// local.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum DetectLocal {
-    /// Sources in `--cluster-cidr`.
-    #[default]
-    ClusterCidr,
-    /// Sources in the node's own `spec.podCIDRs`.
-    NodeCidr,
-    /// Packets entering through this interface (`--pod-bridge-interface`).
-    BridgeInterface(InterfaceName),
-    /// Packets entering through an interface whose name starts with this
-    /// (`--pod-interface-name-prefix`).
-    InterfaceNamePrefix(InterfaceName),
-}
-
-impl DetectLocal {
-    /// kube-proxy's name for the mode.
-    pub fn mode_name(&self) -> &'static str {
-        match self {
-            DetectLocal::ClusterCidr => "ClusterCIDR",
-            DetectLocal::NodeCidr => "NodeCIDR",
-            DetectLocal::BridgeInterface(_) => "BridgeInterface",
-            DetectLocal::InterfaceNamePrefix(_) => "InterfaceNamePrefix",
-        }
-    }
-
-    /// The oldest agent protocol that renders this mode.
-    pub fn agent_protocol(&self) -> u32 {
-        match self {
-            DetectLocal::ClusterCidr | DetectLocal::NodeCidr => 1,
-            DetectLocal::BridgeInterface(_) | DetectLocal::InterfaceNamePrefix(_) => {
-                kubenft_proto::release::INTERFACE_DETECT_LOCAL_PROTOCOL
-            }
-        }
-    }
-}
-
-/// An interface name (or name prefix) that is safe to hand to nft: see
-/// [`kubenft_proto::check_interface_name`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InterfaceName(String);
-
-impl InterfaceName {
-    pub fn new(name: &str) -> Result<Self, String> {
-        kubenft_proto::check_interface_name(name)
-            .map(|()| InterfaceName(name.to_owned()))
-            .map_err(|why| format!("{:?} {why}", crate::model::clip(name)))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for InterfaceName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Cluster-wide settings given on the controller's command line.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterPolicy {
-    pub cluster_cidrs: Vec<IpNet>,
-    pub detect_local: DetectLocal,
-    pub service_cidrs: Vec<IpNet>,
-    pub masquerade_all: bool,
-    pub node_port_addresses: NodePortAddresses,
-    pub limits: Limits,
-}
-
-/// Everything read from the source, validated. The maps are persistent: a copy is O(1), and
-/// two versions that share most of their content are compared in time proportional to what
-/// differs.
-#[derive(Clone, Debug, Default)]
-pub struct Inputs {
-    pub services: OrdMap<ObjectName, Arc<ServiceModel>>,
-    pub slices: OrdMap<ObjectName, Arc<SliceModel>>,
-    pub nodes: OrdMap<String, Arc<NodeModel>>,
-    /// Objects (or parts of them) refused while reading.
-    pub rejections: Vec<Rejection>,
-    /// Services deliberately not proxied, and why.
-    pub ignored: OrdMap<ObjectName, String>,
-}
+use crate::policy::sorted_strings;
+use crate::select::{self, Candidate, Site, TopologyMode};
 
 /// One endpoint of a Service port, before node-specific selection.
 #[derive(Clone, Debug, PartialEq)]
@@ -176,7 +63,7 @@ impl Candidate for PortCandidate {
 
 /// One Service port in one IP family, with everything but the node-specific choices made.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PortPlan {
+pub struct PortDraft {
     pub name: String,
     pub service: Arc<ServiceModel>,
     pub port: ServicePortModel,
@@ -193,10 +80,10 @@ pub struct PortPlan {
     pub trigger_ms: Option<i64>,
 }
 
-impl PortPlan {
+impl PortDraft {
     /// Whether a node's rules for this port depend on which endpoints run on it: a Local
     /// traffic policy that applies (internal, or external on an externally reachable port).
-    fn uses_locality(&self) -> bool {
+    pub(crate) fn uses_locality(&self) -> bool {
         self.service.internal_policy == TrafficPolicy::Local
             || (self.service.externally_accessible()
                 && self.service.external_policy == TrafficPolicy::Local)
@@ -215,18 +102,18 @@ pub enum Specific {
 /// A planned port with the resource every non-specific node gets, computed once.
 #[derive(Debug)]
 pub struct PlannedPort {
-    pub plan: PortPlan,
+    pub plan: PortDraft,
     pub generic: Arc<Resource>,
     pub specific: Specific,
 }
 
 impl PlannedPort {
-    fn new(plan: PortPlan) -> Self {
+    pub(crate) fn new(plan: PortDraft) -> Self {
         let generic = Arc::new(Resource::versioned(
             plan.name.clone(),
             resource::Kind::ServicePort(port_rules(
                 &plan,
-                &NodeSite {
+                &Site {
                     name: "",
                     zone: None,
                 },
@@ -258,7 +145,7 @@ impl PlannedPort {
         }
     }
 
-    fn is_specific_to(&self, node: &str) -> bool {
+    pub(crate) fn is_specific_to(&self, node: &str) -> bool {
         match &self.specific {
             Specific::Every => true,
             Specific::Nodes(nodes) => nodes.contains(node),
@@ -268,7 +155,7 @@ impl PlannedPort {
 
 /// What a node's view depends on besides the catalog.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeFacts {
+pub struct AgentFacts {
     pub name: String,
     /// Addresses the node's agent reported (for CIDR nodePortAddresses).
     pub agent_addresses: Vec<IpAddr>,
@@ -282,7 +169,7 @@ pub fn protocol_name(p: Protocol) -> &'static str {
     }
 }
 
-fn family_name(f: IpFamily) -> &'static str {
+pub(crate) fn family_name(f: IpFamily) -> &'static str {
     match f {
         IpFamily::Ipv6 => "ipv6",
         _ => "ipv4",
@@ -301,12 +188,7 @@ pub fn resource_name(svc: &ObjectName, port: &ServicePortModel, family: IpFamily
     )
 }
 
-pub use kubenft_proto::{
-    ENDPOINT_BUCKETS, NODE_RESOURCE, endpoint_bucket, node_endpoints_name,
-    parse_node_endpoints_name,
-};
-
-fn node_ips(node: Option<&NodeModel>, facts: &NodeFacts) -> Vec<IpAddr> {
+pub(crate) fn node_ips(node: Option<&NodeModel>, facts: &AgentFacts) -> Vec<IpAddr> {
     node.map(|n| n.internal_ips.as_slice())
         .unwrap_or_default()
         .iter()
@@ -325,12 +207,12 @@ pub struct RefusedEndpoint {
 /// Resolves each port of a Service in each of its families, leaving out what it claims but
 /// another Service holds (`refused`), and endpoints whose address is a ClusterIP (of any
 /// Service: `is_cluster_ip`), which are returned, one per slice endpoint.
-fn plan_service(
+pub(crate) fn plan_service(
     service: &Arc<ServiceModel>,
     slices: &[&SliceModel],
     refused: &[Refusal],
     is_cluster_ip: impl Fn(&IpAddr) -> bool,
-) -> (Vec<PortPlan>, Vec<RefusedEndpoint>) {
+) -> (Vec<PortDraft>, Vec<RefusedEndpoint>) {
     let svc = &**service;
     let is_refused = |claim: Claim| refused.iter().any(|r| r.claim == claim);
     // One look-up per endpoint; the ports look at the (usually empty) list.
@@ -381,7 +263,7 @@ fn plan_service(
             {
                 port.node_port = None;
             }
-            plans.push(PortPlan {
+            plans.push(PortDraft {
                 name: resource_name(&svc.id, &port, family),
                 service: service.clone(),
                 family,
@@ -450,121 +332,9 @@ fn candidates(
     out.into_values().collect()
 }
 
-fn node_rules(policy: &ClusterPolicy, node: Option<&NodeModel>, facts: &NodeFacts) -> NodeRules {
-    let (node_port_ips, all) = match &policy.node_port_addresses {
-        NodePortAddresses::Primary => (
-            node.map(|n| n.internal_ips.clone()).unwrap_or_default(),
-            false,
-        ),
-        NodePortAddresses::All => (Vec::new(), true),
-        NodePortAddresses::Cidrs(cidrs) => {
-            let mut ips: BTreeSet<IpAddr> = facts
-                .agent_addresses
-                .iter()
-                .chain(node.map(|n| n.internal_ips.as_slice()).unwrap_or_default())
-                .copied()
-                .filter(|ip| !ip.is_loopback() && cidrs.iter().any(|c| c.contains(ip)))
-                .collect();
-            ips.retain(|ip| !ip.is_unspecified());
-            (ips.into_iter().collect(), false)
-        }
-    };
-    let mut node_port_ips: Vec<String> = node_port_ips
-        .iter()
-        .filter(|ip| !ip.is_loopback())
-        .map(IpAddr::to_string)
-        .collect();
-    node_port_ips.sort();
-    node_port_ips.dedup();
-    let (mode, local_pod_cidrs, local_interface) = local_detector(policy, node);
-    NodeRules {
-        node_name: facts.name.clone(),
-        local_pod_cidrs,
-        service_cidrs: sorted_strings(&policy.service_cidrs),
-        node_port_ips,
-        node_port_all_addresses: all,
-        masquerade_all: policy.masquerade_all,
-        deleting: node.is_some_and(|n| n.deleting),
-        detect_local_mode: mode as i32,
-        local_interface,
-    }
-}
-
-/// What tells this node's pods' traffic apart: the mode, the local pod CIDRs (CIDR modes) and
-/// the interface or prefix (interface modes). A node without `spec.podCIDRs` in NodeCIDR mode
-/// has no detector: nothing is local there, as in kube-proxy for a node without them (which
-/// waits for them at start, up to 5 minutes, and then fails).
-fn local_detector(
-    policy: &ClusterPolicy,
-    node: Option<&NodeModel>,
-) -> (DetectLocalMode, Vec<String>, String) {
-    match &policy.detect_local {
-        DetectLocal::ClusterCidr => (
-            DetectLocalMode::ClusterCidr,
-            sorted_strings(&policy.cluster_cidrs),
-            String::new(),
-        ),
-        DetectLocal::NodeCidr => (
-            DetectLocalMode::NodeCidr,
-            sorted_strings(node.map(|n| n.pod_cidrs.as_slice()).unwrap_or_default()),
-            String::new(),
-        ),
-        DetectLocal::BridgeInterface(name) => (
-            DetectLocalMode::BridgeInterface,
-            Vec::new(),
-            name.to_string(),
-        ),
-        DetectLocal::InterfaceNamePrefix(prefix) => (
-            DetectLocalMode::InterfaceNamePrefix,
-            Vec::new(),
-            prefix.to_string(),
-        ),
-    }
-}
-
-/// Why a node has no local-traffic detector in some of `families`, if it lacks one (said in
-/// inspection and logged): nothing is local there, so ClusterIP traffic from outside the pod
-/// network is not masqueraded and externalTrafficPolicy Local has no pod short-circuit.
-pub fn missing_detector(
-    policy: &ClusterPolicy,
-    node: Option<&NodeModel>,
-    families: &[IpFamily],
-) -> Option<String> {
-    let families = |cidrs: &[IpNet]| {
-        families
-            .iter()
-            .copied()
-            .filter(|f| !cidrs.iter().any(|c| family_of(&c.addr()) == *f))
-            .map(family_name)
-            .collect::<Vec<_>>()
-    };
-    let (missing, source) = match &policy.detect_local {
-        DetectLocal::ClusterCidr => (families(&policy.cluster_cidrs), "no --cluster-cidr"),
-        DetectLocal::NodeCidr => (
-            families(node.map(|n| n.pod_cidrs.as_slice()).unwrap_or_default()),
-            "the Node has no spec.podCIDRs",
-        ),
-        DetectLocal::BridgeInterface(_) | DetectLocal::InterfaceNamePrefix(_) => return None,
-    };
-    (!missing.is_empty()).then(|| {
-        format!(
-            "--detect-local-mode {}: {source} of {}: no local-traffic detector there (traffic to ClusterIPs is not masqueraded, externalTrafficPolicy Local sends pods to local endpoints only)",
-            policy.detect_local.mode_name(),
-            missing.join(" and ")
-        )
-    })
-}
-
-fn sorted_strings<T: ToString>(items: &[T]) -> Vec<String> {
-    let mut v: Vec<String> = items.iter().map(T::to_string).collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
-/// `local` is set only where it matters (see [`PortPlan::uses_locality`]): elsewhere the
+/// `local` is set only where it matters (see [`PortDraft::uses_locality`]): elsewhere the
 /// resource is the same on every node.
-fn endpoint(c: &PortCandidate, site: &NodeSite<'_>, locality: bool) -> Endpoint {
+fn endpoint(c: &PortCandidate, site: &Site<'_>, locality: bool) -> Endpoint {
     Endpoint {
         ip: c.ip.to_string(),
         port: u32::from(c.port),
@@ -576,7 +346,7 @@ fn endpoint(c: &PortCandidate, site: &NodeSite<'_>, locality: bool) -> Endpoint 
 /// loadBalancerSourceRanges as this node enforces them: a range that covers one of the node's
 /// own addresses also admits the load-balancer IPs as sources (traffic a node sends to an LB
 /// IP it hosts, as upstream does).
-fn source_ranges(plan: &PortPlan, node_ips: &[IpAddr]) -> Vec<String> {
+fn source_ranges(plan: &PortDraft, node_ips: &[IpAddr]) -> Vec<String> {
     let mut ranges = plan.source_ranges.clone();
     if ranges
         .iter()
@@ -588,7 +358,7 @@ fn source_ranges(plan: &PortPlan, node_ips: &[IpAddr]) -> Vec<String> {
 }
 
 /// One port as one node enforces it.
-pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> ServicePortRules {
+pub fn port_rules(plan: &PortDraft, site: &Site<'_>, node_ips: &[IpAddr]) -> ServicePortRules {
     let svc = &plan.service;
     let sel = select::categorize(&plan.candidates, site);
     let locality = plan.uses_locality();
@@ -664,7 +434,7 @@ pub fn port_rules(plan: &PortPlan, site: &NodeSite<'_>, node_ips: &[IpAddr]) -> 
     }
 }
 
-fn explain_port(plan: &PortPlan, site: &NodeSite<'_>) -> Vec<String> {
+pub(crate) fn explain_port(plan: &PortDraft, site: &Site<'_>) -> Vec<String> {
     let svc = &plan.service;
     let sel = select::categorize(&plan.candidates, site);
     let what = format!(
@@ -722,6 +492,3 @@ fn explain_port(plan: &PortPlan, site: &NodeSite<'_>) -> Vec<String> {
     }
     notes
 }
-
-#[cfg(test)]
-mod tests;

@@ -18,7 +18,7 @@ pub trait Candidate {
 }
 
 /// The node the view is for.
-pub struct NodeSite<'a> {
+pub struct Site<'a> {
     pub name: &'a str,
     pub zone: Option<&'a str>,
 }
@@ -42,7 +42,7 @@ pub struct Selection {
     pub local_terminating: bool,
 }
 
-fn is_local<C: Candidate>(c: &C, node: &NodeSite<'_>) -> bool {
+fn is_local<C: Candidate>(c: &C, node: &Site<'_>) -> bool {
     c.node_name() == Some(node.name)
 }
 
@@ -52,7 +52,7 @@ fn serving_terminating(c: Conditions) -> bool {
 
 /// Upstream `topologyModeFromHints`: all-or-nothing. Hints are used only when every ready
 /// endpoint carries them and at least one is meant for this node (or its zone).
-pub fn topology_mode<C: Candidate>(candidates: &[C], node: &NodeSite<'_>) -> TopologyMode {
+pub fn topology_mode<C: Candidate>(candidates: &[C], node: &Site<'_>) -> TopologyMode {
     let ready: Vec<&C> = candidates.iter().filter(|c| c.conditions().ready).collect();
     if ready.is_empty() {
         return TopologyMode::None;
@@ -71,7 +71,7 @@ pub fn topology_mode<C: Candidate>(candidates: &[C], node: &NodeSite<'_>) -> Top
     TopologyMode::None
 }
 
-fn available_for_topology<C: Candidate>(c: &C, mode: TopologyMode, node: &NodeSite<'_>) -> bool {
+fn available_for_topology<C: Candidate>(c: &C, mode: TopologyMode, node: &Site<'_>) -> bool {
     match mode {
         TopologyMode::None => true,
         TopologyMode::PreferSameNode => c.hinted_for_node(node.name),
@@ -80,7 +80,7 @@ fn available_for_topology<C: Candidate>(c: &C, mode: TopologyMode, node: &NodeSi
 }
 
 /// Chooses the cluster-wide and local endpoint sets for one node.
-pub fn categorize<C: Candidate>(candidates: &[C], node: &NodeSite<'_>) -> Selection {
+pub fn categorize<C: Candidate>(candidates: &[C], node: &Site<'_>) -> Selection {
     let mode = topology_mode(candidates, node);
     let mut sel = Selection {
         topology: (mode != TopologyMode::None).then_some(mode),
@@ -174,7 +174,7 @@ mod tests {
         }
     }
 
-    const A: NodeSite<'static> = NodeSite {
+    const A: Site<'static> = Site {
         name: "a",
         zone: Some("z1"),
     };
@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(categorize(&eps, &A).cluster, vec![0, 1]);
         // Node without a zone label: no filtering.
         let eps = [hinted("a", "z1"), hinted("b", "z2")];
-        let no_zone = NodeSite {
+        let no_zone = Site {
             name: "a",
             zone: None,
         };

@@ -4,8 +4,16 @@ use std::num::NonZeroU16;
 
 use kubenft_proto::v1::{DetectLocalMode, IpFamily, Protocol, resource};
 
-use super::*;
+use std::sync::Arc;
+
+use kubenft_proto::v1::{Endpoint, NodeRules, ServicePortRules};
+use kubenft_proto::{NODE_RESOURCE, endpoint_bucket, node_endpoints_name};
+
+use crate::Catalog;
+use crate::model::*;
 use crate::model::{Conditions, ServiceType, SlicePort};
+use crate::policy::*;
+use crate::port::*;
 use crate::view::NodeRuleSet;
 
 mod incremental;
@@ -140,8 +148,8 @@ fn inputs(services: Vec<ServiceModel>, slices: Vec<SliceModel>) -> Inputs {
     }
 }
 
-fn facts(name: &str) -> NodeFacts {
-    NodeFacts {
+fn facts(name: &str) -> AgentFacts {
+    AgentFacts {
         name: name.into(),
         agent_addresses: vec![],
     }
@@ -151,7 +159,7 @@ fn catalog(policy: ClusterPolicy, inputs: &Inputs) -> Catalog {
     Catalog::build(Arc::new(policy), inputs, None)
 }
 
-fn rules(c: &Catalog, f: &NodeFacts) -> NodeRuleSet {
+fn rules(c: &Catalog, f: &AgentFacts) -> NodeRuleSet {
     c.rules_for(f, 1)
 }
 
@@ -242,7 +250,7 @@ fn node_port_cidrs_select_reported_addresses() {
     let c = catalog(policy, &inputs(vec![], vec![]));
     let rules = rules(
         &c,
-        &NodeFacts {
+        &AgentFacts {
             name: "a".into(),
             agent_addresses: vec![ip("192.168.60.5"), ip("127.0.0.1"), ip("192.168.50.11")],
         },

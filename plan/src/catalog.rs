@@ -12,15 +12,19 @@ use std::sync::Arc;
 use imbl::{OrdMap, OrdSet, ordmap::DiffItem};
 use kubenft_proto::v1::{IpFamily, NodeEndpoints, Resource, resource};
 
-use super::claims::Claims;
-use super::{
-    ClusterPolicy, Inputs, NODE_RESOURCE, NodeFacts, PlannedPort, RefusedEndpoint, Specific,
-    endpoint_bucket, explain_port, missing_detector, node_endpoints_name, node_ips, node_rules,
-    parse_node_endpoints_name, plan_service, port_rules,
+use kubenft_proto::{
+    NODE_RESOURCE, endpoint_bucket, node_endpoints_name, parse_node_endpoints_name,
 };
+
+use crate::claims::Claims;
 use crate::cores;
-use crate::model::{NodeModel, ObjectName, Rejection, ServiceModel, SliceModel};
-use crate::select::NodeSite;
+use crate::model::{Inputs, NodeModel, ObjectName, Rejection, ServiceModel, SliceModel};
+use crate::policy::{ClusterPolicy, missing_detector, node_rules};
+use crate::port::{
+    AgentFacts, PlannedPort, RefusedEndpoint, Specific, explain_port, node_ips, plan_service,
+    port_rules,
+};
+use crate::select::Site;
 use crate::view::{Base, NodeRuleSet, Resources};
 
 /// One Service planned again, before the catalog indexes it.
@@ -428,7 +432,7 @@ impl Catalog {
 
     /// What `node` holds for `name` beyond the shared base: its own settings, a port it sees
     /// differently, or `None` (it follows the base, or the name is gone).
-    pub fn node_value(&self, facts: &NodeFacts, name: &str) -> Option<Arc<Resource>> {
+    pub fn node_value(&self, facts: &AgentFacts, name: &str) -> Option<Arc<Resource>> {
         let node = self.nodes().get(&facts.name).map(|n| &**n);
         if name == NODE_RESOURCE {
             return Some(Arc::new(Resource::versioned(
@@ -457,7 +461,7 @@ impl Catalog {
             .ports
             .get(name)
             .filter(|p| p.is_specific_to(&facts.name))?;
-        let site = NodeSite {
+        let site = Site {
             name: &facts.name,
             zone: node.and_then(|n| n.zone.as_deref()),
         };
@@ -491,7 +495,7 @@ impl Catalog {
     }
 
     /// The full rule set of one node, at revision `rev`.
-    pub fn rules_for(&self, facts: &NodeFacts, rev: u64) -> NodeRuleSet {
+    pub fn rules_for(&self, facts: &AgentFacts, rev: u64) -> NodeRuleSet {
         let overrides: Resources = self
             .override_names(&facts.name)
             .into_iter()
@@ -505,7 +509,7 @@ impl Catalog {
     /// node's own settings depend only on the node and the policy (when those change the
     /// caller rebuilds instead); the buckets of its endpoints' addresses that changed are
     /// included here.
-    pub fn update(&self, current: &NodeRuleSet, facts: &NodeFacts) -> Option<NodeRuleSet> {
+    pub fn update(&self, current: &NodeRuleSet, facts: &AgentFacts) -> Option<NodeRuleSet> {
         let value = |name: &str| self.node_value(facts, name);
         match self.locals_changed.get(&facts.name) {
             Some(buckets) => {
@@ -518,7 +522,7 @@ impl Catalog {
     }
 
     /// Human-readable reasons for how one node programs one Service.
-    pub fn explain(&self, facts: &NodeFacts, svc: &ObjectName) -> Vec<String> {
+    pub fn explain(&self, facts: &AgentFacts, svc: &ObjectName) -> Vec<String> {
         let mut notes = Vec::new();
         if let Some(why) = self.inputs.ignored.get(svc) {
             notes.push(format!("not proxied: {why}"));
@@ -534,7 +538,7 @@ impl Catalog {
         {
             notes.push(format!("refused: {}", r.rejection));
         }
-        let site = NodeSite {
+        let site = Site {
             name: &facts.name,
             zone: self
                 .nodes()

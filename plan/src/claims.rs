@@ -30,8 +30,8 @@ use std::sync::Arc;
 use imbl::{OrdMap, OrdSet};
 use kubenft_proto::v1::Protocol;
 
-use super::protocol_name;
 use crate::model::{ObjectName, Rejection, ServiceModel, family_of};
+use crate::port::protocol_name;
 
 /// What a node serves once: an address and port, or a NodePort (on every node address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

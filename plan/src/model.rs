@@ -13,7 +13,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU16;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
+use imbl::OrdMap;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -1029,6 +1031,20 @@ fn pod_cidrs(spec: Option<&NodeSpec>) -> Result<Vec<IpNet>, (String, String)> {
         }
         (None, _) => Ok(cidrs),
     }
+}
+
+/// Everything read from the source, validated. The maps are persistent: a copy is O(1), and
+/// two versions that share most of their content are compared in time proportional to what
+/// differs.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub services: OrdMap<ObjectName, Arc<ServiceModel>>,
+    pub slices: OrdMap<ObjectName, Arc<SliceModel>>,
+    pub nodes: OrdMap<String, Arc<NodeModel>>,
+    /// Objects (or parts of them) refused while reading.
+    pub rejections: Vec<Rejection>,
+    /// Services deliberately not proxied, and why.
+    pub ignored: OrdMap<ObjectName, String>,
 }
 
 #[cfg(test)]
