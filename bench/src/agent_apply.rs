@@ -2,14 +2,14 @@
 //! workload in kube-proxy's shape.
 //!
 //! kubenft's transactions come from the agent library exactly as the agent builds them:
-//! `v1::Change` → `apply::plan` against an `AppliedState` → `Transaction` text → `nft -f -` →
+//! `v1::Change` → `diff::diff` against an `AppliedState` → `Transaction` text → `nft -f -` →
 //! `AppliedState::commit`. The first change is a full reconcile (the agent's first apply).
 
 use std::time::{Duration, Instant};
 
-use kubenft_agent::apply;
 use kubenft_agent::nft::{Nft, NftCli, TableName};
 use kubenft_agent::state::AppliedState;
+use kubenft_nft::diff;
 use kubenft_proto::v1;
 
 use crate::kubeproxy;
@@ -37,7 +37,7 @@ pub struct Options {
 /// Timings of one agent apply.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ApplyTimes {
-    /// `apply::plan` plus rendering the transaction text.
+    /// `diff::diff` plus rendering the transaction text.
     pub plan: Duration,
     /// The `nft -f -` process, wall clock.
     pub nft: Duration,
@@ -58,7 +58,7 @@ pub async fn apply_change(
     measure_rss: bool,
 ) -> anyhow::Result<ApplyTimes> {
     let started = Instant::now();
-    let plan = apply::plan(state, change, &TableName::default())?;
+    let plan = diff::diff(state, change, &TableName::default())?;
     let text = plan.tx.to_string();
     let planned = started.elapsed();
     let (nft, nft_max_rss) = match nftrun::run(ns, &text, cap, measure_rss).await? {
@@ -66,7 +66,7 @@ pub async fn apply_change(
         Outcome::TimedOut(cap) => anyhow::bail!("nft did not finish within {cap:?}"),
     };
     let element_ops = plan.tx.element_ops();
-    state.commit(plan);
+    state.commit(plan, std::time::SystemTime::now());
     Ok(ApplyTimes {
         plan: planned,
         nft,
@@ -85,13 +85,13 @@ pub async fn apply_change_as_agent(
     change: &v1::Change,
 ) -> anyhow::Result<ApplyTimes> {
     let started = Instant::now();
-    let plan = apply::plan(state, change, &TableName::default())?;
+    let plan = diff::diff(state, change, &TableName::default())?;
     let text_bytes = plan.tx.to_string().len();
     let planned = started.elapsed();
     nft.apply(&plan.tx).await?;
     let nft_time = started.elapsed() - planned;
     let element_ops = plan.tx.element_ops();
-    state.commit(plan);
+    state.commit(plan, std::time::SystemTime::now());
     Ok(ApplyTimes {
         plan: planned,
         nft: nft_time,

@@ -19,8 +19,8 @@ use kubenft_agent::drift::{self, State};
 use kubenft_agent::health::Health;
 use kubenft_agent::metrics::Metrics;
 use kubenft_agent::nft::{NftCli, TableName, monitor};
-use kubenft_agent::repair::RepairKind;
 use kubenft_agent::state::AppliedState;
+use kubenft_nft::repair::RepairKind;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -389,7 +389,7 @@ async fn checks(agent: &Agent) -> anyhow::Result<Checks> {
     }
     let (own, children) = Cpu::now().since(cpu0);
     let state = agent.applier.state().read();
-    let elements = kubenft_agent::model::Family::ALL
+    let elements = kubenft_nft::rules::Family::ALL
         .into_iter()
         .map(|f| state.table(f).elements.len())
         .sum();

@@ -203,7 +203,7 @@ mod tests {
         let w = Workload::new(3, 2);
         let change = full_change(w.all(), 0, "10.200.1.1");
         for r in &change.resources {
-            kubenft_agent::model::validate(r).unwrap();
+            kubenft_nft::rules::validate(r).unwrap();
         }
     }
 }

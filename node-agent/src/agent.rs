@@ -19,11 +19,11 @@ use crate::inspect::{self, Inspect};
 use crate::lock::{self, Acquired};
 use crate::metrics::Metrics;
 use crate::migrate;
-use crate::model::Family;
 use crate::nft::monitor;
 use crate::nft::{Command, Nft, NftError, TableName, Transaction};
 use crate::state::{self, StateFileError};
 use crate::stream::{self, StreamConfig};
+use kubenft_nft::rules::Family;
 
 /// What the agent runs with (resolved from the command line).
 #[derive(Debug, Clone)]

@@ -6,21 +6,21 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use kubenft_proto::v1;
 use parking_lot::RwLock;
 
-use crate::apply;
 use crate::conntrack;
 use crate::drift::Dataplane;
 use crate::hcport::{self, HealthCheckPorts};
 use crate::health::Health;
 use crate::metrics::{ChangeResult, Metrics};
-use crate::model::Family;
 use crate::nft::{Chain, Nft, NftError, SetId, TableName, Transaction};
-use crate::repair::{self, Damage, RepairKind};
 use crate::state::{self, AppliedState};
+use kubenft_nft::diff;
+use kubenft_nft::repair::{self, Damage, RepairKind};
+use kubenft_nft::rules::Family;
 
 /// Attempts of the same transaction before falling back to a full reconcile, and the wait
 /// before each retry.
@@ -205,7 +205,7 @@ impl<N: Nft> Applier<N> {
             if !state.is_synced() {
                 return Ok(BTreeSet::new());
             }
-            repair::plan(&state, damage, &self.table)
+            repair::transaction(&state, damage, &self.table)
         };
         if damage.full {
             self.skip_existing(&mut tx).await;
@@ -226,7 +226,7 @@ impl<N: Nft> Applier<N> {
                 tracing::warn!(error = %short_error(&e.to_string()), "targeted repair refused; reconciling the whole tables")
             }
         }
-        let mut tx = repair::plan(&self.state.read(), &Damage::full(), &self.table);
+        let mut tx = repair::transaction(&self.state.read(), &Damage::full(), &self.table);
         self.skip_existing(&mut tx).await;
         self.nft
             .apply(&tx)
@@ -366,7 +366,7 @@ impl<N: Nft> Applier<N> {
             );
             return Ok(());
         }
-        let plan = apply::plan(&self.state.read(), change, &self.table).map_err(|e| {
+        let plan = diff::diff(&self.state.read(), change, &self.table).map_err(|e| {
             tracing::error!(change_id = change.change_id, error = %e, "refusing change");
             e.to_string()
         })?;
@@ -384,7 +384,7 @@ impl<N: Nft> Applier<N> {
 
     /// Records a committed plan: the applied state, health-check ports, health, conntrack
     /// cleanup, metrics, the log line and the state file.
-    async fn finish(&self, plan: apply::Plan, change: &v1::Change, elapsed: Duration) {
+    async fn finish(&self, plan: diff::Diff, change: &v1::Change, elapsed: Duration) {
         self.metrics
             .synced(&plan.tx.changed_families(), elapsed.as_secs_f64());
         let (ops, full) = (plan.tx.element_ops(), plan.full);
@@ -400,7 +400,7 @@ impl<N: Nft> Applier<N> {
                 .iter()
                 .filter_map(|name| state.resource(name))
                 .collect();
-            state.commit(plan);
+            state.commit(plan, SystemTime::now());
             if let Some(ports) = &self.hc_ports {
                 ports.sync(&hcport::desired(&state));
             }
@@ -448,7 +448,7 @@ impl<N: Nft> Applier<N> {
         let mut refused: Vec<(String, String)> = Vec::new();
         while let Some(group) = groups.pop() {
             let sub = Part::change(change, &group);
-            let planned = apply::plan(&self.state.read(), &sub, &self.table);
+            let planned = diff::diff(&self.state.read(), &sub, &self.table);
             let attempt = match planned {
                 Ok(plan) => {
                     let started = Instant::now();
@@ -492,7 +492,7 @@ impl<N: Nft> Applier<N> {
     /// drift being repaired meanwhile); if the same transaction keeps failing, the change is
     /// applied as a full reconcile of our tables; only if that fails too is it refused, with
     /// the first lines of nft's error.
-    async fn run(&self, mut plan: apply::Plan, change: &v1::Change) -> Result<apply::Plan, String> {
+    async fn run(&self, mut plan: diff::Diff, change: &v1::Change) -> Result<diff::Diff, String> {
         let id = change.change_id;
         if plan.full {
             self.skip_existing(&mut plan.tx).await;
@@ -521,7 +521,7 @@ impl<N: Nft> Applier<N> {
         }
         tracing::warn!(change_id = id, error = %short_error(&last.to_string()), "the change keeps failing; applying it as a full reconcile");
         let mut full =
-            apply::plan_full(&self.state.read(), change, &self.table).map_err(|e| e.to_string())?;
+            diff::full(&self.state.read(), change, &self.table).map_err(|e| e.to_string())?;
         self.skip_existing(&mut full.tx).await;
         match self.nft.apply(&full.tx).await {
             Ok(()) => Ok(full),
@@ -657,6 +657,9 @@ pub async fn recover<N: Nft>(
         }
     }
 }
+
+#[cfg(test)]
+mod diff_tests;
 
 #[cfg(test)]
 mod tests {

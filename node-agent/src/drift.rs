@@ -28,7 +28,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nft::Nft;
 use crate::nft::monitor::Notice;
-use crate::repair::{Damage, RepairKind};
+use kubenft_nft::repair::{Damage, RepairKind};
 
 /// How long a burst of foreign changes may go on before the repair starts.
 const SETTLE: Duration = Duration::from_millis(20);

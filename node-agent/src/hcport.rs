@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::{ServicePort, Spec};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use kubenft_nft::rules::{ServicePort, Spec};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 

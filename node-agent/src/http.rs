@@ -383,7 +383,7 @@ mod tests {
         let dataplane = crate::drift::Dataplane::new(metrics.clone(), health.clone());
         let router = || health_router(health.clone(), metrics.clone());
         dataplane.drift_seen(1);
-        dataplane.repaired([crate::repair::RepairKind::Element]);
+        dataplane.repaired([kubenft_nft::repair::RepairKind::Element]);
         let (code, body) = get_text(router(), "/healthz").await;
         assert_eq!(code, 200, "{body}");
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -399,7 +399,7 @@ mod tests {
         assert!(body.contains("\"state\":\"diverged\""), "{body}");
         assert!(body.contains("resource busy"), "{body}");
         assert!(body.contains("notConvergedSince"), "{body}");
-        dataplane.repaired([crate::repair::RepairKind::Full]);
+        dataplane.repaired([kubenft_nft::repair::RepairKind::Full]);
         let (code, body) = get_text(router(), "/healthz").await;
         assert_eq!(code, 200, "{body}");
         assert!(!body.contains("notConvergedSince"), "{body}");

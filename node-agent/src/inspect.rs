@@ -14,8 +14,8 @@ use tonic::{Request, Response, Status};
 
 use crate::applier::SharedState;
 use crate::metrics::Metrics;
-use crate::model::Family;
 use crate::nft::{Nft, TableName};
+use kubenft_nft::rules::Family;
 
 pub struct Inspect<N> {
     pub node: String,

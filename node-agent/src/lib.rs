@@ -1,9 +1,12 @@
 //! kubenft node agent: receives its node's rule set from the controller and enforces it with
 //! atomic nftables transactions on tables it owns.
 //!
-//! Flow: [`stream`] receives a Change → [`applier`] asks [`apply`] for a plan (element diff of
-//! [`render`]ed [`model`] resources against the [`state`] mirror) → [`nft`] runs it as one
-//! transaction → the state is committed and persisted. [`http`] and [`inspect`] report.
+//! The agent is the I/O shell around [`kubenft_nft`], which decides what to run.
+//! Flow: [`stream`] receives a Change → [`applier`] asks `kubenft_nft::diff` for one
+//! transaction (element diff of rendered resources against the [`state`] mirror) → [`nft`]
+//! runs it → the state is committed and persisted. [`drift`] watches for other programs
+//! touching our tables and has `kubenft_nft::repair` put them back. [`http`] and [`inspect`]
+//! report.
 // Denied everywhere; the one exception is `memory`'s call into glibc, reviewed there.
 #![deny(unsafe_code)]
 
@@ -11,7 +14,6 @@ pub mod addrs;
 pub mod agent;
 pub mod apiserver;
 pub mod applier;
-pub mod apply;
 pub mod certs;
 pub mod cli;
 pub mod conntrack;
@@ -25,9 +27,6 @@ pub mod lock;
 pub mod memory;
 pub mod metrics;
 pub mod migrate;
-pub mod model;
 pub mod nft;
-pub mod render;
-pub mod repair;
 pub mod state;
 pub mod stream;

@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::model::Family;
+use kubenft_nft::rules::Family;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(clippy::upper_case_acronyms)]
@@ -233,7 +233,7 @@ impl Metrics {
 
     pub fn repaired(
         &self,
-        kinds: &std::collections::BTreeSet<crate::repair::RepairKind>,
+        kinds: &std::collections::BTreeSet<kubenft_nft::repair::RepairKind>,
         seconds: f64,
     ) {
         for kind in kinds {

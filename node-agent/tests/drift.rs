@@ -12,7 +12,7 @@ use kubenft_agent::drift;
 use kubenft_agent::health::Health;
 use kubenft_agent::metrics::Metrics;
 use kubenft_agent::nft::{NftCli, TableName, monitor};
-use kubenft_agent::repair::RepairKind;
+use kubenft_nft::repair::RepairKind;
 use kubenft_proto::v1;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;

@@ -9,10 +9,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use kubenft_agent::apply;
-use kubenft_agent::model::Family;
 use kubenft_agent::nft::TableName;
 use kubenft_agent::state::AppliedState;
+use kubenft_nft::diff;
+use kubenft_nft::rules::Family;
 use kubenft_proto::v1;
 
 /// Which local-traffic detector the node resource names.
@@ -50,8 +50,8 @@ fn representative_state(table: &TableName, detector: Detector) -> AppliedState {
         ..Default::default()
     };
     let mut state = AppliedState::unknown(0);
-    let plan = apply::plan(&state, &change, table).expect("valid resources");
-    state.commit(plan);
+    let plan = diff::diff(&state, &change, table).expect("valid resources");
+    state.commit(plan, std::time::SystemTime::now());
     state
 }
 

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use kubenft_agent::applier::{self, Applier};
 use kubenft_agent::health::Health;
 use kubenft_agent::metrics::Metrics;
-use kubenft_agent::model::Family;
 use kubenft_agent::nft::{
     Nft, NftCli, NftError, OwnProcesses, SetId, TableName, TableObjects, Transaction,
 };
 use kubenft_agent::state::AppliedState;
+use kubenft_nft::rules::Family;
 use kubenft_proto::v1;
 
 const TABLE: &str = "kna-test";

@@ -6,10 +6,10 @@ mod common;
 
 use std::net::IpAddr;
 
-use kubenft_agent::model::Family;
 use kubenft_agent::nft::{
     Command, Element, ElementKey, Nft, NftCli, NftError, SetId, TableName, Transaction,
 };
+use kubenft_nft::rules::Family;
 
 const TABLE: &str = "kna-session";
 

@@ -10,8 +10,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::session::{self, Session};
-use super::{SetId, TableName, Transaction};
-use crate::model::Family;
+use super::{SetId, TableName, TableObjects, Transaction};
+use kubenft_nft::rules::Family;
 
 /// How long one nft invocation may take before it is killed.
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -88,45 +88,36 @@ pub trait Nft: Send + Sync + 'static {
     fn monitor_argv(&self) -> Option<Vec<String>>;
 }
 
-/// The chains and sets of one table, by name (`map`: whether a set is a map).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TableObjects {
-    pub chains: Vec<String>,
-    pub sets: Vec<(String, bool)>,
-}
-
-impl TableObjects {
-    /// Reads `nft -j list chains FAMILY` and `nft -j -t list sets|maps FAMILY` output.
-    fn parse(
-        table: &TableName,
-        chains: &str,
-        sets: &[String],
-    ) -> Result<Option<TableObjects>, NftError> {
-        let mut out = TableObjects::default();
-        let listings = std::iter::once((chains, &["chain"][..]))
-            .chain(sets.iter().map(|s| (s.as_str(), &["set", "map"][..])));
-        for (json, kinds) in listings {
-            let doc: serde_json::Value =
-                serde_json::from_str(json).map_err(|e| NftError::Output(e.to_string()))?;
-            let objects = doc["nftables"]
-                .as_array()
-                .ok_or_else(|| NftError::Output("no \"nftables\" array".into()))?;
-            for object in objects {
-                for kind in kinds {
-                    let Some(o) = object.get(*kind) else { continue };
-                    if o["table"].as_str() != Some(table.as_str()) {
-                        continue;
-                    }
-                    let name = o["name"].as_str().unwrap_or_default().to_owned();
-                    match *kind {
-                        "chain" => out.chains.push(name),
-                        kind => out.sets.push((name, kind == "map")),
-                    }
+/// Reads `nft -j list chains FAMILY` and `nft -j -t list sets|maps FAMILY` output.
+fn parse_table_objects(
+    table: &TableName,
+    chains: &str,
+    sets: &[String],
+) -> Result<Option<TableObjects>, NftError> {
+    let mut out = TableObjects::default();
+    let listings = std::iter::once((chains, &["chain"][..]))
+        .chain(sets.iter().map(|s| (s.as_str(), &["set", "map"][..])));
+    for (json, kinds) in listings {
+        let doc: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| NftError::Output(e.to_string()))?;
+        let objects = doc["nftables"]
+            .as_array()
+            .ok_or_else(|| NftError::Output("no \"nftables\" array".into()))?;
+        for object in objects {
+            for kind in kinds {
+                let Some(o) = object.get(*kind) else { continue };
+                if o["table"].as_str() != Some(table.as_str()) {
+                    continue;
+                }
+                let name = o["name"].as_str().unwrap_or_default().to_owned();
+                match *kind {
+                    "chain" => out.chains.push(name),
+                    kind => out.sets.push((name, kind == "map")),
                 }
             }
         }
-        Ok((!out.chains.is_empty() || !out.sets.is_empty()).then_some(out))
     }
+    Ok((!out.chains.is_empty() || !out.sets.is_empty()).then_some(out))
 }
 
 /// The nft processes one runner started (the most recent ones: a PID is recycled only after
@@ -362,7 +353,7 @@ impl Nft for NftCli {
         let maps = self
             .run(&["-j", "-t", "list", "maps", family.nft()], None)
             .await?;
-        TableObjects::parse(table, &chains, &[sets, maps])
+        parse_table_objects(table, &chains, &[sets, maps])
     }
 
     async fn list_elements(

@@ -22,70 +22,16 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use kubenft_nft::event::{Event, Object, Verb};
+
 use super::TableName;
 use super::exec::OwnProcesses;
-use crate::model::Family;
+use kubenft_nft::rules::Family;
 
 /// Lines kept for one generation before only "too much changed" is remembered.
 const MAX_PENDING_LINES: usize = 10_000;
 /// Wait before starting a monitor again after it ended.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
-
-/// What happened to one object of our tables, as one monitor line says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Event {
-    pub family: Family,
-    pub verb: Verb,
-    pub object: Object,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verb {
-    Add,
-    Delete,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Object {
-    Table,
-    Chain(String),
-    Set {
-        name: String,
-        map: bool,
-    },
-    Rule {
-        chain: String,
-    },
-    /// One element, in nft's syntax (between the braces).
-    Element {
-        set: String,
-        text: String,
-    },
-    /// Anything else nft reports in our table (flowtables, counters, ...).
-    Other,
-}
-
-impl Event {
-    /// A chain of this name exists in our table (as a check of the table finds it).
-    pub fn added_chain(family: Family, name: &str) -> Event {
-        Event {
-            family,
-            verb: Verb::Add,
-            object: Object::Chain(name.to_owned()),
-        }
-    }
-
-    pub fn added_set(family: Family, name: &str, map: bool) -> Event {
-        Event {
-            family,
-            verb: Verb::Add,
-            object: Object::Set {
-                name: name.to_owned(),
-                map,
-            },
-        }
-    }
-}
 
 /// What the monitor tells its owner.
 #[derive(Debug)]

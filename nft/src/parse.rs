@@ -10,10 +10,10 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
-use super::objects::{
+use crate::objects::{
     AddrKey, Chain, ElementKey, EntryKey, EntryKind, LbChain, PortKey, Scope, SetId, Slot,
 };
-use crate::model::{Port, Protocol};
+use crate::rules::{Port, Protocol};
 
 fn kind(prefix: &str) -> Option<EntryKind> {
     match prefix {
@@ -240,7 +240,7 @@ pub fn json_element_text(elem: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::Element;
+    use crate::Element;
 
     fn slots() -> Vec<Slot> {
         let mut out = Vec::new();
@@ -322,7 +322,7 @@ mod tests {
             Element::Generation(42),
             Element::ClusterIp(a6),
             Element::Hairpin(a4),
-            Element::ServiceIp(key6, crate::nft::EntryChain::ExtLocal),
+            Element::ServiceIp(key6, crate::EntryChain::ExtLocal),
             Element::ServiceNodePort(pk, Scope::Local),
             Element::Dispatch(Scope::Cluster, EntryKey::Addr(key), NonZeroU32::MIN, None),
             Element::Backend {
@@ -332,7 +332,7 @@ mod tests {
                 addr: a6,
                 port: Port::new(8080).unwrap(),
             },
-            Element::NoEndpoint(EntryKey::Addr(key6), crate::nft::NoEndpoint::Drop),
+            Element::NoEndpoint(EntryKey::Addr(key6), crate::NoEndpoint::Drop),
             Element::FirewallIp(key),
             Element::FirewallAllow(key, "192.168.0.0/24".parse().unwrap()),
         ];

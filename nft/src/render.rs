@@ -2,14 +2,14 @@
 //! chains and node sets that NodeRules decides.
 //!
 //! Pure functions: the same input always gives the same output, which is what makes
-//! element-level diffs (in [`crate::apply`]) and golden tests possible.
+//! element-level diffs (in [`crate::diff`]) and golden tests possible.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use crate::model::{Endpoint, Family, LocalDetector, NodeConfig, ServicePort, Spec};
-use crate::nft::{
+use crate::rules::{Endpoint, Family, LocalDetector, NodeConfig, ServicePort, Spec};
+use crate::{
     AddrKey, Chain, Command, Element, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
     PortKey, Rule, Scope, SetId, Slot, TableName, Transaction,
 };
@@ -497,7 +497,7 @@ pub fn table_text(table: &TableName, content: FamilyContent<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Port, Protocol};
+    use crate::rules::{Port, Protocol};
 
     fn ep(ip: &str, local: bool) -> Endpoint {
         Endpoint {
@@ -695,7 +695,7 @@ mod tests {
     /// for what is. Interface matches apply to both families; CIDRs to their own.
     #[test]
     fn each_detector_matches_where_kube_proxy_does() {
-        let name = |s: &str| crate::model::InterfaceName::new(s).unwrap();
+        let name = |s: &str| crate::rules::InterfaceName::new(s).unwrap();
         let cases = [
             (
                 NodeConfig {

@@ -280,11 +280,14 @@ pub fn accepted(w: &Workload) -> Accepted {
     );
     match binary(&w.container).as_str() {
         "kubenft-controller" => {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubenft-controller"))
-                .args(args)
-                .arg("--check-config")
-                .output()
-                .unwrap();
+            let out = std::process::Command::new(
+                kubenft_lab::process::find_binary("kubenft-controller")
+                    .expect("cargo build --bins first"),
+            )
+            .args(args)
+            .arg("--check-config")
+            .output()
+            .unwrap();
             assert!(
                 out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "OK",
                 "{source}: {args:?} refused: {}",

@@ -1,6 +1,6 @@
 //! From a Change to one nft transaction, by element-level diff against the applied state.
 //!
-//! Planning is pure and reads the applied state without changing it: the element changes are
+//! Diffing is pure and reads the applied state without changing it: the element changes are
 //! collected in an overlay, and only once nft has committed the transaction is the overlay
 //! written into the state ([`AppliedState::commit`]). A refused transaction therefore leaves
 //! the in-memory state exactly as it left the kernel: untouched. The work is proportional to
@@ -11,14 +11,14 @@ use std::time::SystemTime;
 
 use kubenft_proto::v1;
 
-use crate::model::{self, Family, InvalidResource, NODE_RESOURCE, NodeConfig, Spec};
-use crate::nft::{Chain, Command, Element, ElementKey, SetId, TableName, Transaction};
+use crate::applied::{Applied, AppliedState, Created, Entry, FamilyTable, StateFile};
 use crate::render::{self, FamilyContent};
-use crate::state::{Applied, AppliedState, Created, Entry, FamilyTable, StateFile};
+use crate::rules::{self, Family, InvalidResource, NODE_RESOURCE, NodeConfig, Spec};
+use crate::{Chain, Command, Element, ElementKey, SetId, TableName, Transaction};
 
 /// Why a change cannot be applied (before nft is even run).
 #[derive(Debug, thiserror::Error)]
-pub enum PlanError {
+pub enum DiffError {
     #[error(transparent)]
     Invalid(#[from] InvalidResource),
     #[error("resource {0:?} appears more than once in the change")]
@@ -34,9 +34,9 @@ pub enum PlanError {
     },
 }
 
-/// A planned change: the transaction to run, and what to record once it has committed.
+/// A diffed change: the transaction to run, and what to record once it has committed.
 #[derive(Debug)]
-pub struct Plan {
+pub struct Diff {
     pub tx: Transaction,
     /// The transaction rewrites the whole table (the kernel state was unknown).
     pub full: bool,
@@ -57,32 +57,32 @@ struct Commit {
     generation: u32,
 }
 
-/// Plans a change against the applied state: element by element, or as a full reconcile if
+/// Diffs a change against the applied state: element by element, or as a full reconcile if
 /// the kernel's state is unknown.
-pub fn plan(
+pub fn diff(
     state: &AppliedState,
     change: &v1::Change,
     table: &TableName,
-) -> Result<Plan, PlanError> {
-    plan_with(state, change, table, !state.synced)
+) -> Result<Diff, DiffError> {
+    diff_with(state, change, table, !state.synced)
 }
 
-/// Plans a change as a full reconcile of our tables to the state after it, whatever the
+/// Diffs a change as a full reconcile of our tables to the state after it, whatever the
 /// kernel holds now (the fallback when an element-level transaction keeps being refused).
-pub fn plan_full(
+pub fn full(
     state: &AppliedState,
     change: &v1::Change,
     table: &TableName,
-) -> Result<Plan, PlanError> {
-    plan_with(state, change, table, true)
+) -> Result<Diff, DiffError> {
+    diff_with(state, change, table, true)
 }
 
-fn plan_with(
+fn diff_with(
     state: &AppliedState,
     change: &v1::Change,
     table: &TableName,
     full: bool,
-) -> Result<Plan, PlanError> {
+) -> Result<Diff, DiffError> {
     let upserts = validate(change)?;
     let node = node_change(&upserts, &change.removed);
     let mut overlays = Family::ALL.map(|f| Overlay::new(state.table(f)));
@@ -108,7 +108,7 @@ fn plan_with(
     } else {
         incremental_transaction(&mut tx, state, node.as_ref(), &overlays, generation)
     };
-    Ok(Plan {
+    Ok(Diff {
         tx,
         full,
         commit: Commit {
@@ -124,18 +124,18 @@ fn plan_with(
     })
 }
 
-fn validate(change: &v1::Change) -> Result<Vec<Applied>, PlanError> {
+fn validate(change: &v1::Change) -> Result<Vec<Applied>, DiffError> {
     let mut names = BTreeSet::new();
     let mut out = Vec::with_capacity(change.resources.len());
     for res in &change.resources {
         if !names.insert(res.name.as_str()) {
-            return Err(PlanError::Duplicate(res.name.clone()));
+            return Err(DiffError::Duplicate(res.name.clone()));
         }
-        let spec = model::validate(res)?;
+        let spec = rules::validate(res)?;
         out.push(Applied::new(res, spec));
     }
     if let Some(both) = change.removed.iter().find(|n| names.contains(n.as_str())) {
-        return Err(PlanError::Duplicate(both.clone()));
+        return Err(DiffError::Duplicate(both.clone()));
     }
     Ok(out)
 }
@@ -336,7 +336,7 @@ impl<'a> Overlay<'a> {
     }
 
     /// One resource wants an element; a different value under the same key is a conflict.
-    fn retain(&mut self, element: Element, owner: &str) -> Result<(), PlanError> {
+    fn retain(&mut self, element: Element, owner: &str) -> Result<(), DiffError> {
         let key = element.key();
         let next = match self.current(&key) {
             Some(entry) if entry.element == element => Entry {
@@ -344,7 +344,7 @@ impl<'a> Overlay<'a> {
                 refs: entry.refs + 1,
             },
             Some(entry) => {
-                return Err(PlanError::Conflict {
+                return Err(DiffError::Conflict {
                     owner: owner.to_owned(),
                     set: key.set(),
                     wanted: element.to_string(),
@@ -434,9 +434,9 @@ impl<'a> Overlay<'a> {
 }
 
 impl AppliedState {
-    /// Records a plan whose transaction has committed.
-    pub fn commit(&mut self, plan: Plan) {
-        let mut c = plan.commit;
+    /// Records a diff whose transaction has committed.
+    pub fn commit(&mut self, diff: Diff, at: SystemTime) {
+        let mut c = diff.commit;
         for f in Family::ALL {
             let table = &mut self.tables[f as usize];
             for (key, change) in &c.elements[f as usize] {
@@ -487,23 +487,24 @@ impl AppliedState {
         self.generation = c.generation;
         self.synced = true;
         self.last_error.clear();
-        self.last_applied = Some(SystemTime::now());
+        self.last_applied = Some(at);
     }
 
     /// Rebuilds the state a state file describes, for a kernel whose tables hold its
     /// generation.
-    pub fn adopt(file: StateFile, table: &TableName) -> Result<AppliedState, PlanError> {
+    pub fn adopt(file: StateFile, table: &TableName) -> Result<AppliedState, DiffError> {
         let change = v1::Change {
             resources: file.resources,
             ..Default::default()
         };
         let mut state = AppliedState::unknown(file.generation.wrapping_sub(1));
-        let plan = plan(&state, &change, table)?;
-        state.commit(plan);
+        let diff = diff(&state, &change, table)?;
+        state.commit(diff, SystemTime::UNIX_EPOCH);
+        // Adopted, not applied by this agent: no time to report.
         state.last_applied = None;
         Ok(state)
     }
 }
 
 #[cfg(test)]
-mod tests;
+mod property;

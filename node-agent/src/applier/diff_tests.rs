@@ -1,4 +1,5 @@
-//! Element computation and diff, through the applier and a fake nft.
+//! The element diff (`kubenft_nft::diff`) as the applier runs it, against a fake nft:
+//! which commands reach nft, what is committed, what a refusal leaves behind.
 
 use std::sync::Arc;
 
@@ -9,8 +10,6 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::nft::{Command, FakeNft, Nft, TableName, Transaction};
 use crate::state::{AppliedState, testdir::TestDir};
-
-mod diff_property;
 
 pub(crate) fn ep(ip: &str, port: u32, local: bool) -> v1::Endpoint {
     v1::Endpoint {
@@ -66,7 +65,7 @@ impl Fixture {
     /// An applier whose kernel state is known (as after adoption).
     fn synced() -> Fixture {
         let f = Fixture::unknown();
-        f.applier.state().write().synced = true;
+        f.applier.state().write().assume_synced();
         f
     }
 
@@ -207,7 +206,7 @@ async fn remove_deletes_every_element() {
         f.applier
             .state()
             .read()
-            .table(crate::model::Family::V4)
+            .table(kubenft_nft::rules::Family::V4)
             .elements
             .is_empty()
     );
@@ -369,7 +368,7 @@ async fn nft_failure_keeps_the_previous_state() {
         .applier
         .state()
         .read()
-        .table(crate::model::Family::V4)
+        .table(kubenft_nft::rules::Family::V4)
         .elements
         .clone();
     // Refused every time: retried, tried as a full reconcile, then NACKed with the first
@@ -393,7 +392,7 @@ async fn nft_failure_keeps_the_previous_state() {
     );
     f.nft.fail_times("", 0);
     let state = f.applier.state().read().clone();
-    assert_eq!(state.table(crate::model::Family::V4).elements, before);
+    assert_eq!(state.table(kubenft_nft::rules::Family::V4).elements, before);
     assert_eq!(state.generation(), 1);
     // A retry diffs against the old state again.
     f.apply(change(3, vec![r2], &[])).await.unwrap();
@@ -611,11 +610,11 @@ async fn restart_adopts_a_matching_state_file() {
     assert!(adopted.is_synced());
     assert_eq!(adopted.hello_applied().len(), 1);
     assert_eq!(
-        adopted.table(crate::model::Family::V4).elements,
+        adopted.table(kubenft_nft::rules::Family::V4).elements,
         f.applier
             .state()
             .read()
-            .table(crate::model::Family::V4)
+            .table(kubenft_nft::rules::Family::V4)
             .elements
     );
 
@@ -631,7 +630,7 @@ async fn restart_adopts_a_matching_state_file() {
     );
     // The fake is also an Nft: a generation read needs no table listing.
     assert_eq!(
-        nft.generation(&table, crate::model::Family::V4)
+        nft.generation(&table, kubenft_nft::rules::Family::V4)
             .await
             .unwrap(),
         None

@@ -1,7 +1,7 @@
 //! Putting back what another program changed in our tables.
 //!
 //! [`Damage`] collects what `nft monitor` (or a verification) saw other programs do to our
-//! tables; [`plan`] turns it into one transaction that restores the applied state, touching
+//! tables; [`transaction`] turns it into one transaction that restores the applied state, touching
 //! only what was damaged: an element deleted is added back, an element added is deleted, a
 //! chain whose rules changed is rewritten, a foreign chain or set in our table is removed.
 //! Only what cannot be repaired piecemeal (the table or one of our sets gone, a regular chain
@@ -13,12 +13,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::Family;
-use crate::nft::monitor::{Event, Object, Verb};
-use crate::nft::parse::element_key;
-use crate::nft::{Chain, Command, Element, ElementKey, ForeignName, SetId, TableName, Transaction};
+use crate::applied::AppliedState;
+use crate::event::{Event, Object, Verb};
+use crate::parse::element_key;
 use crate::render::{self, FamilyContent};
-use crate::state::AppliedState;
+use crate::rules::Family;
+use crate::{Chain, Command, Element, ElementKey, ForeignName, SetId, TableName, Transaction};
 
 /// The kinds of repair, for metrics and the controller's view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -290,7 +290,7 @@ pub fn expected_chains(state: &AppliedState, f: Family) -> Vec<Chain> {
         if let Some(t) = lb.affinity {
             out.extend((0..lb.size.get()).map(|index| {
                 Chain::AffinityEndpoint(
-                    crate::nft::Slot {
+                    crate::Slot {
                         kind: lb.kind,
                         scope: lb.scope,
                         index,
@@ -314,7 +314,7 @@ pub fn expected_sets(state: &AppliedState, f: Family) -> impl Iterator<Item = Se
         .filter(|lb| lb.affinity.is_some())
         .flat_map(|lb| {
             (0..lb.size.get()).map(move |index| {
-                SetId::Sticky(crate::nft::Slot {
+                SetId::Sticky(crate::Slot {
                     kind: lb.kind,
                     scope: lb.scope,
                     index,
@@ -344,7 +344,7 @@ pub fn has_chain(state: &AppliedState, f: Family, chain: Chain) -> bool {
 }
 
 /// The one transaction that repairs `damage`; empty if there is nothing of ours to repair.
-pub fn plan(state: &AppliedState, damage: &Damage, table: &TableName) -> Transaction {
+pub fn transaction(state: &AppliedState, damage: &Damage, table: &TableName) -> Transaction {
     let mut tx = Transaction::new(table.clone());
     if damage.full {
         for f in Family::ALL {
@@ -435,7 +435,7 @@ pub fn plan(state: &AppliedState, damage: &Damage, table: &TableName) -> Transac
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::monitor::Event;
+    use crate::event::Event;
 
     fn event(verb: Verb, object: Object) -> Event {
         Event {

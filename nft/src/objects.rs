@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 
 use ipnet::IpNet;
 
-use crate::model::{Family, Port, Protocol};
+use crate::rules::{Family, Port, Protocol};
 
 /// Room for this many remembered clients per slot of affinity Services.
 pub const STICKY_SIZE: u32 = 1 << 20;

@@ -9,11 +9,13 @@ use std::collections::BTreeMap;
 use kubenft_proto::v1::{self, resource};
 use proptest::prelude::*;
 
-use crate::apply::{plan, plan_full};
-use crate::model::Family;
-use crate::nft::{Chain, Command, Element, ElementKey, SetId, TableName, Transaction};
+use std::time::SystemTime;
+
+use crate::applied::{AppliedState, Created};
+use crate::diff::{diff, full};
 use crate::render;
-use crate::state::{AppliedState, Created};
+use crate::rules::Family;
+use crate::{Chain, Command, Element, ElementKey, SetId, TableName, Transaction};
 
 /// The Service ports a state may hold. Each name always has the same address, protocol and
 /// port (two resources wanting different values under one key is refused, not diffed); the
@@ -224,9 +226,9 @@ fn change(a: &[v1::Resource], b: &[v1::Resource]) -> v1::Change {
 fn from_scratch(resources: &[v1::Resource]) -> Result<AppliedState, TestCaseError> {
     let mut state = AppliedState::unknown(0);
     let change = change(&[], resources);
-    let planned = plan_full(&state, &change, &TableName::default())
+    let planned = full(&state, &change, &TableName::default())
         .map_err(|e| TestCaseError::fail(format!("valid state refused: {e}")))?;
-    state.commit(planned);
+    state.commit(planned, SystemTime::UNIX_EPOCH);
     Ok(state)
 }
 
@@ -331,11 +333,11 @@ fn check(states: Vec<Vec<v1::Resource>>) -> Result<(), TestCaseError> {
     for pair in states.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);
         let mut kernel = kernel_of(&state);
-        let planned = plan(&state, &change(a, b), &TableName::default())
+        let planned = diff(&state, &change(a, b), &TableName::default())
             .map_err(|e| TestCaseError::fail(format!("valid change refused: {e}")))?;
         prop_assert!(!planned.full);
         run(&mut kernel, &planned.tx)?;
-        state.commit(planned);
+        state.commit(planned, SystemTime::UNIX_EPOCH);
         let expected = from_scratch(b)?;
         prop_assert_eq!(summary(&state), summary(&expected));
         let mut expected_kernel = kernel_of(&expected);
