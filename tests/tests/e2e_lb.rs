@@ -15,17 +15,6 @@ use kubenft_lab::{
 
 const LB_IP: &str = "203.0.113.10";
 
-/// Routes the load-balancer IP from ext to node a (as a real load balancer would deliver it).
-fn route_lb_ip_via_a(c: &Cluster) {
-    let a = c.lab.node("a").ipv4.to_string();
-    c.lab
-        .exec_ok(
-            Host::External,
-            &["ip", "route", "replace", &format!("{LB_IP}/32"), "via", &a],
-        )
-        .unwrap();
-}
-
 /// §5.37: loadBalancerSourceRanges admit only the listed sources to the LB IP (pods included,
 /// checked before DNAT), violations are dropped, changes take effect, clearing admits all.
 #[test]
@@ -34,7 +23,7 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
     let web = pods(&lab, &[("web-1", "b")]);
     let pod = client(&lab, "client", "a");
     let c = Cluster::start(lab);
-    route_lb_ip_via_a(&c);
+    route_ext_via(&c, LB_IP, "a");
     let lb = |range: Option<String>| {
         let svc = Service::cluster_ip("web", "10.96.0.90")
             .service_type(ServiceType::LoadBalancer)

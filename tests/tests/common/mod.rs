@@ -562,6 +562,51 @@ pub fn squatter(lab: &Lab, node: &str, tcp: &[u16], udp: &[u16]) -> Process {
     p
 }
 
+/// An address written in a test (panics, naming it, if it is not one).
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// Routes `dest` from ext via `node`, as an upstream router would deliver it.
+pub fn route_ext_via(c: &Cluster, dest: &str, node: &str) {
+    route_ext_via_from(c, dest, node, None);
+}
+
+/// [`route_ext_via`], and ext's connections to `dest` leave from `src` when given.
+pub fn route_ext_via_from(c: &Cluster, dest: &str, node: &str, src: Option<&str>) {
+    let gw = c.lab.node(node).ipv4.to_string();
+    let dest = format!("{dest}/32");
+    let mut argv = vec!["ip", "route", "replace", dest.as_str(), "via", gw.as_str()];
+    argv.extend(src.iter().flat_map(|s| ["src", *s]));
+    c.lab
+        .exec_ok(Host::External, &argv)
+        .unwrap_or_else(|e| panic!("route {dest} via node {node} from {src:?}: {e}"));
+}
+
+/// `n` new TCP connections from `from`, all of which must be answered.
+#[track_caller]
+pub fn all_ok(c: &Cluster, from: Host<'_>, target: SocketAddr, n: u32) -> Vec<ProbeResult> {
+    let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(n));
+    assert_all_ok(&rs, &format!("{from:?} -> {target}"));
+    rs
+}
+
+/// Asserts every answer was seen coming from one of `node`'s own addresses (masqueraded
+/// there).
+#[track_caller]
+pub fn assert_masqueraded_to(c: &Cluster, rs: &[ProbeResult], node: &str, what: &str) {
+    let mut addrs = c.ipv4_addresses(Host::Node(node));
+    addrs.extend(c.ipv6_addresses(Host::Node(node)));
+    for r in rs {
+        let src = r.client().expect("answered").ip();
+        assert!(
+            addrs.contains(&src),
+            "{what}: the server saw {src}, not an address of node {node} {addrs:?}: {r}"
+        );
+    }
+    eprintln!("{what}: server saw {}", rs[0].client().unwrap());
+}
+
 /// A two-node lab (`a`, `b`) with pods web-1 on a and web-2 on b behind ClusterIP Service
 /// `web` at `vip` (port 80 → [`TCP`]), and a client pod on a; nothing started yet.
 pub fn two_node_web(vip: &str) -> Lab {
