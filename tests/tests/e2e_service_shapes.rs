@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kubenft_lab::manifest::{ToJson, list};
@@ -62,23 +62,6 @@ fn assert_echoed(rs: &[ProbeResult], what: &str) {
     assert!(bad.is_empty(), "{what}: not echoed intact: {bad:?}");
 }
 
-/// Asserts a single probe is refused, and fast (a reject, not a drop).
-#[track_caller]
-fn assert_refused_fast(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAddr) {
-    let start = Instant::now();
-    let r = c.probe1(from, proto, target, Duration::from_secs(2));
-    let took = start.elapsed();
-    assert_eq!(
-        r,
-        ProbeResult::Refused,
-        "{proto} {target} from {from:?} must be rejected"
-    );
-    assert!(
-        took < Duration::from_secs(1),
-        "{proto} {target}: refusal took {took:?}"
-    );
-}
-
 /// Asserts two probes both get no answer (a drop: every attempt times out).
 #[track_caller]
 fn assert_dropped(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAddr, what: &str) {
@@ -98,6 +81,24 @@ fn assert_unanswered(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAd
         rs.iter().all(|r| !r.is_ok()),
         "{what}: {proto} {target} from {from:?} answered: {rs:?}"
     );
+}
+
+/// Asserts `gone` stops answering within 2 s and stays unanswered, while `kept` is still
+/// served by both backends (12 connections or datagrams, every one answered).
+#[track_caller]
+fn assert_gone_while_kept(
+    c: &Cluster,
+    from: Host<'_>,
+    gone: (Proto, SocketAddr, &str),
+    kept: (Proto, SocketAddr, &str),
+) {
+    let (proto, target, what) = gone;
+    c.wait_probe(what, from, proto, target, CONVERGE, |r| !r.is_ok());
+    assert_unanswered(c, from, proto, target, what);
+    let (proto, target, what) = kept;
+    let rs = c.probe(from, proto, target, &ProbeOpts::count(12));
+    let t = assert_all_ok(&rs, what);
+    assert_eq!(t.len(), 2, "{what}: both backends still serve: {t:?}");
 }
 
 /// §5.5: one Service with TCP/80 and UDP/80 (to different target ports). Both answer;
@@ -127,24 +128,22 @@ fn same_port_tcp_and_udp_are_removed_independently() {
     c.wait_all_seen(from, Proto::Udp, target, &["web-1", "web-2"], CONVERGE);
 
     write(&[tcp]);
-    c.wait_probe("UDP/80 removed", from, Proto::Udp, target, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Udp, target, "UDP/80 after its removal");
-    let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(12));
-    let t = assert_all_ok(&rs, "TCP/80 after UDP/80 was removed");
-    assert_eq!(t.len(), 2, "both backends still serve TCP: {t:?}");
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Udp, target, "UDP/80 after its removal"),
+        (Proto::Tcp, target, "TCP/80 after UDP/80 was removed"),
+    );
 
     write(&[tcp, udp]);
     c.wait_answers(from, Proto::Udp, target, CONVERGE);
     write(&[udp]);
-    c.wait_probe("TCP/80 removed", from, Proto::Tcp, target, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Tcp, target, "TCP/80 after its removal");
-    let rs = c.probe(from, Proto::Udp, target, &ProbeOpts::count(12));
-    let t = assert_all_ok(&rs, "UDP/80 after TCP/80 was removed");
-    assert_eq!(t.len(), 2, "both backends still serve UDP: {t:?}");
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Tcp, target, "TCP/80 after its removal"),
+        (Proto::Udp, target, "UDP/80 after TCP/80 was removed"),
+    );
 }
 
 /// §5.6: a port added to a live Service answers within 2 s; removed, it stops answering
@@ -185,24 +184,21 @@ fn ports_added_removed_and_renumbered_take_effect_within_2s() {
     assert_all_ok(&rs, "the added port 81");
 
     write(&[("http", 80)]);
-    c.wait_probe("port 81 removed", from, Proto::Tcp, p81, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Tcp, p81, "port 81 after its removal");
-    assert_all_ok(
-        &c.probe(from, Proto::Tcp, p80, &ProbeOpts::count(8)),
-        "port 80 while 81 came and went",
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Tcp, p81, "port 81 after its removal"),
+        (Proto::Tcp, p80, "port 80 while 81 came and went"),
     );
 
     write(&[("http", 8081)]);
     c.wait_answers(from, Proto::Tcp, p8081, CONVERGE);
-    c.wait_probe("old port 80 dead", from, Proto::Tcp, p80, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Tcp, p80, "port 80 after the renumbering");
-    let rs = c.probe(from, Proto::Tcp, p8081, &ProbeOpts::count(12));
-    let t = assert_all_ok(&rs, "the renumbered port 8081");
-    assert_eq!(t.len(), 2, "both backends serve the new port: {t:?}");
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Tcp, p80, "port 80 after the renumbering"),
+        (Proto::Tcp, p8081, "the renumbered port 8081"),
+    );
 }
 
 /// Service CIDRs (kube-proxy nftables' `cluster-ips-check`): on a live ClusterIP a wrong
@@ -231,11 +227,40 @@ fn service_cidr_holes_are_dropped_and_wrong_ports_on_live_clusterips_rejected() 
     c.wait_synced(START);
 
     // Wrong port (TCP, UDP), wrong protocol, from pods on both nodes and from a node.
-    assert_refused_fast(&c, Host::Pod("client-0"), Proto::Tcp, vip("10.96.7.7:81"));
-    assert_refused_fast(&c, Host::Pod("client-1"), Proto::Tcp, vip("10.96.7.7:81"));
-    assert_refused_fast(&c, Host::Pod("client-2"), Proto::Udp, vip("10.96.7.7:80"));
-    assert_refused_fast(&c, Host::Pod("client-3"), Proto::Udp, vip("10.96.7.7:53"));
-    assert_refused_fast(&c, Host::Node("b"), Proto::Tcp, vip("10.96.7.7:8080"));
+    for (row, from, proto, target) in [
+        (
+            "wrong TCP port",
+            Host::Pod("client-0"),
+            Proto::Tcp,
+            "10.96.7.7:81",
+        ),
+        (
+            "wrong TCP port, other node",
+            Host::Pod("client-1"),
+            Proto::Tcp,
+            "10.96.7.7:81",
+        ),
+        (
+            "wrong protocol",
+            Host::Pod("client-2"),
+            Proto::Udp,
+            "10.96.7.7:80",
+        ),
+        (
+            "wrong UDP port",
+            Host::Pod("client-3"),
+            Proto::Udp,
+            "10.96.7.7:53",
+        ),
+        (
+            "wrong port from a node",
+            Host::Node("b"),
+            Proto::Tcp,
+            "10.96.7.7:8080",
+        ),
+    ] {
+        assert_refused_fast(&c, from, proto, vip(target), row);
+    }
     // Unallocated addresses of the Service CIDR, next to the live one and far from it.
     for target in [vip("10.96.7.8:80"), vip("10.96.200.1:80")] {
         assert_dropped(&c, Host::Pod("client-4"), Proto::Tcp, target, "unallocated");
