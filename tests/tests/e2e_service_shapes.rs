@@ -354,115 +354,159 @@ fn nodeport_web(c: &Cluster, web: &kubenft_lab::Pod) {
 
 /// Asserts every probe from `from` to `target` is answered by `server`.
 #[track_caller]
-fn assert_served_by(c: &Cluster, from: Host<'_>, target: SocketAddr, server: &str) {
+fn assert_served_by(c: &Cluster, from: Host<'_>, target: SocketAddr, server: &str, what: &str) {
     let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(4));
-    let t = assert_all_ok(&rs, &format!("{target} from {from:?}"));
+    let t = assert_all_ok(&rs, &format!("{what}: {target} from {from:?}"));
     assert_eq!(
         t.keys().collect::<Vec<_>>(),
         vec![server],
-        "{target} from {from:?} must be served by {server}: {t:?}"
+        "{what}: {target} from {from:?} must be served by {server}: {t:?}"
     );
 }
 
-/// §5.9, default `--node-port-addresses primary`: the NodePort is served on the node's
-/// InternalIP only. Its second address (another link) is left alone — the squatter
-/// listening there answers, from ext (routed via the node) and from the node itself — and
-/// 127.0.0.1:nodePort is not forwarded either (refused: nothing listens there), as in
-/// kube-proxy's nftables mode, which does not support localhost NodePorts.
-#[test]
-fn nodeport_addresses_primary_serves_only_the_internal_ip() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "b")]).remove(0);
-    let secondary = add_secondary_address(&lab, "a");
-    let c = Cluster::start(lab);
-    nodeport_web(&c, &web);
-    let a = c.lab.node("a").ipv4;
-    c.wait_answers(Host::External, Proto::Tcp, sock(a, NP9), START);
-    c.wait_synced(START);
-
-    assert_served_by(&c, Host::External, sock(a, NP9), "web-1");
-    assert_served_by(&c, Host::Node("a"), sock(a, NP9), "web-1");
-    assert_served_by(&c, Host::External, sock(secondary, NP9), "squatter");
-    assert_served_by(&c, Host::Node("a"), sock(secondary, NP9), "squatter");
-    let r = c.probe1(
-        Host::Node("a"),
-        Proto::Tcp,
-        sock(Ipv4Addr::LOCALHOST, NP9),
-        DROP_WAIT,
-    );
-    assert_eq!(
-        r,
-        ProbeResult::Refused,
-        "127.0.0.1:{NP9} must not be forwarded"
-    );
-    let t = table(&c, "a");
-    assert!(
-        mentions(&t, &a.to_string()) && !mentions(&t, &secondary.to_string()),
-        "nodeport-ips must hold the InternalIP only:\n{t}"
-    );
+/// Where a §5.9 case connects to, on the NodePort.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    /// Node a's InternalIP.
+    A,
+    /// Node b's InternalIP.
+    B,
+    /// Node a's second address ([`add_secondary_address`]).
+    Secondary,
+    /// 127.0.0.`n` in node a.
+    Loopback(u8),
 }
 
-/// §5.9, `--node-port-addresses all`: the NodePort is served on every address of the node —
-/// the secondary address too (the squatter there is bypassed), from ext and from the node
-/// itself — but still not on 127.0.0.1 (refused: localhost NodePorts are unsupported).
-#[test]
-fn nodeport_addresses_all_serves_every_node_address_but_not_localhost() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "b")]).remove(0);
-    let secondary = add_secondary_address(&lab, "a");
-    let c = Cluster::start_with(lab, &["--node-port-addresses", "all"]);
-    nodeport_web(&c, &web);
-    let (a, b) = (c.lab.node("a").ipv4, c.lab.node("b").ipv4);
-    c.wait_answers(Host::External, Proto::Tcp, sock(a, NP9), START);
-    c.wait_synced(START);
-
-    for target in [sock(a, NP9), sock(b, NP9), sock(secondary, NP9)] {
-        assert_served_by(&c, Host::External, target, "web-1");
-    }
-    assert_served_by(&c, Host::Node("a"), sock(a, NP9), "web-1");
-    assert_served_by(&c, Host::Node("a"), sock(secondary, NP9), "web-1");
-    for lo in [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)] {
-        let r = c.probe1(Host::Node("a"), Proto::Tcp, sock(lo, NP9), DROP_WAIT);
-        assert_eq!(r, ProbeResult::Refused, "{lo}:{NP9} must not be forwarded");
-    }
+/// Who answers a §5.9 case.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// The Service's endpoint (DNATed).
+    Web,
+    /// The squatter on the secondary address (left alone).
+    Squatter,
+    /// Nobody listens there and the proxy left it alone.
+    Refused,
 }
 
-/// §5.9, `--node-port-addresses 192.168.60.0/24`: the NodePort is served on the node
-/// addresses inside the range only (as the agent reports them): node a's secondary address
-/// is DNATed (the squatter there is bypassed) while its InternalIP, outside the range, is
-/// left alone (refused: nothing listens there), and so is node b, which has no address in
-/// the range.
-#[test]
-fn nodeport_addresses_cidr_serves_only_the_addresses_in_range() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "b")]).remove(0);
-    let secondary = add_secondary_address(&lab, "a");
-    let c = Cluster::start_with(lab, &["--node-port-addresses", "192.168.60.0/24"]);
-    nodeport_web(&c, &web);
-    let (a, b) = (c.lab.node("a").ipv4, c.lab.node("b").ipv4);
-    c.wait_probe(
-        "secondary address DNATed",
-        Host::External,
-        Proto::Tcp,
-        sock(secondary, NP9),
-        START,
-        |r| r.server() == Some("web-1"),
-    );
-    c.wait_synced(START);
+/// One `--node-port-addresses` value and what it serves.
+struct NodePortAddresses {
+    row: &'static str,
+    args: &'static [&'static str],
+    /// The address whose DNAT the row waits for before its cases.
+    ready_at: At,
+    /// (from, to, who answers).
+    cases: &'static [(Host<'static>, At, Answer)],
+    /// node a's `nodeport-ips` holds its InternalIP and not its secondary address.
+    internal_ip_only: bool,
+}
 
-    assert_served_by(&c, Host::External, sock(secondary, NP9), "web-1");
-    assert_served_by(&c, Host::Node("a"), sock(secondary, NP9), "web-1");
-    for (from, target) in [
-        (Host::External, sock(a, NP9)),
-        (Host::Node("a"), sock(a, NP9)),
-        (Host::External, sock(b, NP9)),
-    ] {
-        let r = c.probe1(from, Proto::Tcp, target, DROP_WAIT);
-        assert_eq!(
-            r,
-            ProbeResult::Refused,
-            "{target} from {from:?} must be left alone"
+const NODE_PORT_ADDRESSES: [NodePortAddresses; 3] = [
+    // The default, `primary`: the NodePort is served on the node's InternalIP only. Its
+    // second address (another link) is left alone — the squatter listening there answers,
+    // from ext (routed via the node) and from the node itself — and 127.0.0.1:nodePort is
+    // not forwarded either (refused: nothing listens there), as in kube-proxy's nftables
+    // mode, which does not support localhost NodePorts.
+    NodePortAddresses {
+        row: "primary (default)",
+        args: &[],
+        ready_at: At::A,
+        cases: &[
+            (Host::External, At::A, Answer::Web),
+            (Host::Node("a"), At::A, Answer::Web),
+            (Host::External, At::Secondary, Answer::Squatter),
+            (Host::Node("a"), At::Secondary, Answer::Squatter),
+            (Host::Node("a"), At::Loopback(1), Answer::Refused),
+        ],
+        internal_ip_only: true,
+    },
+    // `all`: the NodePort is served on every address of the node — the secondary address
+    // too (the squatter there is bypassed), from ext and from the node itself — but still
+    // not on 127.0.0.1 (refused: localhost NodePorts are unsupported).
+    NodePortAddresses {
+        row: "all",
+        args: &["--node-port-addresses", "all"],
+        ready_at: At::A,
+        cases: &[
+            (Host::External, At::A, Answer::Web),
+            (Host::External, At::B, Answer::Web),
+            (Host::External, At::Secondary, Answer::Web),
+            (Host::Node("a"), At::A, Answer::Web),
+            (Host::Node("a"), At::Secondary, Answer::Web),
+            (Host::Node("a"), At::Loopback(1), Answer::Refused),
+            (Host::Node("a"), At::Loopback(2), Answer::Refused),
+        ],
+        internal_ip_only: false,
+    },
+    // `192.168.60.0/24`: the NodePort is served on the node addresses inside the range only
+    // (as the agent reports them): node a's secondary address is DNATed (the squatter there
+    // is bypassed) while its InternalIP, outside the range, is left alone (refused: nothing
+    // listens there), and so is node b, which has no address in the range.
+    NodePortAddresses {
+        row: "192.168.60.0/24",
+        args: &["--node-port-addresses", "192.168.60.0/24"],
+        ready_at: At::Secondary,
+        cases: &[
+            (Host::External, At::Secondary, Answer::Web),
+            (Host::Node("a"), At::Secondary, Answer::Web),
+            (Host::External, At::A, Answer::Refused),
+            (Host::Node("a"), At::A, Answer::Refused),
+            (Host::External, At::B, Answer::Refused),
+        ],
+        internal_ip_only: false,
+    },
+];
+
+/// §5.9 ([`NODE_PORT_ADDRESSES`]), each value in its own lab: a NodePort whose only endpoint
+/// is on node b, node a with a second address where a squatter listens. Every case names its
+/// row.
+#[test]
+fn nodeport_addresses_serve_exactly_the_addresses_they_select() {
+    for row in &NODE_PORT_ADDRESSES {
+        let lab = Cluster::lab(&["a", "b"]);
+        let web = pods(&lab, &[("web-1", "b")]).remove(0);
+        let secondary = add_secondary_address(&lab, "a");
+        let c = Cluster::start_with(lab, row.args);
+        nodeport_web(&c, &web);
+        let (a, b) = (c.lab.node("a").ipv4, c.lab.node("b").ipv4);
+        let at = |to: At| match to {
+            At::A => sock(a, NP9),
+            At::B => sock(b, NP9),
+            At::Secondary => sock(secondary, NP9),
+            At::Loopback(n) => sock(Ipv4Addr::new(127, 0, 0, n), NP9),
+        };
+        c.wait_probe(
+            &format!("{}: {:?} DNATed", row.row, row.ready_at),
+            Host::External,
+            Proto::Tcp,
+            at(row.ready_at),
+            START,
+            |r| r.server() == Some("web-1"),
         );
+        c.wait_synced(START);
+        for &(from, to, answer) in row.cases {
+            let (target, what) = (at(to), format!("{}: {to:?}", row.row));
+            match answer {
+                Answer::Web => assert_served_by(&c, from, target, "web-1", &what),
+                Answer::Squatter => assert_served_by(&c, from, target, "squatter", &what),
+                Answer::Refused => {
+                    let r = c.probe1(from, Proto::Tcp, target, DROP_WAIT);
+                    let left_alone = "must be left alone (not forwarded)";
+                    assert_eq!(
+                        r,
+                        ProbeResult::Refused,
+                        "{what}: {target} from {from:?} {left_alone}"
+                    );
+                }
+            }
+        }
+        if row.internal_ip_only {
+            let t = table(&c, "a");
+            assert!(
+                mentions(&t, &a.to_string()) && !mentions(&t, &secondary.to_string()),
+                "{}: nodeport-ips must hold the InternalIP only:\n{t}",
+                row.row
+            );
+        }
     }
 }
 
