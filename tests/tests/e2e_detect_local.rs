@@ -28,8 +28,7 @@ use common::*;
 use kubenft_lab::manifest::ToJson;
 use kubenft_lab::topology::{EXT_V4, NODES_MANIFEST};
 use kubenft_lab::{
-    Cond, Host, LabConfig, NodeConfig, ProbeOpts, ProbeResult, Proto, Service, ServiceType, Slice,
-    TrafficPolicy,
+    Cond, Host, LabConfig, NodeConfig, ProbeOpts, Proto, Service, ServiceType, Slice, TrafficPolicy,
 };
 
 /// Dual-stack ClusterIP with web-1 (node a) and web-2 (node b).
@@ -47,49 +46,12 @@ const CLUSTER_ONLY_SRC: &str = "10.244.9.1";
 /// An address of node a's pod range (10.244.1.0/24) that is no pod's.
 const NODE_A_RANGE_SRC: &str = "10.244.1.250";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
 /// Who else than node a's pods each mode calls local.
 struct Expect {
     /// ext from [`CLUSTER_ONLY_SRC`] is not masqueraded.
     cluster_cidr_local: bool,
     /// ext from [`NODE_A_RANGE_SRC`] is not masqueraded.
     node_cidr_local: bool,
-}
-
-/// Routes `dest` from ext via `node`, as an upstream router would deliver it.
-fn route_ext_via(c: &Cluster, dest: &str, node: &str) {
-    let gw = c.lab.node(node).ipv4.to_string();
-    c.lab
-        .exec_ok(
-            Host::External,
-            &["ip", "route", "replace", &format!("{dest}/32"), "via", &gw],
-        )
-        .unwrap_or_else(|e| panic!("route {dest} via node {node}: {e}"));
-}
-
-/// `n` new TCP connections from `from`, all of which must be answered.
-fn all_ok(c: &Cluster, from: Host<'_>, target: SocketAddr, n: u32) -> Vec<ProbeResult> {
-    let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(n));
-    assert_all_ok(&rs, &format!("{from:?} -> {target}"));
-    rs
-}
-
-/// Every answer was seen coming from one of `node`'s own addresses (masqueraded there).
-#[track_caller]
-fn assert_masqueraded_to(c: &Cluster, rs: &[ProbeResult], node: &str, what: &str) {
-    let mut addrs = c.ipv4_addresses(Host::Node(node));
-    addrs.extend(c.ipv6_addresses(Host::Node(node)));
-    for r in rs {
-        let src = r.client().expect("answered").ip();
-        assert!(
-            addrs.contains(&src),
-            "{what}: the server saw {src}, not an address of node {node} {addrs:?}: {r}"
-        );
-    }
-    eprintln!("{what}: server saw {}", rs[0].client().unwrap());
 }
 
 /// One TCP connection from `node`'s host network with source port `sport`; it was
@@ -269,22 +231,7 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
         (CLUSTER_ONLY_SRC, expect.cluster_cidr_local),
         (NODE_A_RANGE_SRC, expect.node_cidr_local),
     ] {
-        let gw = c.lab.node("a").ipv4.to_string();
-        c.lab
-            .exec_ok(
-                Host::External,
-                &[
-                    "ip",
-                    "route",
-                    "replace",
-                    &format!("{ONE}/32"),
-                    "via",
-                    &gw,
-                    "src",
-                    src,
-                ],
-            )
-            .unwrap_or_else(|e| panic!("route to {ONE} from {src}: {e}"));
+        route_ext_via_from(c, ONE, "a", Some(src));
         let rs = all_ok(c, Host::External, one, 4);
         let what = format!("{mode}: ext from {src} -> ClusterIP via node a");
         if local {
@@ -295,99 +242,149 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
     }
 }
 
-/// ClusterCIDR (the default): sources in `--cluster-cidr` are local wherever they come from.
-#[test]
-fn cluster_cidr_mode_calls_the_whole_cluster_cidr_local() {
-    let lab = lab("a".into());
-    let c = Cluster::start_with(lab, &["--detect-local-mode", "ClusterCIDR"]);
-    write_services(&c);
-    let expect = Expect {
-        cluster_cidr_local: true,
-        node_cidr_local: true,
-    };
-    check_mode(&c, "ClusterCIDR", expect);
-    let t = c.nft("a", &["list", "chain", "ip", "kubenft", "svc-cluster"]);
-    assert!(t.contains("ip saddr != @local-pod-cidrs"), "{t}");
-    let s = c.nft("a", &["list", "set", "ip", "kubenft", "local-pod-cidrs"]);
-    assert!(s.contains("10.244.0.0/16"), "{s}");
+/// One `--detect-local-mode` row: its flags, its lab, who else it calls local, and what it
+/// leaves in the rules.
+struct Mode {
+    mode: &'static str,
+    args: &'static [&'static str],
+    /// Node a's pods sit behind the bridge `cbr0`.
+    bridged_a: bool,
+    expect: Expect,
+    /// A pod on node b reaching a ClusterIP keeps its address (otherwise it is masqueraded
+    /// to node b).
+    b_pods_local: bool,
+    /// (node, `nft` arguments, text the listing contains).
+    rules: &'static [(&'static str, &'static [&'static str], &'static str)],
 }
 
-/// NodeCIDR: only the node's own `spec.podCIDRs` are local (the lab's `--cluster-cidr`,
-/// still given, is not used), in both families.
-#[test]
-fn node_cidr_mode_calls_only_the_nodes_own_pod_cidrs_local() {
-    let lab = lab("a".into());
-    let c = Cluster::start_with(lab, &["--detect-local-mode", "NodeCIDR"]);
-    write_services(&c);
-    let expect = Expect {
-        cluster_cidr_local: false,
-        node_cidr_local: true,
-    };
-    check_mode(&c, "NodeCIDR", expect);
-    for (family, node, cidr) in [
-        ("ip", "a", "10.244.1.0/24"),
-        ("ip6", "a", "fd00:244:1::/64"),
-        ("ip", "b", "10.244.2.0/24"),
-    ] {
-        let s = c.nft(node, &["list", "set", family, "kubenft", "local-pod-cidrs"]);
-        assert!(s.contains(cidr), "node {node}: {s}");
-    }
-}
-
-/// BridgeInterface cbr0: node a's pods sit behind `cbr0`, and only what enters through it is
-/// local. Node b has no `cbr0` (its pods are on routed veths): nothing there is local, so its
-/// pod's ClusterIP traffic is masqueraded, as kube-proxy would do on such a node.
-#[test]
-fn bridge_interface_mode_calls_what_enters_through_the_bridge_local() {
-    let lab = lab(NodeConfig::new("a").pod_bridge());
-    let c = Cluster::start_with(
-        lab,
-        &[
+const MODES: [Mode; 4] = [
+    // ClusterCIDR (the default): sources in `--cluster-cidr` are local wherever they come
+    // from.
+    Mode {
+        mode: "ClusterCIDR",
+        args: &["--detect-local-mode", "ClusterCIDR"],
+        bridged_a: false,
+        expect: Expect {
+            cluster_cidr_local: true,
+            node_cidr_local: true,
+        },
+        b_pods_local: true,
+        rules: &[
+            (
+                "a",
+                &["list", "chain", "ip", "kubenft", "svc-cluster"],
+                "ip saddr != @local-pod-cidrs",
+            ),
+            (
+                "a",
+                &["list", "set", "ip", "kubenft", "local-pod-cidrs"],
+                "10.244.0.0/16",
+            ),
+        ],
+    },
+    // NodeCIDR: only the node's own `spec.podCIDRs` are local (the lab's `--cluster-cidr`,
+    // still given, is not used), in both families.
+    Mode {
+        mode: "NodeCIDR",
+        args: &["--detect-local-mode", "NodeCIDR"],
+        bridged_a: false,
+        expect: Expect {
+            cluster_cidr_local: false,
+            node_cidr_local: true,
+        },
+        b_pods_local: true,
+        rules: &[
+            (
+                "a",
+                &["list", "set", "ip", "kubenft", "local-pod-cidrs"],
+                "10.244.1.0/24",
+            ),
+            (
+                "a",
+                &["list", "set", "ip6", "kubenft", "local-pod-cidrs"],
+                "fd00:244:1::/64",
+            ),
+            (
+                "b",
+                &["list", "set", "ip", "kubenft", "local-pod-cidrs"],
+                "10.244.2.0/24",
+            ),
+        ],
+    },
+    // BridgeInterface cbr0: node a's pods sit behind `cbr0`, and only what enters through it
+    // is local. Node b has no `cbr0` (its pods are on routed veths): nothing there is local,
+    // so its pod's ClusterIP traffic is masqueraded, as kube-proxy would do on such a node.
+    Mode {
+        mode: "BridgeInterface",
+        args: &[
             "--detect-local-mode",
             "BridgeInterface",
             "--pod-bridge-interface",
             "cbr0",
         ],
-    );
-    write_services(&c);
-    let expect = Expect {
-        cluster_cidr_local: false,
-        node_cidr_local: false,
-    };
-    check_mode(&c, "BridgeInterface", expect);
-    let rs = all_ok(&c, Host::Pod("client-b"), sock(ip(ONE), 80), 4);
-    assert_masqueraded_to(
-        &c,
-        &rs,
-        "b",
-        "BridgeInterface: node b pod (no cbr0) -> ClusterIP",
-    );
-    let t = c.nft("a", &["list", "chain", "ip6", "kubenft", "ext-local"]);
-    assert!(t.contains(r#"iifname "cbr0""#), "{t}");
-}
-
-/// InterfaceNamePrefix `v`: the lab's pod veths are `v1`, `v2`, ... on the node side (as
-/// Calico's are `cali…`, the AWS VPC CNI's `eni…`), so what enters through them is local.
-#[test]
-fn interface_name_prefix_mode_calls_what_enters_through_pod_interfaces_local() {
-    let lab = lab("a".into());
-    let c = Cluster::start_with(
-        lab,
-        &[
+        bridged_a: true,
+        expect: Expect {
+            cluster_cidr_local: false,
+            node_cidr_local: false,
+        },
+        b_pods_local: false,
+        rules: &[(
+            "a",
+            &["list", "chain", "ip6", "kubenft", "ext-local"],
+            r#"iifname "cbr0""#,
+        )],
+    },
+    // InterfaceNamePrefix `v`: the lab's pod veths are `v1`, `v2`, ... on the node side (as
+    // Calico's are `cali…`, the AWS VPC CNI's `eni…`), so what enters through them is local.
+    Mode {
+        mode: "InterfaceNamePrefix",
+        args: &[
             "--detect-local-mode",
             "InterfaceNamePrefix",
             "--pod-interface-name-prefix",
             "v",
         ],
-    );
-    write_services(&c);
-    let expect = Expect {
-        cluster_cidr_local: false,
-        node_cidr_local: false,
-    };
-    check_mode(&c, "InterfaceNamePrefix", expect);
-    let t = c.nft("a", &["list", "chain", "ip", "kubenft", "svc-cluster"]);
-    assert!(t.contains(r#"iifname != "v*""#), "{t}");
+        bridged_a: false,
+        expect: Expect {
+            cluster_cidr_local: false,
+            node_cidr_local: false,
+        },
+        b_pods_local: true,
+        rules: &[(
+            "a",
+            &["list", "chain", "ip", "kubenft", "svc-cluster"],
+            r#"iifname != "v*""#,
+        )],
+    },
+];
+
+/// Every mode of [`MODES`], each in its own lab: what every mode must do
+/// ([`check_mode`]), who else it calls local, where a pod on node b stands, and the rules
+/// that say so. Every assertion names its mode.
+#[test]
+fn each_detect_local_mode_calls_its_own_sources_local() {
+    for m in MODES {
+        let a = if m.bridged_a {
+            NodeConfig::new("a").pod_bridge()
+        } else {
+            "a".into()
+        };
+        let c = Cluster::start_with(lab(a), m.args);
+        write_services(&c);
+        check_mode(&c, m.mode, m.expect);
+        let rs = all_ok(&c, Host::Pod("client-b"), sock(ip(ONE), 80), 4);
+        let what = format!("{}: node b pod -> ClusterIP", m.mode);
+        if m.b_pods_local {
+            let src = c.lab.pod("client-b").ipv4.into();
+            assert_all_from(&rs, src, &format!("{what} (local: not masqueraded)"));
+        } else {
+            assert_masqueraded_to(&c, &rs, "b", &format!("{what} (not local: masqueraded)"));
+        }
+        for (node, args, line) in m.rules {
+            let listed = c.nft(node, args);
+            assert!(listed.contains(line), "{}: node {node}: {listed}", m.mode);
+        }
+    }
 }
 
 /// A connection held open from `host` to `target` with socat: returns (the greeting it got,
@@ -541,22 +538,7 @@ fn switching_the_mode_keeps_the_table_and_established_connections() {
     c.wait_answers(Host::External, Proto::Tcp, one, START);
     c.wait_synced(START);
     borrow_addresses(&c);
-    let gw = c.lab.node("a").ipv4.to_string();
-    c.lab
-        .exec_ok(
-            Host::External,
-            &[
-                "ip",
-                "route",
-                "replace",
-                &format!("{ONE}/32"),
-                "via",
-                &gw,
-                "src",
-                CLUSTER_ONLY_SRC,
-            ],
-        )
-        .unwrap();
+    route_ext_via_from(&c, ONE, "a", Some(CLUSTER_ONLY_SRC));
     // ClusterCIDR: ext from the cluster CIDR is local, not masqueraded; hold one open.
     let rs = all_ok(&c, Host::External, one, 4);
     assert_all_from(

@@ -30,42 +30,6 @@ const EXTERNAL_IP: &str = "203.0.113.250";
 const LB_IP: &str = "203.0.113.20";
 const LB_PROXY_IP: &str = "203.0.113.21";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-/// Routes `dest` from ext via `node`, as an upstream router would deliver it.
-fn route_ext_via(c: &Cluster, dest: &str, node: &str) {
-    let gw = c.lab.node(node).ipv4.to_string();
-    c.lab
-        .exec_ok(
-            Host::External,
-            &["ip", "route", "replace", &format!("{dest}/32"), "via", &gw],
-        )
-        .unwrap_or_else(|e| panic!("route {dest} via node {node}: {e}"));
-}
-
-/// `n` new TCP connections from `from`, all of which must be answered.
-fn all_ok(c: &Cluster, from: Host<'_>, target: SocketAddr, n: u32) -> Vec<ProbeResult> {
-    let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(n));
-    assert_all_ok(&rs, &format!("{from:?} -> {target}"));
-    rs
-}
-
-/// Asserts every answer was seen coming from one of `node`'s addresses (masqueraded there).
-#[track_caller]
-fn assert_masqueraded_to(c: &Cluster, rs: &[ProbeResult], node: &str, what: &str) {
-    let addrs = c.ipv4_addresses(Host::Node(node));
-    for r in rs {
-        let src = r.client().expect("answered").ip();
-        assert!(
-            addrs.contains(&src),
-            "{what}: the server saw {src}, not an address of node {node} {addrs:?}: {r}"
-        );
-    }
-    eprintln!("{what}: server saw {}", rs[0].client().unwrap());
-}
-
 /// One TCP connection from `node`'s host network with source port `sport`; must be answered.
 fn from_host(c: &Cluster, node: &str, target: SocketAddr, sport: u16) -> ProbeResult {
     let r = c

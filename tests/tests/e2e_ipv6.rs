@@ -1,21 +1,20 @@
 //! End to end through the real controller and agents: §5.42, IPv6 single-stack and
 //! dual-stack Services (`ipFamilies` [IPv6], [IPv4, IPv6] and [IPv6, IPv4]) — scenarios 1, 2,
-//! 7, 11, 14, 17, 24 and 29 on the IPv6 ClusterIPs and the nodes' IPv6 addresses — and each
-//! family's health and metrics reported separately.
+//! 7, 14 and 24 on the IPv6 ClusterIPs and the nodes' IPv6 addresses — and each family's
+//! health and metrics reported separately. Scenarios 11 and 17 are the IPv6 rows of the
+//! family tables in `e2e_clusterip.rs`, 29 the IPv6 row of the one in `e2e_lb.rs`.
 //! Behaviour numbers refer to docs/behaviours.md §5.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
 
 use common::*;
 use kubenft_lab::manifest::ToJson;
 use kubenft_lab::topology::EXT_V6;
 use kubenft_lab::{
     Cond, Host, IpFamily, Pod, ProbeOpts, ProbeResult, Proto, Service, Slice, TrafficPolicy,
-    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -27,18 +26,6 @@ fn slices(service: &str, pods: &[Pod]) -> (Slice, Slice) {
         .endpoints(pods, Cond::READY);
     let v6 = v4.clone().named(&format!("{service}-v6")).ipv6();
     (v4, v6)
-}
-
-fn spread(c: &Cluster, proto: Proto, target: SocketAddr, count: u32, src: IpAddr, all: &[&str]) {
-    let rs = c.probe(Host::Pod("client"), proto, target, &ProbeOpts::count(count));
-    let t = assert_all_from(&rs, src, &format!("{count} {proto} to {target}"));
-    eprintln!("{proto} {target}: {t:?}");
-    for p in all {
-        assert!(
-            t.contains_key(*p),
-            "{proto} {target}: {p} never answered: {t:?}"
-        );
-    }
 }
 
 /// §5.42 with 1, 2 and 24: a single-stack IPv6 Service and dual-stack ones in both family
@@ -89,19 +76,28 @@ fn ipv6_and_dual_stack_clusterips_spread_tcp_and_udp_and_keep_client_ip_affinity
     }
     let all = ["web-1", "web-2", "web-3"];
     let (src4, src6) = (IpAddr::from(cl.ipv4), IpAddr::from(cl.ipv6));
+    let spread = |proto: Proto, target: SocketAddr, count: u32, src: IpAddr| {
+        let rs = c.probe(Host::Pod("client"), proto, target, &ProbeOpts::count(count));
+        assert_spread(
+            &rs,
+            Some(src),
+            &all,
+            &format!("{count} {proto} to {target}"),
+        );
+    };
     for ip in ["fd00:96::61", "fd00:96::62", "fd00:96::63"] {
         let (tcp, udp) = (
             sock(ip.parse::<IpAddr>().unwrap(), 80),
             sock(ip.parse::<IpAddr>().unwrap(), 53),
         );
         c.wait_answers(Host::Pod("client"), Proto::Tcp, tcp, START);
-        spread(&c, Proto::Tcp, tcp, 60, src6, &all);
-        spread(&c, Proto::Udp, udp, 45, src6, &all);
+        spread(Proto::Tcp, tcp, 60, src6);
+        spread(Proto::Udp, udp, 45, src6);
     }
     for ip in ["10.96.0.62", "10.96.0.63"] {
         let tcp = sock(ip.parse::<IpAddr>().unwrap(), 80);
         c.wait_answers(Host::Pod("client"), Proto::Tcp, tcp, START);
-        spread(&c, Proto::Tcp, tcp, 24, src4, &all);
+        spread(Proto::Tcp, tcp, 24, src4);
     }
 
     // ClientIP affinity on the IPv6 ClusterIP, for a client on each node.
@@ -186,164 +182,6 @@ fn ipv6_nodeports_answer_on_every_node_and_local_policy_keeps_the_source() {
         rs,
         vec![ProbeResult::Timeout; 2],
         "ETP=Local via node a (no local endpoint) must be dropped"
-    );
-}
-
-/// §5.42 with 11, 17 and 29 on IPv6 ClusterIPs.
-/// - Hairpin: the only endpoint reaches its own IPv6 ClusterIP 10/10, seeing an IPv6 address
-///   of its node as the source (masqueraded), not its own.
-/// - No endpoints: TCP and UDP to the IPv6 ClusterIP and to the NodePorts on the nodes' IPv6
-///   addresses are refused within 1 s. A squatter listens on node a's NodePorts, so only the
-///   proxy's reject can produce the refusal there.
-/// - Stale UDP conntrack: a client keeping its source port moves to the new endpoint within
-///   2 s when its endpoint is replaced (the old pod keeps running), and `conntrack -f ipv6`
-///   has no entry for the ClusterIP replying from the old pod.
-#[test]
-fn ipv6_hairpin_no_endpoint_rejects_and_stale_udp_entries() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let solo = pods(&lab, &[("solo", "a")]).remove(0);
-    let udp = pods(&lab, &[("udp-1", "b"), ("udp-2", "b")]);
-    client(&lab, "client", "a");
-    let echo = lab.binary("kubenft-echo").unwrap();
-    lab.spawn(
-        "squatter-a",
-        Host::Node("a"),
-        &[
-            echo.to_str().unwrap(),
-            "serve",
-            "--name",
-            "squatter",
-            "--tcp",
-            "30181",
-            "--udp",
-            "30182",
-        ],
-    )
-    .unwrap()
-    .wait_for_stdout("READY", Duration::from_secs(5))
-    .unwrap();
-    let (a6, b6) = (lab.node("a").ipv6, lab.node("b").ipv6);
-    let before = lab
-        .probe_once(Host::External, Proto::Tcp, sock(a6, 30181))
-        .unwrap();
-    assert_eq!(before.server(), Some("squatter"), "{before}");
-    let c = Cluster::start(lab);
-
-    // Hairpin.
-    let solo_svc = Service::cluster_ip("solo6", "fd00:96::81").port("http", 80, TCP, Proto::Tcp);
-    let solo_slice = Slice::for_service("solo6")
-        .ipv6()
-        .port("http", TCP)
-        .endpoint(&solo, Cond::READY);
-    c.write("solo6.yaml", &[&solo_svc, &solo_slice]);
-    // No endpoints.
-    let empty = Service::cluster_ip("empty6", "fd00:96::82")
-        .port("http", 80, TCP, Proto::Tcp)
-        .node_port(30181)
-        .port("dns", 53, UDP, Proto::Udp)
-        .node_port(30182);
-    let empty_slice = Slice::for_service("empty6")
-        .ipv6()
-        .port("http", TCP)
-        .port_proto("dns", UDP, Proto::Udp);
-    c.write("empty6.yaml", &[&empty, &empty_slice]);
-    // Stale UDP.
-    let dns = Service::cluster_ip("dns6", "fd00:96::83").port("dns", 53, UDP, Proto::Udp);
-    let on = |pod: &Pod| {
-        Slice::for_service("dns6")
-            .ipv6()
-            .port_proto("dns", UDP, Proto::Udp)
-            .endpoint(pod, Cond::READY)
-    };
-    c.write("dns6.yaml", &[&dns, &on(&udp[0])]);
-
-    let target = vip("[fd00:96::81]:80");
-    c.wait_answers(Host::Pod("solo"), Proto::Tcp, target, START);
-    let rs = c.probe(Host::Pod("solo"), Proto::Tcp, target, &ProbeOpts::count(10));
-    let t = assert_all_ok(&rs, "IPv6 hairpin 10/10");
-    assert_eq!(t.get("solo"), Some(&10), "{t:?}");
-    let node_addrs = c.ipv6_addresses(Host::Node("a"));
-    for r in &rs {
-        let src = r.client().unwrap().ip();
-        assert_ne!(
-            src,
-            IpAddr::from(solo.ipv6),
-            "hairpin must be masqueraded: {r}"
-        );
-        assert!(
-            node_addrs.contains(&src),
-            "hairpin source {src} is not an IPv6 address of node a {node_addrs:?}"
-        );
-    }
-    eprintln!("IPv6 hairpin source: {}", rs[0].client().unwrap().ip());
-
-    c.wait_synced(START);
-    c.wait_probe(
-        "IPv6 ClusterIP without endpoints refused",
-        Host::Pod("client"),
-        Proto::Tcp,
-        vip("[fd00:96::82]:80"),
-        START,
-        |r| *r == ProbeResult::Refused,
-    );
-    // One probe each: the kernel rate-limits the ICMPv6 errors a reject sends to one client.
-    let cases = [
-        (Host::Pod("client"), Proto::Udp, vip("[fd00:96::82]:53")),
-        (Host::External, Proto::Tcp, sock(a6, 30181)),
-        (Host::External, Proto::Udp, sock(a6, 30182)),
-        (Host::External, Proto::Tcp, sock(b6, 30181)),
-        (Host::External, Proto::Udp, sock(b6, 30182)),
-    ];
-    for (from, proto, target) in cases {
-        let start = Instant::now();
-        let r = c.probe1(from, proto, target, Duration::from_secs(2));
-        let took = start.elapsed();
-        assert_eq!(r, ProbeResult::Refused, "{proto} {target} from {from:?}");
-        assert!(
-            took < Duration::from_secs(1),
-            "{proto} {target}: refusal took {took:?}"
-        );
-    }
-
-    // Stale UDP conntrack on the IPv6 ClusterIP.
-    let target = vip("[fd00:96::83]:53");
-    let opts = ProbeOpts::default()
-        .timeout(Duration::from_millis(400))
-        .source_port(12345);
-    let send = || {
-        c.probe(Host::Pod("client"), Proto::Udp, target, &opts)
-            .remove(0)
-    };
-    c.wait_probe(
-        "udp-1 answers",
-        Host::Pod("client"),
-        Proto::Udp,
-        target,
-        START,
-        |r| r.server() == Some("udp-1"),
-    );
-    assert_eq!(send().server(), Some("udp-1"));
-    let old = udp[0].ipv6.to_string();
-    let entries = || c.udp_entries("a", "fd00:96::83");
-    assert!(entries().contains(&format!("src={old}")), "{}", entries());
-    c.write("dns6.yaml", &[&dns, &on(&udp[1])]);
-    let mut last = None;
-    wait_until(CONVERGE, Duration::from_millis(100), || {
-        let r = send();
-        let moved = r.server() == Some("udp-2");
-        last = Some(r);
-        Ok::<_, std::io::Error>(moved)
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "the client never left udp-1 (stale IPv6 conntrack entry): {e}; last {last:?}\n{}",
-            entries()
-        )
-    });
-    assert!(
-        !entries().contains(&format!("src={old} ")),
-        "an entry still replies from udp-1:\n{}",
-        entries()
     );
 }
 

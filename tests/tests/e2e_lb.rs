@@ -10,21 +10,10 @@ use std::time::Duration;
 use common::*;
 use kubenft_lab::topology::EXT_V4;
 use kubenft_lab::{
-    Cond, Host, ProbeOpts, ProbeResult, Proto, Service, ServiceType, Slice, TrafficPolicy,
+    Cond, Host, IpFamily, ProbeOpts, ProbeResult, Proto, Service, ServiceType, Slice, TrafficPolicy,
 };
 
 const LB_IP: &str = "203.0.113.10";
-
-/// Routes the load-balancer IP from ext to node a (as a real load balancer would deliver it).
-fn route_lb_ip_via_a(c: &Cluster) {
-    let a = c.lab.node("a").ipv4.to_string();
-    c.lab
-        .exec_ok(
-            Host::External,
-            &["ip", "route", "replace", &format!("{LB_IP}/32"), "via", &a],
-        )
-        .unwrap();
-}
 
 /// §5.37: loadBalancerSourceRanges admit only the listed sources to the LB IP (pods included,
 /// checked before DNAT), violations are dropped, changes take effect, clearing admits all.
@@ -34,7 +23,7 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
     let web = pods(&lab, &[("web-1", "b")]);
     let pod = client(&lab, "client", "a");
     let c = Cluster::start(lab);
-    route_lb_ip_via_a(&c);
+    route_ext_via(&c, LB_IP, "a");
     let lb = |range: Option<String>| {
         let svc = Service::cluster_ip("web", "10.96.0.90")
             .service_type(ServiceType::LoadBalancer)
@@ -165,23 +154,59 @@ fn health_check_node_port_follows_local_endpoints() {
     wait_code("b", 0);
 }
 
-/// §5.29 and §5.32: a UDP client that keeps one source port keeps one conntrack entry. When
-/// its endpoint is replaced the agent deletes the stale entry, so the client reaches the new
-/// endpoint although the old pod still runs; scaled to zero it is refused rather than
-/// blackholed; after the Service is deleted no entry points at the old pod.
+/// A UDP ClusterIP of one family whose endpoint is swapped between two pods on node b.
+struct StaleUdp {
+    family: IpFamily,
+    service: &'static str,
+    vip: &'static str,
+    target: &'static str,
+}
+
+const STALE_UDP: [StaleUdp; 2] = [
+    StaleUdp {
+        family: IpFamily::V4,
+        service: "dns",
+        vip: "10.96.0.92",
+        target: "10.96.0.92:53",
+    },
+    StaleUdp {
+        family: IpFamily::V6,
+        service: "dns6",
+        vip: "fd00:96::83",
+        target: "[fd00:96::83]:53",
+    },
+];
+
+/// §5.29 and §5.32 (and §5.42 with 29), IPv4 and IPv6 ([`STALE_UDP`]): a UDP client that
+/// keeps one source port keeps one conntrack entry. When its endpoint is replaced the agent
+/// deletes the stale entry, so the client reaches the new endpoint within 2 s although the
+/// old pod still runs, and no entry for the ClusterIP replies from the old pod; scaled to
+/// zero it is refused rather than blackholed; after the Service is deleted no entry points at
+/// the pod.
 #[test]
 fn stale_udp_conntrack_entries_are_cleaned() {
     let lab = Cluster::lab(&["a", "b"]);
     let p = pods(&lab, &[("udp-1", "b"), ("udp-2", "b")]);
     client(&lab, "client", "a");
     let c = Cluster::start(lab);
-    let svc = Service::cluster_ip("dns", "10.96.0.92").port("dns", 53, UDP, Proto::Udp);
-    let on = |pod| {
-        Slice::for_service("dns")
-            .port_proto("dns", UDP, Proto::Udp)
-            .endpoint(pod, Cond::READY)
+    for row in &STALE_UDP {
+        stale_udp_row(&c, &p, row);
+    }
+}
+
+/// One row of [`stale_udp_conntrack_entries_are_cleaned`]; every failure names the family.
+fn stale_udp_row(c: &Cluster, p: &[kubenft_lab::Pod], row: &StaleUdp) {
+    let f = row.family;
+    let file = format!("{}.yaml", row.service);
+    let svc = Service::cluster_ip(row.service, row.vip).port("dns", 53, UDP, Proto::Udp);
+    let empty = Slice::for_service(row.service).port_proto("dns", UDP, Proto::Udp);
+    let empty = if f == IpFamily::V6 {
+        empty.ipv6()
+    } else {
+        empty
     };
-    let target = vip("10.96.0.92:53");
+    let on = |pod| empty.clone().endpoint(pod, Cond::READY);
+    let target = vip(row.target);
     let opts = ProbeOpts::default()
         .timeout(Duration::from_millis(400))
         .source_port(12345);
@@ -189,20 +214,27 @@ fn stale_udp_conntrack_entries_are_cleaned() {
         c.probe(Host::Pod("client"), Proto::Udp, target, &opts)
             .remove(0)
     };
+    let entries = || c.udp_entries("a", row.vip);
 
-    c.write("dns.yaml", &[&svc, &on(&p[0])]);
+    c.write(&file, &[&svc, &on(&p[0])]);
     c.wait_probe(
-        "udp-1 answers",
+        &format!("{f:?}: udp-1 answers"),
         Host::Pod("client"),
         Proto::Udp,
         target,
         START,
         |r| r.server() == Some("udp-1"),
     );
-    assert_eq!(send().server(), Some("udp-1"));
+    assert_eq!(send().server(), Some("udp-1"), "{f:?}");
+    let old = pod_addr(&p[0], f);
+    assert!(
+        entries().contains(&format!("src={old} ")),
+        "{f:?}: no entry replies from udp-1:\n{}",
+        entries()
+    );
 
     // Swap the endpoint; udp-1 keeps running, so only the cleanup can move the client.
-    c.write("dns.yaml", &[&svc, &on(&p[1])]);
+    c.write(&file, &[&svc, &on(&p[1])]);
     let mut last = None;
     kubenft_lab::wait_until(CONVERGE, Duration::from_millis(100), || {
         let r = send();
@@ -212,51 +244,42 @@ fn stale_udp_conntrack_entries_are_cleaned() {
     })
     .unwrap_or_else(|e| {
         panic!(
-            "the client never left udp-1 (stale conntrack entry): {e}; last {last:?}\n{}",
-            c.udp_entries("a", "10.96.0.92")
+            "{f:?}: the client never left udp-1 (stale conntrack entry): {e}; last {last:?}\n{}",
+            entries()
         )
     });
+    assert!(
+        !entries().contains(&format!("src={old} ")),
+        "{f:?}: an entry still replies from udp-1:\n{}",
+        entries()
+    );
 
     // Scale to zero: the client is refused, not answered by a stale DNAT.
-    c.write(
-        "dns.yaml",
-        &[
-            &svc,
-            &Slice::for_service("dns").port_proto("dns", UDP, Proto::Udp),
-        ],
-    );
+    c.write(&file, &[&svc, &empty]);
     kubenft_lab::wait_until(CONVERGE, Duration::from_millis(100), || {
         Ok::<_, std::io::Error>(matches!(send(), ProbeResult::Refused))
     })
-    .unwrap_or_else(|e| {
-        panic!(
-            "scaled to zero but not refused: {e}\n{}",
-            c.udp_entries("a", "10.96.0.92")
-        )
-    });
+    .unwrap_or_else(|e| panic!("{f:?}: scaled to zero but not refused: {e}\n{}", entries()));
 
     // Back to one endpoint, then delete the Service: no entry keeps pointing at the pod.
-    c.write("dns.yaml", &[&svc, &on(&p[1])]);
+    c.write(&file, &[&svc, &on(&p[1])]);
     c.wait_probe(
-        "udp-2 again",
+        &format!("{f:?}: udp-2 again"),
         Host::Pod("client"),
         Proto::Udp,
         target,
         CONVERGE,
         |r| r.server() == Some("udp-2"),
     );
-    c.lab.remove_manifest("dns.yaml").unwrap();
-    let pod_ip = p[1].ipv4.to_string();
+    c.lab.remove_manifest(&file).unwrap();
+    let pod_ip = pod_addr(&p[1], f);
     kubenft_lab::wait_until(CONVERGE, Duration::from_millis(100), || {
-        Ok::<_, std::io::Error>(
-            !c.udp_entries("a", "10.96.0.92")
-                .contains(&format!("src={pod_ip}")),
-        )
+        Ok::<_, std::io::Error>(!entries().contains(&format!("src={pod_ip} ")))
     })
     .unwrap_or_else(|e| {
         panic!(
-            "a stale entry survived the Service: {e}\n{}",
-            c.udp_entries("a", "10.96.0.92")
+            "{f:?}: a stale entry survived the Service: {e}\n{}",
+            entries()
         )
     });
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kubenft_lab::manifest::{ToJson, list};
@@ -62,23 +62,6 @@ fn assert_echoed(rs: &[ProbeResult], what: &str) {
     assert!(bad.is_empty(), "{what}: not echoed intact: {bad:?}");
 }
 
-/// Asserts a single probe is refused, and fast (a reject, not a drop).
-#[track_caller]
-fn assert_refused_fast(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAddr) {
-    let start = Instant::now();
-    let r = c.probe1(from, proto, target, Duration::from_secs(2));
-    let took = start.elapsed();
-    assert_eq!(
-        r,
-        ProbeResult::Refused,
-        "{proto} {target} from {from:?} must be rejected"
-    );
-    assert!(
-        took < Duration::from_secs(1),
-        "{proto} {target}: refusal took {took:?}"
-    );
-}
-
 /// Asserts two probes both get no answer (a drop: every attempt times out).
 #[track_caller]
 fn assert_dropped(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAddr, what: &str) {
@@ -98,6 +81,24 @@ fn assert_unanswered(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAd
         rs.iter().all(|r| !r.is_ok()),
         "{what}: {proto} {target} from {from:?} answered: {rs:?}"
     );
+}
+
+/// Asserts `gone` stops answering within 2 s and stays unanswered, while `kept` is still
+/// served by both backends (12 connections or datagrams, every one answered).
+#[track_caller]
+fn assert_gone_while_kept(
+    c: &Cluster,
+    from: Host<'_>,
+    gone: (Proto, SocketAddr, &str),
+    kept: (Proto, SocketAddr, &str),
+) {
+    let (proto, target, what) = gone;
+    c.wait_probe(what, from, proto, target, CONVERGE, |r| !r.is_ok());
+    assert_unanswered(c, from, proto, target, what);
+    let (proto, target, what) = kept;
+    let rs = c.probe(from, proto, target, &ProbeOpts::count(12));
+    let t = assert_all_ok(&rs, what);
+    assert_eq!(t.len(), 2, "{what}: both backends still serve: {t:?}");
 }
 
 /// §5.5: one Service with TCP/80 and UDP/80 (to different target ports). Both answer;
@@ -127,24 +128,22 @@ fn same_port_tcp_and_udp_are_removed_independently() {
     c.wait_all_seen(from, Proto::Udp, target, &["web-1", "web-2"], CONVERGE);
 
     write(&[tcp]);
-    c.wait_probe("UDP/80 removed", from, Proto::Udp, target, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Udp, target, "UDP/80 after its removal");
-    let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(12));
-    let t = assert_all_ok(&rs, "TCP/80 after UDP/80 was removed");
-    assert_eq!(t.len(), 2, "both backends still serve TCP: {t:?}");
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Udp, target, "UDP/80 after its removal"),
+        (Proto::Tcp, target, "TCP/80 after UDP/80 was removed"),
+    );
 
     write(&[tcp, udp]);
     c.wait_answers(from, Proto::Udp, target, CONVERGE);
     write(&[udp]);
-    c.wait_probe("TCP/80 removed", from, Proto::Tcp, target, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Tcp, target, "TCP/80 after its removal");
-    let rs = c.probe(from, Proto::Udp, target, &ProbeOpts::count(12));
-    let t = assert_all_ok(&rs, "UDP/80 after TCP/80 was removed");
-    assert_eq!(t.len(), 2, "both backends still serve UDP: {t:?}");
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Tcp, target, "TCP/80 after its removal"),
+        (Proto::Udp, target, "UDP/80 after TCP/80 was removed"),
+    );
 }
 
 /// §5.6: a port added to a live Service answers within 2 s; removed, it stops answering
@@ -185,24 +184,21 @@ fn ports_added_removed_and_renumbered_take_effect_within_2s() {
     assert_all_ok(&rs, "the added port 81");
 
     write(&[("http", 80)]);
-    c.wait_probe("port 81 removed", from, Proto::Tcp, p81, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Tcp, p81, "port 81 after its removal");
-    assert_all_ok(
-        &c.probe(from, Proto::Tcp, p80, &ProbeOpts::count(8)),
-        "port 80 while 81 came and went",
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Tcp, p81, "port 81 after its removal"),
+        (Proto::Tcp, p80, "port 80 while 81 came and went"),
     );
 
     write(&[("http", 8081)]);
     c.wait_answers(from, Proto::Tcp, p8081, CONVERGE);
-    c.wait_probe("old port 80 dead", from, Proto::Tcp, p80, CONVERGE, |r| {
-        !r.is_ok()
-    });
-    assert_unanswered(&c, from, Proto::Tcp, p80, "port 80 after the renumbering");
-    let rs = c.probe(from, Proto::Tcp, p8081, &ProbeOpts::count(12));
-    let t = assert_all_ok(&rs, "the renumbered port 8081");
-    assert_eq!(t.len(), 2, "both backends serve the new port: {t:?}");
+    assert_gone_while_kept(
+        &c,
+        from,
+        (Proto::Tcp, p80, "port 80 after the renumbering"),
+        (Proto::Tcp, p8081, "the renumbered port 8081"),
+    );
 }
 
 /// Service CIDRs (kube-proxy nftables' `cluster-ips-check`): on a live ClusterIP a wrong
@@ -231,11 +227,40 @@ fn service_cidr_holes_are_dropped_and_wrong_ports_on_live_clusterips_rejected() 
     c.wait_synced(START);
 
     // Wrong port (TCP, UDP), wrong protocol, from pods on both nodes and from a node.
-    assert_refused_fast(&c, Host::Pod("client-0"), Proto::Tcp, vip("10.96.7.7:81"));
-    assert_refused_fast(&c, Host::Pod("client-1"), Proto::Tcp, vip("10.96.7.7:81"));
-    assert_refused_fast(&c, Host::Pod("client-2"), Proto::Udp, vip("10.96.7.7:80"));
-    assert_refused_fast(&c, Host::Pod("client-3"), Proto::Udp, vip("10.96.7.7:53"));
-    assert_refused_fast(&c, Host::Node("b"), Proto::Tcp, vip("10.96.7.7:8080"));
+    for (row, from, proto, target) in [
+        (
+            "wrong TCP port",
+            Host::Pod("client-0"),
+            Proto::Tcp,
+            "10.96.7.7:81",
+        ),
+        (
+            "wrong TCP port, other node",
+            Host::Pod("client-1"),
+            Proto::Tcp,
+            "10.96.7.7:81",
+        ),
+        (
+            "wrong protocol",
+            Host::Pod("client-2"),
+            Proto::Udp,
+            "10.96.7.7:80",
+        ),
+        (
+            "wrong UDP port",
+            Host::Pod("client-3"),
+            Proto::Udp,
+            "10.96.7.7:53",
+        ),
+        (
+            "wrong port from a node",
+            Host::Node("b"),
+            Proto::Tcp,
+            "10.96.7.7:8080",
+        ),
+    ] {
+        assert_refused_fast(&c, from, proto, vip(target), row);
+    }
     // Unallocated addresses of the Service CIDR, next to the live one and far from it.
     for target in [vip("10.96.7.8:80"), vip("10.96.200.1:80")] {
         assert_dropped(&c, Host::Pod("client-4"), Proto::Tcp, target, "unallocated");
@@ -329,115 +354,159 @@ fn nodeport_web(c: &Cluster, web: &kubenft_lab::Pod) {
 
 /// Asserts every probe from `from` to `target` is answered by `server`.
 #[track_caller]
-fn assert_served_by(c: &Cluster, from: Host<'_>, target: SocketAddr, server: &str) {
+fn assert_served_by(c: &Cluster, from: Host<'_>, target: SocketAddr, server: &str, what: &str) {
     let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(4));
-    let t = assert_all_ok(&rs, &format!("{target} from {from:?}"));
+    let t = assert_all_ok(&rs, &format!("{what}: {target} from {from:?}"));
     assert_eq!(
         t.keys().collect::<Vec<_>>(),
         vec![server],
-        "{target} from {from:?} must be served by {server}: {t:?}"
+        "{what}: {target} from {from:?} must be served by {server}: {t:?}"
     );
 }
 
-/// §5.9, default `--node-port-addresses primary`: the NodePort is served on the node's
-/// InternalIP only. Its second address (another link) is left alone — the squatter
-/// listening there answers, from ext (routed via the node) and from the node itself — and
-/// 127.0.0.1:nodePort is not forwarded either (refused: nothing listens there), as in
-/// kube-proxy's nftables mode, which does not support localhost NodePorts.
-#[test]
-fn nodeport_addresses_primary_serves_only_the_internal_ip() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "b")]).remove(0);
-    let secondary = add_secondary_address(&lab, "a");
-    let c = Cluster::start(lab);
-    nodeport_web(&c, &web);
-    let a = c.lab.node("a").ipv4;
-    c.wait_answers(Host::External, Proto::Tcp, sock(a, NP9), START);
-    c.wait_synced(START);
-
-    assert_served_by(&c, Host::External, sock(a, NP9), "web-1");
-    assert_served_by(&c, Host::Node("a"), sock(a, NP9), "web-1");
-    assert_served_by(&c, Host::External, sock(secondary, NP9), "squatter");
-    assert_served_by(&c, Host::Node("a"), sock(secondary, NP9), "squatter");
-    let r = c.probe1(
-        Host::Node("a"),
-        Proto::Tcp,
-        sock(Ipv4Addr::LOCALHOST, NP9),
-        DROP_WAIT,
-    );
-    assert_eq!(
-        r,
-        ProbeResult::Refused,
-        "127.0.0.1:{NP9} must not be forwarded"
-    );
-    let t = table(&c, "a");
-    assert!(
-        mentions(&t, &a.to_string()) && !mentions(&t, &secondary.to_string()),
-        "nodeport-ips must hold the InternalIP only:\n{t}"
-    );
+/// Where a §5.9 case connects to, on the NodePort.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    /// Node a's InternalIP.
+    A,
+    /// Node b's InternalIP.
+    B,
+    /// Node a's second address ([`add_secondary_address`]).
+    Secondary,
+    /// 127.0.0.`n` in node a.
+    Loopback(u8),
 }
 
-/// §5.9, `--node-port-addresses all`: the NodePort is served on every address of the node —
-/// the secondary address too (the squatter there is bypassed), from ext and from the node
-/// itself — but still not on 127.0.0.1 (refused: localhost NodePorts are unsupported).
-#[test]
-fn nodeport_addresses_all_serves_every_node_address_but_not_localhost() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "b")]).remove(0);
-    let secondary = add_secondary_address(&lab, "a");
-    let c = Cluster::start_with(lab, &["--node-port-addresses", "all"]);
-    nodeport_web(&c, &web);
-    let (a, b) = (c.lab.node("a").ipv4, c.lab.node("b").ipv4);
-    c.wait_answers(Host::External, Proto::Tcp, sock(a, NP9), START);
-    c.wait_synced(START);
-
-    for target in [sock(a, NP9), sock(b, NP9), sock(secondary, NP9)] {
-        assert_served_by(&c, Host::External, target, "web-1");
-    }
-    assert_served_by(&c, Host::Node("a"), sock(a, NP9), "web-1");
-    assert_served_by(&c, Host::Node("a"), sock(secondary, NP9), "web-1");
-    for lo in [Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)] {
-        let r = c.probe1(Host::Node("a"), Proto::Tcp, sock(lo, NP9), DROP_WAIT);
-        assert_eq!(r, ProbeResult::Refused, "{lo}:{NP9} must not be forwarded");
-    }
+/// Who answers a §5.9 case.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// The Service's endpoint (DNATed).
+    Web,
+    /// The squatter on the secondary address (left alone).
+    Squatter,
+    /// Nobody listens there and the proxy left it alone.
+    Refused,
 }
 
-/// §5.9, `--node-port-addresses 192.168.60.0/24`: the NodePort is served on the node
-/// addresses inside the range only (as the agent reports them): node a's secondary address
-/// is DNATed (the squatter there is bypassed) while its InternalIP, outside the range, is
-/// left alone (refused: nothing listens there), and so is node b, which has no address in
-/// the range.
-#[test]
-fn nodeport_addresses_cidr_serves_only_the_addresses_in_range() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "b")]).remove(0);
-    let secondary = add_secondary_address(&lab, "a");
-    let c = Cluster::start_with(lab, &["--node-port-addresses", "192.168.60.0/24"]);
-    nodeport_web(&c, &web);
-    let (a, b) = (c.lab.node("a").ipv4, c.lab.node("b").ipv4);
-    c.wait_probe(
-        "secondary address DNATed",
-        Host::External,
-        Proto::Tcp,
-        sock(secondary, NP9),
-        START,
-        |r| r.server() == Some("web-1"),
-    );
-    c.wait_synced(START);
+/// One `--node-port-addresses` value and what it serves.
+struct NodePortAddresses {
+    row: &'static str,
+    args: &'static [&'static str],
+    /// The address whose DNAT the row waits for before its cases.
+    ready_at: At,
+    /// (from, to, who answers).
+    cases: &'static [(Host<'static>, At, Answer)],
+    /// node a's `nodeport-ips` holds its InternalIP and not its secondary address.
+    internal_ip_only: bool,
+}
 
-    assert_served_by(&c, Host::External, sock(secondary, NP9), "web-1");
-    assert_served_by(&c, Host::Node("a"), sock(secondary, NP9), "web-1");
-    for (from, target) in [
-        (Host::External, sock(a, NP9)),
-        (Host::Node("a"), sock(a, NP9)),
-        (Host::External, sock(b, NP9)),
-    ] {
-        let r = c.probe1(from, Proto::Tcp, target, DROP_WAIT);
-        assert_eq!(
-            r,
-            ProbeResult::Refused,
-            "{target} from {from:?} must be left alone"
+const NODE_PORT_ADDRESSES: [NodePortAddresses; 3] = [
+    // The default, `primary`: the NodePort is served on the node's InternalIP only. Its
+    // second address (another link) is left alone — the squatter listening there answers,
+    // from ext (routed via the node) and from the node itself — and 127.0.0.1:nodePort is
+    // not forwarded either (refused: nothing listens there), as in kube-proxy's nftables
+    // mode, which does not support localhost NodePorts.
+    NodePortAddresses {
+        row: "primary (default)",
+        args: &[],
+        ready_at: At::A,
+        cases: &[
+            (Host::External, At::A, Answer::Web),
+            (Host::Node("a"), At::A, Answer::Web),
+            (Host::External, At::Secondary, Answer::Squatter),
+            (Host::Node("a"), At::Secondary, Answer::Squatter),
+            (Host::Node("a"), At::Loopback(1), Answer::Refused),
+        ],
+        internal_ip_only: true,
+    },
+    // `all`: the NodePort is served on every address of the node — the secondary address
+    // too (the squatter there is bypassed), from ext and from the node itself — but still
+    // not on 127.0.0.1 (refused: localhost NodePorts are unsupported).
+    NodePortAddresses {
+        row: "all",
+        args: &["--node-port-addresses", "all"],
+        ready_at: At::A,
+        cases: &[
+            (Host::External, At::A, Answer::Web),
+            (Host::External, At::B, Answer::Web),
+            (Host::External, At::Secondary, Answer::Web),
+            (Host::Node("a"), At::A, Answer::Web),
+            (Host::Node("a"), At::Secondary, Answer::Web),
+            (Host::Node("a"), At::Loopback(1), Answer::Refused),
+            (Host::Node("a"), At::Loopback(2), Answer::Refused),
+        ],
+        internal_ip_only: false,
+    },
+    // `192.168.60.0/24`: the NodePort is served on the node addresses inside the range only
+    // (as the agent reports them): node a's secondary address is DNATed (the squatter there
+    // is bypassed) while its InternalIP, outside the range, is left alone (refused: nothing
+    // listens there), and so is node b, which has no address in the range.
+    NodePortAddresses {
+        row: "192.168.60.0/24",
+        args: &["--node-port-addresses", "192.168.60.0/24"],
+        ready_at: At::Secondary,
+        cases: &[
+            (Host::External, At::Secondary, Answer::Web),
+            (Host::Node("a"), At::Secondary, Answer::Web),
+            (Host::External, At::A, Answer::Refused),
+            (Host::Node("a"), At::A, Answer::Refused),
+            (Host::External, At::B, Answer::Refused),
+        ],
+        internal_ip_only: false,
+    },
+];
+
+/// §5.9 ([`NODE_PORT_ADDRESSES`]), each value in its own lab: a NodePort whose only endpoint
+/// is on node b, node a with a second address where a squatter listens. Every case names its
+/// row.
+#[test]
+fn nodeport_addresses_serve_exactly_the_addresses_they_select() {
+    for row in &NODE_PORT_ADDRESSES {
+        let lab = Cluster::lab(&["a", "b"]);
+        let web = pods(&lab, &[("web-1", "b")]).remove(0);
+        let secondary = add_secondary_address(&lab, "a");
+        let c = Cluster::start_with(lab, row.args);
+        nodeport_web(&c, &web);
+        let (a, b) = (c.lab.node("a").ipv4, c.lab.node("b").ipv4);
+        let at = |to: At| match to {
+            At::A => sock(a, NP9),
+            At::B => sock(b, NP9),
+            At::Secondary => sock(secondary, NP9),
+            At::Loopback(n) => sock(Ipv4Addr::new(127, 0, 0, n), NP9),
+        };
+        c.wait_probe(
+            &format!("{}: {:?} DNATed", row.row, row.ready_at),
+            Host::External,
+            Proto::Tcp,
+            at(row.ready_at),
+            START,
+            |r| r.server() == Some("web-1"),
         );
+        c.wait_synced(START);
+        for &(from, to, answer) in row.cases {
+            let (target, what) = (at(to), format!("{}: {to:?}", row.row));
+            match answer {
+                Answer::Web => assert_served_by(&c, from, target, "web-1", &what),
+                Answer::Squatter => assert_served_by(&c, from, target, "squatter", &what),
+                Answer::Refused => {
+                    let r = c.probe1(from, Proto::Tcp, target, DROP_WAIT);
+                    let left_alone = "must be left alone (not forwarded)";
+                    assert_eq!(
+                        r,
+                        ProbeResult::Refused,
+                        "{what}: {target} from {from:?} {left_alone}"
+                    );
+                }
+            }
+        }
+        if row.internal_ip_only {
+            let t = table(&c, "a");
+            assert!(
+                mentions(&t, &a.to_string()) && !mentions(&t, &secondary.to_string()),
+                "{}: nodeport-ips must hold the InternalIP only:\n{t}",
+                row.row
+            );
+        }
     }
 }
 

@@ -78,42 +78,23 @@ fn smoke_pod_to_pod_across_nodes() {
 
     // Several sequential connections; payloads echoed intact (TCP 1 MB, UDP 2000 bytes,
     // which is fragmented on the 1500-byte veths).
-    let rs = lab
-        .probe(
-            from,
-            Proto::Tcp,
-            web2.sock_v4(TCP),
-            &ProbeOpts::count(20).payload(1 << 20),
-        )
-        .unwrap();
-    assert!(
-        rs.iter().all(|r| matches!(
-            r,
-            ProbeResult::Ok {
-                echo_ok: Some(true),
-                ..
-            }
-        )),
-        "{rs:?}"
-    );
-    let rs = lab
-        .probe(
-            from,
-            Proto::Udp,
-            web2.sock_v6(UDP),
-            &ProbeOpts::count(5).payload(2000),
-        )
-        .unwrap();
-    assert!(
-        rs.iter().all(|r| matches!(
-            r,
-            ProbeResult::Ok {
-                echo_ok: Some(true),
-                ..
-            }
-        )),
-        "{rs:?}"
-    );
+    for (proto, target, count, payload) in [
+        (Proto::Tcp, web2.sock_v4(TCP), 20, 1 << 20),
+        (Proto::Udp, web2.sock_v6(UDP), 5, 2000),
+    ] {
+        let opts = ProbeOpts::count(count).payload(payload);
+        let rs = lab.probe(from, proto, target, &opts).unwrap();
+        assert!(
+            rs.iter().all(|r| matches!(
+                r,
+                ProbeResult::Ok {
+                    echo_ok: Some(true),
+                    ..
+                }
+            )),
+            "{proto} {target}, {count} × {payload} bytes: {rs:?}"
+        );
+    }
 
     // A fixed source port is kept (what UDP conntrack tests rely on).
     let rs = lab

@@ -16,7 +16,8 @@ use kubenft_lab::manifest::{ToJson, list};
 use kubenft_lab::probe::tally;
 use kubenft_lab::topology::{AGENT_GRPC_PORT, CONTROLLER_GRPC_PORT, CP_V4};
 use kubenft_lab::{
-    EchoPorts, Host, Lab, LabConfig, Pod, ProbeOpts, ProbeResult, Process, Proto, wait_until,
+    EchoPorts, Host, IpFamily, Lab, LabConfig, Pod, ProbeOpts, ProbeResult, Process, Proto,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -399,6 +400,14 @@ impl Cluster {
         )
     }
 
+    /// The addresses of `family` configured in `host` (IPv6: global ones only).
+    pub fn addresses_of(&self, host: Host<'_>, family: IpFamily) -> BTreeSet<IpAddr> {
+        match family {
+            IpFamily::V4 => self.ipv4_addresses(host),
+            IpFamily::V6 => self.ipv6_addresses(host),
+        }
+    }
+
     fn addresses(&self, host: Host<'_>, argv: &[&str], word: &str) -> BTreeSet<IpAddr> {
         self.lab
             .exec_ok(host, argv)
@@ -511,6 +520,93 @@ pub fn client(lab: &Lab, name: &str, node: &str) -> Pod {
         .unwrap_or_else(|e| panic!("adding client {name}: {e}"))
 }
 
+/// `pod`'s address of `family`.
+pub fn pod_addr(pod: &Pod, family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::V4 => pod.ipv4.into(),
+        IpFamily::V6 => pod.ipv6.into(),
+    }
+}
+
+/// Node `node`'s fabric address of `family`.
+pub fn node_addr(lab: &Lab, node: &str, family: IpFamily) -> IpAddr {
+    let n = lab.node(node);
+    match family {
+        IpFamily::V4 => n.ipv4.into(),
+        IpFamily::V6 => n.ipv6.into(),
+    }
+}
+
+/// An echo server named `squatter` in node `node`'s own namespace, listening on `tcp` and
+/// `udp` (both families): where it sits on a NodePort, only the proxy's reject — not a
+/// closed port — can refuse a connection.
+pub fn squatter(lab: &Lab, node: &str, tcp: &[u16], udp: &[u16]) -> Process {
+    let echo = lab.binary("kubenft-echo").unwrap();
+    let mut argv = vec![
+        echo.display().to_string(),
+        "serve".into(),
+        "--name".into(),
+        "squatter".into(),
+    ];
+    for (flag, ports) in [("--tcp", tcp), ("--udp", udp)] {
+        for p in ports {
+            argv.extend([flag.to_string(), p.to_string()]);
+        }
+    }
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let p = lab
+        .spawn(&format!("squatter-{node}"), Host::Node(node), &argv)
+        .unwrap_or_else(|e| panic!("starting the squatter on node {node}: {e}"));
+    p.wait_for_stdout("READY", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the squatter on node {node} is not ready: {e}"));
+    p
+}
+
+/// An address written in a test (panics, naming it, if it is not one).
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// Routes `dest` from ext via `node`, as an upstream router would deliver it.
+pub fn route_ext_via(c: &Cluster, dest: &str, node: &str) {
+    route_ext_via_from(c, dest, node, None);
+}
+
+/// [`route_ext_via`], and ext's connections to `dest` leave from `src` when given.
+pub fn route_ext_via_from(c: &Cluster, dest: &str, node: &str, src: Option<&str>) {
+    let gw = c.lab.node(node).ipv4.to_string();
+    let dest = format!("{dest}/32");
+    let mut argv = vec!["ip", "route", "replace", dest.as_str(), "via", gw.as_str()];
+    argv.extend(src.iter().flat_map(|s| ["src", *s]));
+    c.lab
+        .exec_ok(Host::External, &argv)
+        .unwrap_or_else(|e| panic!("route {dest} via node {node} from {src:?}: {e}"));
+}
+
+/// `n` new TCP connections from `from`, all of which must be answered.
+#[track_caller]
+pub fn all_ok(c: &Cluster, from: Host<'_>, target: SocketAddr, n: u32) -> Vec<ProbeResult> {
+    let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(n));
+    assert_all_ok(&rs, &format!("{from:?} -> {target}"));
+    rs
+}
+
+/// Asserts every answer was seen coming from one of `node`'s own addresses (masqueraded
+/// there).
+#[track_caller]
+pub fn assert_masqueraded_to(c: &Cluster, rs: &[ProbeResult], node: &str, what: &str) {
+    let mut addrs = c.ipv4_addresses(Host::Node(node));
+    addrs.extend(c.ipv6_addresses(Host::Node(node)));
+    for r in rs {
+        let src = r.client().expect("answered").ip();
+        assert!(
+            addrs.contains(&src),
+            "{what}: the server saw {src}, not an address of node {node} {addrs:?}: {r}"
+        );
+    }
+    eprintln!("{what}: server saw {}", rs[0].client().unwrap());
+}
+
 /// A two-node lab (`a`, `b`) with pods web-1 on a and web-2 on b behind ClusterIP Service
 /// `web` at `vip` (port 80 → [`TCP`]), and a client pod on a; nothing started yet.
 pub fn two_node_web(vip: &str) -> Lab {
@@ -573,6 +669,49 @@ pub fn assert_all_from(
         );
     }
     t
+}
+
+/// Asserts every result succeeded — seen from `src`, when given — and every server in
+/// `all` answered; returns the tally.
+#[track_caller]
+pub fn assert_spread(
+    rs: &[ProbeResult],
+    src: Option<IpAddr>,
+    all: &[&str],
+    what: &str,
+) -> BTreeMap<String, usize> {
+    let t = match src {
+        Some(ip) => assert_all_from(rs, ip, what),
+        None => assert_all_ok(rs, what),
+    };
+    eprintln!("{what}: {t:?}");
+    for p in all {
+        assert!(t.contains_key(*p), "{what}: {p} never answered: {t:?}");
+    }
+    t
+}
+
+/// Asserts one probe is refused, and fast: a reject, not a drop (2 s attempt, under 1 s).
+#[track_caller]
+pub fn assert_refused_fast(
+    c: &Cluster,
+    from: Host<'_>,
+    proto: Proto,
+    target: SocketAddr,
+    what: &str,
+) {
+    let start = std::time::Instant::now();
+    let r = c.probe1(from, proto, target, Duration::from_secs(2));
+    let took = start.elapsed();
+    assert_eq!(
+        r,
+        ProbeResult::Refused,
+        "{what}: {proto} {target} from {from:?} must be refused"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "{what}: {proto} {target}: refusal took {took:?}"
+    );
 }
 
 /// The traffic that runs while a test breaks something: rounds of `opts` connections from
