@@ -15,7 +15,7 @@ use prost::Message;
 
 use crate::objects::{Element, ElementKey, LbChain, Slot};
 use crate::render::{self, FamilyContent};
-use crate::rules::{Family, NodeConfig, Spec};
+use crate::rules::{Family, NodeRules, Spec};
 use crate::transaction::TableName;
 
 /// An element in the kernel and how many resources want it (a ClusterIP or a hairpin address
@@ -124,7 +124,7 @@ impl Applied {
 #[derive(Clone, Debug, Default)]
 pub struct AppliedState {
     pub(crate) resources: BTreeMap<String, Applied>,
-    pub(crate) node: NodeConfig,
+    pub(crate) node: NodeRules,
     pub(crate) tables: [FamilyTable; 2],
     pub(crate) generation: u32,
     /// The kernel is known to hold exactly this state. Until then the agent reports nothing
@@ -162,7 +162,7 @@ impl AppliedState {
         self.generation
     }
 
-    pub fn node(&self) -> &NodeConfig {
+    pub fn node(&self) -> &NodeRules {
         &self.node
     }
 

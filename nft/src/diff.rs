@@ -13,7 +13,7 @@ use kubenft_proto::v1;
 
 use crate::applied::{Applied, AppliedState, Created, Entry, FamilyTable, StateFile};
 use crate::render::{self, FamilyContent};
-use crate::rules::{self, Family, InvalidResource, NODE_RESOURCE, NodeConfig, Spec};
+use crate::rules::{self, Family, InvalidResource, NODE_RESOURCE, NodeRules, Spec};
 use crate::{Chain, Command, Element, ElementKey, SetId, TableName, Transaction};
 
 /// Why a change cannot be applied (before nft is even run).
@@ -47,7 +47,7 @@ pub struct Diff {
 struct Commit {
     upserts: Vec<Applied>,
     removed: Vec<String>,
-    node: Option<NodeConfig>,
+    node: Option<NodeRules>,
     elements: [BTreeMap<ElementKey, Option<Entry>>; 2],
     created: [Created; 2],
     /// On-demand objects no element needs any more (deleted by the transaction).
@@ -141,7 +141,7 @@ fn validate(change: &v1::Change) -> Result<Vec<Applied>, DiffError> {
 }
 
 /// The new node settings, if the change touches them (removal means defaults).
-fn node_change(upserts: &[Applied], removed: &[String]) -> Option<NodeConfig> {
+fn node_change(upserts: &[Applied], removed: &[String]) -> Option<NodeRules> {
     let updated = upserts.iter().find_map(|a| match &a.spec {
         Spec::Node(cfg) => Some(cfg.clone()),
         Spec::ServicePort(_) | Spec::NodeEndpoints(_) => None,
@@ -150,7 +150,7 @@ fn node_change(upserts: &[Applied], removed: &[String]) -> Option<NodeConfig> {
         removed
             .iter()
             .any(|n| n == NODE_RESOURCE)
-            .then(NodeConfig::default)
+            .then(NodeRules::default)
     })
 }
 
@@ -160,7 +160,7 @@ fn node_change(upserts: &[Applied], removed: &[String]) -> Option<NodeConfig> {
 fn incremental_transaction(
     tx: &mut Transaction,
     state: &AppliedState,
-    node: Option<&NodeConfig>,
+    node: Option<&NodeRules>,
     overlays: &[Overlay<'_>; 2],
     generation: u32,
 ) -> ([Created; 2], [Created; 2]) {
@@ -244,7 +244,7 @@ fn create_commands(tx: &mut Transaction, f: Family, new: &Created) {
 }
 
 /// Rewrites the node sets and the constant chains whose rules depend on changed settings.
-fn node_commands(tx: &mut Transaction, f: Family, old: &NodeConfig, new: &NodeConfig) {
+fn node_commands(tx: &mut Transaction, f: Family, old: &NodeRules, new: &NodeRules) {
     if render::node_elements(old, f) != render::node_elements(new, f) {
         for set in SetId::NODE_SETS {
             // Declared again (a no-op if it exists): a table written by an agent that named
@@ -272,7 +272,7 @@ fn node_commands(tx: &mut Transaction, f: Family, old: &NodeConfig, new: &NodeCo
 fn full_transaction(
     tx: &mut Transaction,
     state: &AppliedState,
-    node: Option<&NodeConfig>,
+    node: Option<&NodeRules>,
     overlays: &[Overlay<'_>; 2],
     generation: u32,
 ) -> ([Created; 2], [Created; 2]) {

@@ -3,7 +3,7 @@
 //! run, so every decision is a function the tests can call.
 //!
 //! ```text
-//!  v1::Resource ──rules (validate)──▶ Spec, NodeConfig
+//!  v1::Resource ──rules (validate)──▶ Spec, NodeRules
 //!  Spec ──render──▶ elements, chains, rules (objects) of our table
 //!  AppliedState + v1::Change ──diff──▶ Diff: one Transaction (element by element, or a full
 //!                                        reconcile) and what to record once it commits

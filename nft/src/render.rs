@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use crate::rules::{Endpoint, Family, LocalDetector, NodeConfig, ServicePort, Spec};
+use crate::rules::{Endpoint, Family, LocalDetector, NodeRules, ServicePort, Spec};
 use crate::{
     AddrKey, Chain, Command, Element, EntryChain, EntryKey, EntryKind, LbChain, NoEndpoint,
     PortKey, Rule, Scope, SetId, Slot, TableName, Transaction,
@@ -149,7 +149,7 @@ pub fn owned_elements(spec: &Spec) -> Vec<(Family, Element)> {
 }
 
 /// The node sets' elements for one family.
-pub fn node_elements(cfg: &NodeConfig, family: Family) -> Vec<Element> {
+pub fn node_elements(cfg: &NodeRules, family: Family) -> Vec<Element> {
     let local = cfg
         .local_pod_cidrs(family)
         .into_iter()
@@ -169,7 +169,7 @@ pub fn node_elements(cfg: &NodeConfig, family: Family) -> Vec<Element> {
 /// traffic detector writes them (`iifname`, not `iif`, which needs the interface to exist);
 /// `None` where there is no detector (a CIDR mode without a CIDR of this family): then
 /// nothing is local.
-pub fn local_traffic(cfg: &NodeConfig, family: Family) -> Option<(String, String)> {
+pub fn local_traffic(cfg: &NodeRules, family: Family) -> Option<(String, String)> {
     let iifname = |pattern: String| {
         Some((
             format!("iifname {pattern}"),
@@ -208,7 +208,7 @@ fn nft_string(text: &str, prefix: bool) -> String {
 }
 
 /// The rules of one constant chain.
-pub fn chain_rules(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> {
+pub fn chain_rules(chain: Chain, cfg: &NodeRules, family: Family) -> Vec<Rule> {
     let p = family.nft();
     let addr_vmap = |map: SetId| format!("{p} daddr . meta l4proto . th dport vmap @{map}");
     let port_vmap = |map: SetId| format!("meta l4proto . th dport vmap @{map}");
@@ -380,11 +380,11 @@ fn endpoint_rule(slot: Slot, family: Family) -> String {
 }
 
 /// The rules any chain of ours holds (constant or on demand), for repairing it alone.
-pub fn rules_of(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<Rule> {
+pub fn rules_of(chain: Chain, cfg: &NodeRules, family: Family) -> Vec<Rule> {
     match chain {
         Chain::Lb(lb) => lb_rules(lb, family).into_iter().map(Rule::new).collect(),
         Chain::Endpoint(slot) => vec![Rule::new(endpoint_rule(slot, family))],
-        Chain::AffinityEndpoint(..) => chain_rules(chain, &NodeConfig::default(), family),
+        Chain::AffinityEndpoint(..) => chain_rules(chain, &NodeRules::default(), family),
         _ => chain_rules(chain, cfg, family),
     }
 }
@@ -401,7 +401,7 @@ pub fn lb_chain_commands(lb: LbChain, family: Family) -> Vec<Command> {
             commands.push(Command::AddChain(chain));
             commands.push(Command::FlushChain(chain));
             commands.extend(
-                chain_rules(chain, &NodeConfig::default(), family)
+                chain_rules(chain, &NodeRules::default(), family)
                     .into_iter()
                     .map(|r| Command::AddRule(chain, r)),
             );
@@ -434,7 +434,7 @@ pub fn slot_commands(slot: Slot, family: Family) -> [Command; 5] {
 /// What a full table holds for one family.
 pub struct FamilyContent<'a> {
     pub family: Family,
-    pub node: &'a NodeConfig,
+    pub node: &'a NodeRules,
     /// Every service element, sorted (so elements of one map are adjacent).
     pub elements: &'a mut dyn Iterator<Item = &'a Element>,
     pub generation: u32,
@@ -656,8 +656,8 @@ mod tests {
 
     #[test]
     fn masquerade_rule_follows_node_settings() {
-        let mut cfg = NodeConfig::default();
-        let r = |cfg: &NodeConfig| -> Vec<String> {
+        let mut cfg = NodeRules::default();
+        let r = |cfg: &NodeRules| -> Vec<String> {
             chain_rules(Chain::SvcCluster, cfg, Family::V4)
                 .iter()
                 .map(ToString::to_string)
@@ -676,17 +676,17 @@ mod tests {
         assert_eq!(chain_rules(Chain::SvcCluster, &cfg, Family::V6).len(), 1);
     }
 
-    fn rules_of_chain(chain: Chain, cfg: &NodeConfig, family: Family) -> Vec<String> {
+    fn rules_of_chain(chain: Chain, cfg: &NodeRules, family: Family) -> Vec<String> {
         chain_rules(chain, cfg, family)
             .iter()
             .map(ToString::to_string)
             .collect()
     }
 
-    fn with_detector(detector: LocalDetector) -> NodeConfig {
-        NodeConfig {
+    fn with_detector(detector: LocalDetector) -> NodeRules {
+        NodeRules {
             local_detector: detector,
-            ..NodeConfig::default()
+            ..NodeRules::default()
         }
     }
 
@@ -698,18 +698,18 @@ mod tests {
         let name = |s: &str| crate::rules::InterfaceName::new(s).unwrap();
         let cases = [
             (
-                NodeConfig {
+                NodeRules {
                     local_pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
-                    ..NodeConfig::default()
+                    ..NodeRules::default()
                 },
                 Family::V4,
                 "ip saddr != @local-pod-cidrs",
                 "ip saddr @local-pod-cidrs",
             ),
             (
-                NodeConfig {
+                NodeRules {
                     local_pod_cidrs: vec!["fd00:244:1::/64".parse().unwrap()],
-                    ..NodeConfig::default()
+                    ..NodeRules::default()
                 },
                 Family::V6,
                 "ip6 saddr != @local-pod-cidrs",
@@ -767,7 +767,7 @@ mod tests {
                 rules_of_chain(Chain::ExtCluster, &cfg, f)[0],
                 "jump mark-for-masquerade"
             );
-            let all = NodeConfig {
+            let all = NodeRules {
                 masquerade_all: true,
                 ..cfg.clone()
             };
@@ -789,7 +789,7 @@ mod tests {
             );
         }
         // No detector: no ClusterIP masquerade rule, no pod short-circuit.
-        let none = NodeConfig::default();
+        let none = NodeRules::default();
         for f in Family::ALL {
             assert_eq!(rules_of_chain(Chain::SvcCluster, &none, f).len(), 1);
             assert_eq!(rules_of_chain(Chain::NpLocal, &none, f).len(), 3);

@@ -157,7 +157,7 @@ impl ServicePort {
 }
 
 /// An interface name or name prefix from the controller, checked to be safe in nft's quoted
-/// strings (see [`kubenft_proto::check_interface_name`]); only [`NodeConfig`] makes one.
+/// strings (see [`kubenft_proto::check_interface_name`]); only [`NodeRules`] makes one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceName(String);
 
@@ -176,7 +176,7 @@ impl InterfaceName {
 /// How this node recognises traffic from its own pods (kube-proxy's --detect-local-mode).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum LocalDetector {
-    /// Sources in [`NodeConfig::local_pod_cidrs`] (ClusterCIDR, NodeCIDR); a family without
+    /// Sources in [`NodeRules::local_pod_cidrs`] (ClusterCIDR, NodeCIDR); a family without
     /// one has no detector.
     #[default]
     Cidrs,
@@ -187,9 +187,9 @@ pub enum LocalDetector {
     Prefix(InterfaceName),
 }
 
-/// A validated `NodeRules`: the node-wide settings behind the constant chains and node sets.
+/// A validated `v1::NodeRules`: the node-wide settings behind the constant chains and node sets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeConfig {
+pub struct NodeRules {
     /// Sources that are this node's pods, in the CIDR modes.
     pub local_pod_cidrs: Vec<IpNet>,
     pub local_detector: LocalDetector,
@@ -201,7 +201,7 @@ pub struct NodeConfig {
     pub deleting: bool,
 }
 
-impl NodeConfig {
+impl NodeRules {
     /// The local pod CIDRs of one family, merged so an interval set accepts them.
     pub fn local_pod_cidrs(&self, family: Family) -> Vec<IpNet> {
         of_family(&self.local_pod_cidrs, family)
@@ -238,7 +238,7 @@ fn of_family(nets: &[IpNet], family: Family) -> Vec<IpNet> {
 /// What a resource describes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Spec {
-    Node(NodeConfig),
+    Node(NodeRules),
     ServicePort(ServicePort),
     /// Addresses of endpoints running on this node (one `node-endpoints/<bucket>` resource):
     /// hairpin traffic from them is masqueraded.
@@ -294,9 +294,9 @@ pub fn validate(res: &v1::Resource) -> Result<Spec, InvalidResource> {
 /// A field path and the reason it was refused.
 type FieldError = (String, String);
 
-fn node_config(node: &v1::NodeRules) -> Result<NodeConfig, FieldError> {
+fn node_config(node: &v1::NodeRules) -> Result<NodeRules, FieldError> {
     let local_pod_cidrs = parse_all(&node.local_pod_cidrs, "local_pod_cidrs", parse_cidr)?;
-    Ok(NodeConfig {
+    Ok(NodeRules {
         local_detector: local_detector(node, !local_pod_cidrs.is_empty())?,
         local_pod_cidrs,
         service_cidrs: parse_all(&node.service_cidrs, "service_cidrs", parse_cidr)?,
@@ -559,7 +559,7 @@ mod tests {
 
     #[test]
     fn cidrs_are_split_by_family_and_merged() {
-        let cfg = NodeConfig {
+        let cfg = NodeRules {
             local_pod_cidrs: ["10.0.0.0/16", "10.0.0.0/8", "fd00::/48"]
                 .iter()
                 .map(|s| s.parse().unwrap())

@@ -150,7 +150,7 @@ pub struct Applier<N> {
     hc_ports: Option<Arc<HealthCheckPorts>>,
     /// Whether the kernel holds the applied state (drift and repairs).
     dataplane: Arc<Dataplane>,
-    /// One transaction at a time: changes and repairs both plan against the state and must
+    /// One transaction at a time: changes and repairs both diff against the state and must
     /// see each other's commits.
     writing: tokio::sync::Mutex<()>,
 }
@@ -366,28 +366,28 @@ impl<N: Nft> Applier<N> {
             );
             return Ok(());
         }
-        let plan = diff::diff(&self.state.read(), change, &self.table).map_err(|e| {
+        let diff = diff::diff(&self.state.read(), change, &self.table).map_err(|e| {
             tracing::error!(change_id = change.change_id, error = %e, "refusing change");
             e.to_string()
         })?;
         let started = Instant::now();
-        let plan = match self.run(plan, change).await {
-            Ok(plan) => plan,
+        let diff = match self.run(diff, change).await {
+            Ok(diff) => diff,
             Err(error) if change.resources.len() + change.removed.len() > 1 => {
                 return self.isolate(change, error).await;
             }
             Err(error) => return Err(error),
         };
-        self.finish(plan, change, started.elapsed()).await;
+        self.finish(diff, change, started.elapsed()).await;
         Ok(())
     }
 
-    /// Records a committed plan: the applied state, health-check ports, health, conntrack
+    /// Records a committed diff: the applied state, health-check ports, health, conntrack
     /// cleanup, metrics, the log line and the state file.
-    async fn finish(&self, plan: diff::Diff, change: &v1::Change, elapsed: Duration) {
+    async fn finish(&self, diff: diff::Diff, change: &v1::Change, elapsed: Duration) {
         self.metrics
-            .synced(&plan.tx.changed_families(), elapsed.as_secs_f64());
-        let (ops, full) = (plan.tx.element_ops(), plan.full);
+            .synced(&diff.tx.changed_families(), elapsed.as_secs_f64());
+        let (ops, full) = (diff.tx.element_ops(), diff.full);
         let (file, cleanup) = {
             let mut state = self.state.write();
             let touched: std::collections::BTreeSet<&str> = change
@@ -400,14 +400,14 @@ impl<N: Nft> Applier<N> {
                 .iter()
                 .filter_map(|name| state.resource(name))
                 .collect();
-            state.commit(plan, SystemTime::now());
+            state.commit(diff, SystemTime::now());
             if let Some(ports) = &self.hc_ports {
                 ports.sync(&hcport::desired(&state));
             }
             self.health.set_deleting(state.node().deleting);
             (
                 state.to_file(&self.table),
-                conntrack::plan(&old, &change.resources),
+                conntrack::cleanup_for(&old, &change.resources),
             )
         };
         if !cleanup.is_empty() {
@@ -448,19 +448,19 @@ impl<N: Nft> Applier<N> {
         let mut refused: Vec<(String, String)> = Vec::new();
         while let Some(group) = groups.pop() {
             let sub = Part::change(change, &group);
-            let planned = diff::diff(&self.state.read(), &sub, &self.table);
-            let attempt = match planned {
-                Ok(plan) => {
+            let diffed = diff::diff(&self.state.read(), &sub, &self.table);
+            let attempt = match diffed {
+                Ok(diff) => {
                     let started = Instant::now();
-                    match self.nft.apply(&plan.tx).await {
-                        Ok(()) => Ok((plan, started.elapsed())),
+                    match self.nft.apply(&diff.tx).await {
+                        Ok(()) => Ok((diff, started.elapsed())),
                         Err(e) => Err(short_error(&e.to_string())),
                     }
                 }
                 Err(e) => Err(e.to_string()),
             };
             match attempt {
-                Ok((plan, elapsed)) => self.finish(plan, &sub, elapsed).await,
+                Ok((diff, elapsed)) => self.finish(diff, &sub, elapsed).await,
                 Err(e) if group.len() == 1 => refused.push((group[0].name().to_owned(), e)),
                 Err(_) => {
                     let mut first = group;
@@ -488,17 +488,17 @@ impl<N: Nft> Applier<N> {
         Err(message)
     }
 
-    /// Runs a planned change. A refusal is retried with backoff (a transient failure, or
+    /// Runs a diffed change. A refusal is retried with backoff (a transient failure, or
     /// drift being repaired meanwhile); if the same transaction keeps failing, the change is
     /// applied as a full reconcile of our tables; only if that fails too is it refused, with
     /// the first lines of nft's error.
-    async fn run(&self, mut plan: diff::Diff, change: &v1::Change) -> Result<diff::Diff, String> {
+    async fn run(&self, mut diff: diff::Diff, change: &v1::Change) -> Result<diff::Diff, String> {
         let id = change.change_id;
-        if plan.full {
-            self.skip_existing(&mut plan.tx).await;
+        if diff.full {
+            self.skip_existing(&mut diff.tx).await;
         }
-        let mut last = match self.nft.apply(&plan.tx).await {
-            Ok(()) => return Ok(plan),
+        let mut last = match self.nft.apply(&diff.tx).await {
+            Ok(()) => return Ok(diff),
             // Too big to finish: the same again, or all of it at once, would only wait as long.
             Err(e @ NftError::Timeout(_)) => {
                 self.metrics.sync_failed();
@@ -510,13 +510,13 @@ impl<N: Nft> Applier<N> {
             self.metrics.sync_failed();
             tracing::warn!(change_id = id, error = %short_error(&last.to_string()), retry_in = ?wait, "nft refused the transaction");
             tokio::time::sleep(wait).await;
-            match self.nft.apply(&plan.tx).await {
-                Ok(()) => return Ok(plan),
+            match self.nft.apply(&diff.tx).await {
+                Ok(()) => return Ok(diff),
                 Err(e) => last = e,
             }
         }
         self.metrics.sync_failed();
-        if plan.full {
+        if diff.full {
             return Err(self.refused(id, &last));
         }
         tracing::warn!(change_id = id, error = %short_error(&last.to_string()), "the change keeps failing; applying it as a full reconcile");

@@ -62,7 +62,7 @@ fn targets(sp: &v1::ServicePortRules) -> Vec<Target> {
 /// The cleanup a change calls for: every UDP port that changed or went away, checked against
 /// the addresses that serve it now (none for a removed one). Targets the new version still
 /// has keep its serving addresses; targets only the old version had keep none.
-pub fn plan<'a>(
+pub fn cleanup_for<'a>(
     old: impl IntoIterator<Item = &'a v1::Resource>,
     new: impl IntoIterator<Item = &'a v1::Resource>,
 ) -> Cleanup {
@@ -288,10 +288,10 @@ mod tests {
             res("web", Tcp, "10.96.0.30", 0, &["10.1.0.4"]),
         ];
         let new = [res("dns", Udp, "10.96.0.10", 30053, &["10.1.0.2"])];
-        let plan = plan(&old, &new);
+        let cleanup = cleanup_for(&old, &new);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            plan.targets,
+            cleanup.targets,
             vec![
                 (
                     Target::Address(ip("10.96.0.10"), 53),
@@ -302,6 +302,6 @@ mod tests {
             ]
         );
         // A TCP-only change cleans nothing.
-        assert!(super::plan(&old[2..], &[]).is_empty());
+        assert!(super::cleanup_for(&old[2..], &[]).is_empty());
     }
 }
