@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod nft;
+pub mod proxy_counts;
 pub mod render;
 pub mod repair;
 pub mod state;
