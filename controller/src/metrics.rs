@@ -81,6 +81,16 @@ pub struct Metrics {
     pub rejected_objects: Gauge,
     /// Seconds from sending a change to its acknowledgement.
     pub push_duration: Histogram,
+    /// Per node: the encoded size of each change with a payload sent to its agent.
+    pub node_push_bytes: Family<NodeLabels, Histogram>,
+    /// Per node: changes its agent refused.
+    pub node_nacks: Family<NodeLabels, Counter>,
+    /// Per node: seconds from a rule set version being ready (published, as this stream saw
+    /// it) to the agent acknowledging it.
+    pub node_ack_lag: Family<NodeLabels, Histogram>,
+    /// The nodes that have per-node series: those gone from the hub lose them at the next
+    /// scrape.
+    labelled_nodes: parking_lot::Mutex<std::collections::BTreeSet<String>>,
     /// Whether the source can currently be read (`/readyz` says why not).
     pub source_health: SourceHealth,
     /// Connections and streams refused before any rule was sent, by reason (a failed TLS
@@ -149,7 +159,8 @@ impl SourceHealth {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kubenft_controller");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("kubenft_controller");
         let agents_connected = Gauge::default();
         let changes_sent = Counter::default();
         let acks = Counter::default();
@@ -243,6 +254,28 @@ impl Metrics {
             "Agents' certificate signing requests decided by the signer (--signer-ca-secret), by result: issued, denied (the reason is in the request's Denied condition), failed (an API error, retried)",
             certificate_requests.clone(),
         );
+        let node_push_bytes = Family::<NodeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(256.0, 4.0, 10))
+        });
+        registry.register(
+            "node_push_bytes",
+            "Encoded size of each change with a payload sent to a node's agent, by node",
+            node_push_bytes.clone(),
+        );
+        let node_nacks = Family::<NodeLabels, Counter>::default();
+        registry.register(
+            "node_nacks",
+            "Changes refused by a node's agent, by node",
+            node_nacks.clone(),
+        );
+        let node_ack_lag = Family::<NodeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 20))
+        });
+        registry.register(
+            "node_ack_lag_seconds",
+            "Seconds from a node's rule set version being ready to its agent acknowledging it, by node",
+            node_ack_lag.clone(),
+        );
         let nodes = Family::<StateLabels, Gauge>::default();
         registry.register(
             "nodes",
@@ -254,8 +287,13 @@ impl Metrics {
             "Seconds since a node's desired rule set first differed from what its agent acknowledged (0 when in sync)",
             node_lag.clone(),
         );
+        kubenft_metrics::register_standard(&mut root);
         Metrics {
-            registry,
+            registry: root,
+            node_push_bytes,
+            node_nacks,
+            node_ack_lag,
+            labelled_nodes: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             source_events,
             source_errors,
             node_lag,
@@ -298,14 +336,64 @@ impl Metrics {
         self.source_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    /// Replaces the per-node lag gauges (called at scrape time, so removed nodes disappear).
+    /// Replaces the per-node lag gauges (called at scrape time with every node the hub
+    /// knows, so removed nodes disappear, from the per-node histograms too).
     pub fn set_node_lags(&self, lags: impl IntoIterator<Item = (String, f64)>) {
         self.node_lag.clear();
+        let mut known = std::collections::BTreeSet::new();
         for (node, seconds) in lags {
+            known.insert(node.clone());
             self.node_lag
                 .get_or_create(&NodeLabels { node })
                 .set(seconds);
         }
+        let mut labelled = self.labelled_nodes.lock();
+        for node in labelled.difference(&known) {
+            let labels = NodeLabels { node: node.clone() };
+            self.node_push_bytes.remove(&labels);
+            self.node_nacks.remove(&labels);
+            self.node_ack_lag.remove(&labels);
+        }
+        labelled.retain(|n| known.contains(n));
+    }
+
+    /// Notes that `node` has per-node series (removed when the hub no longer knows it).
+    fn labelled(&self, node: &str) -> NodeLabels {
+        let mut labelled = self.labelled_nodes.lock();
+        if !labelled.contains(node) {
+            labelled.insert(node.to_owned());
+        }
+        NodeLabels {
+            node: node.to_owned(),
+        }
+    }
+
+    /// `node`'s agent connected: its NACK counter exists from then on, at 0 (alerts take its
+    /// `increase()`).
+    pub fn node_connected(&self, node: &str) {
+        self.node_nacks
+            .get_or_create(&self.labelled(node))
+            .inc_by(0);
+    }
+
+    /// A change of `bytes` (encoded) with a payload was sent to `node`'s agent.
+    pub fn pushed(&self, node: &str, bytes: usize) {
+        self.node_push_bytes
+            .get_or_create(&self.labelled(node))
+            .observe(bytes as f64);
+    }
+
+    /// `node`'s agent refused a change.
+    pub fn node_nacked(&self, node: &str) {
+        self.nacks.inc();
+        self.node_nacks.get_or_create(&self.labelled(node)).inc();
+    }
+
+    /// `node`'s agent acknowledged a version `seconds` after it was ready.
+    pub fn node_acked(&self, node: &str, seconds: f64) {
+        self.node_ack_lag
+            .get_or_create(&self.labelled(node))
+            .observe(seconds);
     }
 
     /// Replaces the per-state node counts (called at scrape time); every state is listed.

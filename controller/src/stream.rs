@@ -155,6 +155,10 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
     check_applied("Hello", &hello.system_version, &hello.applied)
 }
 
+/// Desired versions a stream remembers the time of while none is acknowledged (an agent that
+/// never answers does not grow it).
+const READY_VERSIONS: usize = 64;
+
 /// What is kept of a data plane report's repair counts.
 const REPAIR_KINDS: usize = 16;
 const REPAIR_KIND_CHARS: usize = 32;
@@ -520,6 +524,9 @@ struct Session {
     retries: u32,
     next_id: u64,
     confirmed: bool,
+    /// When this stream first saw each desired version not yet acknowledged (oldest first,
+    /// bounded): an Ack's lag is measured from it.
+    ready: std::collections::VecDeque<(String, tokio::time::Instant)>,
 }
 
 impl Session {
@@ -542,6 +549,7 @@ impl Session {
         };
         let (desired, stream) = hub.attach(&hello.node_name, addresses, agent);
         metrics.agents_connected.inc();
+        metrics.node_connected(&hello.node_name);
         info!(
             node = %hello.node_name,
             applied = hello.applied.len(),
@@ -566,7 +574,32 @@ impl Session {
             retries: 0,
             next_id: 1,
             confirmed: false,
+            ready: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Notes when the current desired version was first seen ready.
+    fn note_ready(&mut self) {
+        let version = self.desired.borrow().system_version.clone();
+        if self.ready.back().is_some_and(|(v, _)| *v == version) {
+            return;
+        }
+        if self.ready.len() == READY_VERSIONS {
+            self.ready.pop_front();
+        }
+        self.ready.push_back((version, tokio::time::Instant::now()));
+    }
+
+    /// The agent acknowledged `version`: its lag is observed, and versions seen before it
+    /// are forgotten.
+    fn acked_ready(&mut self, version: &str) {
+        let Some(i) = self.ready.iter().position(|(v, _)| v == version) else {
+            return;
+        };
+        let seen = self.ready[i].1;
+        self.ready.drain(..=i);
+        self.metrics
+            .node_acked(&self.node, seen.elapsed().as_secs_f64());
     }
 
     async fn run(
@@ -582,6 +615,7 @@ impl Session {
             r = self.desired.wait_for(|d| !d.system_version.is_empty()) => r.is_ok(),
         };
         if ready {
+            self.note_ready();
             self.serve(&mut inbound, &tx, &shutdown).await;
         }
         self.hub.detach(&self.node, self.stream);
@@ -630,7 +664,10 @@ impl Session {
                 // that does not read has until the change's deadline.
                 let outgoing = self.start(desired, diff, permit);
                 let deadline = self.in_flight.as_ref().map(|f| f.deadline);
+                let payload = !outgoing.resources.is_empty() || !outgoing.removed.is_empty();
+                let mut bytes = 0;
                 for part in outgoing.parts(PART_BYTES) {
+                    bytes += part.encoded_len();
                     let message = ControllerMessage {
                         message: Some(controller_message::Message::Change(part)),
                     };
@@ -644,6 +681,9 @@ impl Session {
                         Ok(Err(_)) => return,
                         Err(_) => return self.expire(tx),
                     }
+                }
+                if payload {
+                    self.metrics.pushed(&self.node, bytes);
                 }
             }
             // A refused change waits for its retry only while nothing is in flight.
@@ -672,6 +712,7 @@ impl Session {
                     if changed.is_err() {
                         return;
                     }
+                    self.note_ready();
                 }
                 () = until(retry) => {}
                 () = until(self.in_flight.as_ref().map(|f| f.deadline)) => return self.expire(tx),
@@ -813,6 +854,7 @@ impl Session {
                     .push_duration
                     .observe(f.sent_at.elapsed().as_secs_f64());
                 self.hub.acked(&self.node, &f.target.system_version);
+                self.acked_ready(&f.target.system_version);
                 self.known = Known::Acked(f.target);
                 self.retries = 0;
             }
@@ -829,7 +871,7 @@ impl Session {
                 let delay = retry_delay(self.retries);
                 // Debug formatting: the agent's text cannot start a log line of its own.
                 warn!(version = %system_version, ?error, retries = self.retries, retry_in_ms = delay.as_millis() as u64, "agent refused a change");
-                self.metrics.nacks.inc();
+                self.metrics.node_nacked(&self.node);
                 let due = tokio::time::Instant::now() + delay;
                 self.hub
                     .nacked(&self.node, self.stream, &system_version, error, Some(due));

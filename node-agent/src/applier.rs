@@ -15,7 +15,7 @@ use crate::conntrack;
 use crate::drift::Dataplane;
 use crate::hcport::{self, HealthCheckPorts};
 use crate::health::Health;
-use crate::metrics::{ChangeResult, Metrics};
+use crate::metrics::{ChangeResult, Metrics, transaction_family};
 use crate::nft::{Chain, Nft, NftError, SetId, TableName, Transaction};
 use crate::state::{self, AppliedState};
 use kubenft_nft::diff;
@@ -135,6 +135,23 @@ fn pointed_command<'a>(echo: &'a str, carets: &str) -> Option<&'a str> {
         .find(|&&i| i >= col)
         .map_or(echo.len(), |i| *i);
     Some(echo[start..end].trim())
+}
+
+/// The family a refused change's failure is counted under: that of the resource `name` nft
+/// refused first if it is a Service port, else IPv4 (see [`transaction_family`]).
+fn change_family(change: &v1::Change, name: &str) -> Family {
+    let family = change
+        .resources
+        .iter()
+        .find(|r| r.name == name)
+        .and_then(|r| match &r.kind {
+            Some(v1::resource::Kind::ServicePort(sp)) => v1::IpFamily::try_from(sp.family).ok(),
+            _ => None,
+        });
+    match family {
+        Some(v1::IpFamily::Ipv6) => Family::V6,
+        _ => Family::V4,
+    }
 }
 
 pub type SharedState = Arc<RwLock<AppliedState>>;
@@ -341,13 +358,17 @@ impl<N: Nft> Applier<N> {
     /// Applies one change; `Err` carries the NACK text (nft's stderr verbatim if nft refused).
     pub async fn handle(&self, change: &v1::Change) -> Result<(), String> {
         self.health.received();
+        self.metrics.queued();
         let _writing = self.writing.lock().await;
+        let counts = crate::proxy_counts::count(&self.state.read(), change);
+        self.metrics.changes_pending(counts);
         let result = self.apply(change).await;
         match &result {
             Ok(()) => {
                 self.health.committed();
                 self.health.converged();
                 self.metrics.change(ChangeResult::ack);
+                self.metrics.changes_applied(counts);
             }
             Err(error) => {
                 self.health.not_converged();
@@ -364,6 +385,7 @@ impl<N: Nft> Applier<N> {
                 change_id = change.change_id,
                 "controller confirms we are current"
             );
+            self.metrics.in_sync();
             return Ok(());
         }
         let diff = diff::diff(&self.state.read(), change, &self.table).map_err(|e| {
@@ -385,8 +407,11 @@ impl<N: Nft> Applier<N> {
     /// Records a committed diff: the applied state, health-check ports, health, conntrack
     /// cleanup, metrics, the log line and the state file.
     async fn finish(&self, diff: diff::Diff, change: &v1::Change, elapsed: Duration) {
-        self.metrics
-            .synced(&diff.tx.changed_families(), elapsed.as_secs_f64());
+        self.metrics.synced(
+            &diff.tx.changed_families(),
+            diff.full,
+            elapsed.as_secs_f64(),
+        );
         let (ops, full) = (diff.tx.element_ops(), diff.full);
         let (file, cleanup) = {
             let mut state = self.state.write();
@@ -401,6 +426,8 @@ impl<N: Nft> Applier<N> {
                 .filter_map(|name| state.resource(name))
                 .collect();
             state.commit(diff, SystemTime::now());
+            self.metrics
+                .no_local_endpoints(&crate::proxy_counts::no_local_endpoints(&state));
             if let Some(ports) = &self.hc_ports {
                 ports.sync(&hcport::desired(&state));
             }
@@ -414,8 +441,9 @@ impl<N: Nft> Applier<N> {
             // After the commit, off the ACK's path: new flows already follow the new rules.
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
-                let deleted = conntrack::run(cleanup).await;
-                metrics.conntrack_deleted(deleted);
+                for r in conntrack::run(cleanup).await {
+                    metrics.conntrack_reconciled(r.family, r.duration.as_secs_f64(), r.deleted);
+                }
             });
         }
         tracing::info!(
@@ -471,8 +499,10 @@ impl<N: Nft> Applier<N> {
                 }
             }
         }
-        self.metrics.sync_failed();
         let (name, why) = refused.first().cloned().unwrap_or_default();
+        if !refused.is_empty() {
+            self.metrics.sync_failed(change_family(change, &name));
+        }
         let message = match refused.len() {
             0 => return Ok(()),
             1 => format!(
@@ -494,6 +524,7 @@ impl<N: Nft> Applier<N> {
     /// the first lines of nft's error.
     async fn run(&self, mut diff: diff::Diff, change: &v1::Change) -> Result<diff::Diff, String> {
         let id = change.change_id;
+        let family = transaction_family(&diff.tx.changed_families());
         if diff.full {
             self.skip_existing(&mut diff.tx).await;
         }
@@ -501,13 +532,13 @@ impl<N: Nft> Applier<N> {
             Ok(()) => return Ok(diff),
             // Too big to finish: the same again, or all of it at once, would only wait as long.
             Err(e @ NftError::Timeout(_)) => {
-                self.metrics.sync_failed();
+                self.metrics.sync_failed(family);
                 return Err(self.refused(id, &e));
             }
             Err(e) => e,
         };
         for wait in RETRIES {
-            self.metrics.sync_failed();
+            self.metrics.sync_failed(family);
             tracing::warn!(change_id = id, error = %short_error(&last.to_string()), retry_in = ?wait, "nft refused the transaction");
             tokio::time::sleep(wait).await;
             match self.nft.apply(&diff.tx).await {
@@ -515,7 +546,7 @@ impl<N: Nft> Applier<N> {
                 Err(e) => last = e,
             }
         }
-        self.metrics.sync_failed();
+        self.metrics.sync_failed(family);
         if diff.full {
             return Err(self.refused(id, &last));
         }
@@ -526,7 +557,7 @@ impl<N: Nft> Applier<N> {
         match self.nft.apply(&full.tx).await {
             Ok(()) => Ok(full),
             Err(e) => {
-                self.metrics.sync_failed();
+                self.metrics.sync_failed(family);
                 Err(self.refused(id, &e))
             }
         }
@@ -554,25 +585,34 @@ impl<N: Nft> Applier<N> {
         short
     }
 
-    /// Network programming latency: from each change's trigger time to now (committed).
+    /// Network programming latency, from each trigger time to now (committed): once per
+    /// Service, family and trigger time, as kube-proxy observes once per endpoints change (a
+    /// Service's ports share their EndpointSlices' trigger time: one observation, not one per
+    /// port).
     fn observe_programming(&self, change: &v1::Change) {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let mut seen: BTreeSet<(Family, &str, &str, i64)> = BTreeSet::new();
         for trigger in &change.trigger_times {
-            let family = change
+            let Some(sp) = change
                 .resources
                 .iter()
                 .find(|r| r.name == trigger.resource)
                 .and_then(|r| match &r.kind {
-                    Some(v1::resource::Kind::ServicePort(sp)) => Some(sp.family),
+                    Some(v1::resource::Kind::ServicePort(sp)) => Some(sp),
                     _ => None,
-                });
-            let family = match family.map(v1::IpFamily::try_from) {
-                Some(Ok(v1::IpFamily::Ipv6)) => Family::V6,
-                Some(Ok(_)) => Family::V4,
-                _ => continue,
+                })
+            else {
+                continue;
             };
+            let family = match v1::IpFamily::try_from(sp.family) {
+                Ok(v1::IpFamily::Ipv6) => Family::V6,
+                _ => Family::V4,
+            };
+            if !seen.insert((family, &sp.namespace, &sp.service, trigger.unix_ms)) {
+                continue;
+            }
             let elapsed_ms = now_ms.saturating_sub(trigger.unix_ms).max(0);
             self.metrics
                 .network_programmed(family, elapsed_ms as f64 / 1000.0);

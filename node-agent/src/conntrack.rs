@@ -15,6 +15,8 @@ use std::time::Duration;
 use kubenft_proto::v1::{self, resource};
 use tokio::process::Command;
 
+use kubenft_nft::rules::Family;
+
 /// One destination whose UDP entries are checked.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
@@ -145,80 +147,118 @@ async fn conntrack(args: &[String]) -> std::io::Result<(bool, String)> {
     ))
 }
 
-fn family_flag(ip: &IpAddr) -> &'static str {
-    match ip {
-        IpAddr::V4(_) => "ipv4",
-        IpAddr::V6(_) => "ipv6",
+fn family_flag(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
     }
 }
 
-/// Lists the entries of one target and deletes the stale ones. Returns how many were deleted.
-async fn clean_target(target: &Target, serving: &BTreeSet<IpAddr>) -> std::io::Result<u64> {
+/// Lists the entries of one target in `family` (`ipv4`, `ipv6`) and deletes the stale ones.
+/// Returns how many were deleted.
+async fn clean_target(
+    target: &Target,
+    family: &str,
+    serving: &BTreeSet<IpAddr>,
+) -> std::io::Result<u64> {
     let mut deleted = 0;
-    let families: Vec<&str> = match target {
-        Target::Address(ip, _) => vec![family_flag(ip)],
-        Target::NodePort(_) => vec!["ipv4", "ipv6"],
-    };
-    for family in families {
-        let mut list: Vec<String> = ["-L", "-f", family, "-p", "udp"].map(String::from).to_vec();
-        match target {
-            Target::Address(ip, port) => {
-                list.extend([
-                    "--orig-dst".into(),
-                    ip.to_string(),
-                    "--orig-port-dst".into(),
-                    port.to_string(),
-                ]);
-            }
-            Target::NodePort(port) => list.extend(["--orig-port-dst".into(), port.to_string()]),
+    let mut list: Vec<String> = ["-L", "-f", family, "-p", "udp"].map(String::from).to_vec();
+    match target {
+        Target::Address(ip, port) => {
+            list.extend([
+                "--orig-dst".into(),
+                ip.to_string(),
+                "--orig-port-dst".into(),
+                port.to_string(),
+            ]);
         }
-        let (_, out) = conntrack(&list).await?;
-        let stale: BTreeSet<(IpAddr, u16, IpAddr)> = out
-            .lines()
-            .filter_map(parse_line)
-            .filter(|e| is_stale(serving, e))
-            .map(|e| (e.orig_dst, e.orig_dport, e.reply_src))
-            .collect();
-        for (dst, dport, reply_src) in stale {
-            let args: Vec<String> = [
-                "-D",
-                "-f",
-                family,
-                "-p",
-                "udp",
-                "--orig-dst",
-                &dst.to_string(),
-                "--orig-port-dst",
-                &dport.to_string(),
-                "--reply-src",
-                &reply_src.to_string(),
-            ]
-            .map(String::from)
-            .to_vec();
-            if conntrack(&args).await?.0 {
-                deleted += 1;
-            }
+        Target::NodePort(port) => list.extend(["--orig-port-dst".into(), port.to_string()]),
+    }
+    let (_, out) = conntrack(&list).await?;
+    let stale: BTreeSet<(IpAddr, u16, IpAddr)> = out
+        .lines()
+        .filter_map(parse_line)
+        .filter(|e| is_stale(serving, e))
+        .map(|e| (e.orig_dst, e.orig_dport, e.reply_src))
+        .collect();
+    for (dst, dport, reply_src) in stale {
+        let args: Vec<String> = [
+            "-D",
+            "-f",
+            family,
+            "-p",
+            "udp",
+            "--orig-dst",
+            &dst.to_string(),
+            "--orig-port-dst",
+            &dport.to_string(),
+            "--reply-src",
+            &reply_src.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if conntrack(&args).await?.0 {
+            deleted += 1;
         }
     }
     Ok(deleted)
 }
 
-/// Runs a cleanup; failures are logged (a missing `conntrack` binary included), never fatal.
-pub async fn run(cleanup: Cleanup) -> u64 {
-    let mut deleted = 0;
-    for (target, serving) in &cleanup.targets {
-        match clean_target(target, serving).await {
-            Ok(n) => deleted += n,
-            Err(e) => {
-                tracing::warn!(?target, error = %e, "UDP conntrack cleanup failed");
-                return deleted;
+/// Whether `target` has entries in `family`'s conntrack table (a NodePort has them in both).
+fn in_family(target: &Target, family: Family) -> bool {
+    match target {
+        Target::Address(ip, _) => Family::of(*ip) == family,
+        Target::NodePort(_) => true,
+    }
+}
+
+/// One family's reconcile: how long it took and how many stale entries it deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reconciled {
+    pub family: Family,
+    pub duration: Duration,
+    pub deleted: u64,
+}
+
+/// Runs a cleanup, one family after the other (as kube-proxy reconciles each family's table);
+/// failures are logged (a missing `conntrack` binary included), never fatal. Returns each
+/// family that had targets.
+pub async fn run(cleanup: Cleanup) -> Vec<Reconciled> {
+    let mut out = Vec::new();
+    for family in Family::ALL {
+        let targets: Vec<_> = cleanup
+            .targets
+            .iter()
+            .filter(|(t, _)| in_family(t, family))
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let mut deleted = 0;
+        for (target, serving) in targets {
+            match clean_target(target, family_flag(family), serving).await {
+                Ok(n) => deleted += n,
+                Err(e) => {
+                    tracing::warn!(?target, error = %e, "UDP conntrack cleanup failed");
+                    break;
+                }
             }
         }
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                family = family.nft(),
+                "deleted stale UDP conntrack entries"
+            );
+        }
+        out.push(Reconciled {
+            family,
+            duration: started.elapsed(),
+            deleted,
+        });
     }
-    if deleted > 0 {
-        tracing::info!(deleted, "deleted stale UDP conntrack entries");
-    }
-    deleted
+    out
 }
 
 #[cfg(test)]

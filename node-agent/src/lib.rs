@@ -28,5 +28,6 @@ pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod nft;
+pub mod proxy_counts;
 pub mod state;
 pub mod stream;

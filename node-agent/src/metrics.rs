@@ -32,6 +32,12 @@ pub enum ChangeResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NoLocalLabels {
+    ip_family: IpFamily,
+    traffic_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: u16,
 }
@@ -71,11 +77,20 @@ pub struct Metrics {
     dataplane_state: MetricFamily<StateLabels, Gauge>,
     last_converged: Gauge<f64, AtomicU64>,
     sync_duration: MetricFamily<FamilyLabels, Histogram>,
-    sync_failures: Counter,
-    last_sync: Gauge<f64, AtomicU64>,
+    sync_full_duration: MetricFamily<FamilyLabels, Histogram>,
+    sync_partial_duration: MetricFamily<FamilyLabels, Histogram>,
+    sync_failures: MetricFamily<FamilyLabels, Counter>,
+    last_sync: MetricFamily<FamilyLabels, Gauge<f64, AtomicU64>>,
+    last_queued: MetricFamily<FamilyLabels, Gauge<f64, AtomicU64>>,
+    endpoint_changes_pending: Gauge,
+    endpoint_changes: Counter,
+    service_changes_pending: Gauge,
+    service_changes: Counter,
+    no_local_endpoints: MetricFamily<NoLocalLabels, Gauge>,
     changes: MetricFamily<ResultLabels, Counter>,
     connected: Gauge,
-    conntrack_deleted: Counter,
+    conntrack_duration: MetricFamily<FamilyLabels, Histogram>,
+    conntrack_deleted: MetricFamily<FamilyLabels, Counter>,
     network_programming: MetricFamily<FamilyLabels, Histogram>,
     healthz: MetricFamily<CodeLabels, Counter>,
     livez: MetricFamily<CodeLabels, Counter>,
@@ -83,11 +98,13 @@ pub struct Metrics {
     connections_refused: MetricFamily<RefusedLabels, Counter>,
 }
 
+/// A family of histograms with kube-proxy's sync buckets.
+fn sync_histograms() -> MetricFamily<FamilyLabels, Histogram> {
+    MetricFamily::new_with_constructor(|| Histogram::new(kubenft_metrics::buckets::sync()))
+}
+
 impl Default for Metrics {
     fn default() -> Self {
-        let sync_duration = MetricFamily::<FamilyLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 15))
-        });
         let metrics = Metrics {
             registry: Registry::default(),
             drift_detected: Counter::default(),
@@ -95,15 +112,23 @@ impl Default for Metrics {
             repair_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             dataplane_state: MetricFamily::default(),
             last_converged: Gauge::default(),
-            sync_duration,
-            sync_failures: Counter::default(),
-            last_sync: Gauge::default(),
+            sync_duration: sync_histograms(),
+            sync_full_duration: sync_histograms(),
+            sync_partial_duration: sync_histograms(),
+            sync_failures: MetricFamily::default(),
+            last_sync: MetricFamily::default(),
+            last_queued: MetricFamily::default(),
+            endpoint_changes_pending: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            service_changes: Counter::default(),
+            no_local_endpoints: MetricFamily::default(),
             changes: MetricFamily::default(),
             connected: Gauge::default(),
-            conntrack_deleted: Counter::default(),
-            // kube-proxy's buckets reach minutes; ours start at a millisecond.
+            conntrack_duration: sync_histograms(),
+            conntrack_deleted: MetricFamily::default(),
             network_programming: MetricFamily::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.001, 2.0, 20))
+                Histogram::new(kubenft_metrics::buckets::network_programming())
             }),
             healthz: MetricFamily::default(),
             livez: MetricFamily::default(),
@@ -121,23 +146,124 @@ fn ip_family(f: Family) -> IpFamily {
     }
 }
 
+/// The family a transaction's metrics are labelled with: the one it changed, IPv4 when it
+/// changed both or neither.
+pub fn transaction_family(changed: &[Family]) -> Family {
+    match changed {
+        [only] => *only,
+        _ => Family::V4,
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The repair kinds, listed at 0 from the start.
+const REPAIR_KINDS: [kubenft_nft::repair::RepairKind; 6] = {
+    use kubenft_nft::repair::RepairKind::*;
+    [Element, Set, Chain, Foreign, Stale, Full]
+};
+
+/// Service and endpoint changes in one change from the controller, counted as kube-proxy
+/// counts them: per Service whose spec changed (added and removed ones included), and per
+/// Service whose endpoints changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub services: u64,
+    pub endpoints: u64,
+}
+
 impl Metrics {
     fn register(mut self) -> Self {
         let r = &mut self.registry;
+        // kube-proxy's names, help texts, labels and buckets (pkg/proxy/metrics).
         r.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
-            "Time taken to apply one change to nftables",
+            "SyncProxyRules latency in seconds",
             self.sync_duration.clone(),
         );
         r.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            self.sync_full_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            self.sync_partial_duration.clone(),
+        );
+        r.register(
             "kubeproxy_sync_proxy_rules_nftables_sync_failures",
-            "nft transactions that were refused",
+            "Cumulative proxy nftables sync failures",
             self.sync_failures.clone(),
         );
         r.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "Unix time of the last committed transaction",
+            "The last time proxy rules were successfully synced",
             self.last_sync.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            self.last_queued.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            self.endpoint_changes_pending.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            self.endpoint_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            self.service_changes_pending.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            self.service_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            self.no_local_endpoints.clone(),
+        );
+        r.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            self.conntrack_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            self.conntrack_deleted.clone(),
+        );
+        r.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            self.network_programming.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            self.healthz.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            self.livez.clone(),
         );
         r.register(
             "kubenft_agent_changes",
@@ -148,26 +274,6 @@ impl Metrics {
             "kubenft_agent_controller_connected",
             "1 while a controller stream is open",
             self.connected.clone(),
-        );
-        r.register(
-            "kubeproxy_conntrack_reconciler_deleted_entries",
-            "Stale UDP conntrack entries deleted",
-            self.conntrack_deleted.clone(),
-        );
-        r.register(
-            "kubeproxy_network_programming_duration_seconds",
-            "From an EndpointSlice change (its last-change-trigger-time) to the rules being applied",
-            self.network_programming.clone(),
-        );
-        r.register(
-            "kubeproxy_proxy_healthz",
-            "/healthz answers by HTTP code",
-            self.healthz.clone(),
-        );
-        r.register(
-            "kubeproxy_proxy_livez",
-            "/livez answers by HTTP code",
-            self.livez.clone(),
         );
         r.register(
             "kubenft_agent_drift_detected",
@@ -204,6 +310,23 @@ impl Metrics {
             "Connections refused on the agent's ports (grpc, healthz, metrics), by reason: the port had its maximum open (connection_limit), a failed or timed-out TLS handshake, no request within the header timeout, a request that does not parse",
             self.connections_refused.clone(),
         );
+        kubenft_metrics::register_standard(r);
+        // Series that alerts take `increase()` of exist from the start, at 0.
+        for f in Family::ALL {
+            let labels = FamilyLabels {
+                ip_family: ip_family(f),
+            };
+            self.sync_failures.get_or_create(&labels).inc_by(0);
+            self.conntrack_deleted.get_or_create(&labels).inc_by(0);
+        }
+        self.no_local_endpoints(&[[0; 2]; 2]);
+        for kind in REPAIR_KINDS {
+            self.repairs
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str(),
+                })
+                .inc_by(0);
+        }
         self
     }
 
@@ -288,26 +411,100 @@ impl Metrics {
         self.livez.get_or_create(&CodeLabels { code }).inc();
     }
 
-    pub fn conntrack_deleted(&self, entries: u64) {
-        self.conntrack_deleted.inc_by(entries);
+    /// One conntrack reconcile of `family`: how long it took and how many flows it deleted.
+    pub fn conntrack_reconciled(&self, family: Family, seconds: f64, deleted: u64) {
+        let labels = FamilyLabels {
+            ip_family: ip_family(family),
+        };
+        self.conntrack_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+        self.conntrack_deleted
+            .get_or_create(&labels)
+            .inc_by(deleted);
     }
 
-    /// A committed transaction touching `families`.
-    pub fn synced(&self, families: &[Family], seconds: f64) {
-        for f in families {
-            let ip_family = ip_family(*f);
-            self.sync_duration
-                .get_or_create(&FamilyLabels { ip_family })
-                .observe(seconds);
+    /// One committed transaction, full (a reconcile of the whole tables) or partial: one
+    /// observation, whatever it touched. kube-proxy runs a proxier per family, each with its
+    /// own transactions; one kubenft transaction covers both tables, so it is one sync,
+    /// labelled with the family it changed, IPv4 when it changed both (or neither). Both
+    /// families' rules are in force after it: both last-sync timestamps are set.
+    pub fn synced(&self, changed: &[Family], full: bool, seconds: f64) {
+        let labels = FamilyLabels {
+            ip_family: ip_family(transaction_family(changed)),
+        };
+        self.sync_duration.get_or_create(&labels).observe(seconds);
+        let by_kind = if full {
+            &self.sync_full_duration
+        } else {
+            &self.sync_partial_duration
+        };
+        by_kind.get_or_create(&labels).observe(seconds);
+        self.in_sync();
+    }
+
+    /// The rules are current (a commit, or the controller confirming that nothing differs).
+    pub fn in_sync(&self) {
+        let now = unix_now();
+        for f in Family::ALL {
+            self.last_sync
+                .get_or_create(&FamilyLabels {
+                    ip_family: ip_family(f),
+                })
+                .set(now);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        self.last_sync.set(now.as_secs_f64());
     }
 
-    pub fn sync_failed(&self) {
-        self.sync_failures.inc();
+    /// A change arrived from the controller: a sync is queued (for both tables: one
+    /// transaction covers both).
+    pub fn queued(&self) {
+        let now = unix_now();
+        for f in Family::ALL {
+            self.last_queued
+                .get_or_create(&FamilyLabels {
+                    ip_family: ip_family(f),
+                })
+                .set(now);
+        }
+    }
+
+    /// The Service and endpoint changes of the change being applied.
+    pub fn changes_pending(&self, counts: ChangeCounts) {
+        self.service_changes_pending
+            .set(saturating_i64(counts.services));
+        self.endpoint_changes_pending
+            .set(saturating_i64(counts.endpoints));
+    }
+
+    /// The change being applied is committed: its changes are no longer pending.
+    pub fn changes_applied(&self, counts: ChangeCounts) {
+        self.service_changes.inc_by(counts.services);
+        self.endpoint_changes.inc_by(counts.endpoints);
+        self.changes_pending(ChangeCounts::default());
+    }
+
+    /// Service ports with a Local policy, endpoints elsewhere and none on this node:
+    /// `counts[family][policy]`, policy 0 internal, 1 external.
+    pub fn no_local_endpoints(&self, counts: &[[u64; 2]; 2]) {
+        for f in Family::ALL {
+            for (policy, name) in [(0, "internal"), (1, "external")] {
+                self.no_local_endpoints
+                    .get_or_create(&NoLocalLabels {
+                        ip_family: ip_family(f),
+                        traffic_policy: name,
+                    })
+                    .set(saturating_i64(counts[f as usize][policy]));
+            }
+        }
+    }
+
+    /// A transaction nft refused.
+    pub fn sync_failed(&self, family: Family) {
+        self.sync_failures
+            .get_or_create(&FamilyLabels {
+                ip_family: ip_family(family),
+            })
+            .inc();
     }
 
     pub fn change(&self, result: ChangeResult) {
@@ -331,11 +528,15 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn scrape(m: &Metrics) -> kubenft_metrics::exposition::Exposition {
+        kubenft_metrics::exposition::parse(&m.encode()).unwrap()
+    }
+
     #[test]
     fn exposes_kube_proxy_names() {
         let m = Metrics::default();
-        m.synced(&[Family::V4], 0.01);
-        m.sync_failed();
+        m.synced(&[Family::V4], false, 0.01);
+        m.sync_failed(Family::V6);
         m.change(ChangeResult::ack);
         m.set_connected(true);
         m.foreign_service_rules("kube-proxy-nftables", "ip kube-proxy", true);
@@ -344,15 +545,45 @@ mod tests {
         let text = m.encode();
         assert!(!text.contains("ip other"), "{text}");
         for needle in [
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=",
-            "ip_family=\"IPv4\"",
-            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 1",
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.016\",ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv6\"} 1",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"} 0",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"} ",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 0",
             "kubenft_agent_changes_total{result=\"ack\"} 1",
             "kubenft_agent_controller_connected 1",
             "kubenft_agent_foreign_service_rules{source=\"kube-proxy-nftables\",table=\"ip kube-proxy\"} 1",
+            "kubernetes_build_info{major=\"0\",minor=\"1\",git_version=\"v0.1.0\",",
+            "process_start_time_seconds ",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
+        // A partial sync only: no full one observed.
+        let e = scrape(&m);
+        assert!(
+            e.get("kubeproxy_sync_full_proxy_rules_duration_seconds")
+                .is_none_or(|f| f.samples.is_empty())
+        );
+    }
+
+    /// One transaction is one observation, whichever families it changed.
+    #[test]
+    fn a_dual_stack_transaction_is_one_sync() {
+        let m = Metrics::default();
+        m.synced(&[Family::V4, Family::V6], true, 0.2);
+        m.synced(&[Family::V6], false, 0.002);
+        let e = scrape(&m);
+        let count = |name: &str, family: &str| {
+            e.get(name)
+                .unwrap()
+                .sum(&format!("{name}_count"), &[("ip_family", family)])
+        };
+        let all = "kubeproxy_sync_proxy_rules_duration_seconds";
+        let full = "kubeproxy_sync_full_proxy_rules_duration_seconds";
+        let partial = "kubeproxy_sync_partial_proxy_rules_duration_seconds";
+        assert_eq!((count(all, "IPv4"), count(all, "IPv6")), (1.0, 1.0));
+        assert_eq!((count(full, "IPv4"), count(full, "IPv6")), (1.0, 0.0));
+        assert_eq!((count(partial, "IPv4"), count(partial, "IPv6")), (0.0, 1.0));
     }
 }
