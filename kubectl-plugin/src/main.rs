@@ -1,0 +1,142 @@
+//! `kubectl kubenft`: a thin client of the controllers' inspection API, for operators.
+//!
+//! ```text
+//! kubectl kubenft status  --controller HOST:PORT [--controller ...]   every node, merged
+//! kubectl kubenft why NAMESPACE/NAME --node N                          one Service on one node
+//! kubectl kubenft rejected                                            objects refused, and why
+//! ```
+//! Exit status: 0 when every controller asked answered, 1 when one did not (what the others
+//! said is still printed), 2 for a bad command line.
+#![forbid(unsafe_code)]
+
+mod connect;
+mod status;
+mod why;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kubenft_proto::v1::{GetServiceRequest, ListNodesRequest, ListRejectedRequest};
+
+use crate::connect::{ConnectArgs, Inspect};
+
+#[derive(Parser, Debug)]
+#[command(name = "kubectl-kubenft", version = kubenft_proto::release::VERSION, about)]
+struct Cli {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Every node: sync state, data plane, versions, which controller it streams from.
+    Status,
+    /// One Service as one node enforces it: ports, endpoints, and the reasons.
+    Why {
+        /// NAMESPACE/NAME of the Service.
+        service: String,
+        #[arg(long)]
+        node: String,
+    },
+    /// Objects the controllers refused, with the field at fault.
+    Rejected,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Status => status(&cli.connect).await,
+        Command::Why { service, node } => {
+            let (namespace, name) = kubenft_proto::parse_namespaced_name(&service)
+                .map_err(|why| anyhow::anyhow!("{service:?}: {why}"))?;
+            let mut client = first(&cli.connect).await?;
+            let view = client
+                .get_service(GetServiceRequest {
+                    node,
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
+                .await
+                .context("GetService")?
+                .into_inner();
+            print!("{}", why::render(&view));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rejected => {
+            let mut client = first(&cli.connect).await?;
+            let errors = client
+                .list_rejected(ListRejectedRequest {})
+                .await
+                .context("ListRejected")?
+                .into_inner()
+                .errors;
+            for e in errors {
+                let at = if e.field.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", e.field)
+                };
+                println!("{} {}/{}{at}: {}", e.kind, e.namespace, e.name, e.message);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Asks every replica; prints the merged table and what could not be asked.
+async fn status(connect: &ConnectArgs) -> Result<ExitCode> {
+    let mut replies = Vec::new();
+    let mut failed = Vec::new();
+    for addr in &connect.controllers {
+        match list_nodes(connect, addr).await {
+            Ok(reply) => replies.push((addr.clone(), reply)),
+            Err(e) => failed.push(format!("{addr}: {e:#}")),
+        }
+    }
+    if replies.is_empty() {
+        anyhow::bail!("no controller answered: {}", failed.join("; "));
+    }
+    print!("{}", status::table(&status::merge(&replies)));
+    for f in &failed {
+        eprintln!("controller {f}");
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn list_nodes(
+    connect: &ConnectArgs,
+    addr: &str,
+) -> Result<kubenft_proto::v1::ListNodesResponse> {
+    let mut client = connect.connect(addr).await?;
+    Ok(client.list_nodes(ListNodesRequest {}).await?.into_inner())
+}
+
+/// The first controller that accepts a connection.
+async fn first(connect: &ConnectArgs) -> Result<Inspect> {
+    let mut errors = Vec::new();
+    for addr in &connect.controllers {
+        match connect.connect(addr).await {
+            Ok(client) => return Ok(client),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    anyhow::bail!("no controller answered: {}", errors.join("; "))
+}
