@@ -16,7 +16,7 @@ use kubenft_lab::flood::{CallReport, ConnReport, HeldReport, IdleReport, reports
 use kubenft_lab::topology::{
     AGENT_GRPC_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_HTTP_PORT, CP_V4, EXT_V4,
 };
-use kubenft_lab::{Cond, Host, Process, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Host, Process, Proto, Service, wait_until};
 
 /// The agent's ports in the lab: (metric label, address inside node a's namespace).
 const AGENT_PORTS: [(&str, &str); 3] = [
@@ -115,15 +115,6 @@ fn controller_refused(c: &Cluster, reason: &str) -> u64 {
     )
 }
 
-/// A ClusterIP Service `name` at `vip`:80 backed by `backends`.
-fn web(c: &Cluster, name: &str, vip_addr: &str, backends: &[kubenft_lab::Pod]) {
-    let svc = Service::cluster_ip(name, vip_addr).port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service(name)
-        .port("http", TCP)
-        .endpoints(backends, Cond::READY);
-    c.write(&format!("{name}.yaml"), &[&svc, &slice]);
-}
-
 /// A one-node cluster with a web Service reached from a client pod.
 fn cluster() -> (Cluster, Vec<kubenft_lab::Pod>) {
     cluster_with(&[])
@@ -134,7 +125,7 @@ fn cluster_with(controller_env: &[(&str, &str)]) -> (Cluster, Vec<kubenft_lab::P
     let backends = pods(&lab, &[("web-1", "a")]);
     client(&lab, "client", "a");
     let c = Cluster::start_with_controller_env(lab, controller_env);
-    web(&c, "web", "10.96.0.80", &backends);
+    write_web_service(&c, "web", "10.96.0.80", &backends);
     c.wait_answers(Host::Pod("client"), Proto::Tcp, vip("10.96.0.80:80"), START);
     c.wait_synced(START);
     (c, backends)
@@ -143,13 +134,148 @@ fn cluster_with(controller_env: &[(&str, &str)]) -> (Cluster, Vec<kubenft_lab::P
 /// The real agent's next change applies: a new Service written to the controller's
 /// manifests answers from the client pod.
 fn next_change_applies(c: &Cluster, name: &str, vip_addr: &str, backends: &[kubenft_lab::Pod]) {
-    web(c, name, vip_addr, backends);
+    write_web_service(c, name, vip_addr, backends);
     c.wait_answers(
         Host::Pod("client"),
         Proto::Tcp,
         vip(&format!("{vip_addr}:80")),
         START,
     );
+}
+
+/// What a flood may leave a process with: a peak of resident memory, and how much more
+/// resident memory than before it may keep.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    who: &'static str,
+    peak_kb: u64,
+    growth_kb: u64,
+}
+
+const AGENT: Bound = Bound {
+    who: "agent",
+    peak_kb: AGENT_PEAK_KB,
+    growth_kb: AGENT_GROWTH_KB,
+};
+const CONTROLLER: Bound = Bound {
+    who: "controller",
+    peak_kb: CONTROLLER_PEAK_KB,
+    growth_kb: CONTROLLER_GROWTH_KB,
+};
+
+/// During a flood `p` held at most `extra` descriptors more than `before` (and
+/// [`FD_SLACK`]).
+#[track_caller]
+fn assert_fds_during(bound: Bound, before: Usage, during: Usage, extra: usize) {
+    assert!(
+        during.fds <= before.fds + extra + FD_SLACK,
+        "{}: descriptors during: {during:?} (before: {before:?})",
+        bound.who
+    );
+}
+
+/// Once a flood is over (and half a second more), `p`'s descriptors and resident memory are
+/// back near `before` and its peak stayed under `bound`; returns its usage then.
+#[track_caller]
+fn assert_back_down(p: &Process, bound: Bound, before: Usage, during: Usage) -> Usage {
+    std::thread::sleep(Duration::from_millis(500));
+    let after = usage(p);
+    let who = bound.who;
+    eprintln!("{who} before {before:?}, during {during:?}, after {after:?}");
+    assert!(
+        after.fds <= before.fds + FD_SLACK,
+        "{who}: descriptors after: {after:?} (before: {before:?})"
+    );
+    assert!(after.peak_kb <= bound.peak_kb, "{who}: {after:?}");
+    assert!(
+        after.rss_kb <= before.rss_kb + bound.growth_kb,
+        "{who}: {after:?} (before {before:?})"
+    );
+    after
+}
+
+/// Starts `kubenft-flood idle` named `name` in `host`: 2,000 connections to `to`, held at
+/// most `cap_ms`; waits until all are open.
+fn idle_flood(c: &Cluster, name: &str, host: Host<'_>, to: &str, cap_ms: &str) -> Process {
+    let args = ["idle", "--to", to, "--count", "2000", "--cap-ms", cap_ms];
+    let p = c
+        .lab
+        .spawn_flood(name, host, &args)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let open: IdleReport = wait_report(&p, START * 2, |r: &IdleReport| r.phase == "open")
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!((open.opened, open.failed), (2000, 0), "{name}: {open:?}");
+    p
+}
+
+/// Waits (≤ `cap`) until an [`idle_flood`] is done: none of its connections is still open,
+/// and none was held past `timeout` (and [`SLACK`]).
+fn idle_done(what: &str, p: &Process, cap: Duration, timeout: Duration) -> IdleReport {
+    let done: IdleReport = wait_report(p, cap, |r: &IdleReport| r.phase == "done")
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    eprintln!("{what}: {done:?}");
+    assert_eq!(done.still_open, 0, "{what}: {done:?}");
+    assert!(
+        Duration::from_millis(done.longest_ms) <= timeout + SLACK,
+        "{what}: held past its {timeout:?} timeout: {done:?}"
+    );
+    done
+}
+
+/// The hostile HTTP clients against `to` from `host`, all at once: garbage, a slowloris
+/// client, a 100 MB body and a 100 MB header; each named `<port> <what>`.
+fn http_hostile(c: &Cluster, host: Host<'_>, port: &str, to: &str) -> Vec<(String, Process)> {
+    let spawn = |name: String, args: &[&str]| {
+        let p = c
+            .lab
+            .spawn_flood(&name, host, args)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        (name, p)
+    };
+    let mut runs = vec![
+        spawn(format!("garbage-{port}"), &["garbage", "--to", to]),
+        spawn(
+            format!("slow-{port}"),
+            &["slowloris", "--to", to, "--kind", "http"],
+        ),
+    ];
+    for what in ["body", "headers"] {
+        let args = [
+            "http-big",
+            "--to",
+            to,
+            "--what",
+            what,
+            "--bytes",
+            "104857600",
+        ];
+        runs.push(spawn(format!("big-{what}-{port}"), &args));
+    }
+    let labels = ["garbage", "slowloris", "100 MB body", "100 MB headers"];
+    runs.into_iter()
+        .zip(labels)
+        .map(|((_, p), what)| (format!("{port} {what}"), p))
+        .collect()
+}
+
+/// What an HTTP port does with one of [`http_hostile`]'s clients (named by `what`): garbage
+/// is answered 400, the slowloris client closed at the header timeout, the big body 413 and
+/// the big header 431 long before all of it is sent.
+#[track_caller]
+fn assert_http_refused(what: &str, r: &ConnReport) {
+    assert!(r.closed, "{what}: not closed: {r:?}");
+    if what.ends_with("garbage") {
+        assert!(r.answer.starts_with("HTTP/1.1 400"), "{what}: {r:?}");
+    } else if what.ends_with("slowloris") {
+        assert!(
+            Duration::from_millis(r.closed_after_ms) <= HEADERS + SLACK,
+            "{what}: {r:?}"
+        );
+    } else {
+        let status = if what.ends_with("body") { "413" } else { "431" };
+        assert!(r.answer.contains(status), "{what}: {r:?}");
+        assert!(r.sent < 100 << 20, "{what}: all 100 MB taken: {r:?}");
+    }
 }
 
 /// The agent's stream to the controller was never re-opened.
@@ -174,50 +300,19 @@ fn idle_connections_to_the_agents_ports_are_bounded() {
     let floods: Vec<(&str, Process)> = AGENT_PORTS
         .iter()
         .map(|(port, addr)| {
-            let args = ["idle", "--to", addr, "--count", "2000", "--cap-ms", "25000"];
-            let p = c
-                .lab
-                .spawn_flood(&format!("idle-{port}"), Host::Node("a"), &args)
-                .unwrap();
-            (*port, p)
+            let name = format!("idle-{port}");
+            (*port, idle_flood(&c, &name, Host::Node("a"), addr, "25000"))
         })
         .collect();
-    for (port, p) in &floods {
-        let open: IdleReport = wait_report(p, START * 2, |r: &IdleReport| r.phase == "open")
-            .unwrap_or_else(|e| panic!("{port}: {e}"));
-        assert_eq!((open.opened, open.failed), (2000, 0), "{port}: {open:?}");
-    }
     let during = busiest(agent, 5, Duration::from_millis(200));
     // A change while the ports are full.
     next_change_applies(&c, "web2", "10.96.0.81", &backends);
     for (port, p) in &floods {
-        let done: IdleReport =
-            wait_report(p, HANDSHAKE + SLACK * 3, |r: &IdleReport| r.phase == "done")
-                .unwrap_or_else(|e| panic!("{port}: {e}"));
-        eprintln!("{port}: {done:?}");
         let timeout = if *port == "grpc" { HANDSHAKE } else { HEADERS };
-        assert_eq!(done.still_open, 0, "{port}: {done:?}");
-        assert!(
-            Duration::from_millis(done.longest_ms) <= timeout + SLACK,
-            "{port}: held past its {timeout:?} timeout: {done:?}"
-        );
+        idle_done(port, p, HANDSHAKE + SLACK * 3, timeout);
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let after = usage(agent);
-    eprintln!("agent before {before:?}, during {during:?}, after {after:?}");
-    assert!(
-        during.fds <= before.fds + 3 * AGENT_PORT_CONNECTIONS + FD_SLACK,
-        "descriptors during: {during:?} (before: {before:?})"
-    );
-    assert!(
-        after.fds <= before.fds + FD_SLACK,
-        "descriptors after: {after:?} (before: {before:?})"
-    );
-    assert!(after.peak_kb <= AGENT_PEAK_KB, "{after:?}");
-    assert!(
-        after.rss_kb <= before.rss_kb + AGENT_GROWTH_KB,
-        "{after:?} (before {before:?})"
-    );
+    assert_fds_during(AGENT, before, during, 3 * AGENT_PORT_CONNECTIONS);
+    assert_back_down(agent, AGENT, before, during);
 
     let m = agent_metrics(&c);
     for (port, _) in AGENT_PORTS {
@@ -281,34 +376,7 @@ fn garbage_big_messages_and_slow_clients_on_the_agents_ports_are_refused() {
         ("grpc 100 MB".into(), spawn("big-grpc", &big)),
     ];
     for (port, addr) in &AGENT_PORTS[1..] {
-        runs.push((
-            format!("{port} garbage"),
-            spawn(&format!("garbage-{port}"), &["garbage", "--to", addr]),
-        ));
-        runs.push((
-            format!("{port} slowloris"),
-            spawn(
-                &format!("slow-{port}"),
-                &["slowloris", "--to", addr, "--kind", "http"],
-            ),
-        ));
-        for what in ["body", "headers"] {
-            runs.push((
-                format!("{port} 100 MB {what}"),
-                spawn(
-                    &format!("big-{what}-{port}"),
-                    &[
-                        "http-big",
-                        "--to",
-                        addr,
-                        "--what",
-                        what,
-                        "--bytes",
-                        "104857600",
-                    ],
-                ),
-            ));
-        }
+        runs.extend(http_hostile(&c, Host::Node("a"), port, addr));
     }
     let during = busiest(agent, 10, Duration::from_millis(300));
     let cap = HANDSHAKE + SLACK * 3;
@@ -334,34 +402,14 @@ fn garbage_big_messages_and_slow_clients_on_the_agents_ports_are_refused() {
         let closed = Duration::from_millis(r.closed_after_ms);
         if what.ends_with("garbage") {
             assert!(closed < SLACK, "{what}: {r:?}");
-            if !what.starts_with("grpc") {
-                assert!(r.answer.starts_with("HTTP/1.1 400"), "{what}: {r:?}");
-            }
+        }
+        if !what.starts_with("grpc") {
+            assert_http_refused(what, r);
         } else if what.ends_with("slowloris") {
-            let timeout = if what.starts_with("grpc") {
-                HANDSHAKE
-            } else {
-                HEADERS
-            };
-            assert!(closed <= timeout + SLACK, "{what}: {r:?}");
-        } else {
-            let status = if what.ends_with("body") { "413" } else { "431" };
-            assert!(r.answer.contains(status), "{what}: {r:?}");
-            assert!(r.sent < 100 << 20, "{what}: all 100 MB taken: {r:?}");
+            assert!(closed <= HANDSHAKE + SLACK, "{what}: {r:?}");
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let after = usage(agent);
-    eprintln!("agent before {before:?}, during {during:?}, after {after:?}");
-    assert!(after.peak_kb <= AGENT_PEAK_KB, "{after:?}");
-    assert!(
-        after.rss_kb <= before.rss_kb + AGENT_GROWTH_KB,
-        "{after:?} (before {before:?})"
-    );
-    assert!(
-        after.fds <= before.fds + FD_SLACK,
-        "{after:?} (before {before:?})"
-    );
+    assert_back_down(agent, AGENT, before, during);
 
     let m = agent_metrics(&c);
     for (port, reason) in [
@@ -391,17 +439,7 @@ fn the_controller_closes_idle_tls_connections_and_its_agent_is_undisturbed() {
     let before = usage(&c.controller);
     let timeouts_before = controller_refused(&c, "handshake_timeout");
     let to = format!("{CP_V4}:{CONTROLLER_GRPC_PORT}");
-    let idle = c
-        .lab
-        .spawn_flood(
-            "idle-controller",
-            Host::External,
-            &["idle", "--to", &to, "--count", "2000", "--cap-ms", "25000"],
-        )
-        .unwrap();
-    let open: IdleReport =
-        wait_report(&idle, START * 2, |r: &IdleReport| r.phase == "open").unwrap();
-    assert_eq!((open.opened, open.failed), (2000, 0), "{open:?}");
+    let idle = idle_flood(&c, "idle-controller", Host::External, &to, "25000");
     let opened = Instant::now();
     let url = format!("https://{to}");
     let tls = c.lab.tls().flood_args();
@@ -441,25 +479,14 @@ fn the_controller_closes_idle_tls_connections_and_its_agent_is_undisturbed() {
         during.fds >= before.fds + 1900,
         "the idle connections were not held: {during:?} (before {before:?})"
     );
-    assert!(
-        during.fds <= before.fds + 2000 + 3 + FD_SLACK,
-        "descriptors during: {during:?} (before {before:?})"
-    );
+    assert_fds_during(CONTROLLER, before, during, 2000 + 3);
     next_change_applies(&c, "web2", "10.96.0.81", &backends);
 
-    let done: IdleReport = wait_report(&idle, HANDSHAKE + SLACK * 2, |r: &IdleReport| {
-        r.phase == "done"
-    })
-    .unwrap();
-    eprintln!("idle: {done:?} after {:?}", opened.elapsed());
-    assert_eq!(done.still_open, 0, "{done:?}");
+    let done = idle_done("idle", &idle, HANDSHAKE + SLACK * 2, HANDSHAKE);
+    eprintln!("idle done {:?} after they opened", opened.elapsed());
     assert_eq!(
         done.closed_at_once, 0,
         "refused below the connection cap: {done:?}"
-    );
-    assert!(
-        Duration::from_millis(done.longest_ms) <= HANDSHAKE + SLACK,
-        "{done:?}"
     );
     for (what, p) in [("garbage", &garbage), ("slowloris", &slow)] {
         let r: ConnReport = wait_report(p, HANDSHAKE + SLACK, |_: &ConnReport| true).unwrap();
@@ -478,19 +505,7 @@ fn the_controller_closes_idle_tls_connections_and_its_agent_is_undisturbed() {
     let r: CallReport = wait_report(&big, START * 2, |_: &CallReport| true).unwrap();
     eprintln!("100 MB: {r:?}");
     assert_eq!(r.code, "OutOfRange", "{r:?}");
-
-    std::thread::sleep(Duration::from_millis(500));
-    let after = usage(&c.controller);
-    eprintln!("controller before {before:?}, during {during:?}, after {after:?}");
-    assert!(
-        after.fds <= before.fds + FD_SLACK,
-        "{after:?} (before {before:?})"
-    );
-    assert!(after.peak_kb <= CONTROLLER_PEAK_KB, "{after:?}");
-    assert!(
-        after.rss_kb <= before.rss_kb + CONTROLLER_GROWTH_KB,
-        "{after:?} (before {before:?})"
-    );
+    assert_back_down(&c.controller, CONTROLLER, before, during);
     assert!(
         controller_refused(&c, "handshake_timeout") >= timeouts_before + 2001,
         "handshake timeouts not counted"
@@ -704,93 +719,22 @@ fn the_controllers_http_port_is_bounded() {
     let (c, backends) = cluster();
     let before = usage(&c.controller);
     let to = format!("{CP_V4}:{CONTROLLER_HTTP_PORT}");
-    let spawn = |name: &str, args: &[&str]| {
-        c.lab
-            .spawn_flood(name, Host::External, args)
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-    };
-    let idle = spawn(
-        "idle-http",
-        &["idle", "--to", &to, "--count", "2000", "--cap-ms", "20000"],
-    );
-    let open: IdleReport =
-        wait_report(&idle, START * 2, |r: &IdleReport| r.phase == "open").unwrap();
-    assert_eq!((open.opened, open.failed), (2000, 0), "{open:?}");
+    let idle = idle_flood(&c, "idle-http", Host::External, &to, "20000");
     let during = busiest(&c.controller, 5, Duration::from_millis(200));
     next_change_applies(&c, "web2", "10.96.0.81", &backends);
-    let done: IdleReport = wait_report(&idle, HEADERS + SLACK * 3, |r: &IdleReport| {
-        r.phase == "done"
-    })
-    .unwrap();
-    eprintln!("idle: {done:?}");
-    assert_eq!(done.still_open, 0, "{done:?}");
-    assert!(
-        Duration::from_millis(done.longest_ms) <= HEADERS + SLACK,
-        "held past the header timeout: {done:?}"
-    );
+    idle_done("idle", &idle, HEADERS + SLACK * 3, HEADERS);
     // The port is free again: the other hostile clients, all at once.
-    let mut runs = vec![
-        ("garbage", spawn("garbage-http", &["garbage", "--to", &to])),
-        (
-            "slowloris",
-            spawn("slow-http", &["slowloris", "--to", &to, "--kind", "http"]),
-        ),
-    ];
-    for what in ["body", "headers"] {
-        runs.push((
-            what,
-            spawn(
-                &format!("big-{what}-http"),
-                &[
-                    "http-big",
-                    "--to",
-                    &to,
-                    "--what",
-                    what,
-                    "--bytes",
-                    "104857600",
-                ],
-            ),
-        ));
-    }
-    for (what, p) in &runs {
+    for (what, p) in http_hostile(&c, Host::External, "http", &to) {
         wait_until(HEADERS + SLACK * 3, POLL, || {
             Ok::<_, String>(!p.is_running())
         })
         .unwrap_or_else(|e| panic!("{what}: still running: {e}"));
-        let r: Vec<ConnReport> = reports(p);
+        let r: Vec<ConnReport> = reports(&p);
         eprintln!("{what}: {r:?}");
-        let r = &r[0];
-        assert!(r.closed, "{what}: not closed: {r:?}");
-        match *what {
-            "garbage" => assert!(r.answer.starts_with("HTTP/1.1 400"), "{r:?}"),
-            "slowloris" => assert!(
-                Duration::from_millis(r.closed_after_ms) <= HEADERS + SLACK,
-                "{r:?}"
-            ),
-            big => {
-                let status = if big == "body" { "413" } else { "431" };
-                assert!(r.answer.contains(status), "{big}: {r:?}");
-                assert!(r.sent < 100 << 20, "{big}: all 100 MB taken: {r:?}");
-            }
-        }
+        assert_http_refused(&what, &r[0]);
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let after = usage(&c.controller);
-    eprintln!("controller before {before:?}, during {during:?}, after {after:?}");
-    assert!(
-        during.fds <= before.fds + CONTROLLER_HTTP_CONNECTIONS + FD_SLACK,
-        "descriptors during: {during:?} (before: {before:?})"
-    );
-    assert!(
-        after.fds <= before.fds + FD_SLACK,
-        "{after:?} (before {before:?})"
-    );
-    assert!(after.peak_kb <= CONTROLLER_PEAK_KB, "{after:?}");
-    assert!(
-        after.rss_kb <= before.rss_kb + CONTROLLER_GROWTH_KB,
-        "{after:?} (before {before:?})"
-    );
+    assert_fds_during(CONTROLLER, before, during, CONTROLLER_HTTP_CONNECTIONS);
+    assert_back_down(&c.controller, CONTROLLER, before, during);
     let (_, m) = c.http_get(Host::ControlPlane, &format!("http://{to}/metrics"));
     for reason in [
         "connection_limit",

@@ -12,7 +12,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -266,13 +265,7 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
         agents,
     };
     let target = vip("10.96.0.80:80");
-    c.wait_all_seen(
-        Host::Pod("client"),
-        Proto::Tcp,
-        target,
-        &["web-1", "web-2"],
-        Duration::from_secs(20),
-    );
+    wait_web_spread(&c, target, Duration::from_secs(20));
     c.wait_synced(START);
     assert!(
         metric(
@@ -360,17 +353,9 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
             .collect::<Vec<_>>()
     };
     let connects_before = connects(&c);
-    let stop = AtomicBool::new(false);
-    let results = std::thread::scope(|s| {
-        let traffic = s.spawn(|| {
-            probe_until_stopped(
-                &c,
-                (Host::Pod("client"), Proto::Tcp, target),
-                &ProbeOpts::count(5),
-                (600, Duration::from_millis(50)),
-                &stop,
-            )
-        });
+    let to = (Host::Pod("client"), Proto::Tcp, target);
+    let every = (600, Duration::from_millis(50));
+    let (results, ()) = with_traffic(&c, to, &ProbeOpts::count(5), every, || {
         let renewed = wait_until(
             Duration::from_secs(LIFETIME_S + 15),
             Duration::from_millis(500),
@@ -378,9 +363,7 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
         );
         // Some traffic after the last renewal too.
         std::thread::sleep(Duration::from_secs(1));
-        stop.store(true, Ordering::Relaxed);
         renewed.unwrap_or_else(|e| panic!("not every certificate was renewed: {e}"));
-        traffic.join().unwrap()
     });
     assert_no_failed_request(&results, "during renewal");
     assert_eq!(

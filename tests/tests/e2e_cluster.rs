@@ -196,6 +196,14 @@ fn wait_server(
     })
 }
 
+/// [`two_node_web`] at `vip_ip`, with its Service and both pods for later changes.
+fn web_lab(vip_ip: &str) -> (Lab, Service, [kubenft_lab::Pod; 2]) {
+    let lab = two_node_web(vip_ip);
+    let backends = [lab.pod("web-1"), lab.pod("web-2")];
+    let (svc, _) = web_service("web", vip_ip, &backends);
+    (lab, svc, backends)
+}
+
 /// The controller runs with `--source kube` against the real fake API server binary (in
 /// `cp`, `--watch`ing the lab's manifest directory). It is not ready (and pushes nothing)
 /// while the API server is away; once the API server is up, `/readyz` turns 200 and the
@@ -205,17 +213,9 @@ fn wait_server(
 /// out of service altogether (dropped as an unallocated Service address).
 #[test]
 fn controller_reads_the_kubernetes_api_and_agents_serve_traffic() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
+    let (lab, svc, backends) = web_lab("10.96.0.70");
     let web3 = pods(&lab, &[("web-3", "b")]).remove(0);
-    client(&lab, "client", "a");
-    let svc = Service::cluster_ip("web", "10.96.0.70").port("http", 80, TCP, Proto::Tcp);
     let slice = Slice::for_service("web").port("http", TCP);
-    lab.write_manifest(
-        "web.yaml",
-        &kubenft_lab::manifest::list(&[&svc, &slice.clone().endpoints(&backends, Cond::READY)]),
-    )
-    .unwrap();
 
     // The fake API server writes the kubeconfig; stop it again so that the controller first
     // meets an API server that is not there.
@@ -307,13 +307,7 @@ fn controller_reads_the_kubernetes_api_and_agents_serve_traffic() {
         "/readyz 200 {ready:?} after the API server started ({:?})",
         up.elapsed()
     );
-    c.wait_all_seen(
-        Host::Pod("client"),
-        Proto::Tcp,
-        target,
-        &["web-1", "web-2"],
-        START,
-    );
+    wait_web_spread(&c, target, START);
     c.wait_synced(START);
     eprintln!("serving {:?} after the API server started", up.elapsed());
     let metrics = c
@@ -411,16 +405,8 @@ fn controller_reads_the_kubernetes_api_and_agents_serve_traffic() {
 /// failover is served within 2 s through replica 2.
 #[test]
 fn controller_failover_under_traffic_loses_nothing() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    client(&lab, "client", "a");
-    let svc = Service::cluster_ip("web", "10.96.0.80").port("http", 80, TCP, Proto::Tcp);
+    let (lab, svc, backends) = web_lab("10.96.0.80");
     let slice = Slice::for_service("web").port("http", TCP);
-    lab.write_manifest(
-        "web.yaml",
-        &kubenft_lab::manifest::list(&[&svc, &slice.clone().endpoints(&backends, Cond::READY)]),
-    )
-    .unwrap();
     let source = format!("dir:{}", lab.manifest_dir().display());
     let r1 = spawn_controller_as(
         &lab,
@@ -458,13 +444,7 @@ fn controller_failover_under_traffic_loses_nothing() {
         agents,
     };
     let target = vip("10.96.0.80:80");
-    c.wait_all_seen(
-        Host::Pod("client"),
-        Proto::Tcp,
-        target,
-        &["web-1", "web-2"],
-        START,
-    );
+    wait_web_spread(&c, target, START);
     let acked = wait_synced_at(&c, CONTROLLER_GRPC_PORT, START);
     // Replica 2 computes the same versions on its own, with no agent connected.
     let standby = list_nodes_at(&c, R2_GRPC_PORT).unwrap();

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -469,77 +468,6 @@ fn udp_clients_reach_an_endpoint_within_2s_of_it_becoming_ready() {
     }
 }
 
-/// A long-lived TCP connection from `host`: after the greeting it sends a line every 200 ms
-/// and logs each echo (`ok N`) or the failure, until `stop` exists or `rounds` are done.
-struct HeldTcp {
-    log: std::path::PathBuf,
-    stop: std::path::PathBuf,
-}
-
-impl HeldTcp {
-    fn start(c: &Cluster, name: &str, host: Host<'_>, target: SocketAddr) -> Self {
-        let dir = c.lab.dir().to_path_buf();
-        let (log, stop, script) = (
-            dir.join(format!("{name}.log")),
-            dir.join(format!("{name}.stop")),
-            dir.join(format!("{name}.sh")),
-        );
-        fs::write(
-            &script,
-            format!(
-                "exec 3>>{log}\n\
-                 IFS= read -r g || {{ echo no-greeting >&3; exit 1; }}\n\
-                 echo \"greeting $g\" >&3\n\
-                 for i in $(seq 1 {ROUNDS}); do\n\
-                   [ -e {stop} ] && break\n\
-                   echo \"ping-$i\"\n\
-                   if IFS= read -r -t 2 r && [ \"$r\" = \"ping-$i\" ]; then echo \"ok $i\" >&3;\n\
-                   else echo \"fail $i $r\" >&3; exit 1; fi\n\
-                   sleep 0.2\n\
-                 done\n\
-                 echo done >&3\n",
-                log = log.display(),
-                stop = stop.display(),
-            ),
-        )
-        .unwrap();
-        let exec = format!("EXEC:bash {}", script.display());
-        let connect = format!("TCP:{target},connect-timeout=2");
-        c.lab
-            .spawn(name, host, &["socat", "-T", "30", &connect, &exec])
-            .unwrap();
-        HeldTcp { log, stop }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The server name from the greeting, once there is one.
-    fn server(&self) -> Option<String> {
-        self.log()
-            .lines()
-            .find_map(|l| l.strip_prefix("greeting "))
-            .and_then(|g| g.split_whitespace().next())
-            .map(str::to_string)
-    }
-
-    /// Exchanges completed so far; panics if one failed.
-    fn exchanges(&self) -> usize {
-        let log = self.log();
-        assert!(
-            !log.lines()
-                .any(|l| l.starts_with("fail") || l == "no-greeting"),
-            "the long-lived TCP connection was interrupted:\n{log}"
-        );
-        log.lines().filter(|l| l.starts_with("ok ")).count()
-    }
-
-    fn stop(&self) {
-        fs::write(&self.stop, "").unwrap();
-    }
-}
-
 /// The conntrack ids on `node` of the entries `conntrack -L <filter>` lists that satisfy
 /// `pick` (given the entry's line).
 fn ids_of(c: &Cluster, node: &str, filter: &[&str], pick: impl Fn(&str) -> bool) -> Vec<String> {
@@ -604,8 +532,7 @@ fn other_services_churn_and_agent_restart_leave_established_flows_and_their_conn
     let tcp = HeldTcp::start(&c, "tcp-flow", Host::Pod("client"), tcp_target);
     let t0 = now();
     udp.wait_since("answered", t0, START, ProbeResult::is_ok);
-    wait_until(START, POLL, || Ok::<_, String>(tcp.exchanges() >= 2))
-        .unwrap_or_else(|e| panic!("the TCP flow never got going: {e}\n{}", tcp.log()));
+    tcp.wait_more(2, "the TCP flow's start");
     let udp_server = udp.since(t0).last().unwrap().server().unwrap().to_string();
     let tcp_server = tcp.server().unwrap();
     eprintln!("UDP flow to {udp_server}, TCP flow to {tcp_server}");
@@ -654,9 +581,7 @@ fn other_services_churn_and_agent_restart_leave_established_flows_and_their_conn
     std::thread::sleep(Duration::from_millis(300));
     agent.start().unwrap();
     c.wait_synced(START);
-    let done = tcp.exchanges();
-    wait_until(START, POLL, || Ok::<_, String>(tcp.exchanges() >= done + 3))
-        .unwrap_or_else(|e| panic!("the TCP flow stalled: {e}\n{}", tcp.log()));
+    tcp.wait_more(3, "after the churn and the agent's restart");
     std::thread::sleep(Duration::from_millis(600));
 
     let rs = udp.since(t0);

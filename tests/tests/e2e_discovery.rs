@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -199,13 +198,7 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
             c.controller.log_tail(30)
         );
     }
-    c.wait_all_seen(
-        Host::Pod("client"),
-        Proto::Tcp,
-        target,
-        &["web-1", "web-2"],
-        START,
-    );
+    wait_web_spread(&c, target, START);
     wait_until(START, POLL, || {
         Ok::<_, String>(all_synced_at(&c, &CP_V4.to_string()))
     })
@@ -215,17 +208,9 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
     // The controller moves: a replica starts at another address, the Service's endpoints
     // follow it, the old one is stopped. Traffic never stops and nothing is re-applied.
     let moved = spawn_controller_at(&c.lab, "controller-moved", MOVED_V4);
-    let stop = AtomicBool::new(false);
-    let results = std::thread::scope(|s| {
-        let traffic = s.spawn(|| {
-            probe_until_stopped(
-                &c,
-                (Host::Pod("client"), Proto::Tcp, target),
-                &ProbeOpts::count(5),
-                (1000, Duration::from_millis(20)),
-                &stop,
-            )
-        });
+    let to = (Host::Pod("client"), Proto::Tcp, target);
+    let every = (1000, Duration::from_millis(20));
+    let (results, ()) = with_traffic(&c, to, &ProbeOpts::count(5), every, || {
         wait_until(START, POLL, || {
             let (code, _) = c.http_get(
                 Host::ControlPlane,
@@ -246,8 +231,6 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
         wait_until(START, POLL, || Ok::<_, String>(all_synced_at(&c, MOVED_V4)))
             .unwrap_or_else(|e| panic!("the agents did not follow the controller: {e}"));
         std::thread::sleep(Duration::from_millis(500));
-        stop.store(true, Ordering::Relaxed);
-        traffic.join().unwrap()
     });
     assert_no_failed_request(&results, "while the controller moved");
     let after: Vec<String> = ["a", "b"].iter().map(|n| c.generation(n)).collect();

@@ -474,23 +474,11 @@ fn cluster_ip_masquerades_hosts_and_ext_but_not_pods_whatever_the_internal_polic
 /// address of the client's node, whichever node the endpoint is on.
 #[test]
 fn masquerade_all_masquerades_pod_to_cluster_ip() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    let pod = client(&lab, "client", "a");
+    let lab = two_node_web("10.96.0.44");
+    let pod = lab.pod("client");
     let c = Cluster::start_with(lab, &["--masquerade-all"]);
-    let svc = Service::cluster_ip("web", "10.96.0.44").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoints(&web, Cond::READY);
-    c.write("web.yaml", &[&svc, &slice]);
     let target = vip("10.96.0.44:80");
-    c.wait_all_seen(
-        Host::Pod("client"),
-        Proto::Tcp,
-        target,
-        &["web-1", "web-2"],
-        START,
-    );
+    wait_web_spread(&c, target, START);
     let rs = all_ok(&c, Host::Pod("client"), target, 12);
     assert!(
         rs.iter()

@@ -18,11 +18,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use kubenft_lab::{Cond, Host, Lab, ProbeOpts, Process, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Host, Lab, ProbeOpts, Process, Proto, wait_until};
 use serde_json::Value;
 
 const WEB: &str = "10.96.0.80:80";
@@ -422,103 +421,12 @@ fn wait_node_synced(c: &Cluster, node: &str) {
     .unwrap_or_else(|e| panic!("node {node} not SYNCED: {e}; last: {last:#}"));
 }
 
-/// A long-lived TCP connection from `host`: after the greeting it sends a line every 200 ms
-/// and logs each echo (`ok N`) or the failure, until the stop file exists.
-struct HeldTcp {
-    log: std::path::PathBuf,
-    stop: std::path::PathBuf,
-}
-
-impl HeldTcp {
-    fn start(c: &Cluster, name: &str, host: Host<'_>, target: std::net::SocketAddr) -> Self {
-        let dir = c.lab.dir().to_path_buf();
-        let (log, stop, script) = (
-            dir.join(format!("{name}.log")),
-            dir.join(format!("{name}.stop")),
-            dir.join(format!("{name}.sh")),
-        );
-        std::fs::write(
-            &script,
-            format!(
-                "exec 3>>{log}\n\
-                 IFS= read -r g || {{ echo no-greeting >&3; exit 1; }}\n\
-                 echo \"greeting $g\" >&3\n\
-                 for i in $(seq 1 1500); do\n\
-                   [ -e {stop} ] && break\n\
-                   echo \"ping-$i\"\n\
-                   if IFS= read -r -t 2 r && [ \"$r\" = \"ping-$i\" ]; then echo \"ok $i\" >&3;\n\
-                   else echo \"fail $i $r\" >&3; exit 1; fi\n\
-                   sleep 0.2\n\
-                 done\n\
-                 echo done >&3\n",
-                log = log.display(),
-                stop = stop.display(),
-            ),
-        )
-        .unwrap();
-        let exec = format!("EXEC:bash {}", script.display());
-        let connect = format!("TCP:{target},connect-timeout=2");
-        c.lab
-            .spawn(name, host, &["socat", "-T", "30", &connect, &exec])
-            .unwrap();
-        HeldTcp { log, stop }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn server(&self) -> Option<String> {
-        self.log()
-            .lines()
-            .find_map(|l| l.strip_prefix("greeting "))
-            .and_then(|g| g.split_whitespace().next())
-            .map(str::to_string)
-    }
-
-    /// Exchanges completed so far; panics if one failed.
-    fn exchanges(&self) -> usize {
-        let log = self.log();
-        assert!(
-            !log.lines()
-                .any(|l| l.starts_with("fail") || l == "no-greeting"),
-            "the long-lived TCP connection was interrupted:\n{log}"
-        );
-        log.lines().filter(|l| l.starts_with("ok ")).count()
-    }
-
-    fn wait_more(&self, n: usize, what: &str) {
-        let done = self.exchanges();
-        wait_until(START, POLL, || {
-            Ok::<_, String>(self.exchanges() >= done + n)
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "{what}: the long-lived connection stalled: {e}\n{}",
-                self.log()
-            )
-        });
-    }
-
-    fn stop(&self) {
-        std::fs::write(&self.stop, "").unwrap();
-    }
-}
-
-fn web(lab: &Lab) -> (Service, Slice) {
-    let svc = Service::cluster_ip("web", WEB_IP).port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoints([&lab.pod("web-1"), &lab.pod("web-2")], Cond::READY);
-    (svc, slice)
-}
-
 #[test]
 fn kubenft_takes_over_from_kube_proxy_and_removes_its_rules_without_a_failed_connection() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let p = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    client(&lab, "client", "a");
-    let ips: Vec<String> = p.iter().map(|p| p.ipv4.to_string()).collect();
+    let lab = two_node_web(WEB_IP);
+    let ips: Vec<String> = ["web-1", "web-2"]
+        .map(|p| lab.pod(p).ipv4.to_string())
+        .to_vec();
     assert_eq!(
         ips, ENDPOINTS,
         "kube-proxy's chain names assume these addresses"
@@ -539,16 +447,8 @@ fn kubenft_takes_over_from_kube_proxy_and_removes_its_rules_without_a_failed_con
         controller,
         agents: BTreeMap::new(),
     };
-    let (svc, slice) = web(&c.lab);
-    c.write("web.yaml", &[&svc, &slice]);
     let target = vip(WEB);
-    c.wait_all_seen(
-        Host::Pod("client"),
-        Proto::Tcp,
-        target,
-        &["web-1", "web-2"],
-        START,
-    );
+    wait_web_spread(&c, target, START);
     c.wait_answers(Host::Node("a"), Proto::Tcp, target, START);
     assert!(
         kube_proxy_dispatched(&c) > 0,
@@ -569,47 +469,34 @@ fn kubenft_takes_over_from_kube_proxy_and_removes_its_rules_without_a_failed_con
         .unwrap_or_else(|e| panic!("kube-proxy's ports: {e}\n{}", kube_proxy.logs()));
 
     let held = HeldTcp::start(&c, "held", Host::Pod("client"), target);
-    wait_until(START, POLL, || Ok::<_, String>(held.exchanges() >= 2)).unwrap_or_else(|e| {
-        panic!(
-            "the long-lived connection never got going: {e}\n{}",
-            held.log()
-        )
-    });
+    held.wait_more(2, "its start");
     let held_server = held.server().unwrap();
 
-    let stop = AtomicBool::new(false);
+    // New connections from the pod and from the node itself, all through the migration.
     let opts = ProbeOpts::count(3).timeout(Duration::from_secs(2));
-    let (agent, from_pod, from_node) = std::thread::scope(|s| {
-        let c = &c;
-        let (stop, opts) = (&stop, &opts);
-        let pod_loop = s.spawn(move || {
-            probe_until_stopped(
-                c,
-                (Host::Pod("client"), Proto::Tcp, target),
-                opts,
-                (2000, Duration::from_millis(50)),
-                stop,
-            )
-        });
-        let node_loop = s.spawn(move || {
-            probe_until_stopped(
-                c,
+    let every = (2000, Duration::from_millis(50));
+    let (from_pod, (from_node, agent)) = with_traffic(
+        &c,
+        (Host::Pod("client"), Proto::Tcp, target),
+        &opts,
+        every,
+        || {
+            with_traffic(
+                &c,
                 (Host::Node("a"), Proto::Tcp, target),
-                opts,
-                (2000, Duration::from_millis(50)),
-                stop,
+                &opts,
+                every,
+                || {
+                    take_over_and_clean_up(
+                        &c,
+                        (&held, &kube_proxy),
+                        &others_before,
+                        &bystander_before,
+                    )
+                },
             )
-        });
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            take_over_and_clean_up(c, (&held, &kube_proxy), &others_before, &bystander_before)
-        }));
-        stop.store(true, Ordering::Relaxed);
-        let (from_pod, from_node) = (pod_loop.join().unwrap(), node_loop.join().unwrap());
-        match outcome {
-            Ok(agent) => (agent, from_pod, from_node),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    });
+        },
+    );
     // The long-lived connection went on with the same pod all along.
     held.wait_more(3, "after the cleanup");
     assert_eq!(held.server().as_deref(), Some(held_server.as_str()));
@@ -783,11 +670,7 @@ fn a_foreign_table_that_dnats_before_us_is_reported() {
     pods(&lab, &[("web-1", "a"), ("web-2", "a")]);
     client(&lab, "client", "a");
     let c = Cluster::start(lab);
-    let svc = Service::cluster_ip("web", "10.96.0.81").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoint(&c.lab.pod("web-1"), Cond::READY);
-    c.write("web.yaml", &[&svc, &slice]);
+    write_web_service(&c, "web", "10.96.0.81", [&c.lab.pod("web-1")]);
     let target = vip("10.96.0.81:80");
     c.wait_probe(
         "web-1 answers",

@@ -5,36 +5,35 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use kubenft_lab::probe::tally;
-use kubenft_lab::{Cond, Host, ProbeOpts, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Host, Pod, ProbeOpts, ProbeResult, Proto, wait_until};
 
-/// §5.45: continuous new TCP connections to a ClusterIP from a pod on node a while node a's
-/// agent is SIGKILLed and restarted: zero failures. The restarted agent adopts what is in
-/// the kernel: the table is the same object (same handle), no transaction ran (same
-/// generation), and it reports the same applied version, which the controller shows as
-/// SYNCED with the same acked version.
-#[test]
-fn agent_sigkill_and_restart_under_traffic_is_seamless() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    client(&lab, "client", "a");
-    let c = Cluster::start(lab);
-    let svc = Service::cluster_ip("web", "10.96.0.45").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoints(&backends, Cond::READY);
-    c.write("web.yaml", &[&svc, &slice]);
-    let target = vip("10.96.0.45:80");
+/// Two nodes serving [`two_node_web`] to the client pod, SYNCED, and what the agent on
+/// node a shows of it.
+struct Serving {
+    c: Cluster,
+    target: SocketAddr,
+    /// The controller's acked version per node.
+    acked: BTreeMap<String, String>,
+    /// The kernel handle of node a's table.
+    handle: u64,
+    /// Node a's applied version (GetApplied's `systemVersion`).
+    version: String,
+}
+
+fn serving_web(vip_ip: &str) -> Serving {
+    let c = Cluster::start(two_node_web(vip_ip));
+    let target = vip(&format!("{vip_ip}:80"));
     c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
     let acked = c.wait_synced(START);
     let handle = c.table_handle("a");
-    let gen_before = c.generation("a");
     let applied = c.agent_call("a", "GetApplied").unwrap();
     let version = applied["systemVersion"]
         .as_str()
@@ -44,40 +43,66 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
         !version.is_empty(),
         "GetApplied has no systemVersion: {applied}"
     );
+    Serving {
+        c,
+        target,
+        acked,
+        handle,
+        version,
+    }
+}
 
-    let stop = AtomicBool::new(false);
+/// Node a's agent is SIGKILLed and started again while the client pod opens new connections
+/// to the Service (at most 300 batches of 10, each attempt ≤ 1 s); `while_down` runs between
+/// the kill and the start. Waits until the restarted agent reports `s.version` again and
+/// every node is SYNCED; returns the connections' results and the acked versions then.
+fn restart_agent_a_under_traffic(
+    s: &Serving,
+    while_down: impl FnOnce(),
+) -> (Vec<ProbeResult>, BTreeMap<String, String>) {
+    let (c, version) = (&s.c, &s.version);
     let agent = c.agent("a").clone();
-    let results = std::thread::scope(|s| {
-        // Bounded: at most 300 batches of 10 connections (each attempt ≤ 1 s).
-        let traffic = s.spawn(|| {
-            let to = (Host::Pod("client"), Proto::Tcp, target);
-            probe_until_stopped(&c, to, &ProbeOpts::count(10), (300, Duration::ZERO), &stop)
-        });
+    let to = (Host::Pod("client"), Proto::Tcp, s.target);
+    let every = (300, Duration::ZERO);
+    with_traffic(c, to, &ProbeOpts::count(10), every, || {
         std::thread::sleep(Duration::from_millis(300));
         agent.kill().unwrap();
         eprintln!("agent a killed");
-        std::thread::sleep(Duration::from_millis(700));
+        while_down();
         agent.start().unwrap();
         // Back: its inspection answers with the same applied version.
         let mut last = String::new();
-        let back = wait_until(START, Duration::from_millis(100), || {
+        wait_until(START, Duration::from_millis(100), || {
             let v = c.agent_call("a", "GetApplied")?;
             last = v["systemVersion"].as_str().unwrap_or_default().to_string();
-            Ok::<_, String>(last == version)
+            Ok::<_, String>(last == *version)
+        })
+        .unwrap_or_else(|e| {
+            panic!("restarted agent reports version {last:?}, not {version:?}: {e}")
         });
         let after = c.wait_synced(START);
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
-        let all = traffic.join().unwrap();
-        back.unwrap_or_else(|e| {
-            panic!("restarted agent reports version {last:?}, not {version:?}: {e}")
-        });
-        assert_eq!(
-            after, acked,
-            "the controller's acked versions changed across the restart"
-        );
-        all
+        after
+    })
+}
+
+/// §5.45: continuous new TCP connections to a ClusterIP from a pod on node a while node a's
+/// agent is SIGKILLed and restarted: zero failures. The restarted agent adopts what is in
+/// the kernel: the table is the same object (same handle), no transaction ran (same
+/// generation), and it reports the same applied version, which the controller shows as
+/// SYNCED with the same acked version.
+#[test]
+fn agent_sigkill_and_restart_under_traffic_is_seamless() {
+    let s = serving_web("10.96.0.45");
+    let c = &s.c;
+    let gen_before = c.generation("a");
+    let (results, after) = restart_agent_a_under_traffic(&s, || {
+        std::thread::sleep(Duration::from_millis(700));
     });
+    assert_eq!(
+        after, s.acked,
+        "the controller's acked versions changed across the restart"
+    );
     let t = tally(&results);
     eprintln!("{} connections during kill+restart: {t:?}", results.len());
     assert_all_ok(
@@ -90,7 +115,7 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
     );
     assert_eq!(
         c.table_handle("a"),
-        handle,
+        s.handle,
         "the agent recreated its table on restart"
     );
     assert_eq!(
@@ -100,6 +125,20 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
     );
 }
 
+/// Nodes a and b, and web-1 on node a behind ClusterIP Service `name` at `vip_ip`:80,
+/// answering the pod `client` on node a; every node SYNCED. Returns the cluster and web-1.
+fn one_pod_service(client_pod: &str, name: &str, vip_ip: &str) -> (Cluster, Pod) {
+    let lab = Cluster::lab(&["a", "b"]);
+    let web1 = pods(&lab, &[("web-1", "a")]).remove(0);
+    client(&lab, client_pod, "a");
+    let c = Cluster::start(lab);
+    write_web_service(&c, name, vip_ip, [&web1]);
+    let target = vip(&format!("{vip_ip}:80"));
+    c.wait_answers(Host::Pod(client_pod), Proto::Tcp, target, START);
+    c.wait_synced(START);
+    (c, web1)
+}
+
 /// §5.46: the controller is stopped for 20 s. Traffic keeps flowing the whole time (with the
 /// last rules: a change made meanwhile is not applied yet), and the change made while it was
 /// down — a new endpoint and a new Service — serves within 2 s of the agent's reconnection.
@@ -107,19 +146,8 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
 /// reconnection itself may come up to 5 s after the controller's return.
 #[test]
 fn controller_outage_keeps_traffic_and_applies_changes_on_return() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web1 = pods(&lab, &[("web-1", "a")]).remove(0);
-    client(&lab, "client", "a");
-    let c = Cluster::start(lab);
-    let svc = Service::cluster_ip("web", "10.96.0.46").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web").port("http", TCP);
-    c.write(
-        "web.yaml",
-        &[&svc, &slice.clone().endpoint(&web1, Cond::READY)],
-    );
+    let (c, web1) = one_pod_service("client", "web", "10.96.0.46");
     let (old, new) = (vip("10.96.0.46:80"), vip("10.96.0.47:80"));
-    c.wait_answers(Host::Pod("client"), Proto::Tcp, old, START);
-    c.wait_synced(START);
 
     c.controller.stop().unwrap();
     let down_at = Instant::now();
@@ -159,15 +187,8 @@ fn controller_outage_keeps_traffic_and_applies_changes_on_return() {
         assert_eq!(out, "200", "agent /livez during the outage at {at:?}");
         if rounds == 1 {
             let web2 = pods(&c.lab, &[("web-2", "b")]).remove(0);
-            let late = Service::cluster_ip("late", "10.96.0.47").port("http", 80, TCP, Proto::Tcp);
-            let late_slice = Slice::for_service("late")
-                .port("http", TCP)
-                .endpoint(&web2, Cond::READY);
-            c.write(
-                "web.yaml",
-                &[&svc, &slice.clone().endpoints([&web1, &web2], Cond::READY)],
-            );
-            c.write("late.yaml", &[&late, &late_slice]);
+            write_web_service(&c, "web", "10.96.0.46", [&web1, &web2]);
+            write_web_service(&c, "late", "10.96.0.47", [&web2]);
         }
         rounds += 1;
         let next = Duration::from_secs(4) * rounds;
@@ -223,18 +244,8 @@ fn controller_outage_keeps_traffic_and_applies_changes_on_return() {
 /// planted `drop` is gone, and the Service that worked keeps working.
 #[test]
 fn kernel_refusal_once_is_retried_and_the_change_applied() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let web = pods(&lab, &[("web-1", "a")]).remove(0);
-    client(&lab, "client-a", "a");
-    let c = Cluster::start(lab);
-    let old = Service::cluster_ip("old", "10.96.0.60").port("http", 80, TCP, Proto::Tcp);
-    let old_slice = Slice::for_service("old")
-        .port("http", TCP)
-        .endpoint(&web, Cond::READY);
-    c.write("old.yaml", &[&old, &old_slice]);
+    let (c, web) = one_pod_service("client-a", "old", "10.96.0.60");
     let (old_vip, new_vip) = (vip("10.96.0.60:80"), vip("10.96.0.61:80"));
-    c.wait_answers(Host::Pod("client-a"), Proto::Tcp, old_vip, START);
-    c.wait_synced(START);
 
     c.nft(
         "a",
@@ -247,11 +258,7 @@ fn kernel_refusal_once_is_retried_and_the_change_applied() {
             "{ 10.96.0.61 . tcp . 80 : drop }",
         ],
     );
-    let new = Service::cluster_ip("new", "10.96.0.61").port("http", 80, TCP, Proto::Tcp);
-    let new_slice = Slice::for_service("new")
-        .port("http", TCP)
-        .endpoint(&web, Cond::READY);
-    c.write("new.yaml", &[&new, &new_slice]);
+    write_web_service(&c, "new", "10.96.0.61", [&web]);
 
     c.wait_probe(
         "node a serves the new Service",
@@ -348,42 +355,28 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
     let nft = refusing_nft(lab.dir(), &flag, "10.96.0.63");
     let nft = nft.display().to_string();
     let c = Cluster::start_with_agent_env(lab, &[("a", &[("KUBENFT_NFT", nft.as_str())])]);
-    let old = Service::cluster_ip("old", "10.96.0.62").port("http", 80, TCP, Proto::Tcp);
-    let old_slice = Slice::for_service("old")
-        .port("http", TCP)
-        .endpoint(&web[0], Cond::READY);
-    c.write("old.yaml", &[&old, &old_slice]);
+    write_web_service(&c, "old", "10.96.0.62", [&web[0]]);
     let (old_vip, new_vip) = (vip("10.96.0.62:80"), vip("10.96.0.63:80"));
     c.wait_answers(Host::Pod("client-a"), Proto::Tcp, old_vip, START);
     c.wait_synced(START);
 
     std::fs::write(&flag, "").unwrap_or_else(|e| panic!("creating {}: {e}", flag.display()));
-    let new = Service::cluster_ip("new", "10.96.0.63").port("http", 80, TCP, Proto::Tcp);
-    let new_slice = Slice::for_service("new")
-        .port("http", TCP)
-        .endpoints(&web, Cond::READY);
-    c.write("new.yaml", &[&new, &new_slice]);
+    write_web_service(&c, "new", "10.96.0.63", &web);
 
-    let stop = AtomicBool::new(false);
-    let (results, last) = std::thread::scope(|s| {
-        let traffic = s.spawn(|| {
-            let to = (Host::Pod("client-a"), Proto::Tcp, old_vip);
-            let every = (200, Duration::from_millis(50));
-            probe_until_stopped(&c, to, &ProbeOpts::count(4), every, &stop)
-        });
+    let to = (Host::Pod("client-a"), Proto::Tcp, old_vip);
+    let every = (200, Duration::from_millis(50));
+    let (results, last) = with_traffic(&c, to, &ProbeOpts::count(4), every, || {
         let mut last = Default::default();
-        let nacked = wait_until(START, Duration::from_millis(100), || {
+        wait_until(START, Duration::from_millis(100), || {
             last = c.list_nodes()?;
             Ok::<_, String>(last.get("a").is_some_and(|a| {
                 a["state"] == "NACKED" && a["nackRetries"].as_u64().unwrap_or(0) >= 2
             }))
-        });
-        stop.store(true, Ordering::Relaxed);
-        let all = traffic.join().unwrap();
-        nacked.unwrap_or_else(|e| {
+        })
+        .unwrap_or_else(|e| {
             panic!("node a not NACKED with ≥ 2 retries: {e}; last ListNodes: {last:#?}")
         });
-        (all, last)
+        last
     });
     let a = &last["a"];
     eprintln!("node a: {a}");
@@ -450,24 +443,8 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
 /// and the controller shows the node SYNCED again.
 #[test]
 fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    client(&lab, "client", "a");
-    let c = Cluster::start(lab);
-    let svc = Service::cluster_ip("web", "10.96.0.48").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoints(&backends, Cond::READY);
-    c.write("web.yaml", &[&svc, &slice]);
-    let target = vip("10.96.0.48:80");
-    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
-    c.wait_synced(START);
-    let handle = c.table_handle("a");
-    let version = c.agent_call("a", "GetApplied").unwrap()["systemVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(!version.is_empty());
+    let s = serving_web("10.96.0.48");
+    let c = &s.c;
     let args = c.lab.agent_default_args("a").unwrap();
     let dir = &args[args.iter().position(|a| a == "--state-dir").unwrap() + 1];
     let file = std::path::Path::new(dir).join("applied.pb");
@@ -478,32 +455,11 @@ fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
     let mut corrupted = bytes[..bytes.len() / 2].to_vec();
     corrupted.extend([0xff; 8]);
 
-    let stop = AtomicBool::new(false);
-    let agent = c.agent("a").clone();
-    let results = std::thread::scope(|s| {
-        let traffic = s.spawn(|| {
-            let to = (Host::Pod("client"), Proto::Tcp, target);
-            probe_until_stopped(&c, to, &ProbeOpts::count(10), (300, Duration::ZERO), &stop)
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        agent.kill().unwrap();
+    // Reconciled: the restarted agent reports the version it had (it started from nothing:
+    // the controller sent it everything again).
+    let (results, _) = restart_agent_a_under_traffic(&s, || {
         std::fs::write(&file, &corrupted).unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        agent.start().unwrap();
-        // Reconciled: the restarted agent reports the version it had (it started from
-        // nothing: the controller sent it everything again).
-        let mut last = String::new();
-        let back = wait_until(START, Duration::from_millis(100), || {
-            let v = c.agent_call("a", "GetApplied")?;
-            last = v["systemVersion"].as_str().unwrap_or_default().to_string();
-            Ok::<_, String>(last == version)
-        });
-        c.wait_synced(START);
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
-        let all = traffic.join().unwrap();
-        back.unwrap_or_else(|e| panic!("restarted agent reports {last:?}, not {version:?}: {e}"));
-        all
     });
     let t = tally(&results);
     eprintln!(
@@ -512,6 +468,7 @@ fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
     );
     assert_all_ok(&results, "new connections around the restart");
     assert!(results.len() >= 50, "too little traffic: {t:?}");
+    let agent = c.agent("a");
     let logs = agent.logs();
     assert!(
         [
@@ -526,13 +483,13 @@ fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
     );
     assert_eq!(
         c.table_handle("a"),
-        handle,
+        s.handle,
         "the agent recreated its table instead of reconciling it"
     );
     // Reconciled: the state file is whole again.
     let after = std::fs::read(&file).unwrap();
     assert_ne!(after, corrupted, "the state file was not rewritten");
-    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, CONVERGE);
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, s.target, CONVERGE);
 }
 
 /// The manifest directory renamed away for longer than the controller's rescan period while
@@ -547,16 +504,8 @@ fn manifest_directory_renamed_away_keeps_every_service() {
     let web2 = pods(&lab, &[("web-2", "b")]).remove(0);
     client(&lab, "client", "a");
     let c = Cluster::start(lab);
-    let web = Service::cluster_ip("web", "10.96.0.48").port("http", 80, TCP, Proto::Tcp);
-    let db = Service::cluster_ip("db", "10.96.0.49").port("http", 80, TCP, Proto::Tcp);
-    let web_slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoint(&web1, Cond::READY);
-    let db_slice = Slice::for_service("db")
-        .port("http", TCP)
-        .endpoint(&web2, Cond::READY);
-    c.write("web.yaml", &[&web, &web_slice]);
-    c.write("db.yaml", &[&db, &db_slice]);
+    write_web_service(&c, "web", "10.96.0.48", [&web1]);
+    write_web_service(&c, "db", "10.96.0.49", [&web2]);
     let targets = [
         (vip("10.96.0.48:80"), "web-1"),
         (vip("10.96.0.49:80"), "web-2"),
@@ -602,11 +551,7 @@ fn manifest_directory_renamed_away_keeps_every_service() {
 
     std::fs::rename(&away, &dir).unwrap();
     let back_at = Instant::now();
-    let late = Service::cluster_ip("late", "10.96.0.50").port("http", 80, TCP, Proto::Tcp);
-    let late_slice = Slice::for_service("late")
-        .port("http", TCP)
-        .endpoint(&web2, Cond::READY);
-    c.write("late.yaml", &[&late, &late_slice]);
+    write_web_service(&c, "late", "10.96.0.50", [&web2]);
     let took = c.wait_probe(
         "a Service added after the directory's return",
         Host::Pod("client"),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use kubenft_lab::pki::{self, CertFiles, Pki, Usage};
 use kubenft_lab::topology::{AGENT_GRPC_PORT, CONTROLLER_GRPC_PORT, CONTROLLER_HTTP_PORT, CP_V4};
-use kubenft_lab::{Cond, Host, ProbeOpts, Process, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Host, ProbeOpts, Process, Proto, wait_until};
 
 fn controller_addr() -> String {
     format!("{CP_V4}:{CONTROLLER_GRPC_PORT}")
@@ -97,23 +97,48 @@ fn status_of(c: &Cluster, node: &str) -> (bool, String, String, String) {
     )
 }
 
-fn web(c: &Cluster, backends: &[kubenft_lab::Pod]) {
-    let svc = Service::cluster_ip("web", "10.96.0.70").port("http", 80, TCP, Proto::Tcp);
-    let slice = Slice::for_service("web")
-        .port("http", TCP)
-        .endpoints(backends, Cond::READY);
-    c.write("web.yaml", &[&svc, &slice]);
+/// A cluster of `nodes` with pods `web` (name, node) behind Service web at 10.96.0.70:80,
+/// answering a client pod on `client_node`, every node SYNCED.
+fn serving(nodes: &[&str], web: &[(&str, &str)], client_node: &str) -> Cluster {
+    let lab = Cluster::lab(nodes);
+    let backends = pods(&lab, web);
+    client(&lab, "client", client_node);
+    let c = Cluster::start(lab);
+    write_web_service(&c, "web", "10.96.0.70", &backends);
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, vip("10.96.0.70:80"), START);
+    c.wait_synced(START);
+    c
+}
+
+/// An extra agent's arguments: `--node-name node --controller url`.
+fn extra_args(node: &str, url: String) -> Vec<String> {
+    vec![
+        "--node-name".to_string(),
+        node.into(),
+        "--controller".into(),
+        url,
+    ]
+}
+
+/// `kubenft_agent_controller_connected` of the [`extra_agent`] in node a (its metrics port),
+/// and the whole metrics text.
+fn extra_agent_connected(c: &Cluster) -> (u64, String) {
+    let metrics = c
+        .lab
+        .exec_ok(
+            Host::Node("a"),
+            &["curl", "-s", "http://127.0.0.1:20249/metrics"],
+        )
+        .unwrap();
+    (
+        metric(&metrics, "kubenft_agent_controller_connected"),
+        metrics,
+    )
 }
 
 #[test]
 fn node_a_certificate_cannot_open_node_b_stream_and_b_is_undisturbed() {
-    let lab = Cluster::lab(&["a", "b"]);
-    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
-    client(&lab, "client", "b");
-    let c = Cluster::start(lab);
-    web(&c, &backends);
-    c.wait_answers(Host::Pod("client"), Proto::Tcp, vip("10.96.0.70:80"), START);
-    c.wait_synced(START);
+    let c = serving(&["a", "b"], &[("web-1", "a"), ("web-2", "b")], "b");
     let b_before = status_of(&c, "b");
     let a_before = status_of(&c, "a");
     assert!(b_before.0 && a_before.0, "{b_before:?} {a_before:?}");
@@ -150,12 +175,7 @@ fn node_a_certificate_cannot_open_node_b_stream_and_b_is_undisturbed() {
     assert!(err.contains("PermissionDenied"), "{err}");
 
     // The real agent binary as an impostor: node a's files, `--node-name b`.
-    let mut args = vec![
-        "--node-name".to_string(),
-        "b".into(),
-        "--controller".into(),
-        format!("https://{addr}"),
-    ];
+    let mut args = extra_args("b", format!("https://{addr}"));
     args.extend(tls.agent_args(node_a));
     let impostor = extra_agent(&c, "impostor", "a", &args);
     let line = wait_log_line(
@@ -186,18 +206,8 @@ fn node_a_certificate_cannot_open_node_b_stream_and_b_is_undisturbed() {
         START,
     );
     eprintln!("impostor: {line}");
-    let metrics = c
-        .lab
-        .exec_ok(
-            Host::Node("a"),
-            &["curl", "-s", "http://127.0.0.1:20249/metrics"],
-        )
-        .unwrap();
-    assert_eq!(
-        metric(&metrics, "kubenft_agent_controller_connected"),
-        0,
-        "{metrics}"
-    );
+    let (connected, metrics) = extra_agent_connected(&c);
+    assert_eq!(connected, 0, "{metrics}");
     let tables = c.nft("a", &["list", "tables"]);
     assert!(
         !tables.contains("impostor"),
@@ -226,12 +236,7 @@ fn node_a_certificate_cannot_open_node_b_stream_and_b_is_undisturbed() {
 
 #[test]
 fn connections_without_a_valid_certificate_are_refused_with_the_reason() {
-    let lab = Cluster::lab(&["a"]);
-    let backends = pods(&lab, &[("web-1", "a")]);
-    client(&lab, "client", "a");
-    let c = Cluster::start(lab);
-    web(&c, &backends);
-    c.wait_synced(START);
+    let c = serving(&["a"], &[("web-1", "a")], "a");
     let a_before = status_of(&c, "a");
 
     let tls = c.lab.tls();
@@ -284,12 +289,7 @@ fn connections_without_a_valid_certificate_are_refused_with_the_reason() {
 
     // The real agent binary with a certificate from another CA: it never connects, says why,
     // and node a's real agent keeps its stream.
-    let mut args = vec![
-        "--node-name".to_string(),
-        "a".into(),
-        "--controller".into(),
-        format!("https://{addr}"),
-    ];
+    let mut args = extra_args("a", format!("https://{addr}"));
     args.extend(tls.agent_args(&foreign));
     let foreign_agent = extra_agent(&c, "foreign", "a", &args);
     let line = wait_log_line(&foreign_agent, &["cannot reach a controller"], START);
@@ -321,13 +321,8 @@ fn plaintext_and_tls_never_mix() {
     let addr = controller_addr();
 
     // http:// (with --insecure) to the TLS controller: refused as not TLS, never connected.
-    let args = vec![
-        "--node-name".to_string(),
-        "a".into(),
-        "--controller".into(),
-        format!("http://{addr}"),
-        "--insecure".into(),
-    ];
+    let mut args = extra_args("a", format!("http://{addr}"));
+    args.push("--insecure".into());
     let plain = extra_agent(&c, "plain", "a", &args);
     let line = wait_log_line(&plain, &["cannot reach a controller"], START);
     eprintln!("http:// agent: {line}");
@@ -363,12 +358,7 @@ fn plaintext_and_tls_never_mix() {
         )
     })
     .unwrap_or_else(|e| panic!("the plaintext controller does not serve: {e}"));
-    let mut args = vec![
-        "--node-name".to_string(),
-        "a".into(),
-        "--controller".into(),
-        format!("https://{CP_V4}:9660"),
-    ];
+    let mut args = extra_args("a", format!("https://{CP_V4}:9660"));
     args.extend(c.lab.tls().agent_args(&c.lab.tls().nodes["a"]));
     let tls_agent = extra_agent(&c, "tls-to-plain", "a", &args);
     let line = wait_log_line(&tls_agent, &["cannot reach a controller"], START);
@@ -385,14 +375,8 @@ fn plaintext_and_tls_never_mix() {
         "{}",
         insecure.log_tail(20)
     );
-    let metrics = c
-        .lab
-        .exec_ok(
-            Host::Node("a"),
-            &["curl", "-s", "http://127.0.0.1:20249/metrics"],
-        )
-        .unwrap();
-    assert_eq!(metric(&metrics, "kubenft_agent_controller_connected"), 0);
+    let (connected, metrics) = extra_agent_connected(&c);
+    assert_eq!(connected, 0, "{metrics}");
     tls_agent.stop().unwrap();
     insecure.stop().unwrap();
 }
@@ -437,13 +421,7 @@ fn serial(f: &CertFiles) -> String {
 
 #[test]
 fn rotated_certificates_are_used_by_new_handshakes_without_dropping_or_reapplying() {
-    let lab = Cluster::lab(&["a"]);
-    let backends = pods(&lab, &[("web-1", "a")]);
-    client(&lab, "client", "a");
-    let c = Cluster::start(lab);
-    web(&c, &backends);
-    c.wait_answers(Host::Pod("client"), Proto::Tcp, vip("10.96.0.70:80"), START);
-    c.wait_synced(START);
+    let c = serving(&["a"], &[("web-1", "a")], "a");
     let tls = c.lab.tls();
     let applied_before = c.agent_call("a", "GetApplied").unwrap();
     let agent_metrics = || {

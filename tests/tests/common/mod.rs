@@ -737,3 +737,150 @@ pub fn probe_until_stopped(
     }
     all
 }
+
+/// ClusterIP Service `name` at `vip` (port `http` 80 → [`TCP`]) and its EndpointSlice with
+/// `backends` ready.
+pub fn web_service<'a>(
+    name: &str,
+    vip: &str,
+    backends: impl IntoIterator<Item = &'a Pod>,
+) -> (kubenft_lab::Service, kubenft_lab::Slice) {
+    let svc = kubenft_lab::Service::cluster_ip(name, vip).port("http", 80, TCP, Proto::Tcp);
+    let slice = kubenft_lab::Slice::for_service(name)
+        .port("http", TCP)
+        .endpoints(backends, kubenft_lab::Cond::READY);
+    (svc, slice)
+}
+
+/// Writes [`web_service`] as `<name>.yaml`.
+pub fn write_web_service<'a>(
+    c: &Cluster,
+    name: &str,
+    vip: &str,
+    backends: impl IntoIterator<Item = &'a Pod>,
+) {
+    let (svc, slice) = web_service(name, vip, backends);
+    c.write(&format!("{name}.yaml"), &[&svc, &slice]);
+}
+
+/// Waits (≤ `cap`) until both pods of [`two_node_web`] have answered `target` from the
+/// client pod.
+pub fn wait_web_spread(c: &Cluster, target: SocketAddr, cap: Duration) {
+    c.wait_all_seen(
+        Host::Pod("client"),
+        Proto::Tcp,
+        target,
+        &["web-1", "web-2"],
+        cap,
+    );
+}
+
+/// Runs `during` while traffic flows as [`probe_until_stopped`] sends it; returns the
+/// traffic's results and what `during` returned. The traffic is stopped and joined before a
+/// panic of `during` goes on, so a failing step never leaves it running.
+pub fn with_traffic<T>(
+    c: &Cluster,
+    to: (Host<'_>, Proto, SocketAddr),
+    opts: &ProbeOpts,
+    every: (usize, Duration),
+    during: impl FnOnce() -> T,
+) -> (Vec<ProbeResult>, T) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let traffic = s.spawn(|| probe_until_stopped(c, to, opts, every, &stop));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let results = traffic.join().expect("the traffic thread panicked");
+        match outcome {
+            Ok(t) => (results, t),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// A long-lived TCP connection from a host: after the greeting it sends a line every 200 ms
+/// and logs each echo (`ok N`) or the failure, until [`HeldTcp::stop`] or 1,500 rounds.
+pub struct HeldTcp {
+    log: PathBuf,
+    stop: PathBuf,
+}
+
+impl HeldTcp {
+    /// Opens the connection (`socat` under the log name `name`) from `host` to `target`.
+    pub fn start(c: &Cluster, name: &str, host: Host<'_>, target: SocketAddr) -> Self {
+        let dir = c.lab.dir().to_path_buf();
+        let (log, stop, script) = (
+            dir.join(format!("{name}.log")),
+            dir.join(format!("{name}.stop")),
+            dir.join(format!("{name}.sh")),
+        );
+        std::fs::write(
+            &script,
+            format!(
+                "exec 3>>{log}\n\
+                 IFS= read -r g || {{ echo no-greeting >&3; exit 1; }}\n\
+                 echo \"greeting $g\" >&3\n\
+                 for i in $(seq 1 1500); do\n\
+                   [ -e {stop} ] && break\n\
+                   echo \"ping-$i\"\n\
+                   if IFS= read -r -t 2 r && [ \"$r\" = \"ping-$i\" ]; then echo \"ok $i\" >&3;\n\
+                   else echo \"fail $i $r\" >&3; exit 1; fi\n\
+                   sleep 0.2\n\
+                 done\n\
+                 echo done >&3\n",
+                log = log.display(),
+                stop = stop.display(),
+            ),
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", script.display()));
+        let exec = format!("EXEC:bash {}", script.display());
+        let connect = format!("TCP:{target},connect-timeout=2");
+        c.lab
+            .spawn(name, host, &["socat", "-T", "30", &connect, &exec])
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        HeldTcp { log, stop }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The server name from the greeting, once there is one.
+    pub fn server(&self) -> Option<String> {
+        self.log()
+            .lines()
+            .find_map(|l| l.strip_prefix("greeting "))
+            .and_then(|g| g.split_whitespace().next())
+            .map(str::to_string)
+    }
+
+    /// Exchanges completed so far; panics if one failed.
+    pub fn exchanges(&self) -> usize {
+        let log = self.log();
+        assert!(
+            !log.lines()
+                .any(|l| l.starts_with("fail") || l == "no-greeting"),
+            "the long-lived TCP connection was interrupted:\n{log}"
+        );
+        log.lines().filter(|l| l.starts_with("ok ")).count()
+    }
+
+    /// Waits (≤ [`START`]) for `n` more exchanges; `what` names the moment in the panic.
+    pub fn wait_more(&self, n: usize, what: &str) {
+        let done = self.exchanges();
+        wait_until(START, POLL, || {
+            Ok::<_, String>(self.exchanges() >= done + n)
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{what}: the long-lived connection stalled: {e}\n{}",
+                self.log()
+            )
+        });
+    }
+
+    pub fn stop(&self) {
+        std::fs::write(&self.stop, "")
+            .unwrap_or_else(|e| panic!("writing {}: {e}", self.stop.display()));
+    }
+}
