@@ -20,32 +20,34 @@ pub struct ConnectArgs {
         value_name = "HOST:PORT",
         env = "KUBENFT_CONTROLLERS",
         value_delimiter = ',',
-        required = true
+        global = true
     )]
     pub controllers: Vec<String>,
     /// The CA that signed the controllers' serving certificates.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub cacert: Option<PathBuf>,
     /// Your client certificate (signed by the CA the controllers trust for clients).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub cert: Option<PathBuf>,
     /// The key of `--cert`.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub key: Option<PathBuf>,
     /// Plaintext: only for a controller started with `--insecure`.
-    #[arg(long, conflicts_with_all = ["cacert", "cert", "key"])]
+    #[arg(long, global = true, conflicts_with_all = ["cacert", "cert", "key"])]
     pub insecure: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("no --controller given (or KUBENFT_CONTROLLERS)")]
+    NoController,
     #[error("--cacert, --cert and --key are all needed for TLS (or --insecure for plaintext)")]
     MissingTls,
     #[error("--controller {addr:?}: {why}")]
     Address { addr: String, why: String },
     #[error("TLS: {0}")]
     Tls(#[from] kubenft_tls::Error),
-    #[error("controller {addr}: {source}")]
+    #[error("cannot connect to controller {addr}")]
     Connect {
         addr: String,
         #[source]
@@ -68,6 +70,14 @@ impl ConnectArgs {
             })),
             _ => Err(ConnectError::MissingTls),
         }
+    }
+
+    /// The controllers to ask, at least one.
+    pub fn controllers(&self) -> Result<&[String], ConnectError> {
+        if self.controllers.is_empty() {
+            return Err(ConnectError::NoController);
+        }
+        Ok(&self.controllers)
     }
 
     /// A client of the controller at `addr`.

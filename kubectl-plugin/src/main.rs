@@ -101,10 +101,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 async fn status(connect: &ConnectArgs) -> Result<ExitCode> {
     let mut replies = Vec::new();
     let mut failed = Vec::new();
-    for addr in &connect.controllers {
+    for addr in connect.controllers()? {
         match list_nodes(connect, addr).await {
             Ok(reply) => replies.push((addr.clone(), reply)),
-            Err(e) => failed.push(format!("{addr}: {e:#}")),
+            Err(e) => failed.push(format!("{e:#}")),
         }
     }
     if replies.is_empty() {
@@ -112,7 +112,7 @@ async fn status(connect: &ConnectArgs) -> Result<ExitCode> {
     }
     print!("{}", status::table(&status::merge(&replies)));
     for f in &failed {
-        eprintln!("controller {f}");
+        eprintln!("{f}");
     }
     Ok(if failed.is_empty() {
         ExitCode::SUCCESS
@@ -126,16 +126,20 @@ async fn list_nodes(
     addr: &str,
 ) -> Result<kubenft_proto::v1::ListNodesResponse> {
     let mut client = connect.connect(addr).await?;
-    Ok(client.list_nodes(ListNodesRequest {}).await?.into_inner())
+    let reply = client
+        .list_nodes(ListNodesRequest {})
+        .await
+        .with_context(|| format!("controller {addr}: ListNodes"))?;
+    Ok(reply.into_inner())
 }
 
 /// The first controller that accepts a connection.
 async fn first(connect: &ConnectArgs) -> Result<Inspect> {
     let mut errors = Vec::new();
-    for addr in &connect.controllers {
+    for addr in connect.controllers()? {
         match connect.connect(addr).await {
             Ok(client) => return Ok(client),
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(format!("{:#}", anyhow::Error::from(e))),
         }
     }
     anyhow::bail!("no controller answered: {}", errors.join("; "))

@@ -458,7 +458,12 @@ fn rotated_certificates_are_used_by_new_handshakes_without_dropping_or_reapplyin
         let traffic = s.spawn(|| {
             let mut failed = Vec::new();
             let mut calls = 0;
-            while !stop.load(Ordering::Relaxed) {
+            // Bounded in rounds and time even if the rotation never ends the loop.
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed)
+                && calls < 2_000
+                && std::time::Instant::now() < deadline
+            {
                 let rs = c.probe(
                     Host::Pod("client"),
                     Proto::Tcp,
