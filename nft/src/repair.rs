@@ -432,6 +432,77 @@ pub fn transaction(state: &AppliedState, damage: &Damage, table: &TableName) -> 
     tx
 }
 
+/// Damage as a diff of our tables in nft's own syntax, kernel against applied state: `-` is
+/// what the agent applied and the kernel lacks (or holds otherwise), `+` is what the kernel
+/// holds and the agent did not apply; `#` comments say what cannot be listed line by line.
+/// Sorted as the damage is (by family, then object), so two calls on the same damage agree.
+pub fn diff_lines(state: &AppliedState, damage: &Damage, table: &TableName) -> Vec<String> {
+    let mut out = Vec::new();
+    if damage.full {
+        out.push(format!(
+            "# the table {table} or one of its sets is missing or unreadable: everything is reapplied"
+        ));
+        return out;
+    }
+    for (f, chain) in &damage.chains {
+        out.push(format!(
+            "- chain {} {table} {chain} # missing, or its rules changed",
+            f.nft()
+        ));
+    }
+    for (f, set) in &damage.sets {
+        out.push(format!(
+            "# set {} {table} {set}: holds elements that cannot be read back",
+            f.nft()
+        ));
+    }
+    for ((f, key), presence) in &damage.elements {
+        let ours = expected(state, *f, key);
+        let (fam, set) = (f.nft(), key.set());
+        match (presence, ours) {
+            (Presence::Absent, Some(e)) => {
+                out.push(format!("- element {fam} {table} {set} {{ {e} }}"))
+            }
+            (Presence::Absent, None) => {}
+            (Presence::Present, Some(e)) => {
+                out.push(format!("- element {fam} {table} {set} {{ {e} }}"));
+                out.push(format!(
+                    "+ element {fam} {table} {set} {{ {key} }} # another value"
+                ));
+            }
+            (Presence::Present, None) => {
+                out.push(format!("+ element {fam} {table} {set} {{ {key} }}"))
+            }
+        }
+    }
+    for (f, name) in &damage.foreign_chains {
+        out.push(format!(
+            "+ chain {} {table} {name} # another program's",
+            f.nft()
+        ));
+    }
+    for ((f, name), map) in &damage.foreign_sets {
+        let kind = if *map { "map" } else { "set" };
+        out.push(format!(
+            "+ {kind} {} {table} {name} # another program's",
+            f.nft()
+        ));
+    }
+    for (f, chain) in &damage.stale_chains {
+        out.push(format!(
+            "+ chain {} {table} {chain} # ours, no longer needed",
+            f.nft()
+        ));
+    }
+    for (f, set) in &damage.stale_sets {
+        out.push(format!(
+            "+ set {} {table} {set} # ours, no longer needed",
+            f.nft()
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,5 +595,83 @@ mod tests {
         d.note(&event(Verb::Delete, Object::Chain("nat-prerouting".into())));
         assert!(!d.full);
         assert_eq!(d.chains.len(), 1);
+    }
+
+    /// A state holding one ClusterIP port, 10.96.0.10:80/TCP → 10.1.0.2:8080.
+    fn one_port() -> AppliedState {
+        use kubenft_proto::v1::{self, resource};
+        let port = v1::Resource::versioned(
+            "ns/web/tcp/http/ipv4".into(),
+            resource::Kind::ServicePort(v1::ServicePortRules {
+                namespace: "ns".into(),
+                service: "web".into(),
+                port_name: "http".into(),
+                protocol: v1::Protocol::Tcp as i32,
+                family: v1::IpFamily::Ipv4 as i32,
+                port: 80,
+                cluster_ip: "10.96.0.10".into(),
+                cluster_endpoints: vec![v1::Endpoint {
+                    ip: "10.1.0.2".into(),
+                    port: 8080,
+                    local: false,
+                    ready: true,
+                }],
+                serving_ips: vec!["10.1.0.2".into()],
+                ..Default::default()
+            }),
+        );
+        let change = v1::Change {
+            resources: vec![port],
+            ..Default::default()
+        };
+        let mut state = AppliedState::unknown(0);
+        let diff = crate::diff::diff(&state, &change, &TableName::default()).unwrap();
+        state.commit(diff, std::time::SystemTime::UNIX_EPOCH);
+        state
+    }
+
+    #[test]
+    fn drift_is_listed_as_an_nft_diff_kernel_against_applied() {
+        let state = one_port();
+        let key_of = |set: &str, text: &str| {
+            let set = SetId::parse(set).unwrap();
+            (set, crate::parse::element_key(set, text).unwrap())
+        };
+        let (_, ours) = key_of("service-ips", "10.96.0.10 . tcp . 80");
+        let (_, foreign) = key_of("service-ips", "10.96.0.99 . udp . 53");
+        let mut damage = Damage::default();
+        damage.elements.insert((Family::V4, ours), Presence::Absent);
+        damage
+            .elements
+            .insert((Family::V4, foreign), Presence::Present);
+        damage
+            .foreign_chains
+            .insert((Family::V4, ForeignName::new("evil").unwrap()));
+        let lines = diff_lines(&state, &damage, &TableName::default());
+        assert_eq!(
+            lines,
+            [
+                "- element ip kubenft service-ips { 10.96.0.10 . tcp . 80 : goto svc-cluster }",
+                "+ element ip kubenft service-ips { 10.96.0.99 . udp . 53 }",
+                "+ chain ip kubenft evil # another program's",
+            ]
+        );
+        // A key the kernel holds with another value shows both sides.
+        let mut changed = Damage::default();
+        changed
+            .elements
+            .insert((Family::V4, ours), Presence::Present);
+        assert_eq!(
+            diff_lines(&state, &changed, &TableName::default()),
+            [
+                "- element ip kubenft service-ips { 10.96.0.10 . tcp . 80 : goto svc-cluster }",
+                "+ element ip kubenft service-ips { 10.96.0.10 . tcp . 80 } # another value",
+            ]
+        );
+        assert!(diff_lines(&state, &Damage::default(), &TableName::default()).is_empty());
+        assert_eq!(
+            diff_lines(&state, &Damage::full(), &TableName::default()).len(),
+            1
+        );
     }
 }

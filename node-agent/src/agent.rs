@@ -184,6 +184,7 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         table: cfg.table.clone(),
         state: applier.state().clone(),
         nft: nft.clone(),
+        applier: applier.clone(),
     };
     tracing::info!(node = %cfg.node_name, table = %cfg.table, controllers = ?cfg.controllers, "agent starting");
 

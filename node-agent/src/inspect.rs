@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::applier::SharedState;
+use crate::applier::{Applier, SharedState};
 use crate::metrics::Metrics;
 use crate::nft::{Nft, TableName};
 use kubenft_nft::rules::Family;
@@ -22,7 +22,12 @@ pub struct Inspect<N> {
     pub table: TableName,
     pub state: SharedState,
     pub nft: Arc<N>,
+    /// For the drift check, which lists the kernel as the drift loop does.
+    pub applier: Arc<Applier<N>>,
 }
+
+/// Times the drift check starts again when a change commits during its listing.
+const DRIFT_ATTEMPTS: usize = 3;
 
 #[tonic::async_trait]
 impl<N: Nft> AgentInspect for Inspect<N> {
@@ -67,6 +72,36 @@ impl<N: Nft> AgentInspect for Inspect<N> {
                 .concat()
         };
         Ok(Response::new(v1::NftText { text }))
+    }
+
+    async fn get_drift(
+        &self,
+        _: Request<v1::GetDriftRequest>,
+    ) -> Result<Response<v1::Drift>, Status> {
+        let unavailable = |e: crate::nft::NftError| Status::unavailable(e.to_string());
+        for _ in 0..DRIFT_ATTEMPTS {
+            let mut damage = self.applier.check_structure().await.map_err(unavailable)?;
+            if !damage.full {
+                match self.applier.verify_content().await.map_err(unavailable)? {
+                    Some(content) => damage.merge(content),
+                    None => continue,
+                }
+            }
+            let state = self.state.read();
+            let mut lines = kubenft_nft::repair::diff_lines(&state, &damage, &self.table);
+            if !state.is_synced() {
+                lines.push("# nothing applied yet: what the kernel holds is not known".into());
+            }
+            let dataplane = self.applier.dataplane().subscribe().borrow().state;
+            return Ok(Response::new(v1::Drift {
+                in_sync: lines.is_empty(),
+                lines,
+                dataplane,
+            }));
+        }
+        Err(Status::unavailable(
+            "changes kept committing during the check: ask again",
+        ))
     }
 }
 

@@ -609,3 +609,72 @@ async fn tables_from_before_the_set_rename_are_brought_up_to_date() {
     assert_eq!(handle_after, handle_before, "a table was recreated");
     fx.stop().await;
 }
+
+/// GetDrift, as grpcurl calls it, with no repair running: what other programs did is listed
+/// as one diff in nft syntax, kernel against applied; after the repair it is in sync again.
+#[tokio::test]
+async fn get_drift_lists_what_the_kernel_holds_against_what_was_applied() {
+    use kubenft_agent::inspect::Inspect;
+    use kubenft_proto::v1::agent_inspect_server::AgentInspect;
+    if !common::require_root() {
+        return;
+    }
+    let fx = Fixture::start(false).await;
+    let inspect = Inspect {
+        node: "a".into(),
+        table: TableName::new(TABLE).unwrap(),
+        state: fx.applier.state().clone(),
+        nft: Arc::new(NftCli::in_netns(&fx.ns.0)),
+        applier: fx.applier.clone(),
+    };
+    let drift = || async {
+        inspect
+            .get_drift(tonic::Request::new(v1::GetDriftRequest {}))
+            .await
+            .expect("GetDrift answers")
+            .into_inner()
+    };
+    let clean = drift().await;
+    assert!(clean.in_sync && clean.lines.is_empty(), "{clean:?}");
+
+    fx.nft("delete element ip kubenft service-ips { 10.96.0.10 . tcp . 80 }");
+    fx.nft("add element ip6 kubenft service-ips { fd00:10:96::99 . tcp . 80 : drop }");
+    fx.nft("add chain ip kubenft evil");
+    let dirty = drift().await;
+    assert!(!dirty.in_sync, "{dirty:?}");
+    let has = |prefix: &str| dirty.lines.iter().any(|l| l.starts_with(prefix));
+    assert!(
+        has("- element ip kubenft service-ips { 10.96.0.10 . tcp . 80 : "),
+        "the deleted element is listed as applied and missing: {:#?}",
+        dirty.lines
+    );
+    assert!(
+        has("+ element ip6 kubenft service-ips { fd00:10:96::99 . tcp . 80 }"),
+        "the foreign element is listed as held and not applied: {:#?}",
+        dirty.lines
+    );
+    assert!(
+        dirty
+            .lines
+            .contains(&"+ chain ip kubenft evil # another program's".to_owned()),
+        "{:#?}",
+        dirty.lines
+    );
+    assert_eq!(
+        dirty.lines.len(),
+        3,
+        "only what changed: {:#?}",
+        dirty.lines
+    );
+
+    // Repaired, the diff is empty again.
+    let mut damage = fx.applier.check_structure().await.unwrap();
+    damage.merge(fx.applier.verify_content().await.unwrap().unwrap());
+    fx.applier.repair(&damage).await.unwrap();
+    let repaired = drift().await;
+    assert!(
+        repaired.in_sync && repaired.lines.is_empty(),
+        "{repaired:?}"
+    );
+    fx.stop().await;
+}

@@ -115,6 +115,11 @@ fn grpcurl_inspects_the_controller_and_an_agent() {
         text.contains("10.96.0.90"),
         "GetNftText lacks the ClusterIP: {text}"
     );
+    // GetDrift: the kernel holds what was applied (grpcurl omits false and empty fields).
+    let drift = call("GetDrift");
+    assert_eq!(drift["inSync"], true, "GetDrift: {drift}");
+    assert_eq!(drift["dataplane"], "DATAPLANE_CONVERGED", "GetDrift: {drift}");
+    assert!(drift["lines"].is_null(), "GetDrift: {drift}");
 }
 
 fn rejected(c: &Cluster) -> Vec<Value> {
