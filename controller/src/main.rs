@@ -45,7 +45,7 @@ fn init_tracing(format: LogFormat) {
         // A closed stderr must not turn every log line into a panic of the task logging it.
         .log_internal_errors(false);
     match format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
 }

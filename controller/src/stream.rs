@@ -665,9 +665,16 @@ impl Session {
                 let outgoing = self.start(desired, diff, permit);
                 let deadline = self.in_flight.as_ref().map(|f| f.deadline);
                 let payload = !outgoing.resources.is_empty() || !outgoing.removed.is_empty();
-                let mut bytes = 0;
+                let (change_id, resources, removed) = (
+                    outgoing.change_id,
+                    outgoing.resources.len(),
+                    outgoing.removed.len(),
+                );
+                let version = outgoing.system_version.clone();
+                let (mut bytes, mut parts) = (0, 0);
                 for part in outgoing.parts(PART_BYTES) {
                     bytes += part.encoded_len();
+                    parts += 1;
                     let message = ControllerMessage {
                         message: Some(controller_message::Message::Change(part)),
                     };
@@ -684,6 +691,9 @@ impl Session {
                 }
                 if payload {
                     self.metrics.pushed(&self.node, bytes);
+                    // One line per push, with the node on the line itself (not only in the
+                    // span), so a log search by node finds it in either format.
+                    info!(node = %self.node, change_id, resources, removed, parts, bytes, %version, "pushed a change");
                 }
             }
             // A refused change waits for its retry only while nothing is in flight.
@@ -870,7 +880,7 @@ impl Session {
                 let error = short_error(&nack.error);
                 let delay = retry_delay(self.retries);
                 // Debug formatting: the agent's text cannot start a log line of its own.
-                warn!(version = %system_version, ?error, retries = self.retries, retry_in_ms = delay.as_millis() as u64, "agent refused a change");
+                warn!(node = %self.node, version = %system_version, ?error, retries = self.retries, retry_in_ms = delay.as_millis() as u64, "agent refused a change");
                 self.metrics.node_nacked(&self.node);
                 let due = tokio::time::Instant::now() + delay;
                 self.hub

@@ -118,7 +118,10 @@ fn grpcurl_inspects_the_controller_and_an_agent() {
     // GetDrift: the kernel holds what was applied (grpcurl omits false and empty fields).
     let drift = call("GetDrift");
     assert_eq!(drift["inSync"], true, "GetDrift: {drift}");
-    assert_eq!(drift["dataplane"], "DATAPLANE_CONVERGED", "GetDrift: {drift}");
+    assert_eq!(
+        drift["dataplane"], "DATAPLANE_CONVERGED",
+        "GetDrift: {drift}"
+    );
     assert!(drift["lines"].is_null(), "GetDrift: {drift}");
 }
 
