@@ -10,6 +10,7 @@
 
 pub mod cli;
 mod cores;
+pub mod events;
 pub mod http;
 pub mod hub;
 pub mod inspect;
@@ -133,6 +134,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let metrics = Arc::new(Metrics::new());
     let (inputs_tx, inputs_rx) = watch::channel::<Option<Arc<Inputs>>>(None);
 
+    let from_api_server = matches!(config.source, cli::SourceArg::Kube);
     let source_task = match config.source {
         cli::SourceArg::Dir(dir) => tokio::spawn(source::run_dir(
             dir,
@@ -159,13 +161,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
     ));
 
-    let mut signer_tasks = tokio::task::JoinSet::new();
+    let mut api_tasks = tokio::task::JoinSet::new();
+    // Refused objects become Events on them, when they come from the API server.
+    if let (true, Some(client)) = (from_api_server, client.clone()) {
+        api_tasks.spawn(events::run(client, hub.clone(), shutdown.clone()));
+    }
     if let (Some(started), Some(client)) = (signer, client) {
         let lifetime = started.config.policy.max_duration;
         if let Some((serving, due)) = started.config.serving.zip(started.serving_due) {
-            signer_tasks.spawn(serving.renew(started.ca.clone(), lifetime, due, shutdown.clone()));
+            api_tasks.spawn(serving.renew(started.ca.clone(), lifetime, due, shutdown.clone()));
         }
-        signer_tasks.spawn(signer::run(
+        api_tasks.spawn(signer::run(
             client,
             started.ca,
             started.config.policy,
@@ -199,7 +205,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let _ = tokio::join!(
         source_task,
         planner_task,
-        signer_tasks.join_all(),
+        api_tasks.join_all(),
         drain(sessions)
     );
     result

@@ -362,3 +362,43 @@ async fn connect_agent(
         .into_inner();
     (tx, inbound)
 }
+
+/// A refused Service becomes one Warning Event on it (what `kubectl describe` shows), and
+/// is not said again on every round while the refusal lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_object_gets_one_warning_event() {
+    let api = fake().await;
+    let mut bad = service("bad", "10.96.0.11");
+    bad["spec"]["type"] = json!("NodePort");
+    bad["spec"]["ports"][0]["nodePort"] = json!(80);
+    api.apply(bad).unwrap();
+    let c = Controller::start(&api).await;
+    let about_bad =
+        |e: &Value| e["regarding"]["name"] == "bad" && e["regarding"]["kind"] == "Service";
+    c.wait_for("an Event on default/bad", || async {
+        api.list(Kind::Event).iter().any(about_bad)
+    })
+    .await;
+    let events: Vec<Value> = api
+        .list(Kind::Event)
+        .into_iter()
+        .filter(about_bad)
+        .collect();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e["metadata"]["namespace"], "default", "{e}");
+    assert_eq!(e["type"], "Warning", "{e}");
+    assert_eq!(e["reason"], "Rejected", "{e}");
+    assert_eq!(e["reportingController"], "kubenft.io/controller", "{e}");
+    let note = e["note"].as_str().unwrap_or_default();
+    assert!(note.starts_with("spec.ports[0].nodePort: "), "{e}");
+    // Two more rounds: still one Event, and the good Service got none.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    let all = api.list(Kind::Event);
+    assert_eq!(all.iter().filter(|e| about_bad(e)).count(), 1, "{all:#?}");
+    assert!(
+        all.iter().all(|e| e["regarding"]["name"] != "web"),
+        "{all:#?}"
+    );
+    c.stop().await;
+}

@@ -22,22 +22,26 @@ pub enum Kind {
     Secret,
     ConfigMap,
     CertificateSigningRequest,
+    /// `events.k8s.io/v1` Events (the controller reports refused objects with them).
+    Event,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
         Kind::Secret,
         Kind::ConfigMap,
         Kind::CertificateSigningRequest,
+        Kind::Event,
     ];
 
     pub fn api_version(self) -> &'static str {
         match self.group() {
             "" => "v1",
             "discovery.k8s.io" => "discovery.k8s.io/v1",
+            "events.k8s.io" => "events.k8s.io/v1",
             _ => "certificates.k8s.io/v1",
         }
     }
@@ -48,6 +52,7 @@ impl Kind {
             Kind::Service | Kind::Node | Kind::Secret | Kind::ConfigMap => "",
             Kind::EndpointSlice => "discovery.k8s.io",
             Kind::CertificateSigningRequest => "certificates.k8s.io",
+            Kind::Event => "events.k8s.io",
         }
     }
 
@@ -59,6 +64,7 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::ConfigMap => "ConfigMap",
             Kind::CertificateSigningRequest => "CertificateSigningRequest",
+            Kind::Event => "Event",
         }
     }
 
@@ -70,6 +76,7 @@ impl Kind {
             Kind::Secret => "secrets",
             Kind::ConfigMap => "configmaps",
             Kind::CertificateSigningRequest => "certificatesigningrequests",
+            Kind::Event => "events",
         }
     }
 
@@ -97,6 +104,7 @@ impl Kind {
         match self.group() {
             "" => "/api/v1",
             "discovery.k8s.io" => "/apis/discovery.k8s.io/v1",
+            "events.k8s.io" => "/apis/events.k8s.io/v1",
             _ => "/apis/certificates.k8s.io/v1",
         }
     }

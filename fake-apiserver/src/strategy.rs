@@ -62,7 +62,7 @@ pub fn prepare_create(kind: Kind, object: &mut Value, user: &UserInfo) -> Result
             errs.extend(config_key_problems(object));
         }
         Kind::ConfigMap => errs.extend(config_key_problems(object)),
-        Kind::Service | Kind::EndpointSlice | Kind::Node => {}
+        Kind::Service | Kind::EndpointSlice | Kind::Node | Kind::Event => {}
     }
     refuse(kind, &name, errs)
 }

@@ -107,6 +107,7 @@ fn every_role_grants_only_what_its_component_uses() {
             "discovery.k8s.io/endpointslices:get",
             "discovery.k8s.io/endpointslices:list",
             "discovery.k8s.io/endpointslices:watch",
+            "events.k8s.io/events:create",
         ])
     );
     // Approve and sign for kubenft's signer name only.
