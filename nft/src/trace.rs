@@ -371,8 +371,7 @@ impl<'a> Tracer<'_, 'a> {
         if let Some(&(chain, owner)) = self.t.service_ips.get(&key) {
             let what = self.address_kind(owner, f.destination);
             self.step(format!(
-                "{} {} port {}/{} is the {what} of Service port {owner}",
-                what,
+                "{} port {}/{} is the {what} of Service port {owner}",
                 f.destination,
                 f.port,
                 upper(f.protocol)
@@ -451,9 +450,13 @@ impl<'a> Tracer<'_, 'a> {
                     return false;
                 }
                 let local = cidrs.iter().any(|n| n.contains(&f.source));
-                let is = if local { "is" } else { "is not" };
+                let (is, from) = if local {
+                    ("is", "from this node's pods")
+                } else {
+                    ("is not", "not from this node's pods")
+                };
                 self.step(format!(
-                    "source {is} in the local pod CIDRs [{}]: {is} this node's pod traffic",
+                    "source {is} in the local pod CIDRs [{}]: {from}",
                     list(&cidrs)
                 ));
                 local

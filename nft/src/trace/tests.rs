@@ -134,7 +134,7 @@ fn cluster_ip_masquerades_only_what_is_not_from_this_nodes_pods() {
     assert_eq!(eps(&from_pod), BOTH);
     assert!(!from_pod.masquerade);
     assert_eq!(from_pod.service_port.as_deref(), Some(NAME));
-    assert!(says(&from_pod, "ClusterIP 10.96.0.10 port 80/TCP"));
+    assert!(says(&from_pod, "10.96.0.10 port 80/TCP is the ClusterIP"));
     assert!(says(&from_pod, "internalTrafficPolicy Cluster"));
     // A pod of another node, an external client and the node itself are masqueraded.
     for src in ["10.244.2.30", EXTERNAL, NODE_IP] {
