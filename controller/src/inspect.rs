@@ -171,7 +171,12 @@ impl ControllerInspect for InspectService {
         request: Request<TraceRequest>,
     ) -> Result<Response<TraceResponse>, Status> {
         let req = request.into_inner();
-        let node = required(&req.node, "node")?;
+        let node = req.node.as_str();
+        if node.is_empty() {
+            return Err(Status::invalid_argument(
+                "node: required (the node whose rules answer)",
+            ));
+        }
         if !self.hub.knows(node) {
             return Err(Status::invalid_argument(format!(
                 "node: no node {node:?} (neither a Node object nor a connected agent)"
