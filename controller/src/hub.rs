@@ -394,6 +394,12 @@ impl Hub {
         }
     }
 
+    /// Whether the controller knows `node`: a Node object, or an agent that connected.
+    pub fn knows(&self, node: &str) -> bool {
+        let directory = self.directory.lock();
+        directory.nodes.contains_key(node) || directory.catalog.nodes().contains_key(node)
+    }
+
     /// The facts the hub holds for a node (for explanations).
     pub fn facts(&self, node: &str) -> AgentFacts {
         match self.entry(node) {

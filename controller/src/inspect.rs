@@ -3,12 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kubenft_nft::rules::Spec;
+use kubenft_nft::trace::{Flow, NodeView, trace};
 use kubenft_proto::release;
 use kubenft_proto::v1::{
     GetNodeRulesRequest, GetServiceRequest, ListNodesRequest, ListNodesResponse,
     ListRejectedRequest, ListRejectedResponse, NodeRuleSet, NodeStatus, ObjectError, Resource,
-    ServiceView, controller_inspect_server::ControllerInspect, resource,
+    ServiceView, TraceRequest, TraceResponse, controller_inspect_server::ControllerInspect,
+    resource,
 };
+use std::net::IpAddr;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
@@ -159,4 +163,79 @@ impl ControllerInspect for InspectService {
         let errors = self.hub.rejections().iter().map(object_error).collect();
         Ok(Response::new(ListRejectedResponse { errors }))
     }
+
+    /// The agent's own trace function over the rule set computed for the node, with the
+    /// controller's notes on the Service that matched (topology, refused endpoints...).
+    async fn trace(
+        &self,
+        request: Request<TraceRequest>,
+    ) -> Result<Response<TraceResponse>, Status> {
+        let req = request.into_inner();
+        let node = req.node.as_str();
+        if node.is_empty() {
+            return Err(Status::invalid_argument(
+                "node: required (the node whose rules answer)",
+            ));
+        }
+        if !self.hub.knows(node) {
+            return Err(Status::invalid_argument(format!(
+                "node: no node {node:?} (neither a Node object nor a connected agent)"
+            )));
+        }
+        let flow = Flow::from_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let rules = self.hub.rules_for(node);
+        let mut refused = Vec::new();
+        let specs: Vec<(&str, Spec)> = rules
+            .iter()
+            .filter_map(|r| match kubenft_nft::rules::validate(r) {
+                Ok(spec) => Some((r.name.as_str(), spec)),
+                Err(e) => {
+                    refused.push(format!("left out, as the agent would refuse it: {e}"));
+                    None
+                }
+            })
+            .collect();
+        let addresses = self.node_addresses(node);
+        let view = NodeView {
+            resources: specs.iter().map(|(n, s)| (*n, s)).collect(),
+            addresses: &addresses,
+        };
+        let traced = trace(&view, &flow);
+        let mut answer = traced.to_response(node, &rules.system_version);
+        answer.steps.splice(0..0, refused);
+        if let Some((namespace, name)) = traced.service_port.as_deref().and_then(service_of) {
+            let id = ObjectName { namespace, name };
+            let notes = self.hub.catalog().explain(&self.hub.facts(node), &id);
+            answer
+                .steps
+                .extend(notes.into_iter().map(|n| format!("controller: {n}")));
+        }
+        Ok(Response::new(answer))
+    }
+}
+
+impl InspectService {
+    /// The node's addresses as the controller knows them: its Node's InternalIPs and what
+    /// its agent reported.
+    fn node_addresses(&self, node: &str) -> Vec<IpAddr> {
+        let mut addresses: Vec<IpAddr> = self
+            .hub
+            .catalog()
+            .nodes()
+            .get(node)
+            .map(|n| n.internal_ips.clone())
+            .unwrap_or_default();
+        addresses.extend(self.hub.facts(node).agent_addresses);
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+}
+
+/// The Service of a port resource named `<namespace>/<service>/<protocol>/<port>/<family>`.
+fn service_of(resource: &str) -> Option<(String, String)> {
+    let mut parts = resource.split('/');
+    let namespace = parts.next()?;
+    let name = parts.next()?;
+    Some((namespace.to_owned(), name.to_owned()))
 }

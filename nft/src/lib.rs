@@ -22,6 +22,7 @@ pub mod parse;
 pub mod render;
 pub mod repair;
 pub mod rules;
+pub mod trace;
 pub mod transaction;
 
 pub use objects::*;

@@ -504,6 +504,7 @@ mod tests {
             addr: ip.parse().unwrap(),
             port: Port::new(8080).unwrap(),
             local,
+            ready: true,
         }
     }
 

@@ -109,6 +109,9 @@ pub struct Endpoint {
     pub port: Port,
     /// Runs on this node (its pod IP gets hairpin masquerade).
     pub local: bool,
+    /// Ready, not merely serving while terminating (rendering ignores it; Trace reports a
+    /// fallback to terminating endpoints).
+    pub ready: bool,
 }
 
 /// A validated `ServicePortRules`: one Service port in one family as this node enforces it.
@@ -383,6 +386,7 @@ fn service_port(sp: &v1::ServicePortRules) -> Result<ServicePort, FieldError> {
                     addr: ip(&format!("{field}.ip"), &ep.ip)?,
                     port: parse_port(ep.port).map_err(|r| (format!("{field}.port"), r))?,
                     local: ep.local,
+                    ready: ep.ready,
                 })
             })
             .collect()

@@ -66,8 +66,12 @@ pub enum AddrsError {
 /// Every address of the node's interfaces as selected above, sorted, without duplicates.
 /// An error is never an empty list: the caller must not report "no addresses" for it.
 pub async fn node_addresses() -> Result<Vec<String>, AddrsError> {
-    let addrs = tokio::task::spawn_blocking(read_addresses).await??;
-    Ok(addrs.iter().map(ToString::to_string).collect())
+    Ok(node_ips().await?.iter().map(ToString::to_string).collect())
+}
+
+/// [`node_addresses`] as addresses.
+pub async fn node_ips() -> Result<Vec<IpAddr>, AddrsError> {
+    tokio::task::spawn_blocking(read_addresses).await?
 }
 
 fn read_addresses() -> Result<Vec<IpAddr>, AddrsError> {

@@ -16,6 +16,7 @@ use crate::applier::{Applier, SharedState};
 use crate::metrics::Metrics;
 use crate::nft::{Nft, TableName};
 use kubenft_nft::rules::Family;
+use kubenft_nft::trace::{Flow, NodeView, trace};
 
 pub struct Inspect<N> {
     pub node: String,
@@ -102,6 +103,34 @@ impl<N: Nft> AgentInspect for Inspect<N> {
         Err(Status::unavailable(
             "changes kept committing during the check: ask again",
         ))
+    }
+
+    /// From what this node has applied, and its addresses as the kernel holds them now.
+    async fn trace(
+        &self,
+        request: Request<v1::TraceRequest>,
+    ) -> Result<Response<v1::TraceResponse>, Status> {
+        let req = request.into_inner();
+        if !req.node.is_empty() && req.node != self.node {
+            return Err(Status::invalid_argument(format!(
+                "node: this agent is node {:?}, not {:?} (ask the controller about other nodes)",
+                self.node, req.node
+            )));
+        }
+        let flow = Flow::from_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let addresses = crate::addrs::node_ips()
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the node's addresses: {e}")))?;
+        let state = self.state.read();
+        let view = NodeView {
+            resources: state
+                .applied()
+                .map(|a| (a.name.as_str(), &a.spec))
+                .collect(),
+            addresses: &addresses,
+        };
+        let answer = trace(&view, &flow).to_response(&self.node, &state.system_version());
+        Ok(Response::new(answer))
     }
 }
 

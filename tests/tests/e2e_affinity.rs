@@ -64,6 +64,12 @@ fn client_ip_affinity_sticks_switches_survives_restarts_and_releases() {
         1,
         "NodePort: not sticky: {via_np:?}"
     );
+    // Trace: any of the three for a new client, and the one this client sticks to among them.
+    for (node, from, target) in [("a", Host::Pod("client"), cip), ("b", Host::External, np)] {
+        let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(5));
+        let t = c.assert_traces_agree(node, from, (Proto::Tcp, target), &rs);
+        assert_eq!(t.endpoints.len(), 3, "{t:?}");
+    }
 
     // Off: the same client spreads over the pods.
     c.write("web.yaml", &[&web(None), &slice(&p)]);

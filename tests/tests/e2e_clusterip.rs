@@ -78,6 +78,7 @@ fn clusterip_tcp_and_udp_spread_over_all_endpoints() {
         );
         let what = format!("{}: {} {proto} to {target}", s.row, s.count);
         assert_spread(&rs, None, &s.pods, &what);
+        c.assert_traces_agree("a", Host::Pod("client"), (proto, target), &rs);
     }
 }
 
@@ -225,6 +226,8 @@ fn pod_to_clusterip_keeps_the_pod_source_address_in_each_family() {
         );
         let what = format!("{}: {} → {target}", s.row, s.client);
         assert_spread(&rs, Some(src), &["web-1", "web-2"], &what);
+        let node = c.lab.pod(s.client).node;
+        c.assert_trace_agrees(&node, Host::Pod(s.client), (Proto::Tcp, target), &rs);
     }
 }
 
@@ -293,6 +296,11 @@ fn hairpin_to_own_clusterip_is_masqueraded_to_the_node() {
         eprintln!(
             "{family:?} hairpin source: {}",
             rs[0].client().unwrap().ip()
+        );
+        let t = c.assert_trace_agrees("a", Host::Pod("solo"), (Proto::Tcp, target), &rs);
+        assert!(
+            t.masquerade,
+            "{family:?}: Trace must say hairpin is masqueraded"
         );
     }
 }
@@ -382,8 +390,16 @@ fn no_endpoints_is_refused_fast_on_clusterip_and_nodeport() {
             (Host::External, Proto::Tcp, sock(nb, tcp)),
             (Host::External, Proto::Udp, sock(nb, udp)),
         ];
+        c.assert_trace_agrees(
+            "a",
+            Host::Pod("client"),
+            (Proto::Tcp, sock(ip, 80)),
+            &[ProbeResult::Refused],
+        );
         for (from, proto, target) in cases {
             assert_refused_fast(&c, from, proto, target, &row);
+            let node = if target.ip() == nb { "b" } else { "a" };
+            c.assert_trace_agrees(node, from, (proto, target), &[ProbeResult::Refused]);
         }
     }
 }

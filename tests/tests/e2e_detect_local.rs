@@ -171,6 +171,7 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
         let rs = all_ok(c, Host::Pod("client"), target, 12);
         let t = assert_all_from(&rs, src, &format!("{mode}: local pod -> {target}"));
         eprintln!("{mode}: local pod -> {target}: {t:?}");
+        c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
     }
     // The node itself and ext are masqueraded.
     assert_host_masqueraded(c, "a", one, 41061, &format!("{mode}: node a -> ClusterIP"));
@@ -183,9 +184,11 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
     );
     let rs = all_ok(c, Host::External, one, 4);
     assert_masqueraded_to(c, &rs, "a", &format!("{mode}: ext -> ClusterIP via node a"));
+    c.assert_trace_agrees("a", Host::External, (Proto::Tcp, one), &rs);
     // Hairpin is masqueraded whatever the detector says.
     let rs = all_ok(c, Host::Pod("web-1"), one, 4);
     assert_masqueraded_to(c, &rs, "a", &format!("{mode}: web-1 -> its own ClusterIP"));
+    c.assert_trace_agrees("a", Host::Pod("web-1"), (Proto::Tcp, one), &rs);
 
     // externalTrafficPolicy Local: the local pod is sent to every endpoint with its own
     // address; ext via node a only to node a's, with its own address too.
@@ -204,6 +207,7 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
             client.ipv4.into(),
             &format!("{mode}: local pod -> {addr}"),
         );
+        c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
         let rs = all_ok(c, Host::External, target, 12);
         let t = assert_all_from(
             &rs,
@@ -211,6 +215,7 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
             &format!("{mode}: ext -> {addr} via node a"),
         );
         assert_eq!(t.get("web-1"), Some(&12), "{mode}: ext -> {addr}: {t:?}");
+        c.assert_trace_agrees("a", Host::External, (Proto::Tcp, target), &rs);
     }
     let np = sock(c.lab.node("a").ipv4, NODE_PORT);
     let rs = all_ok(c, Host::External, np, 8);
@@ -224,6 +229,7 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
         Some(&8),
         "{mode}: ext -> node a NodePort: {t:?}"
     );
+    c.assert_trace_agrees("a", Host::External, (Proto::Tcp, np), &rs);
 
     // Who else is local.
     borrow_addresses(c);
@@ -239,6 +245,8 @@ fn check_mode(c: &Cluster, mode: &str, expect: Expect) {
         } else {
             assert_masqueraded_to(c, &rs, "a", &format!("{what} (not local: masqueraded)"));
         }
+        let from = (Host::External, ip(src));
+        c.assert_trace_agrees_from("a", from, (Proto::Tcp, one), &rs);
     }
 }
 

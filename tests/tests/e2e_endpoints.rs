@@ -142,6 +142,8 @@ fn hairpin_with_several_endpoints_masquerades_only_the_self_hits() {
             );
         }
     }
+    let t = c.assert_traces_agree("a", Host::Pod("web-1"), (Proto::Tcp, target), &rs);
+    assert!(!t.masquerade && t.hairpin.len() == 1, "{t:?}");
 }
 
 /// §5.16: internalTrafficPolicy Local with the only endpoint on node a. A pod on node a
@@ -168,7 +170,9 @@ fn internal_traffic_policy_local_serves_only_clients_on_the_endpoint_node() {
 
     let rs = assert_only(&c, Host::Pod("client-a"), target, 5, "web-a", "pod on a");
     assert_all_from(&rs, ca.ipv4.into(), "pod on a keeps its address");
-    assert_only(
+    let t = c.assert_traces_agree("a", Host::Pod("client-a"), (Proto::Tcp, target), &rs);
+    assert!(t.says("internalTrafficPolicy Local"), "{t:?}");
+    let rs = assert_only(
         &c,
         Host::Node("a"),
         target,
@@ -176,8 +180,12 @@ fn internal_traffic_policy_local_serves_only_clients_on_the_endpoint_node() {
         "web-a",
         "node a (host network)",
     );
+    c.assert_trace_agrees("a", Host::Node("a"), (Proto::Tcp, target), &rs);
     assert_dropped(&c, Host::Pod("client-b"), target, 5, "pod on b");
     assert_dropped(&c, Host::Node("b"), target, 5, "node b (host network)");
+    let timeout = [ProbeResult::Timeout];
+    c.assert_traces_agree("b", Host::Pod("client-b"), (Proto::Tcp, target), &timeout);
+    c.assert_trace_agrees("b", Host::Node("b"), (Proto::Tcp, target), &timeout);
 }
 
 /// §5.20: an endpoint flipped to ready=false, serving=true, terminating=false gets no new
@@ -210,7 +218,8 @@ fn not_ready_endpoint_gets_no_new_traffic_while_others_are_ready() {
         &[&svc, &slice(Some(Cond::READY), Cond::SERVING_NOT_READY)],
     );
     wait_applied(&c, &before, "web-2 not ready");
-    assert_only(&c, from, target, 30, "web-1", "web-2 is not ready");
+    let rs = assert_only(&c, from, target, 30, "web-1", "web-2 is not ready");
+    c.assert_trace_agrees("a", from, (Proto::Tcp, target), &rs);
 
     // Ready again: it is used again (the exclusion was the condition, nothing else).
     c.write("web.yaml", &[&svc, &slice(Some(Cond::READY), Cond::READY)]);
@@ -226,6 +235,7 @@ fn not_ready_endpoint_gets_no_new_traffic_while_others_are_ready() {
         CONVERGE,
         |r| matches!(r, ProbeResult::Refused),
     );
+    c.assert_trace_agrees("a", from, (Proto::Tcp, target), &[ProbeResult::Refused]);
 }
 
 /// §5.21: internal and external traffic policy Cluster, NodePort Service whose only
@@ -280,6 +290,11 @@ fn terminating_fallback_keeps_clusterip_and_nodeports_with_cluster_policies() {
                 &format!("round {round}: {from:?} -> {target} (terminating fallback)"),
             );
         }
+    }
+    for ((from, target), node) in checks.into_iter().zip(["a", "b", "a", "b"]) {
+        let rs = assert_only(&c, from, target, 2, "web-b", "terminating fallback");
+        let t = c.assert_traces_agree(node, from, (Proto::Tcp, target), &rs);
+        assert!(t.says("terminating"), "{t:?}");
     }
 }
 
@@ -344,6 +359,8 @@ fn terminating_fallback_with_local_policies_stays_on_the_endpoint_node() {
         "pod on a -> ClusterIP",
     );
     assert_dropped(&c, Host::Pod("client-b"), cip, 3, "pod on b -> ClusterIP");
+    let timeout = [ProbeResult::Timeout];
+    c.assert_trace_agrees("b", Host::Pod("client-b"), (Proto::Tcp, cip), &timeout);
     let rs = assert_only(
         &c,
         Host::External,
@@ -353,7 +370,10 @@ fn terminating_fallback_with_local_policies_stays_on_the_endpoint_node() {
         "ext -> node a NodePort",
     );
     assert_all_from(&rs, EXT_V4.into(), "ETP Local keeps ext's address");
+    let t = c.assert_traces_agree("a", Host::External, (Proto::Tcp, np_a), &rs);
+    assert!(t.says("terminating"), "{t:?}");
     assert_dropped(&c, Host::External, np_b, 3, "ext -> node b NodePort");
+    c.assert_traces_agree("b", Host::External, (Proto::Tcp, np_b), &timeout);
     // Still 503 while the traffic above flowed.
     let (code, body) = c.http_get(Host::External, &hc_a);
     assert_eq!(code, 503, "{body}");
@@ -419,6 +439,8 @@ fn terminating_not_serving_endpoint_is_refused_on_clusterip_and_nodeports() {
             &ProbeOpts::count(3).timeout(DROP_WAIT),
         );
         assert_eq!(rs, vec![ProbeResult::Refused; 3], "{from:?} -> {target}");
+        let node = if target == np_b { "b" } else { "a" };
+        c.assert_traces_agree(node, from, (Proto::Tcp, target), &rs);
     }
 }
 
@@ -479,7 +501,8 @@ fn cluster_and_local_sets_fall_back_to_terminating_independently() {
         "ext -> node a NodePort",
     );
     assert_all_from(&rs, EXT_V4.into(), "ETP Local keeps ext's address");
-    assert_only(
+    c.assert_traces_agree("a", Host::External, (Proto::Tcp, np_a), &rs);
+    let rs = assert_only(
         &c,
         Host::External,
         np_b,
@@ -487,6 +510,9 @@ fn cluster_and_local_sets_fall_back_to_terminating_independently() {
         "web-b",
         "ext -> node b NodePort",
     );
+    c.assert_traces_agree("b", Host::External, (Proto::Tcp, np_b), &rs);
+    let rs = assert_only(&c, Host::Pod("client-a"), cip, 10, "web-b", "ClusterIP");
+    c.assert_trace_agrees("a", Host::Pod("client-a"), (Proto::Tcp, cip), &rs);
 }
 
 /// Row 18, topology hints (nodes labelled zone-a and zone-b). With zone hints on every
@@ -527,6 +553,8 @@ fn topology_hints_filter_cluster_endpoints_all_or_nothing() {
     assert_eq!(seen, set(&["web-a1", "web-b2"]), "zone-a client");
     let seen = servers_seen(&c, from_b, cip, 20, "zone-b client");
     assert_eq!(seen, set(&["web-b1"]), "zone-b client");
+    assert_topology_traced(&c, "a", from_a, cip);
+    assert_topology_traced(&c, "b", from_b, cip);
 
     // web-b1 loses its hint: the hints are incomplete, so no endpoint is filtered anywhere.
     let partly_hinted = base()
@@ -563,6 +591,21 @@ fn topology_hints_filter_cluster_endpoints_all_or_nothing() {
         servers_seen(&c, from_b, cip, 30, "node b client"),
         set(&["web-b1", "web-b2"])
     );
+    assert_topology_traced(&c, "a", from_a, cip);
+    assert_topology_traced(&c, "b", from_b, cip);
+}
+
+/// Trace on `node` agrees with `from`'s connections to `cip`, and the controller's says that
+/// topology hints chose the endpoints.
+#[track_caller]
+fn assert_topology_traced(c: &Cluster, node: &str, from: Host<'_>, cip: SocketAddr) {
+    let rs = c.probe(from, Proto::Tcp, cip, &ProbeOpts::count(10));
+    c.assert_traces_agree(node, from, (Proto::Tcp, cip), &rs);
+    let src = c.source_of(from, cip);
+    let t = c
+        .controller_trace(node, src, cip, Proto::Tcp, None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(t.says("topology hints"), "{:#?}", t.raw);
 }
 
 /// Starts an echo server named `name` in node `node`'s own network namespace (a

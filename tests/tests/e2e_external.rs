@@ -183,6 +183,7 @@ fn external_ip_is_served_to_pods_hosts_and_ext_until_removed() {
 
     let rs = all_ok(&c, Host::External, target, 8);
     assert_masqueraded_to(&c, &rs, "a", "ext -> externalIP via node a (ETP=Cluster)");
+    c.assert_traces_agree("a", Host::External, (Proto::Tcp, target), &rs);
     let rs = all_ok(&c, Host::Pod("client"), target, 8);
     assert!(
         rs.iter()
@@ -190,8 +191,10 @@ fn external_ip_is_served_to_pods_hosts_and_ext_until_removed() {
         "pod -> externalIP (ETP=Cluster) must be masqueraded: {rs:?}"
     );
     assert_masqueraded_to(&c, &rs, "b", "pod -> externalIP (ETP=Cluster)");
+    c.assert_trace_agrees("b", Host::Pod("client"), (Proto::Tcp, target), &rs);
     let r = from_host(&c, "b", target, 41035);
     assert_host_masqueraded(&c, "b", &r, 41035, "node b host -> externalIP");
+    c.assert_trace_agrees("b", Host::Node("b"), (Proto::Tcp, target), &[r]);
     all_ok(&c, Host::Node("a"), target, 4);
     // Only the Service port is captured on the externalIP.
     assert_times_out(
@@ -204,6 +207,7 @@ fn external_ip_is_served_to_pods_hosts_and_ext_until_removed() {
     let node_b = IpAddr::from(c.lab.node("b").ipv4);
     let what = "another port of the externalIP";
     assert_not_dnated_at(&c, "b", pod_ip, sock(ip(EXTERNAL_IP), 81), what);
+    assert_trace_not_service(&c, "b", pod_ip, sock(ip(EXTERNAL_IP), 81));
 
     // The externalIP is removed: nothing DNATs it any more.
     c.write("web.yaml", &[&svc, &slice]);
@@ -233,6 +237,8 @@ fn external_ip_is_served_to_pods_hosts_and_ext_until_removed() {
     assert_not_dnated_at(&c, "a", EXT_V4.into(), target, what);
     assert_not_dnated_at(&c, "b", pod_ip, target, what);
     assert_not_dnated_at(&c, "b", node_b, target, what);
+    assert_trace_not_service(&c, "a", EXT_V4.into(), target);
+    assert_trace_not_service(&c, "b", pod_ip, target);
     for node in ["a", "b"] {
         let t = table(&c, node);
         assert!(
@@ -276,6 +282,7 @@ fn lb_ip_is_served_and_masqueraded_while_proxy_mode_ip_is_not_programmed() {
         "ext -> LB IP (ETP=Cluster) must be masqueraded: {rs:?}"
     );
     assert_masqueraded_to(&c, &rs, "a", "ext -> LB IP via node a");
+    c.assert_traces_agree("a", Host::External, (Proto::Tcp, lb), &rs);
     let pod_ip = IpAddr::from(pod.ipv4);
     // (what, target, the node that DNATs and masquerades)
     for (what, target, node) in [
@@ -297,9 +304,16 @@ fn lb_ip_is_served_and_masqueraded_while_proxy_mode_ip_is_not_programmed() {
             "{what} (ETP=Cluster) must be masqueraded: {rs:?}"
         );
         assert_masqueraded_to(&c, &rs, node, what);
+        c.assert_trace_agrees(node, Host::Pod("client"), (Proto::Tcp, target), &rs);
     }
     let rs = all_ok(&c, Host::Pod("client"), vip("10.96.0.36:80"), 4);
     assert_all_from(&rs, pod_ip, "pod -> ClusterIP keeps its source");
+    c.assert_trace_agrees(
+        "a",
+        Host::Pod("client"),
+        (Proto::Tcp, vip("10.96.0.36:80")),
+        &rs,
+    );
 
     // ipMode Proxy: not programmed on any node, and not DNATed from anywhere.
     for node in ["a", "b"] {
@@ -317,6 +331,7 @@ fn lb_ip_is_served_and_masqueraded_while_proxy_mode_ip_is_not_programmed() {
     let node_a = IpAddr::from(c.lab.node("a").ipv4);
     for src in [EXT_V4.into(), pod_ip, node_a] {
         assert_not_dnated_at(&c, "a", src, proxy, "ipMode Proxy IP");
+        assert_trace_not_service(&c, "a", src, proxy);
     }
 }
 
@@ -355,6 +370,7 @@ fn local_policy_external_and_lb_ips_keep_ext_source_drop_without_endpoint_and_ad
         route_ext_via(&c, addr, "b");
         let rs = all_ok(&c, Host::External, target, 6);
         assert_all_from(&rs, EXT_V4.into(), &format!("ext -> {addr} via node b"));
+        c.assert_traces_agree("b", Host::External, (Proto::Tcp, target), &rs);
 
         route_ext_via(&c, addr, "a");
         assert_times_out(
@@ -364,19 +380,24 @@ fn local_policy_external_and_lb_ips_keep_ext_source_drop_without_endpoint_and_ad
             &format!("ext -> {addr} via node a (no local endpoint)"),
         );
         assert_dropped_at(&c, "a", EXT_V4.into(), target, "ETP=Local without endpoint");
+        let timeout = [ProbeResult::Timeout];
+        c.assert_traces_agree("a", Host::External, (Proto::Tcp, target), &timeout);
 
         let rs = all_ok(&c, Host::Pod("client"), target, 6);
         let t = assert_all_from(&rs, pod.ipv4.into(), &format!("node a pod -> {addr}"));
         assert_eq!(t.get("web-1"), Some(&6), "{t:?}");
+        c.assert_trace_agrees("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
 
         let sport = 41037 + n as u16;
         let r = from_host(&c, "a", target, sport);
         assert_host_masqueraded(&c, "a", &r, sport, &format!("node a host -> {addr}"));
+        c.assert_trace_agrees("a", Host::Node("a"), (Proto::Tcp, target), &[r]);
     }
     // The pod short-circuit holds for the node's own NodePort too.
     let np = sock(c.lab.node("a").ipv4, 30037);
     let rs = all_ok(&c, Host::Pod("client"), np, 4);
     assert_all_from(&rs, pod.ipv4.into(), "node a pod -> node a NodePort");
+    c.assert_trace_agrees("a", Host::Pod("client"), (Proto::Tcp, np), &rs);
 }
 
 /// §5.24 (the variants e2e_affinity.rs leaves out): with ClientIP affinity, 15 consecutive
@@ -408,16 +429,22 @@ fn client_ip_affinity_sticks_on_external_ip_lb_ip_and_nodeport() {
     c.wait_answers(Host::Pod("client"), Proto::Tcp, np, START);
     c.wait_synced(START);
 
-    for (what, from, target) in [
-        ("ext -> externalIP", Host::External, eip),
-        ("ext -> LB IP", Host::External, lb),
-        ("pod -> node b NodePort", Host::Pod("client"), np),
-        ("pod -> externalIP", Host::Pod("client"), eip),
+    for (what, from, target, node) in [
+        ("ext -> externalIP", Host::External, eip, "a"),
+        ("ext -> LB IP", Host::External, lb, "a"),
+        ("pod -> node b NodePort", Host::Pod("client"), np, "b"),
+        ("pod -> externalIP", Host::Pod("client"), eip, "a"),
     ] {
         let rs = all_ok(&c, from, target, 15);
         let servers: BTreeSet<&str> = rs.iter().filter_map(ProbeResult::server).collect();
         assert_eq!(servers.len(), 1, "{what}: not sticky: {rs:?}");
         eprintln!("{what}: always {servers:?}");
+        let t = c.assert_trace_agrees(node, from, (Proto::Tcp, target), &rs);
+        assert_eq!(
+            t.endpoints.len(),
+            3,
+            "{what}: a new client may reach any: {t:?}"
+        );
     }
 }
 
@@ -455,10 +482,13 @@ fn cluster_ip_masquerades_hosts_and_ext_but_not_pods_whatever_the_internal_polic
         c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
         let rs = all_ok(&c, Host::Pod("client"), target, 4);
         assert_all_from(&rs, pod.ipv4.into(), &format!("{what}: pod -> ClusterIP"));
+        c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
 
         let sport = 41041 + n as u16;
         let r = from_host(&c, "a", target, sport);
         assert_host_masqueraded(&c, "a", &r, sport, &format!("{what}: node a -> ClusterIP"));
+        let t = c.assert_trace_agrees("a", Host::Node("a"), (Proto::Tcp, target), &[r]);
+        assert!(t.masquerade, "{what}: node a -> ClusterIP: {t:?}");
 
         let rs = all_ok(&c, Host::External, target, 4);
         assert!(
@@ -467,6 +497,7 @@ fn cluster_ip_masquerades_hosts_and_ext_but_not_pods_whatever_the_internal_polic
             "{what}: ext -> ClusterIP must be masqueraded: {rs:?}"
         );
         assert_masqueraded_to(&c, &rs, "a", &format!("{what}: ext -> ClusterIP"));
+        c.assert_trace_agrees("a", Host::External, (Proto::Tcp, target), &rs);
     }
 }
 
@@ -486,6 +517,7 @@ fn masquerade_all_masquerades_pod_to_cluster_ip() {
         "--masquerade-all: pod -> ClusterIP must be masqueraded: {rs:?}"
     );
     assert_masqueraded_to(&c, &rs, "a", "--masquerade-all: pod -> ClusterIP");
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
 }
 
 /// The controller's lab arguments without `--cluster-cidr` (no local-traffic detector).
@@ -540,21 +572,27 @@ fn without_cluster_cidr_cluster_ips_are_not_masqueraded_and_pods_get_local_only(
     // ClusterIP: node and ext keep their sources; hairpin is still masqueraded.
     let r = from_host(&c, "a", cluster_ip, 41045);
     assert_host_not_masqueraded(&c, "a", &r, 41045, "no detector: node a -> ClusterIP");
+    let t = c.assert_trace_agrees("a", Host::Node("a"), (Proto::Tcp, cluster_ip), &[r]);
+    assert!(!t.masquerade, "no detector: node a -> ClusterIP: {t:?}");
     let rs = all_ok(&c, Host::External, cluster_ip, 4);
     assert_all_from(&rs, EXT_V4.into(), "no detector: ext -> ClusterIP");
+    c.assert_traces_agree("a", Host::External, (Proto::Tcp, cluster_ip), &rs);
     let rs = all_ok(&c, Host::Pod("web-1"), cluster_ip, 4);
     assert!(
         rs.iter()
             .all(|r| r.client().unwrap().ip() != IpAddr::from(web.ipv4)),
         "no detector: hairpin must still be masqueraded: {rs:?}"
     );
+    c.assert_trace_agrees("a", Host::Pod("web-1"), (Proto::Tcp, cluster_ip), &rs);
 
     // ETP=Local: ext via the endpoint's node keeps its source.
     let rs = all_ok(&c, Host::External, lb, 4);
     assert_all_from(&rs, EXT_V4.into(), "no detector: ext -> LB IP via node a");
+    c.assert_traces_agree("a", Host::External, (Proto::Tcp, lb), &rs);
     // A pod on the endpoint's node: local endpoint, own source.
     let rs = all_ok(&c, Host::Pod("client-a"), lb, 4);
     assert_all_from(&rs, pod_a.ipv4.into(), "no detector: node a pod -> LB IP");
+    c.assert_trace_agrees("a", Host::Pod("client-a"), (Proto::Tcp, lb), &rs);
     // A pod on a node without local endpoints: no short-circuit, dropped.
     assert_times_out(
         &c,
@@ -570,9 +608,26 @@ fn without_cluster_cidr_cluster_ips_are_not_masqueraded_and_pods_get_local_only(
     );
     let pod_b_ip = IpAddr::from(pod_b.ipv4);
     assert_dropped_at(&c, "b", pod_b_ip, lb, "no detector: node b pod -> LB IP");
+    let timeout = [ProbeResult::Timeout];
+    c.assert_traces_agree("b", Host::Pod("client-b"), (Proto::Tcp, lb), &timeout);
     // ... but its ClusterIP works for it.
     all_ok(&c, Host::Pod("client-b"), vip("10.96.0.46:80"), 2);
     // The host of that node is still short-circuited (masqueraded).
     let r = from_host(&c, "b", lb, 41046);
     assert_host_masqueraded(&c, "b", &r, 41046, "no detector: node b host -> LB IP");
+    let t = c.assert_trace_agrees("b", Host::Node("b"), (Proto::Tcp, lb), &[r]);
+    assert!(t.masquerade, "no detector: node b host -> LB IP: {t:?}");
+}
+
+/// Trace on `node` says kubenft leaves `src` → `dst` alone, as the conntrack entry showed.
+#[track_caller]
+fn assert_trace_not_service(c: &Cluster, node: &str, src: IpAddr, dst: SocketAddr) {
+    let t = c
+        .agent_trace(node, src, dst, Proto::Tcp, None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        t.verdict, "NOT_SERVICE",
+        "{src} -> {dst} on node {node}: {:#?}",
+        t.raw
+    );
 }

@@ -125,6 +125,126 @@ fn grpcurl_inspects_the_controller_and_an_agent() {
     assert!(drift["lines"].is_null(), "GetDrift: {drift}");
 }
 
+/// The real grpcurl calls both Trace RPCs with the documented request: the agent's answer
+/// (verdict, endpoints, masquerade) is what real connections from the traced source see, the
+/// controller's for that node is the same, and a bad field is INVALID_ARGUMENT naming it.
+#[test]
+fn grpcurl_traces_a_flow_on_the_agent_and_on_the_controller() {
+    let lab = Cluster::lab(&["a", "b"]);
+    let backends = pods(&lab, &[("web-1", "a"), ("web-2", "b")]);
+    let client = client(&lab, "client", "a");
+    let c = Cluster::start(lab);
+    let svc = Service::cluster_ip("web", "10.96.0.91").port("http", 80, TCP, Proto::Tcp);
+    let slice = Slice::for_service("web")
+        .port("http", TCP)
+        .endpoints(&backends, Cond::READY);
+    c.write("web.yaml", &[&svc, &slice]);
+    let target = vip("10.96.0.91:80");
+    c.wait_answers(Host::Pod("client"), Proto::Tcp, target, START);
+    c.wait_synced(START);
+
+    let request = format!(
+        r#"{{"source": "{}", "destination": "10.96.0.91", "port": 80, "protocol": "TCP"}}"#,
+        client.ipv4
+    );
+    let aaddr = format!("{}:{AGENT_GRPC_PORT}", c.lab.node("a").ipv4);
+    let (ok, out, err) = c.grpcurl(
+        Host::ControlPlane,
+        &["-d", &request, &aaddr, "kubenft.v1.AgentInspect/Trace"],
+    );
+    assert!(ok, "AgentInspect/Trace: {err}");
+    let agent: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    eprintln!("AgentInspect/Trace {request}:\n{out}");
+    assert_eq!(agent["verdict"], "DNAT", "{agent}");
+    let want: Vec<String> = backends
+        .iter()
+        .map(|p| p.sock_v4(TCP).to_string())
+        .collect();
+    assert_eq!(agent["endpoints"], serde_json::json!(want), "{agent}");
+    assert_eq!(agent["servicePort"], "default/web/tcp/http/ipv4", "{agent}");
+    assert!(
+        agent["masquerade"].is_null(),
+        "a pod's own address is kept: {agent}"
+    );
+    // What real connections from that pod see.
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        target,
+        &ProbeOpts::count(12),
+    );
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
+
+    let caddr = format!("{CP_V4}:{CONTROLLER_GRPC_PORT}");
+    let with_node = request.replacen('{', r#"{"node": "a", "#, 1);
+    let (ok, out, err) = c.grpcurl(
+        Host::ControlPlane,
+        &[
+            "-d",
+            &with_node,
+            &caddr,
+            "kubenft.v1.ControllerInspect/Trace",
+        ],
+    );
+    assert!(ok, "ControllerInspect/Trace: {err}");
+    let controller: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    eprintln!("ControllerInspect/Trace {with_node}:\n{out}");
+    for field in [
+        "verdict",
+        "endpoints",
+        "masquerade",
+        "servicePort",
+        "systemVersion",
+    ] {
+        assert_eq!(
+            controller[field], agent[field],
+            "{field}: {controller} vs {agent}"
+        );
+    }
+
+    // Bad fields: refused, naming the field.
+    let bad = |addr: &str, method: &str, data: &str, field: &str| {
+        let (ok, out, err) = c.grpcurl(Host::ControlPlane, &["-d", data, addr, method]);
+        assert!(!ok, "{method} {data} must fail: {out}");
+        assert!(
+            err.contains("InvalidArgument") && err.contains(&format!("{field}:")),
+            "{method} {data}: want InvalidArgument naming {field}: {err}"
+        );
+    };
+    let agent_method = "kubenft.v1.AgentInspect/Trace";
+    let controller_method = "kubenft.v1.ControllerInspect/Trace";
+    let cases = [
+        (
+            r#"{"source": "10.0.0", "destination": "10.96.0.91", "port": 80, "protocol": "TCP"}"#,
+            "source",
+        ),
+        (
+            r#"{"source": "10.0.0.2", "destination": "x", "port": 80, "protocol": "TCP"}"#,
+            "destination",
+        ),
+        (
+            r#"{"source": "10.0.0.2", "destination": "10.96.0.91", "port": 0, "protocol": "TCP"}"#,
+            "port",
+        ),
+        (
+            r#"{"source": "10.0.0.2", "destination": "10.96.0.91", "port": 70000, "protocol": "TCP"}"#,
+            "port",
+        ),
+        (
+            r#"{"source": "10.0.0.2", "destination": "10.96.0.91", "port": 80}"#,
+            "protocol",
+        ),
+    ];
+    for (data, field) in cases {
+        bad(&aaddr, agent_method, data, field);
+        let with_node = data.replacen('{', r#"{"node": "a", "#, 1);
+        bad(&caddr, controller_method, &with_node, field);
+    }
+    let unknown = request.replacen('{', r#"{"node": "nope", "#, 1);
+    bad(&caddr, controller_method, &unknown, "node");
+    bad(&caddr, controller_method, &request, "node");
+}
+
 fn rejected(c: &Cluster) -> Vec<Value> {
     c.controller_call("ListRejected", None).unwrap()["errors"]
         .as_array()

@@ -84,6 +84,7 @@ fn ipv6_and_dual_stack_clusterips_spread_tcp_and_udp_and_keep_client_ip_affinity
             &all,
             &format!("{count} {proto} to {target}"),
         );
+        c.assert_trace_agrees("a", Host::Pod("client"), (proto, target), &rs);
     };
     for ip in ["fd00:96::61", "fd00:96::62", "fd00:96::63"] {
         let (tcp, udp) = (
@@ -112,6 +113,9 @@ fn ipv6_and_dual_stack_clusterips_spread_tcp_and_udp_and_keep_client_ip_affinity
             "{who}: affinity must keep one pod over 15 requests: {t:?}"
         );
         eprintln!("{who} sticks to {t:?}");
+        let node = c.lab.pod(who).node;
+        let t = c.assert_traces_agree(&node, Host::Pod(who), (Proto::Tcp, target), &rs);
+        assert!(t.says("affinity"), "{t:?}");
     }
     // Without affinity the same client spreads (so the check above can fail).
     let rs = c.probe(
@@ -164,6 +168,8 @@ fn ipv6_nodeports_answer_on_every_node_and_local_policy_keeps_the_source() {
             );
         }
         eprintln!("via {target}: backend saw {}", rs[0].client().unwrap());
+        let on = if node == a { "a" } else { "b" };
+        c.assert_traces_agree(on, Host::External, (Proto::Tcp, target), &rs);
     }
 
     let target = sock(b, 30172);
@@ -171,6 +177,7 @@ fn ipv6_nodeports_answer_on_every_node_and_local_policy_keeps_the_source() {
     let rs = c.probe(Host::External, Proto::Tcp, target, &ProbeOpts::count(6));
     let t = assert_all_from(&rs, EXT_V6.into(), "ETP=Local via the endpoint's node b");
     assert_eq!(t.get("web-1"), Some(&6), "{t:?}");
+    c.assert_traces_agree("b", Host::External, (Proto::Tcp, target), &rs);
     c.wait_synced(START);
     let rs = c.probe(
         Host::External,
@@ -183,6 +190,7 @@ fn ipv6_nodeports_answer_on_every_node_and_local_policy_keeps_the_source() {
         vec![ProbeResult::Timeout; 2],
         "ETP=Local via node a (no local endpoint) must be dropped"
     );
+    c.assert_traces_agree("a", Host::External, (Proto::Tcp, sock(a, 30172)), &rs);
 }
 
 /// `GET http://127.0.0.1:PORT/PATH` in node `node`: (status code, body).

@@ -44,19 +44,20 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
 
     c.write("web.yaml", &[&lb(Some(ext_range)), &slice]);
     c.wait_answers(Host::External, Proto::Tcp, target, START);
+    let rs = c.probe(Host::External, Proto::Tcp, target, &ProbeOpts::count(2));
+    let t = c.assert_traces_agree("a", Host::External, (Proto::Tcp, target), &rs);
+    assert!(t.says("loadBalancerSourceRanges"), "{t:?}");
+    let r = c.probe1(Host::Pod("client"), Proto::Tcp, target, DROP_WAIT);
     assert!(
-        matches!(
-            c.probe1(Host::Pod("client"), Proto::Tcp, target, DROP_WAIT),
-            ProbeResult::Timeout
-        ),
+        matches!(r, ProbeResult::Timeout),
         "a pod outside the ranges must be dropped"
     );
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &[r]);
     // NodePorts are not subject to source ranges.
     let np = sock(c.lab.node("a").ipv4, 30090);
-    assert!(
-        c.probe1(Host::Pod("client"), Proto::Tcp, np, DROP_WAIT)
-            .is_ok()
-    );
+    let r = c.probe1(Host::Pod("client"), Proto::Tcp, np, DROP_WAIT);
+    assert!(r.is_ok());
+    c.assert_trace_agrees("a", Host::Pod("client"), (Proto::Tcp, np), &[r]);
 
     // Swap the ranges: roles swap.
     c.write("web.yaml", &[&lb(Some(pod_range)), &slice]);
@@ -69,14 +70,20 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
         CONVERGE,
         |r| matches!(r, ProbeResult::Timeout),
     );
+    let rs = c.probe(
+        Host::External,
+        Proto::Tcp,
+        target,
+        &ProbeOpts::count(1).timeout(DROP_WAIT),
+    );
+    c.assert_trace_agrees("a", Host::External, (Proto::Tcp, target), &rs);
 
     // No ranges: everybody.
     c.write("web.yaml", &[&lb(None), &slice]);
     c.wait_answers(Host::External, Proto::Tcp, target, CONVERGE);
-    assert!(
-        c.probe1(Host::Pod("client"), Proto::Tcp, target, DROP_WAIT)
-            .is_ok()
-    );
+    let r = c.probe1(Host::Pod("client"), Proto::Tcp, target, DROP_WAIT);
+    assert!(r.is_ok());
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &[r]);
 }
 
 /// §5.15: the health-check node port of an ETP=Local LoadBalancer Service answers 200 with

@@ -56,6 +56,7 @@ fn nodeport_cluster_policy_answers_on_every_node_and_masquerades() {
             );
         }
         eprintln!("via node {node}: backend saw {}", rs[0].client().unwrap());
+        c.assert_traces_agree(node, Host::External, (Proto::Tcp, target), &rs);
     }
 }
 
@@ -81,6 +82,9 @@ fn nodeport_from_the_nodes_themselves() {
         let rs = c.probe(Host::Node(from), Proto::Tcp, target, &ProbeOpts::count(8));
         let t = assert_all_ok(&rs, &format!("node {from} -> {target}"));
         eprintln!("node {from} -> {target}: {t:?}");
+        // The node whose address it is decides (the sender's rules leave it alone).
+        let to_node = if to == a { "a" } else { "b" };
+        c.assert_trace_agrees(to_node, Host::Node(from), (Proto::Tcp, target), &rs);
     }
 }
 
@@ -109,6 +113,7 @@ fn nodeport_local_policy_keeps_source_and_drops_without_local_endpoint() {
     );
     let t = assert_all_from(&rs, EXT_V4.into(), "ext -> endpoint node b");
     assert_eq!(t.get("web-1"), Some(&6), "{t:?}");
+    c.assert_traces_agree("b", Host::External, (Proto::Tcp, sock(b, 30014)), &rs);
     // Both agents are synced (node a has its rules), so a non-answer on a is the policy.
     c.wait_synced(START);
     let rs = c.probe(
@@ -122,4 +127,5 @@ fn nodeport_local_policy_keeps_source_and_drops_without_local_endpoint() {
         vec![ProbeResult::Timeout; 2],
         "ext -> node a (no local endpoint) must be dropped"
     );
+    c.assert_traces_agree("a", Host::External, (Proto::Tcp, sock(a, 30014)), &rs);
 }

@@ -87,6 +87,7 @@ fn sctp_clusterip_and_nodeport_share_a_port_number_with_tcp() {
             BTreeSet::from(["sctp-1", "sctp-2"]),
             "SCTP {target} must reach exactly the SCTP endpoints: {t:?}"
         );
+        c.assert_traces_agree("a", Host::Pod("client"), (Proto::Sctp, target), &rs);
     }
     // TCP on the same number goes to its own endpoint only.
     let rs = c.probe(
@@ -97,6 +98,8 @@ fn sctp_clusterip_and_nodeport_share_a_port_number_with_tcp() {
     );
     let t = assert_all_from(&rs, cl.ipv4.into(), "TCP 10.96.0.132:80");
     assert_eq!(t.get("tcp-1"), Some(&10), "{t:?}");
+    let tcp = (Proto::Tcp, vip("10.96.0.132:80"));
+    c.assert_trace_agrees("a", Host::Pod("client"), tcp, &rs);
 
     // The SCTP NodePort from outside, on both nodes: answered, and masqueraded.
     for node in ["a", "b"] {
@@ -117,6 +120,7 @@ fn sctp_clusterip_and_nodeport_share_a_port_number_with_tcp() {
                 "via node {node} the backend saw {seen}, not a node address"
             );
         }
+        c.assert_traces_agree(node, Host::External, (Proto::Sctp, target), &rs);
     }
 }
 
@@ -155,6 +159,7 @@ fn sctp_without_endpoints_is_rejected_then_served() {
         "{:?}",
         start.elapsed()
     );
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Sctp, target), &[r]);
 
     c.write("assoc.yaml", &[&svc, &empty.endpoint(&s1, Cond::READY)]);
     c.wait_probe(
@@ -176,4 +181,7 @@ fn sctp_without_endpoints_is_rejected_then_served() {
     );
     let dropped = c.probe1(Host::External, Proto::Sctp, sock(na, 30133), DROP_WAIT);
     assert_eq!(dropped, ProbeResult::Timeout, "{dropped}");
+    let np = |n| (Proto::Sctp, sock(n, 30133));
+    c.assert_traces_agree("b", Host::External, np(nb), &[ok]);
+    c.assert_traces_agree("a", Host::External, np(na), &[dropped]);
 }

@@ -884,3 +884,314 @@ impl HeldTcp {
             .unwrap_or_else(|e| panic!("writing {}: {e}", self.stop.display()));
     }
 }
+
+/// A Trace answer (AgentInspect or ControllerInspect), as grpcurl prints it.
+#[derive(Debug, Clone)]
+pub struct Traced {
+    /// `DNAT`, `REJECT`, `DROP` or `NOT_SERVICE`.
+    pub verdict: String,
+    pub endpoints: BTreeSet<SocketAddr>,
+    pub masquerade: bool,
+    pub hairpin: BTreeSet<SocketAddr>,
+    pub steps: Vec<String>,
+    pub raw: Value,
+}
+
+impl Traced {
+    fn parse(raw: Value) -> Traced {
+        let addrs = |field: &str| -> BTreeSet<SocketAddr> {
+            raw[field]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let text = e.as_str().unwrap_or_default();
+                    text.parse()
+                        .unwrap_or_else(|e| panic!("Trace {field} {text:?}: {e}: {raw}"))
+                })
+                .collect()
+        };
+        Traced {
+            verdict: raw["verdict"].as_str().unwrap_or_default().to_owned(),
+            endpoints: addrs("endpoints"),
+            masquerade: raw["masquerade"].as_bool().unwrap_or(false),
+            hairpin: addrs("hairpinEndpoints"),
+            steps: raw["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect(),
+            raw,
+        }
+    }
+
+    /// Whether a step mentions `words`.
+    pub fn says(&self, words: &str) -> bool {
+        self.steps.iter().any(|s| s.contains(words))
+    }
+
+    /// The same decision: verdict, endpoints, masquerade and hairpin (steps may differ: the
+    /// controller adds its notes).
+    pub fn decision(&self) -> (&str, &BTreeSet<SocketAddr>, bool, &BTreeSet<SocketAddr>) {
+        (
+            &self.verdict,
+            &self.endpoints,
+            self.masquerade,
+            &self.hairpin,
+        )
+    }
+}
+
+/// The Trace request for `src` to `target` over `proto`, entering through `interface`.
+fn trace_request(
+    node: Option<&str>,
+    src: IpAddr,
+    target: SocketAddr,
+    proto: Proto,
+    interface: Option<&str>,
+) -> String {
+    let mut req = serde_json::json!({
+        "source": src.to_string(),
+        "destination": target.ip().to_string(),
+        "port": target.port(),
+        "protocol": proto.k8s_name(),
+    });
+    if let Some(n) = node {
+        req["node"] = n.into();
+    }
+    if let Some(i) = interface {
+        req["interface"] = i.into();
+    }
+    req.to_string()
+}
+
+impl Cluster {
+    /// AgentInspect/Trace on `node` (real grpcurl in the node, over TLS): what the node's
+    /// applied rules do with a new connection from `src`, entering through `interface`.
+    pub fn agent_trace(
+        &self,
+        node: &str,
+        src: IpAddr,
+        target: SocketAddr,
+        proto: Proto,
+        interface: Option<&str>,
+    ) -> Result<Traced, String> {
+        let addr = format!("127.0.0.1:{AGENT_GRPC_PORT}");
+        let data = trace_request(None, src, target, proto, interface);
+        let args = ["-d", &data, &addr, "kubenft.v1.AgentInspect/Trace"];
+        let (ok, out, err) = self.grpcurl(Host::Node(node), &args);
+        if !ok {
+            return Err(format!("AgentInspect/Trace on node {node} {data}: {err}"));
+        }
+        let v = serde_json::from_str(&out).map_err(|e| format!("Trace output {out:?}: {e}"))?;
+        Ok(Traced::parse(v))
+    }
+
+    /// ControllerInspect/Trace for `node`: the same question from the controller's view.
+    pub fn controller_trace(
+        &self,
+        node: &str,
+        src: IpAddr,
+        target: SocketAddr,
+        proto: Proto,
+        interface: Option<&str>,
+    ) -> Result<Traced, String> {
+        let data = trace_request(Some(node), src, target, proto, interface);
+        self.controller_call("Trace", Some(&data))
+            .map(Traced::parse)
+    }
+
+    /// The address a probe from `from` leaves with towards `target` (no source routing).
+    pub fn source_of(&self, from: Host<'_>, target: SocketAddr) -> IpAddr {
+        let family = if target.is_ipv6() {
+            IpFamily::V6
+        } else {
+            IpFamily::V4
+        };
+        match from {
+            Host::Pod(name) => pod_addr(&self.lab.pod(name), family),
+            Host::Node(node) => node_addr(&self.lab, node, family),
+            Host::External if target.is_ipv6() => kubenft_lab::topology::EXT_V6.into(),
+            Host::External => kubenft_lab::topology::EXT_V4.into(),
+            other => panic!("no source address for {other:?}"),
+        }
+    }
+
+    /// The interface a packet from `from` enters `node` through: a pod of `node` through its
+    /// veth (or the pod bridge), anything else from the fabric through `eth0`; the node's
+    /// own traffic through none.
+    pub fn interface_into(&self, node: &str, from: Host<'_>) -> Option<String> {
+        match from {
+            Host::Node(n) if n == node => None,
+            Host::Pod(name) => {
+                let pod = self.lab.pod(name);
+                if pod.node != node {
+                    return Some("eth0".into());
+                }
+                Some(
+                    self.lab
+                        .node(node)
+                        .pod_bridge
+                        .clone()
+                        .unwrap_or(pod.host_veth),
+                )
+            }
+            _ => Some("eth0".into()),
+        }
+    }
+
+    /// Asserts that `node`'s Trace of the flow `from` → `target` agrees with what real
+    /// connections observed in `rs` (the probes of the scenario's own assertion):
+    /// - answers: DNAT, and the set of pods that answered equals Trace's endpoints (probing
+    ///   up to 60 more connections until every traced endpoint has answered; with
+    ///   ClientIP affinity, one client reaches one endpoint, which must be among them);
+    /// - the source each server saw: one of `node`'s addresses when Trace says masquerade
+    ///   (or the endpoint is a hairpin one), else the client's own address;
+    /// - refused: REJECT; timed out: DROP.
+    ///
+    /// Returns the agent's answer.
+    #[track_caller]
+    pub fn assert_trace_agrees(
+        &self,
+        node: &str,
+        from: Host<'_>,
+        (proto, target): (Proto, SocketAddr),
+        rs: &[ProbeResult],
+    ) -> Traced {
+        let src = self.source_of(from, target);
+        self.assert_trace_agrees_from(node, (from, src), (proto, target), rs)
+    }
+
+    /// [`Cluster::assert_trace_agrees`] for a client leaving with source `src`.
+    #[track_caller]
+    pub fn assert_trace_agrees_from(
+        &self,
+        node: &str,
+        (from, src): (Host<'_>, IpAddr),
+        (proto, target): (Proto, SocketAddr),
+        rs: &[ProbeResult],
+    ) -> Traced {
+        assert!(!rs.is_empty(), "no observation to compare Trace with");
+        let interface = self.interface_into(node, from);
+        let t = self
+            .agent_trace(node, src, target, proto, interface.as_deref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let what = format!("Trace on node {node} of {proto} {src} -> {target}");
+        eprintln!(
+            "{what}: {} {:?} masquerade={} steps {:#?}",
+            t.verdict, t.endpoints, t.masquerade, t.steps
+        );
+        let expected = match &rs[0] {
+            ProbeResult::Ok { .. } => "DNAT",
+            ProbeResult::Refused => "REJECT",
+            ProbeResult::Timeout => "DROP",
+            other => panic!("{what}: no verdict to compare with {other}"),
+        };
+        assert_eq!(
+            t.verdict, expected,
+            "{what}: observed {}; {:#?}",
+            rs[0], t.raw
+        );
+        if expected != "DNAT" {
+            for r in rs {
+                assert_eq!(r, &rs[0], "{what}: mixed observations");
+            }
+            return t;
+        }
+        let names = self.pod_names();
+        let name_of = |e: &SocketAddr| {
+            names
+                .get(&e.ip())
+                .cloned()
+                .unwrap_or_else(|| e.ip().to_string())
+        };
+        let traced: BTreeSet<String> = t.endpoints.iter().map(name_of).collect();
+        let hairpin: BTreeSet<String> = t.hairpin.iter().map(name_of).collect();
+        let mut node_addrs = self.ipv4_addresses(Host::Node(node));
+        node_addrs.extend(self.ipv6_addresses(Host::Node(node)));
+        let mut seen = BTreeSet::new();
+        let check = |rs: &[ProbeResult]| {
+            let mut answered = Vec::new();
+            for r in rs {
+                let (server, client) = match r {
+                    ProbeResult::Ok { server, client, .. } => (server.clone(), client.ip()),
+                    other => panic!("{what}: a connection failed: {other}; {:#?}", t.raw),
+                };
+                assert!(
+                    traced.contains(&server),
+                    "{what}: {server} answered, not one of {traced:?}; {:#?}",
+                    t.raw
+                );
+                if t.masquerade || hairpin.contains(&server) {
+                    assert!(
+                        node_addrs.contains(&client),
+                        "{what}: says masqueraded, but {server} saw {client}, not an address of node {node}; {:#?}",
+                        t.raw
+                    );
+                } else {
+                    assert_eq!(
+                        client, src,
+                        "{what}: says the source is kept, but {server} saw {client}; {:#?}",
+                        t.raw
+                    );
+                }
+                answered.push(server);
+            }
+            answered
+        };
+        seen.extend(check(rs));
+        if t.says("affinity") {
+            assert_eq!(seen.len(), 1, "{what}: affinity, but {seen:?} answered");
+            return t;
+        }
+        for _ in 0..6 {
+            if seen == traced {
+                break;
+            }
+            let more = self.probe(from, proto, target, &ProbeOpts::count(10));
+            seen.extend(check(&more));
+        }
+        assert_eq!(
+            seen, traced,
+            "{what}: these pods answered (over up to 60 more connections), Trace says {traced:?}; {:#?}",
+            t.raw
+        );
+        t
+    }
+
+    /// [`Cluster::assert_trace_agrees`], and the controller's Trace for the same node and flow
+    /// decides the same.
+    #[track_caller]
+    pub fn assert_traces_agree(
+        &self,
+        node: &str,
+        from: Host<'_>,
+        (proto, target): (Proto, SocketAddr),
+        rs: &[ProbeResult],
+    ) -> Traced {
+        let agent = self.assert_trace_agrees(node, from, (proto, target), rs);
+        let src = self.source_of(from, target);
+        let interface = self.interface_into(node, from);
+        let controller = self
+            .controller_trace(node, src, target, proto, interface.as_deref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            controller.decision(),
+            agent.decision(),
+            "ControllerInspect/Trace and AgentInspect/Trace disagree for node {node}: {:#?} vs {:#?}",
+            controller.raw,
+            agent.raw
+        );
+        agent
+    }
+
+    /// Every pod's addresses, by address.
+    pub fn pod_names(&self) -> BTreeMap<IpAddr, String> {
+        self.lab
+            .pods()
+            .into_iter()
+            .flat_map(|p| [(p.ipv4.into(), p.name.clone()), (p.ipv6.into(), p.name)])
+            .collect()
+    }
+}
