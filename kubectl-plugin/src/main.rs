@@ -4,6 +4,7 @@
 //! kubectl kubenft status  --controller HOST:PORT [--controller ...]   every node, merged
 //! kubectl kubenft why NAMESPACE/NAME --node N                          one Service on one node
 //! kubectl kubenft rejected                                            objects refused, and why
+//! kubectl kubenft trace --node N --source S --destination D --port P  where a connection goes
 //! ```
 //! Exit status: 0 when every controller asked answered, 1 when one did not (what the others
 //! said is still printed), 2 for a bad command line.
@@ -11,13 +12,14 @@
 
 mod connect;
 mod status;
+mod trace;
 mod why;
 
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kubenft_proto::v1::{GetServiceRequest, ListNodesRequest, ListRejectedRequest};
+use kubenft_proto::v1::{GetServiceRequest, ListNodesRequest, ListRejectedRequest, TraceRequest};
 
 use crate::connect::{ConnectArgs, Inspect};
 
@@ -43,6 +45,25 @@ enum Command {
     },
     /// Objects the controllers refused, with the field at fault.
     Rejected,
+    /// Where one new connection goes on a node: DNAT to which endpoints, REJECT, DROP or not
+    /// a Service; whether its source is masqueraded; and what decided it.
+    Trace {
+        #[arg(long)]
+        node: String,
+        /// The client's address (one of the node's own: the node's own traffic).
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        destination: String,
+        #[arg(long)]
+        port: u16,
+        /// TCP, UDP or SCTP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// The interface the packet enters through (interface detect-local modes).
+        #[arg(long, default_value = "")]
+        interface: String,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -74,6 +95,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .context("GetService")?
                 .into_inner();
             print!("{}", why::render(&view));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trace {
+            node,
+            source,
+            destination,
+            port,
+            protocol,
+            interface,
+        } => {
+            let protocol = trace::protocol(&protocol).map_err(anyhow::Error::msg)?;
+            let mut client = first(&cli.connect).await?;
+            let answer = client
+                .trace(TraceRequest {
+                    node,
+                    source,
+                    destination,
+                    port: u32::from(port),
+                    protocol: protocol as i32,
+                    interface,
+                })
+                .await
+                .context("Trace")?
+                .into_inner();
+            print!("{}", trace::render(&answer));
             Ok(ExitCode::SUCCESS)
         }
         Command::Rejected => {

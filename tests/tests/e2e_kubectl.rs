@@ -97,6 +97,57 @@ fn kubectl_kubenft_shows_status_why_and_rejections_from_the_lab() {
         );
     }
 
+    // trace: the client pod's connection to the ClusterIP, as real traffic sees it (both
+    // pods answered above): DNAT to both endpoints, the client's source kept.
+    let client_ip = c.lab.pod("client").ipv4.to_string();
+    let (ok, out, err) = kubectl_kubenft(
+        &c,
+        &[&controller],
+        &[
+            "trace",
+            "--node",
+            "a",
+            "--source",
+            &client_ip,
+            "--destination",
+            "10.96.0.95",
+            "--port",
+            "80",
+        ],
+    );
+    assert!(ok, "kubectl kubenft trace failed: {err}");
+    let verdict = out.lines().next().unwrap_or_default();
+    assert!(verdict.starts_with("DNAT to "), "{out}");
+    for ip in &pods {
+        assert!(
+            verdict.contains(&format!("{ip}:")),
+            "trace misses {ip}:\n{out}"
+        );
+    }
+    assert!(
+        !verdict.contains("masqueraded"),
+        "a pod's source is kept: {out}"
+    );
+    let (ok, out, _) = kubectl_kubenft(
+        &c,
+        &[&controller],
+        &[
+            "trace",
+            "--node",
+            "a",
+            "--source",
+            &client_ip,
+            "--destination",
+            "10.96.0.95",
+            "--port",
+            "81",
+        ],
+    );
+    assert!(
+        ok && out.starts_with("REJECT"),
+        "a port the ClusterIP lacks is refused: {out}"
+    );
+
     // rejected: a Service with a NodePort out of range is named with its field.
     c.lab.write_manifest(
         "bad.yaml",
