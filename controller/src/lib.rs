@@ -131,6 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     log_detect_local(&config.policy);
     let hub = Arc::new(Hub::new(config.policy));
     let metrics = Arc::new(Metrics::new());
+    hub.observe_programming(metrics.network_programming.clone());
     let (inputs_tx, inputs_rx) = watch::channel::<Option<Arc<Inputs>>>(None);
 
     let source_task = match config.source {
