@@ -10,6 +10,7 @@
 
 pub mod cli;
 mod cores;
+pub mod drain_wait;
 pub mod http;
 pub mod hub;
 pub mod inspect;

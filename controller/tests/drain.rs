@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use kubenft_controller::drain_wait::{DRAINED, DrainWaitArgs, NO_ANSWER, NOT_DRAINED, run};
 use kubenft_controller::{Config, cli::SourceArg};
 use kubenft_plan::ClusterPolicy;
 use kubenft_proto::release::PROTOCOL_VERSION;
@@ -463,5 +464,54 @@ async fn the_wait_is_bounded_by_the_callers_deadline_and_bad_addresses_are_refus
     // IPv6 written any way is the same address.
     let r = ctl.drain("fd00:0::1", 0).await;
     assert_eq!(r.address, "fd00::1");
+    ctl.stop().await;
+}
+
+fn drain_wait(controllers: &[String], address: &str, timeout: &str) -> DrainWaitArgs {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DrainWaitArgs,
+    }
+    let mut argv = vec!["drain-wait".to_string()];
+    for c in controllers {
+        argv.extend(["--controller".into(), c.clone()]);
+    }
+    argv.extend(["--address", address, "--timeout", timeout, "--insecure"].map(String::from));
+    <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+}
+
+/// The preStop helper: 0 once drained (waiting for the acknowledgement that drains it), 1
+/// naming the node still pending at the timeout, 3 when no controller answers.
+#[tokio::test]
+async fn drain_wait_exits_by_what_the_gate_says() {
+    let ctl = Controller::start(&web(&[("10.244.1.5", "a"), ("10.244.2.6", "a")], None)).await;
+    let (mut a, mut b) = (ctl.agent("a").await, ctl.agent("b").await);
+    a.apply().await;
+    b.apply().await;
+    synced(&ctl, "a").await;
+    synced(&ctl, "b").await;
+    let url = vec![format!("http://{}", ctl.grpc)];
+    let (code, line) = run(drain_wait(&url, "10.244.1.5", "1s")).await;
+    assert_eq!(code, NOT_DRAINED, "{line}");
+    assert!(
+        line.contains("a (pending: still an endpoint), b (pending: still an endpoint)"),
+        "{line}"
+    );
+
+    write(&ctl.dir, "web.yaml", &web(&[("10.244.2.6", "a")], None));
+    let change = a.next().await;
+    b.apply().await;
+    let waiting = tokio::spawn(run(drain_wait(&url, "10.244.1.5", "20s")));
+    let r = ctl.drain("10.244.1.5", 0).await;
+    assert_eq!(node(&r, "a").state(), DrainState::DrainPending, "{r:?}");
+    a.ack(&change).await;
+    let (code, line) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(code, DRAINED, "{line}");
+
+    let nobody = vec![format!("http://{}", free_port())];
+    let (code, line) = run(drain_wait(&nobody, "10.244.1.5", "1s")).await;
+    assert_eq!(code, NO_ANSWER, "{line}");
+    assert!(line.contains("no controller answered"), "{line}");
     ctl.stop().await;
 }
