@@ -48,9 +48,13 @@ pub enum DetectLocalMode {
 #[command(
     name = "kubenft-controller",
     version = kubenft_proto::release::VERSION,
-    about = "Computes each node's Service rules and streams them to the kubenft agents"
+    about = "Computes each node's Service rules and streams them to the kubenft agents",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    /// A one-shot client instead of the controller (`drain-wait`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Where objects come from: `kube` (in-cluster config or KUBECONFIG) or `dir:PATH` (a directory of YAML manifests).
     #[arg(long, default_value = "kube", value_parser = parse_source)]
     pub source: SourceArg,
@@ -139,6 +143,16 @@ pub struct Args {
         requires = "serving_cert_dir"
     )]
     pub serving_cert_sans: Vec<String>,
+}
+
+/// The controller binary's one-shot clients.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Wait until no node sends new connections to an endpoint address (a pod's preStop
+    /// hook): exit 0 once every node acknowledged a rule set without it, 1 if some node is
+    /// still pending or not connected at the timeout (named on one line), 3 if no controller
+    /// answered.
+    DrainWait(crate::drain_wait::DrainWaitArgs),
 }
 
 /// The flags that make the gRPC port TLS.
@@ -251,7 +265,7 @@ fn parse_service_account(s: &str) -> Result<String, String> {
 }
 
 /// `90s`, `30m`, `168h`: a positive whole number and a unit.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("{s:?} is not a duration such as 90s, 30m or 168h");
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
     let n: u64 = s[..split].parse().map_err(|_| err())?;

@@ -21,10 +21,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cores;
+use changes::{ChangeLog, ChangeView};
+use drain::EndpointIndex;
 use kubenft_plan::model::Rejection;
 use kubenft_plan::policy::missing_detector;
 use kubenft_plan::view::NodeRuleSet;
 use kubenft_plan::{AgentFacts, Catalog, ClusterPolicy, DetectLocal, Inputs};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Sync status of one node, as inspection shows it.
 #[derive(Clone, Debug, Default)]
@@ -37,6 +40,11 @@ pub struct NodeStatus {
     pub refused: Option<String>,
     pub agent_addresses: Vec<IpAddr>,
     pub acked_version: String,
+    /// The rule set the agent last acknowledged (kept when its stream closes: the agent keeps
+    /// enforcing it), for the drain gate. `None` until one is acknowledged to this controller.
+    pub acked: Option<Arc<NodeRuleSet>>,
+    /// The latest input change (its revision) this node acknowledged, and its duration (ms).
+    pub last_change: Option<(u64, u64)>,
     pub last_nack_version: String,
     pub last_nack_error: String,
     /// The last change sent was refused and nothing newer was acknowledged since.
@@ -125,6 +133,15 @@ pub struct Hub {
     directory: Mutex<Directory>,
     /// One replan at a time: each builds on the catalog before it.
     replanning: Mutex<()>,
+    /// Every published resource with endpoints, by endpoint address (the drain gate).
+    endpoints: Mutex<EndpointIndex>,
+    /// The recent input changes and which nodes acknowledged them.
+    changes: Mutex<ChangeLog>,
+    /// Where a completed change's latency is observed (the controller's metric).
+    programming: std::sync::OnceLock<Histogram>,
+    /// Bumped whenever an agent acknowledges, connects or disconnects, and after a replan:
+    /// what a waiting drain gate wakes on.
+    progress: watch::Sender<u64>,
     #[cfg(test)]
     plan_hook: Mutex<Option<PlanHook>>,
 }
@@ -140,6 +157,10 @@ impl Hub {
                 streams_opened: 0,
             }),
             replanning: Mutex::new(()),
+            endpoints: Mutex::new(EndpointIndex::default()),
+            changes: Mutex::new(ChangeLog::default()),
+            programming: std::sync::OnceLock::new(),
+            progress: watch::channel(0).0,
             #[cfg(test)]
             plan_hook: Mutex::new(None),
             policy,
@@ -161,6 +182,11 @@ impl Hub {
         if self.policy.detect_local == DetectLocal::NodeCidr {
             warn_without_pod_cidrs(&self.policy, &previous, &catalog);
         }
+        self.index_ports(&catalog);
+        let revision = self
+            .changes
+            .lock()
+            .open(new_trigger(&previous, &catalog), changes::now_unix_ms());
         let mut entries = self.publish_catalog(&catalog);
         // After a restart every connected agent's rule set is built here, on every core.
         cores::for_each_mut(&mut entries, |(name, entry)| {
@@ -169,8 +195,50 @@ impl Hub {
                 hook(name);
             }
             let node_changed = previous.nodes().get(name) != catalog.nodes().get(name);
-            entry.replan(&catalog, node_changed);
+            entry.replan(self, &catalog, node_changed, Some((name, revision)));
         });
+        let completed = self.changes.lock().close(revision);
+        if let Some(completed) = completed {
+            self.observe(&completed);
+        }
+        self.bump();
+    }
+
+    /// Indexes the shared resources of the ports `catalog` changed by endpoint address.
+    fn index_ports(&self, catalog: &Catalog) {
+        let mut index = self.endpoints.lock();
+        for name in &catalog.changed {
+            if let Some(port) = catalog.ports.get(name) {
+                index.add(&port.generic);
+            }
+        }
+    }
+
+    /// Observes a completed change's latency, when it has a trigger time.
+    fn observe(&self, completed: &changes::Completed) {
+        if let (Some(since), Some(histogram)) = (completed.since_trigger, self.programming.get()) {
+            histogram.observe(since.as_secs_f64());
+        }
+    }
+
+    /// Wakes waiting drain gates.
+    fn bump(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Observe each completed change with a trigger time into `histogram` from now on.
+    pub fn observe_programming(&self, histogram: Histogram) {
+        let _ = self.programming.set(histogram);
+    }
+
+    /// Changes whenever something a drain gate depends on may have.
+    pub fn progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    /// The recent input changes, newest first.
+    pub fn changes(&self) -> Vec<ChangeView> {
+        self.changes.lock().list()
     }
 
     /// Swaps `catalog` in and brings the node list up to it: nodes known from Node objects,
@@ -247,8 +315,10 @@ impl Hub {
         // Before the first complete view the catalog is empty: planning from it would hand the
         // agent a rule set without any Service (a cold cache must never push that).
         if synced {
-            entry.plan(&mut facts, &catalog, facts_changed);
+            entry.plan(self, &mut facts, &catalog, facts_changed, None);
         }
+        drop(facts);
+        self.bump();
         (receiver, stream)
     }
 
@@ -286,6 +356,9 @@ impl Hub {
         if status.streams == 0 && !known {
             directory.nodes.remove(node);
         }
+        drop(status);
+        drop(directory);
+        self.bump();
     }
 
     /// Runs `f` on the status of `node`, if the hub knows it.
@@ -302,9 +375,22 @@ impl Hub {
         });
     }
 
-    /// The agent holds `version`.
-    pub fn acked(&self, node: &str, version: &str) {
+    /// The agent holds `set` (acknowledged it, or is current with it): the changes it
+    /// includes are settled for the node.
+    pub fn acked(&self, node: &str, set: &Arc<NodeRuleSet>) {
+        let settled = self
+            .changes
+            .lock()
+            .acked(node, set.rev, changes::now_unix_ms());
+        for completed in &settled.completed {
+            self.observe(completed);
+        }
+        let version = set.system_version.as_str();
         self.with_status(node, |s, e| {
+            if settled.latest.is_some() {
+                s.last_change = settled.latest;
+            }
+            s.acked = Some(set.clone());
             s.acked_version = version.to_owned();
             s.nacked = false;
             s.nack_retries = 0;
@@ -313,6 +399,7 @@ impl Hub {
                 s.pending_since = None;
             }
         });
+        self.bump();
     }
 
     /// The agent refused `version` (`error` already shortened); stream `stream` sends it again
@@ -440,15 +527,23 @@ impl NodeEntry {
     }
 
     /// Brings this node's rule set up to `catalog`, under the node's lock.
-    fn replan(&self, catalog: &Catalog, rebuild: bool) {
+    fn replan(&self, hub: &Hub, catalog: &Catalog, rebuild: bool, change: Option<(&str, u64)>) {
         let mut facts = self.facts.lock();
-        self.plan(&mut facts, catalog, rebuild);
+        self.plan(hub, &mut facts, catalog, rebuild, change);
     }
 
     /// Plans the node from `facts` (its lock held): incrementally, or rebuilt when the node
     /// itself changed (or has no rule set yet). Subscribers are woken only if its content
-    /// changed.
-    fn plan(&self, facts: &mut AgentFacts, catalog: &Catalog, rebuild: bool) {
+    /// changed. A changed rule set's resources are indexed by endpoint address, and added
+    /// to input change `change` (node name, revision), before it is published.
+    fn plan(
+        &self,
+        hub: &Hub,
+        facts: &mut AgentFacts,
+        catalog: &Catalog,
+        rebuild: bool,
+        change: Option<(&str, u64)>,
+    ) {
         let current = self.desired.borrow().clone();
         let next = if rebuild || current.rev == 0 {
             Some(catalog.rules_for(facts, current.rev + 1))
@@ -457,6 +552,12 @@ impl NodeEntry {
         };
         if let Some(next) = next {
             let changed = next.system_version != current.system_version;
+            if changed {
+                index_node(&hub.endpoints, &current, &next);
+                if let Some((node, revision)) = change {
+                    hub.changes.lock().add(revision, node, next.rev);
+                }
+            }
             self.desired.send_if_modified(|slot| {
                 *slot = Arc::new(next);
                 changed
@@ -470,6 +571,35 @@ impl NodeEntry {
             status.pending_since = None;
         }
     }
+}
+
+/// Indexes what `next` has that `current` had not: the changed names, or (rebuilt) the
+/// node's own resources (the shared ones are the catalog's, indexed already).
+fn index_node(endpoints: &Mutex<EndpointIndex>, current: &NodeRuleSet, next: &NodeRuleSet) {
+    let mut index = endpoints.lock();
+    match next.changed_since(current.rev) {
+        Some(names) => {
+            for r in names.iter().filter_map(|n| next.get(n)) {
+                index.add(r);
+            }
+        }
+        None => next.overrides().for_each(|r| index.add(r)),
+    }
+}
+
+/// The EndpointSlice trigger time of a change: the oldest trigger time among the ports it
+/// changed that is new (a port planned again for another reason keeps its slices' old one),
+/// so the latency reported is that of the change's oldest endpoint update.
+fn new_trigger(previous: &Catalog, catalog: &Catalog) -> Option<i64> {
+    catalog
+        .changed
+        .iter()
+        .filter_map(|name| {
+            let now = catalog.ports.get(name)?.plan.trigger_ms?;
+            let before = previous.ports.get(name).and_then(|p| p.plan.trigger_ms);
+            (before != Some(now)).then_some(now)
+        })
+        .min()
 }
 
 /// In NodeCIDR mode, warns about each node that appeared or changed without pod CIDRs:
@@ -488,6 +618,9 @@ fn warn_without_pod_cidrs(policy: &ClusterPolicy, previous: &Catalog, catalog: &
         }
     }
 }
+
+pub mod changes;
+pub mod drain;
 
 #[cfg(test)]
 mod tests;

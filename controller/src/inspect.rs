@@ -1,5 +1,6 @@
 //! `kubenft.v1.ControllerInspect`: what every node should have, what it has acknowledged, and why.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,12 +8,15 @@ use kubenft_nft::rules::Spec;
 use kubenft_nft::trace::{Flow, NodeView, trace};
 use kubenft_proto::release;
 use kubenft_proto::v1::{
+    ChangeRecord, DrainState, DrainStatusRequest, DrainStatusResponse, ListChangesRequest,
+    ListChangesResponse, NodeDrain,
+};
+use kubenft_proto::v1::{
     GetNodeRulesRequest, GetServiceRequest, ListNodesRequest, ListNodesResponse,
     ListRejectedRequest, ListRejectedResponse, NodeRuleSet, NodeStatus, ObjectError, Resource,
     ServiceView, TraceRequest, TraceResponse, controller_inspect_server::ControllerInspect,
     resource,
 };
-use std::net::IpAddr;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
@@ -87,6 +91,8 @@ impl ControllerInspect for InspectService {
                         // At least 1 while a retry is due, even in the instant it is sent.
                         ms(t.saturating_duration_since(Instant::now())).max(1)
                     }),
+                    last_change_revision: s.last_change.map_or(0, |c| c.0),
+                    last_change_ms: s.last_change.map_or(0, |c| c.1),
                 }
             })
             .collect();
@@ -212,6 +218,128 @@ impl ControllerInspect for InspectService {
         }
         Ok(Response::new(answer))
     }
+
+    async fn drain_status(
+        &self,
+        request: Request<DrainStatusRequest>,
+    ) -> Result<Response<DrainStatusResponse>, Status> {
+        drain_status(&self.hub, request).await.map(Response::new)
+    }
+
+    async fn list_changes(
+        &self,
+        _: Request<ListChangesRequest>,
+    ) -> Result<Response<ListChangesResponse>, Status> {
+        Ok(Response::new(list_changes(&self.hub)))
+    }
+}
+
+/// The longest a DrainStatus call waits: it holds one of the [`CONCURRENT_CALLS`] slots
+/// meanwhile (a client that needs longer asks again).
+pub const DRAIN_MAX_WAIT: Duration = Duration::from_secs(30);
+/// A waiting DrainStatus answers this long before the caller's deadline, so that the caller
+/// gets the nodes still pending rather than DEADLINE_EXCEEDED.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
+/// The caller's deadline (`grpc-timeout`: an integer and a unit), if it sent one.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long a DrainStatus call may wait: what it asks, within the server's maximum and
+/// before its deadline.
+fn drain_wait(asked_seconds: u32, deadline: Option<Duration>) -> Duration {
+    let mut wait = Duration::from_secs(u64::from(asked_seconds)).min(DRAIN_MAX_WAIT);
+    if let Some(deadline) = deadline {
+        wait = wait.min(deadline.saturating_sub(DEADLINE_MARGIN));
+    }
+    wait
+}
+
+/// The drain gate: answers at once when every node is done or nothing is to be waited for,
+/// else when that becomes so (on each acknowledgement, connection or replan), or when the
+/// wait ends with the nodes still pending or not connected.
+async fn drain_status(
+    hub: &Hub,
+    request: Request<DrainStatusRequest>,
+) -> Result<DrainStatusResponse, Status> {
+    let wait = drain_wait(
+        request.get_ref().wait_seconds,
+        grpc_timeout(request.metadata()),
+    );
+    let text = required(&request.get_ref().address, "address")?;
+    let address: IpAddr = text.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "address: {:?} is not an IP address",
+            kubenft_plan::model::clip(text)
+        ))
+    })?;
+    let started = Instant::now();
+    let deadline = started + wait;
+    let mut progress = hub.progress();
+    loop {
+        progress.borrow_and_update();
+        let nodes = hub.drain_status(address);
+        let done = nodes.iter().all(|n| n.state == DrainState::DrainDone);
+        if done || Instant::now() >= deadline {
+            return Ok(DrainStatusResponse {
+                address: address.to_string(),
+                done,
+                nodes: nodes.into_iter().map(node_drain).collect(),
+                waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() {
+                return Err(Status::unavailable("the controller is shutting down"));
+            },
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+fn node_drain(n: crate::hub::drain::NodeDrain) -> NodeDrain {
+    NodeDrain {
+        node: n.node,
+        state: n.state as i32,
+        connected: n.connected,
+        acked_version: n.acked_version,
+        needed_version: n.needed_version,
+        reason: n.reason,
+    }
+}
+
+fn list_changes(hub: &Hub) -> ListChangesResponse {
+    let changes = hub
+        .changes()
+        .into_iter()
+        .map(|c| {
+            let (slowest_node, duration_ms) = c.slowest.unwrap_or_default();
+            ChangeRecord {
+                revision: c.revision,
+                trigger_unix_ms: c.trigger_unix_ms.unwrap_or(0),
+                planned_unix_ms: c.planned_unix_ms,
+                nodes: c.nodes,
+                acked: c.acked,
+                done: c.done,
+                slowest_node,
+                duration_ms,
+                pending_nodes: c.pending,
+            }
+        })
+        .collect();
+    ListChangesResponse { changes }
 }
 
 impl InspectService {

@@ -10,6 +10,7 @@
 
 pub mod cli;
 mod cores;
+pub mod drain_wait;
 pub mod events;
 pub mod http;
 pub mod hub;
@@ -132,6 +133,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     log_detect_local(&config.policy);
     let hub = Arc::new(Hub::new(config.policy));
     let metrics = Arc::new(Metrics::new());
+    hub.observe_programming(metrics.network_programming.clone());
     let (inputs_tx, inputs_rx) = watch::channel::<Option<Arc<Inputs>>>(None);
 
     let from_api_server = matches!(config.source, cli::SourceArg::Kube);

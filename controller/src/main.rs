@@ -2,13 +2,28 @@ use std::io::IsTerminal;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use kubenft_controller::cli::{Args, LogFormat};
+use kubenft_controller::cli::{Args, Command, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::DrainWait(drain)) = args.command {
+        let (code, line) = kubenft_controller::drain_wait::run(drain).await;
+        if code == kubenft_controller::drain_wait::BAD_USAGE {
+            Args::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, line)
+                .exit();
+        }
+        // The command's one line of output (a preStop hook's event shows it).
+        if code == kubenft_controller::drain_wait::DRAINED {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        std::process::exit(code);
+    }
     let tls = match args.tls() {
         Ok(tls) => tls,
         Err(e) => Args::command()

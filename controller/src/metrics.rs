@@ -88,6 +88,9 @@ pub struct Metrics {
     /// Per node: seconds from a rule set version being ready (published, as this stream saw
     /// it) to the agent acknowledging it.
     pub node_ack_lag: Family<NodeLabels, Histogram>,
+    /// Seconds from an input change's EndpointSlice trigger time to the last acknowledgement
+    /// by a node whose rule set it changed (kube-proxy's buckets); the hub observes it.
+    pub network_programming: Histogram,
     /// The nodes that have per-node series: those gone from the hub lose them at the next
     /// scrape.
     labelled_nodes: parking_lot::Mutex<std::collections::BTreeSet<String>>,
@@ -287,12 +290,19 @@ impl Metrics {
             "Seconds since a node's desired rule set first differed from what its agent acknowledged (0 when in sync)",
             node_lag.clone(),
         );
+        let network_programming = Histogram::new(kubenft_metrics::buckets::network_programming());
+        registry.register(
+            "network_programming_duration_seconds",
+            "Cluster-wide network programming latency: seconds from an input change's EndpointSlice trigger time (endpoints.kubernetes.io/last-change-trigger-time) to the acknowledgement of the last node whose rule set it changed (ListChanges lists each change)",
+            network_programming.clone(),
+        );
         kubenft_metrics::register_standard(&mut root);
         Metrics {
             registry: root,
             node_push_bytes,
             node_nacks,
             node_ack_lag,
+            network_programming,
             labelled_nodes: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             source_events,
             source_errors,

@@ -790,7 +790,7 @@ impl Session {
         }
         let diff = Diff::between(&self.known, &desired);
         if diff.is_empty() && self.confirmed {
-            self.hub.acked(&self.node, &desired.system_version);
+            self.hub.acked(&self.node, &desired);
             self.known = Known::Acked(desired);
             return None;
         }
@@ -863,7 +863,7 @@ impl Session {
                 self.metrics
                     .push_duration
                     .observe(f.sent_at.elapsed().as_secs_f64());
-                self.hub.acked(&self.node, &f.target.system_version);
+                self.hub.acked(&self.node, &f.target);
                 self.acked_ready(&f.target.system_version);
                 self.known = Known::Acked(f.target);
                 self.retries = 0;

@@ -114,6 +114,11 @@ impl NodeRuleSet {
         self.overrides.get(name).or_else(|| self.base.get(name))
     }
 
+    /// This node's own resources (those it does not share with every node), in name order.
+    pub fn overrides(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.overrides.values()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
