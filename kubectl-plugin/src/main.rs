@@ -5,12 +5,14 @@
 //! kubectl kubenft why NAMESPACE/NAME --node N                          one Service on one node
 //! kubectl kubenft rejected                                            objects refused, and why
 //! kubectl kubenft trace --node N --source S --destination D --port P  where a connection goes
+//! kubectl kubenft drain-status ADDRESS [--wait SECONDS]               has every node stopped?
 //! ```
-//! Exit status: 0 when every controller asked answered, 1 when one did not (what the others
-//! said is still printed), 2 for a bad command line.
+//! Exit status: 0 when every controller asked answered (and, for `drain-status`, the address
+//! is drained), 1 otherwise (what was learnt is still printed), 2 for a bad command line.
 #![forbid(unsafe_code)]
 
 mod connect;
+mod drain;
 mod status;
 mod trace;
 mod why;
@@ -19,7 +21,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kubenft_proto::v1::{GetServiceRequest, ListNodesRequest, ListRejectedRequest, TraceRequest};
+use kubenft_proto::v1::{
+    DrainStatusRequest, GetServiceRequest, ListNodesRequest, ListRejectedRequest, TraceRequest,
+};
 
 use crate::connect::{ConnectArgs, Inspect};
 
@@ -45,6 +49,14 @@ enum Command {
     },
     /// Objects the controllers refused, with the field at fault.
     Rejected,
+    /// Whether every node has stopped sending new connections to an endpoint address (a
+    /// pod being deleted): per node DONE, PENDING or NOT_CONNECTED.
+    DrainStatus {
+        address: String,
+        /// Wait up to this long (at most 30 s) for every node to be done.
+        #[arg(long, default_value_t = 0)]
+        wait: u32,
+    },
     /// Where one new connection goes on a node: DNAT to which endpoints, REJECT, DROP or not
     /// a Service; whether its source is masqueraded; and what decided it.
     Trace {
@@ -122,6 +134,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", trace::render(&answer));
             Ok(ExitCode::SUCCESS)
         }
+        Command::DrainStatus { address, wait } => drain_status(&cli.connect, &address, wait).await,
         Command::Rejected => {
             let mut client = first(&cli.connect).await?;
             let errors = client
@@ -141,6 +154,46 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Asks every replica (concurrently, each waiting up to `wait`); prints every node, judged by
+/// the replica its agent is connected to.
+async fn drain_status(connect: &ConnectArgs, address: &str, wait: u32) -> Result<ExitCode> {
+    let asks = connect.controllers()?.iter().map(|addr| async move {
+        let answer = async {
+            let mut client = connect.connect(addr).await?;
+            let reply = client
+                .drain_status(DrainStatusRequest {
+                    address: address.to_owned(),
+                    wait_seconds: wait,
+                })
+                .await
+                .with_context(|| format!("controller {addr}: DrainStatus"))?;
+            anyhow::Ok(reply.into_inner())
+        };
+        (addr.clone(), answer.await)
+    });
+    let mut replies = Vec::new();
+    let mut failed = Vec::new();
+    for (addr, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(reply) => replies.push((addr, reply.nodes)),
+            Err(e) => failed.push(format!("{e:#}")),
+        }
+    }
+    if replies.is_empty() {
+        anyhow::bail!("no controller answered: {}", failed.join("; "));
+    }
+    let (rows, done) = drain::merge(&replies);
+    print!("{}", drain::render(address, &rows, done));
+    for f in &failed {
+        eprintln!("{f}");
+    }
+    Ok(if done && failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Asks every replica; prints the merged table and what could not be asked.

@@ -17,29 +17,41 @@ pub struct Row {
     pub via: String,
 }
 
-/// What every replica that answered says, merged by node. A node connected to one replica is
-/// that replica's; a node connected nowhere keeps the first replica's view.
-pub fn merge(replies: &[(String, ListNodesResponse)]) -> Vec<Row> {
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    for (addr, reply) in replies {
-        for node in &reply.nodes {
-            let row = Row {
-                status: node.clone(),
-                via: if node.connected {
-                    addr.clone()
-                } else {
-                    String::new()
-                },
-            };
-            match rows.get(&node.name) {
-                Some(held) if held.status.connected || !node.connected => {}
-                _ => {
-                    rows.insert(node.name.clone(), row);
-                }
+/// Per node, the answer of the replica its agent is connected to (with that replica's
+/// address), else the first replica's answer (with no address). Sorted by node name.
+pub fn by_node<T: Clone>(
+    replies: &[(String, Vec<T>)],
+    name: impl Fn(&T) -> &str,
+    connected: impl Fn(&T) -> bool,
+) -> Vec<(T, String)> {
+    let mut rows: BTreeMap<String, (T, String)> = BTreeMap::new();
+    for (addr, items) in replies {
+        for item in items {
+            let held_connected = rows.get(name(item)).map(|(held, _)| connected(held));
+            if held_connected == Some(true) || (held_connected.is_some() && !connected(item)) {
+                continue;
             }
+            let via = if connected(item) {
+                addr.clone()
+            } else {
+                String::new()
+            };
+            rows.insert(name(item).to_owned(), (item.clone(), via));
         }
     }
     rows.into_values().collect()
+}
+
+/// What every replica that answered says, merged by node.
+pub fn merge(replies: &[(String, ListNodesResponse)]) -> Vec<Row> {
+    let lists: Vec<(String, Vec<NodeStatus>)> = replies
+        .iter()
+        .map(|(addr, r)| (addr.clone(), r.nodes.clone()))
+        .collect();
+    by_node(&lists, |n| n.name.as_str(), |n| n.connected)
+        .into_iter()
+        .map(|(status, via)| Row { status, via })
+        .collect()
 }
 
 fn state(s: &NodeStatus) -> &'static str {
@@ -63,12 +75,37 @@ fn dataplane(s: &NodeStatus) -> &'static str {
 }
 
 /// A version as `kubectl` shows hashes: short.
-fn short(version: &str) -> &str {
+pub fn short(version: &str) -> &str {
     if version.is_empty() {
         "-"
     } else {
         &version[..version.len().min(12)]
     }
+}
+
+/// Columns padded to their widest cell, three spaces apart.
+pub fn columns(cells: &[Vec<String>]) -> String {
+    let width = cells.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..width)
+        .map(|i| {
+            cells
+                .iter()
+                .filter_map(|row| row.get(i))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in cells {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("   ").trim_end());
+    }
+    out
 }
 
 /// The table `status` prints, one line per node, then one line per refused change.
@@ -111,18 +148,7 @@ pub fn table(rows: &[Row]) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| cells.iter().map(|row| row[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &cells {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("   ").trim_end());
-    }
+    let mut out = columns(&cells);
     for r in rows.iter().filter(|r| !r.status.last_nack_error.is_empty()) {
         let _ = writeln!(
             out,

@@ -53,7 +53,7 @@ fn status_line(table: &str, node: &str) -> Vec<String> {
 }
 
 #[test]
-fn kubectl_kubenft_shows_status_why_and_rejections_from_the_lab() {
+fn kubectl_kubenft_answers_status_why_trace_drain_and_rejections_in_the_lab() {
     let c = Cluster::start(two_node_web("10.96.0.95"));
     c.wait_answers(Host::Pod("client"), Proto::Tcp, vip("10.96.0.95:80"), START);
     let acked = c.wait_synced(START);
@@ -147,6 +147,24 @@ fn kubectl_kubenft_shows_status_why_and_rejections_from_the_lab() {
         ok && out.starts_with("REJECT"),
         "a port the ClusterIP lacks is refused: {out}"
     );
+
+    // drain-status: web-1 still receives new connections from both nodes; the client's
+    // address never did. Once web-1 leaves the slice, the gate opens.
+    let web1 = pods[0].as_str();
+    let (ok, out, _) = kubectl_kubenft(&c, &[&controller], &["drain-status", web1]);
+    assert!(!ok, "web-1 is still an endpoint: {out}");
+    assert!(out.starts_with(&format!("{web1}: not drained")), "{out}");
+    assert_eq!(status_line(&out, "a")[1], "PENDING", "{out}");
+    let (ok, out, err) = kubectl_kubenft(&c, &[&controller], &["drain-status", &client_ip]);
+    assert!(ok, "no node sends to the client pod: {out} {err}");
+    let web2 = c.lab.pod("web-2");
+    write_web_service(&c, "web", "10.96.0.95", [&web2]);
+    let (ok, out, err) =
+        kubectl_kubenft(&c, &[&controller], &["drain-status", web1, "--wait", "10"]);
+    assert!(ok, "web-1 left the slice: the gate must open: {out} {err}");
+    for node in ["a", "b"] {
+        assert_eq!(status_line(&out, node)[1], "DONE", "{out}");
+    }
 
     // rejected: a Service with a NodePort out of range is named with its field.
     c.lab.write_manifest(
