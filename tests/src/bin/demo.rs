@@ -156,7 +156,79 @@ fn main() -> anyhow::Result<()> {
             "kubenft.v1.ControllerInspect/GetService",
         ],
     )?;
+    let ext = kubenft_lab::topology::EXT_V4.to_string();
+    println!(
+        "\n== grpcurl ... kubenft.v1.ControllerInspect/Trace  (external client -> node b:30081, Local)"
+    );
+    grpcurl(
+        &lab,
+        &[
+            "-d",
+            &format!(
+                r#"{{"node":"b","source":"{ext}","destination":"{b}","port":30081,"protocol":"TCP"}}"#
+            ),
+            "192.168.50.2:9650",
+            "kubenft.v1.ControllerInspect/Trace",
+        ],
+    )?;
+
+    println!("\n== the same through kubectl (the kubectl-kubenft plugin, on PATH)");
+    let controller_addr = "192.168.50.2:9650";
+    kubectl_kubenft(&lab, &["status", "--controller", controller_addr])?;
+    kubectl_kubenft(
+        &lab,
+        &[
+            "trace",
+            "--controller",
+            controller_addr,
+            "--node",
+            "a",
+            "--source",
+            &ext,
+            "--destination",
+            &a.to_string(),
+            "--port",
+            "30080",
+        ],
+    )?;
+    let backend_1 = backends[0].ipv4.to_string();
+    kubectl_kubenft(
+        &lab,
+        &["drain-status", &backend_1, "--controller", controller_addr],
+    )?;
     println!("\n== done; removing the lab");
+    Ok(())
+}
+
+/// `kubectl kubenft ARGS` in the control plane, with the operator's certificate; prints the
+/// command and what it printed (a non-zero exit is shown, not an error: `drain-status` of a
+/// live endpoint says "not drained" with exit 1).
+fn kubectl_kubenft(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
+    let plugin = kubenft_lab::process::find_binary("kubectl-kubenft")?;
+    let dir = plugin
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let path = format!("PATH={dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let tls = lab.tls();
+    let (ca, cert, key) = (
+        tls.pki.ca().display().to_string(),
+        tls.operator.cert.display().to_string(),
+        tls.operator.key.display().to_string(),
+    );
+    println!(
+        "\n$ kubectl kubenft {} --cacert ca.crt --cert operator.crt --key operator.key",
+        args.join(" ")
+    );
+    let mut argv = vec!["env", path.as_str(), "kubectl", "kubenft"];
+    argv.extend_from_slice(args);
+    argv.extend(["--cacert", &ca, "--cert", &cert, "--key", &key]);
+    let out = lab.exec(Host::ControlPlane, &argv)?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if let Some(code) = out.status.code().filter(|c| *c != 0) {
+        println!("(exit {code})");
+    }
     Ok(())
 }
 
