@@ -366,6 +366,23 @@ fn agents_obtain_and_renew_their_certificates_through_the_signer() {
         renewed.unwrap_or_else(|e| panic!("not every certificate was renewed: {e}"));
     });
     assert_no_failed_request(&results, "during renewal");
+    // The agent's issued certificate names the node's address only: Trace is asked there.
+    // Its answer, and the controller's (over its renewed serving certificate), agree with
+    // the connections made during the renewal.
+    let from = Host::Pod("client");
+    let t = c.assert_trace_agrees_at("a", &node_a, from, (Proto::Tcp, target), &results);
+    let src = c.source_of(from, target);
+    let interface = c.interface_into("a", from);
+    let controller = c
+        .controller_trace("a", src, target, Proto::Tcp, interface.as_deref())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        controller.decision(),
+        t.decision(),
+        "ControllerInspect/Trace and AgentInspect/Trace disagree: {:#?} vs {:#?}",
+        controller.raw,
+        t.raw
+    );
     assert_eq!(
         connects(&c),
         connects_before,

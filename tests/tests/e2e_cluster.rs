@@ -346,6 +346,14 @@ fn controller_reads_the_kubernetes_api_and_agents_serve_traffic() {
         &["web-1", "web-2", "web-3"],
         CONVERGE,
     );
+    c.wait_synced(CONVERGE);
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        target,
+        &ProbeOpts::count(9),
+    );
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
 
     // Every endpoint gone (MODIFIED slice, DELETED slice): the Service refuses.
     c.write("web.yaml", &[&svc, &slice]);
@@ -358,6 +366,9 @@ fn controller_reads_the_kubernetes_api_and_agents_serve_traffic() {
         CONVERGE,
         |r| *r == ProbeResult::Refused,
     );
+    c.wait_synced(CONVERGE);
+    let refused = [ProbeResult::Refused];
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &refused);
 
     // The Service deleted (DELETED): its ClusterIP is no longer allocated and is dropped.
     c.write(
@@ -382,6 +393,8 @@ fn controller_reads_the_kubernetes_api_and_agents_serve_traffic() {
         rs.iter().all(|r| *r == ProbeResult::Timeout),
         "the deleted Service still answers (or is refused): {rs:?}"
     );
+    c.wait_synced(CONVERGE);
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
     // And the controller no longer knows it.
     let view = c.controller_call(
         "GetService",
@@ -515,6 +528,8 @@ fn controller_failover_under_traffic_loses_nothing() {
         t.contains_key("web-1") && t.contains_key("web-2"),
         "traffic did not spread over both pods: {t:?}"
     );
+    // What the agent applied, adopted by replica 2, is what the traffic saw.
+    c.assert_trace_agrees("a", Host::Pod("client"), (Proto::Tcp, target), &results);
     assert_eq!(
         transactions(&c),
         before,
@@ -535,6 +550,13 @@ fn controller_failover_under_traffic_loses_nothing() {
     let took = wait_server(&c, Host::Pod("client"), target, "web-3", CONVERGE);
     eprintln!("change after the failover served in {took:?}");
     let now = wait_synced_at(&c, R2_GRPC_PORT, START);
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        target,
+        &ProbeOpts::count(9),
+    );
+    c.assert_trace_agrees("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
     assert_ne!(now, acked, "the change did not produce new versions");
     assert_ne!(
         transactions(&c),

@@ -193,13 +193,19 @@ fn stale_udp_entries_are_cleaned_for_nodeport_and_host_network_clients() {
     // And stays there: a few more rounds all answered by udp-2.
     let settled = now();
     std::thread::sleep(Duration::from_millis(1200));
-    for l in &loops {
+    for (l, (_, from, target, _)) in loops.iter().zip(clients) {
         let rs = l.since(settled);
         assert!(
             rs.len() >= 3 && rs.iter().all(|r| r.server() == Some("udp-2")),
             "{}: not settled on udp-2: {rs:?}",
             l.label()
         );
+        let node = if target.ip() == IpAddr::from(nb) {
+            "b"
+        } else {
+            "a"
+        };
+        c.assert_trace_agrees(node, from, (Proto::Udp, target), &rs);
     }
     // (Node b also holds plain forwarding entries of node a's masqueraded flows to udp-1;
     // they belong to no Service entry and simply expire.)
@@ -252,7 +258,7 @@ fn udp_itp_local_client_reaches_a_new_local_endpoint_after_a_gap() {
         "dns.yaml",
         &[&svc, &udp_slice("dns", &[&p[1]], Cond::READY)],
     );
-    l.wait_since("dropped without a local endpoint", gone, CONVERGE, |r| {
+    let dropped = l.wait_since("dropped without a local endpoint", gone, CONVERGE, |r| {
         *r == ProbeResult::Timeout
     });
     std::thread::sleep(Duration::from_secs(3));
@@ -261,6 +267,8 @@ fn udp_itp_local_client_reaches_a_new_local_endpoint_after_a_gap() {
         gap.iter().all(|r| r.server() != Some("udp-2")),
         "the remote udp-2 answered a Local-policy client: {gap:?}"
     );
+    let from = Host::Pod("client");
+    c.assert_trace_agrees("a", from, (Proto::Udp, target), &l.since(gone + dropped));
 
     // A new local endpoint: reached within 2 s, though the client never stopped sending.
     let p3 = pods(&c.lab, &[("udp-3", "a")]).remove(0);
@@ -269,7 +277,8 @@ fn udp_itp_local_client_reaches_a_new_local_endpoint_after_a_gap() {
         "dns.yaml",
         &[&svc, &udp_slice("dns", &[&p[1], &p3], Cond::READY)],
     );
-    l.wait_since("udp-3 answers", t, CONVERGE, is_server("udp-3"));
+    let after = l.wait_since("udp-3 answers", t, CONVERGE, is_server("udp-3"));
+    c.assert_trace_agrees("a", from, (Proto::Udp, target), &l.since(t + after));
 }
 
 /// §5.32 (kubernetes #139628, #141371): looping clients on the ClusterIP (a pod) and the
@@ -344,6 +353,9 @@ fn udp_scale_to_zero_refuses_and_service_deletion_leaves_no_stale_entries() {
             l.label()
         );
     }
+    for (_, from, target) in clients {
+        c.assert_trace_agrees("a", from, (Proto::Udp, target), &[ProbeResult::Refused]);
+    }
     for entry in service_entries {
         let stale = udp_entries_replying_from(&c, "a", entry, p.ipv4.into());
         assert!(
@@ -373,6 +385,9 @@ fn udp_scale_to_zero_refuses_and_service_deletion_leaves_no_stale_entries() {
             l.label()
         );
     }
+    // The ClusterIP is no Service's any more: dropped, as Trace says.
+    let (_, from, cip) = clients[0];
+    c.assert_trace_agrees("a", from, (Proto::Udp, cip), &loops[0].since(settled));
     for entry in service_entries {
         let stale = udp_entries_replying_from(&c, "a", entry, p.ipv4.into());
         assert!(
@@ -452,19 +467,21 @@ fn udp_clients_reach_an_endpoint_within_2s_of_it_becoming_ready() {
         });
     }
     std::thread::sleep(Duration::from_millis(1000));
-    for l in &loops {
+    for (l, (_, from, target)) in loops.iter().zip(clients) {
         let rs = l.since(t);
         assert!(
             rs.iter().all(|r| !r.is_ok()),
             "{}: a not-ready endpoint answered: {rs:?}",
             l.label()
         );
+        c.assert_trace_agrees("a", from, (Proto::Udp, target), &[ProbeResult::Refused]);
     }
 
     let t = now();
     c.write("dns.yaml", &[&svc, &udp_slice("dns", &[&p], Cond::READY)]);
-    for l in &loops {
-        l.wait_since("udp-1 answers once ready", t, CONVERGE, is_server("udp-1"));
+    for (l, (_, from, target)) in loops.iter().zip(clients) {
+        let after = l.wait_since("udp-1 answers once ready", t, CONVERGE, is_server("udp-1"));
+        c.assert_trace_agrees("a", from, (Proto::Udp, target), &l.since(t + after));
     }
 }
 
@@ -596,6 +613,8 @@ fn other_services_churn_and_agent_restart_leave_established_flows_and_their_conn
         before,
         "the flows' conntrack entries were deleted and re-created"
     );
+    // New flows to alpha go where the restarted agent's Trace says (both pods).
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Udp, udp_target), &rs);
     let exchanges = tcp.exchanges();
     tcp.stop();
     eprintln!(

@@ -233,6 +233,7 @@ fn agents_find_the_controllers_through_the_api_server_and_follow_them() {
         std::thread::sleep(Duration::from_millis(500));
     });
     assert_no_failed_request(&results, "while the controller moved");
+    c.assert_trace_agrees("a", Host::Pod("client"), (Proto::Tcp, target), &results);
     let after: Vec<String> = ["a", "b"].iter().map(|n| c.generation(n)).collect();
     assert_eq!(
         after, generations,

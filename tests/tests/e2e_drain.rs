@@ -298,8 +298,9 @@ fn the_gate_opens_after_every_agent_acked_and_no_new_connection_reaches_the_pod(
     });
     assert_no_failed_request(&during, "while web-1 drained");
 
-    // After the gate: no new connection reaches web-1, from either node.
-    for client in ["client-a", "client-b"] {
+    // After the gate: no new connection reaches web-1, from either node, and neither node's
+    // Trace has an endpoint at its address.
+    for (node, client) in [("a", "client-a"), ("b", "client-b")] {
         let rs = c.probe(
             Host::Pod(client),
             Proto::Tcp,
@@ -311,6 +312,8 @@ fn the_gate_opens_after_every_agent_acked_and_no_new_connection_reaches_the_pod(
             !t.contains_key("web-1") && t.len() == 2,
             "{client}: {t:?} (web-1 must get nothing, web-2 and web-3 everything)"
         );
+        let flow = (Proto::Tcp, vip(VIP));
+        c.assert_trace_drained(node, Host::Pod(client), flow, &rs, web[0].ipv4.into());
     }
 
     // The change: recorded with both nodes acknowledged, and counted once.
@@ -411,6 +414,10 @@ fn a_node_whose_agent_is_down_is_reported_not_waited_for_forever() {
         "{last}"
     );
     assert_eq!(last["done"], Value::Null, "not done: {last}");
+    // Node a, done, traces no endpoint at the address, and its traffic never reaches it.
+    let rs = all_ok(&c, Host::Pod("client-a"), vip(VIP), 4);
+    let flow = (Proto::Tcp, vip(VIP));
+    c.assert_trace_drained("a", Host::Pod("client-a"), flow, &rs, web[0].ipv4.into());
 
     let controller = format!("{CP_V4}:{CONTROLLER_GRPC_PORT}");
     let hook = drain_wait(&c, "a", &controller, &address, "2s");

@@ -141,6 +141,9 @@ fn a_standby_agent_takes_over_after_sigterm_and_sigkill_adopting_the_tables() {
     });
     let t = assert_all_ok(&results, "connections during the takeover");
     assert!(results.len() >= 10, "too little traffic: {t:?}");
+    // The agent that adopted the tables traces what they did.
+    let flow = (Proto::Tcp, vip(VIP));
+    c.assert_trace_agrees("a", Host::Pod("client"), flow, &results);
     assert_eq!(c.table_handle("a"), handle, "the table was recreated");
     assert_eq!(
         c.generation("a"),
@@ -170,4 +173,11 @@ fn a_standby_agent_takes_over_after_sigterm_and_sigkill_adopting_the_tables() {
     set_endpoints(&c, &[w1]);
     wait_new_ack(&c, &acked, "the first change after SIGKILL");
     wait_served_by(&c, "web-1");
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip(VIP),
+        &ProbeOpts::count(4),
+    );
+    c.assert_traces_agree("a", Host::Pod("client"), flow, &rs);
 }

@@ -535,6 +535,9 @@ fn take_over_and_clean_up(
         &ProbeOpts::count(10),
     );
     assert_all_ok(&rs, "new connections once kubenft runs");
+    // kube-proxy's rules are still there, but ours decide, as Trace says.
+    let from = Host::Pod("client");
+    c.assert_trace_agrees("a", from, (Proto::Tcp, vip(WEB)), &rs);
     assert_eq!(
         kube_proxy_dispatched(c),
         dispatched,
@@ -647,6 +650,9 @@ fn take_over_and_clean_up(
         &ProbeOpts::count(10),
     );
     assert_all_ok(&rs, "new connections after the cleanup");
+    c.assert_traces_agree("a", from, (Proto::Tcp, vip(WEB)), &rs);
+    let rs = all_ok(c, Host::Node("a"), vip(WEB), 6);
+    c.assert_trace_agrees("a", Host::Node("a"), (Proto::Tcp, vip(WEB)), &rs);
     held.wait_more(2, "after the cleanup");
     // A second run finds nothing to do and says so.
     let out = c
@@ -766,4 +772,9 @@ table inet early {{
         START,
         |r| r.server() == Some("web-1"),
     );
+    // Trace follows our tables only: with `ip post` masquerading pod traffic behind our
+    // back, servers would see another source than Trace says. Without it, they agree.
+    c.nft("a", &["delete", "table", "ip", "post"]);
+    let rs = all_ok(&c, Host::Pod("client"), target, 4);
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
 }

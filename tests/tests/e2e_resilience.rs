@@ -113,6 +113,7 @@ fn agent_sigkill_and_restart_under_traffic_is_seamless() {
         results.len() >= 50,
         "too little traffic to prove anything: {t:?}"
     );
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, s.target), &results);
     assert_eq!(
         c.table_handle("a"),
         s.handle,
@@ -165,8 +166,12 @@ fn controller_outage_keeps_traffic_and_applies_changes_on_return() {
         eprintln!("outage round {rounds} at {at:?}");
         let rs = c.probe(Host::Pod("client"), Proto::Tcp, old, &ProbeOpts::count(4));
         let t = assert_all_ok(&rs, &format!("during the outage at {at:?}"));
-        // The agent keeps the last rules it had: the new endpoint is not used yet.
+        // The agent keeps the last rules it had: the new endpoint is not used yet, and its
+        // Trace says so (the controller, which would know better, is away).
         assert_eq!(t.keys().collect::<Vec<_>>(), vec!["web-1"], "{t:?}");
+        if rounds == 2 {
+            c.assert_trace_agrees("a", Host::Pod("client"), (Proto::Tcp, old), &rs);
+        }
         let out = c
             .lab
             .exec_ok(
@@ -225,6 +230,8 @@ fn controller_outage_keeps_traffic_and_applies_changes_on_return() {
         &["web-1", "web-2"],
         CONVERGE,
     );
+    let rs = c.probe(Host::Pod("client"), Proto::Tcp, old, &ProbeOpts::count(8));
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, old), &rs);
     let total = back_at.elapsed();
     eprintln!(
         "changes served {took:?} after the reconnection / all {total:?} after the controller's return"
@@ -278,6 +285,13 @@ fn kernel_refusal_once_is_retried_and_the_change_applied() {
         "a NACK stayed: {a}"
     );
     assert_eq!(a["nackRetries"].as_u64().unwrap_or(0), 0, "{a}");
+    let rs = c.probe(
+        Host::Pod("client-a"),
+        Proto::Tcp,
+        new_vip,
+        &ProbeOpts::count(4),
+    );
+    c.assert_traces_agree("a", Host::Pod("client-a"), (Proto::Tcp, new_vip), &rs);
     let dispatch = c.nft("a", &["list", "map", "ip", "kubenft", "ip-c-dispatch"]);
     assert!(
         !dispatch.contains("10.96.0.61 . tcp . 80 : drop"),
@@ -408,6 +422,11 @@ fn persistent_kernel_refusal_is_nacked_retried_and_the_last_good_state_keeps_ser
         !r.is_ok(),
         "part of the refused change is in force on node a: {r}"
     );
+    // Node a's Trace is its applied (last good) state: the old Service as traffic saw it,
+    // and the new one as not yet there.
+    let from = Host::Pod("client-a");
+    c.assert_trace_agrees("a", from, (Proto::Tcp, old_vip), &results);
+    c.assert_trace_agrees("a", from, (Proto::Tcp, new_vip), &[r]);
     let applied = c.agent_call("a", "GetApplied").unwrap();
     assert!(
         applied["lastError"]
@@ -468,6 +487,7 @@ fn a_corrupted_state_file_costs_a_reconcile_not_traffic() {
     );
     assert_all_ok(&results, "new connections around the restart");
     assert!(results.len() >= 50, "too little traffic: {t:?}");
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, s.target), &results);
     let agent = c.agent("a");
     let logs = agent.logs();
     assert!(
@@ -540,6 +560,9 @@ fn manifest_directory_renamed_away_keeps_every_service() {
             );
             let t = assert_all_ok(&rs, &format!("{target} with the directory away at {at:?}"));
             assert_eq!(t.keys().collect::<Vec<_>>(), vec![pod], "{t:?}");
+            if rounds == 0 {
+                c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, target), &rs);
+            }
         }
         rounds += 1;
         std::thread::sleep(Duration::from_millis(500));

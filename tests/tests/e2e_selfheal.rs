@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kubenft_lab::{Cond, Host, Lab, Process, Proto, Service, Slice, wait_until};
+use kubenft_lab::{Cond, Host, Lab, ProbeOpts, Process, Proto, Service, Slice, wait_until};
 use serde_json::Value;
 
 /// What the issue allows a repair: the Service answers again within this.
@@ -303,6 +303,13 @@ fn heal(f: &Fixture, what: &str, fault: &[&str], broken: Broken, kind: &str) -> 
         keep_ids,
         "{what}: the conntrack entry of the unaffected UDP Service was replaced or deleted"
     );
+    // The repaired tables do what the agent's Trace says.
+    let (proto, target) = match &broken {
+        Broken::Service(proto, target) => (*proto, vip(target)),
+        Broken::Listed(_) => (Proto::Tcp, vip(WEB)),
+    };
+    let rs = c.probe(Host::Pod("client"), proto, target, &ProbeOpts::count(4));
+    c.assert_trace_agrees("a", Host::Pod("client"), (proto, target), &rs);
     assert!(f.keep_loop.is_running(), "keep's client loop ended");
     // Counted: the agent's metrics and the controller's view.
     let repairs = repairs_metric(c, kind);
@@ -561,6 +568,13 @@ fn a_harmless_foreign_commit_leaves_the_node_converged() {
         "kubenft_agent_repairs_total{{kind=\"stale\"}} did not grow"
     );
     c.wait_answers(Host::Pod("client"), Proto::Tcp, vip(WEB), REPAIR);
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Udp,
+        vip(DNS),
+        &ProbeOpts::count(4),
+    );
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Udp, vip(DNS)), &rs);
 }
 
 /// A repair that keeps failing: with the agent frozen, our IPv4 table is deleted and made
@@ -632,4 +646,11 @@ fn a_repair_that_keeps_failing_is_reported_diverged_and_retried() {
         agent_metric(c, "kubenft_agent_dataplane_state{state=\"converged\"}"),
         1.0
     );
+    let rs = c.probe(
+        Host::Pod("client"),
+        Proto::Tcp,
+        vip(WEB),
+        &ProbeOpts::count(4),
+    );
+    c.assert_traces_agree("a", Host::Pod("client"), (Proto::Tcp, vip(WEB)), &rs);
 }

@@ -62,7 +62,8 @@ fn assert_echoed(rs: &[ProbeResult], what: &str) {
     assert!(bad.is_empty(), "{what}: not echoed intact: {bad:?}");
 }
 
-/// Asserts two probes both get no answer (a drop: every attempt times out).
+/// Asserts two probes both get no answer (a drop: every attempt times out), and the Trace of
+/// the node they enter says DROP.
 #[track_caller]
 fn assert_dropped(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAddr, what: &str) {
     let rs = c.probe(from, proto, target, &ProbeOpts::count(2).timeout(DROP_WAIT));
@@ -71,6 +72,7 @@ fn assert_dropped(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAddr,
         vec![ProbeResult::Timeout; 2],
         "{what}: {proto} {target} from {from:?} must be dropped"
     );
+    c.assert_trace_agrees(&c.entry_node(from), from, (proto, target), &rs);
 }
 
 /// Asserts two probes both fail (no server answers), whatever the failure looks like.
@@ -84,7 +86,8 @@ fn assert_unanswered(c: &Cluster, from: Host<'_>, proto: Proto, target: SocketAd
 }
 
 /// Asserts `gone` stops answering within 2 s and stays unanswered, while `kept` is still
-/// served by both backends (12 connections or datagrams, every one answered).
+/// served by both backends (12 connections or datagrams, every one answered), as the Trace
+/// of the node they enter says.
 #[track_caller]
 fn assert_gone_while_kept(
     c: &Cluster,
@@ -99,6 +102,7 @@ fn assert_gone_while_kept(
     let rs = c.probe(from, proto, target, &ProbeOpts::count(12));
     let t = assert_all_ok(&rs, what);
     assert_eq!(t.len(), 2, "{what}: both backends still serve: {t:?}");
+    c.assert_trace_agrees(&c.entry_node(from), from, (proto, target), &rs);
 }
 
 /// §5.5: one Service with TCP/80 and UDP/80 (to different target ports). Both answer;
@@ -260,6 +264,8 @@ fn service_cidr_holes_are_dropped_and_wrong_ports_on_live_clusterips_rejected() 
         ),
     ] {
         assert_refused_fast(&c, from, proto, vip(target), row);
+        let rs = [ProbeResult::Refused];
+        c.assert_trace_agrees(&c.entry_node(from), from, (proto, vip(target)), &rs);
     }
     // Unallocated addresses of the Service CIDR, next to the live one and far from it.
     for target in [vip("10.96.7.8:80"), vip("10.96.200.1:80")] {
@@ -274,15 +280,10 @@ fn service_cidr_holes_are_dropped_and_wrong_ports_on_live_clusterips_rejected() 
         "unallocated, from a node",
     );
     // The live port is unaffected.
-    assert_all_ok(
-        &c.probe(
-            Host::Pod("client-4"),
-            Proto::Tcp,
-            vip("10.96.7.7:80"),
-            &ProbeOpts::count(6),
-        ),
-        "the live port",
-    );
+    let (from, live) = (Host::Pod("client-4"), vip("10.96.7.7:80"));
+    let rs = c.probe(from, Proto::Tcp, live, &ProbeOpts::count(6));
+    assert_all_ok(&rs, "the live port");
+    c.assert_traces_agree("a", from, (Proto::Tcp, live), &rs);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -352,9 +353,15 @@ fn nodeport_web(c: &Cluster, web: &kubenft_lab::Pod) {
     c.write("web.yaml", &[&svc, &slice]);
 }
 
-/// Asserts every probe from `from` to `target` is answered by `server`.
+/// Asserts every probe from `from` to `target` is answered by `server`; returns the results.
 #[track_caller]
-fn assert_served_by(c: &Cluster, from: Host<'_>, target: SocketAddr, server: &str, what: &str) {
+fn assert_served_by(
+    c: &Cluster,
+    from: Host<'_>,
+    target: SocketAddr,
+    server: &str,
+    what: &str,
+) -> Vec<ProbeResult> {
     let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(4));
     let t = assert_all_ok(&rs, &format!("{what}: {target} from {from:?}"));
     assert_eq!(
@@ -362,6 +369,7 @@ fn assert_served_by(c: &Cluster, from: Host<'_>, target: SocketAddr, server: &st
         vec![server],
         "{what}: {target} from {from:?} must be served by {server}: {t:?}"
     );
+    rs
 }
 
 /// Where a §5.9 case connects to, on the NodePort.
@@ -485,9 +493,23 @@ fn nodeport_addresses_serve_exactly_the_addresses_they_select() {
         c.wait_synced(START);
         for &(from, to, answer) in row.cases {
             let (target, what) = (at(to), format!("{}: {to:?}", row.row));
+            // Trace asks the node the connection enters, with the source it really has.
+            let node = if matches!(to, At::B) { "b" } else { "a" };
+            let src = match (from, to) {
+                (Host::Node(_), At::Secondary) => IpAddr::from(secondary),
+                (Host::Node(_), At::Loopback(_)) => IpAddr::from(Ipv4Addr::LOCALHOST),
+                _ => c.source_of(from, target),
+            };
+            let flow = (Proto::Tcp, target);
             match answer {
-                Answer::Web => assert_served_by(&c, from, target, "web-1", &what),
-                Answer::Squatter => assert_served_by(&c, from, target, "squatter", &what),
+                Answer::Web => {
+                    let rs = assert_served_by(&c, from, target, "web-1", &what);
+                    c.assert_trace_agrees_from(node, (from, src), flow, &rs);
+                }
+                Answer::Squatter => {
+                    let rs = assert_served_by(&c, from, target, "squatter", &what);
+                    c.assert_trace_leaves_alone(node, (from, src), flow, &rs);
+                }
                 Answer::Refused => {
                     let r = c.probe1(from, Proto::Tcp, target, DROP_WAIT);
                     let left_alone = "must be left alone (not forwarded)";
@@ -496,6 +518,7 @@ fn nodeport_addresses_serve_exactly_the_addresses_they_select() {
                         ProbeResult::Refused,
                         "{what}: {target} from {from:?} {left_alone}"
                     );
+                    c.assert_trace_leaves_alone(node, (from, src), flow, &[r]);
                 }
             }
         }
@@ -579,11 +602,15 @@ fn type_transitions_serve_each_form_and_leave_no_entries_behind() {
 
     c.write("shape.yaml", &[&load_balancer(), &slice]);
     c.wait_answers(Host::External, Proto::Tcp, lb, CONVERGE);
-    for (from, target) in [(Host::External, np_a), (Host::External, np_b), (pod, cip)] {
-        assert_all_ok(
-            &c.probe(from, Proto::Tcp, target, &ProbeOpts::count(4)),
-            &format!("{target} of the LoadBalancer Service"),
-        );
+    for (node, from, target) in [
+        ("a", Host::External, np_a),
+        ("b", Host::External, np_b),
+        ("a", pod, cip),
+        ("a", Host::External, lb),
+    ] {
+        let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(4));
+        assert_all_ok(&rs, &format!("{target} of the LoadBalancer Service"));
+        c.assert_traces_agree(node, from, (Proto::Tcp, target), &rs);
     }
     c.wait_synced(CONVERGE);
     for n in ["a", "b"] {
@@ -748,6 +775,15 @@ fn ignored_services_stay_unprogrammed_until_their_label_is_removed() {
     c.write("marked.yaml", &[&marked(None), &slice("marked")]);
     c.wait_answers(pod, Proto::Tcp, vip("10.96.39.12:80"), CONVERGE);
     c.wait_answers(Host::External, Proto::Tcp, sock(a, 30393), CONVERGE);
+    c.wait_synced(CONVERGE);
+    for (from, target) in [
+        (pod, vip("10.96.39.11:80")),
+        (Host::External, sock(a, 30393)),
+    ] {
+        let rs = c.probe(from, Proto::Tcp, target, &ProbeOpts::count(4));
+        assert_all_ok(&rs, &format!("{target} once unlabelled"));
+        c.assert_trace_agrees("a", from, (Proto::Tcp, target), &rs);
+    }
 
     // Labelled again, a live Service is given up within 2 s.
     c.write("other.yaml", &[&other(Some(proxy_name)), &slice("other")]);
@@ -825,18 +861,19 @@ fn deleting_one_of_two_services_sharing_pods_leaves_the_other_intact() {
     }
     c.wait_synced(CONVERGE);
     assert_unmentioned(&c, &["10.96.40.1", "30401"], "the deleted Service");
+    let deleted = (Proto::Tcp, vip("10.96.40.1:80"));
+    c.assert_traces_agree("a", pod, deleted, &[ProbeResult::Timeout]);
 
-    let t = assert_all_ok(
-        &c.probe(pod, Proto::Tcp, vip("10.96.40.2:80"), &ProbeOpts::count(16)),
-        "the surviving Service's ClusterIP",
-    );
+    let surviving = vip("10.96.40.2:80");
+    let rs = c.probe(pod, Proto::Tcp, surviving, &ProbeOpts::count(16));
+    let t = assert_all_ok(&rs, "the surviving Service's ClusterIP");
     assert_eq!(t.len(), 2, "both pods still serve it: {t:?}");
-    for target in [sock(a, 30402), sock(b, 30402)] {
-        let t = assert_all_ok(
-            &c.probe(Host::External, Proto::Tcp, target, &ProbeOpts::count(12)),
-            &format!("the surviving Service's NodePort {target}"),
-        );
+    c.assert_traces_agree("a", pod, (Proto::Tcp, surviving), &rs);
+    for (node, target) in [("a", sock(a, 30402)), ("b", sock(b, 30402))] {
+        let rs = c.probe(Host::External, Proto::Tcp, target, &ProbeOpts::count(12));
+        let t = assert_all_ok(&rs, &format!("the surviving Service's NodePort {target}"));
         assert_eq!(t.len(), 2, "{target}: both pods still serve it: {t:?}");
+        c.assert_trace_agrees(node, Host::External, (Proto::Tcp, target), &rs);
     }
     for p in servers {
         let rs = c.probe(
@@ -850,6 +887,8 @@ fn deleting_one_of_two_services_sharing_pods_leaves_the_other_intact() {
             t.contains_key(p),
             "{p} never reached itself (hairpin): {t:?}"
         );
+        let node = c.entry_node(Host::Pod(p));
+        c.assert_trace_agrees(&node, Host::Pod(p), (Proto::Tcp, surviving), &rs);
     }
 }
 
@@ -897,11 +936,11 @@ fn large_payloads_are_echoed_intact_through_clusterip_and_nodeport() {
 
     let timeout = Duration::from_secs(2);
     let paths = [
-        (pod, 80, 53, IpAddr::from([10, 96, 41, 41])),
-        (Host::External, 30041, 30042, IpAddr::from(a)),
-        (Host::External, 30041, 30042, IpAddr::from(b)),
+        ("a", pod, 80, 53, IpAddr::from([10, 96, 41, 41])),
+        ("a", Host::External, 30041, 30042, IpAddr::from(a)),
+        ("b", Host::External, 30041, 30042, IpAddr::from(b)),
     ];
-    for (from, tcp, udp, ip) in paths {
+    for (node, from, tcp, udp, ip) in paths {
         for (proto, port, bytes, count) in [
             (Proto::Udp, udp, 2000, 4),
             (Proto::Tcp, tcp, 2000, 4),
@@ -918,6 +957,7 @@ fn large_payloads_are_echoed_intact_through_clusterip_and_nodeport() {
                 &rs,
                 &format!("{bytes} bytes {proto} {target} from {from:?}"),
             );
+            c.assert_trace_agrees(node, from, (proto, target), &rs);
         }
         // The "fragmentation needed" reached the client translated back to the address it
         // used (the ClusterIP, a node IP), so it learnt the path MTU for that address.

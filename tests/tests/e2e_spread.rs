@@ -40,7 +40,7 @@ use std::time::Instant;
 
 use common::*;
 use kubenft_lab::burst::{BurstOpts, BurstReport};
-use kubenft_lab::{Cond, Host, Pod, Proto, Service, Slice, netns};
+use kubenft_lab::{Cond, Host, Pod, ProbeOpts, Proto, Service, Slice, netns};
 
 /// Relative tolerance of each endpoint's share, as 1/[`BAND_DENOM`] (5 %).
 const BAND_DENOM: u64 = 20;
@@ -365,6 +365,12 @@ fn assert_even_spread(c: &Cluster, proto: Proto, endpoints: &[String]) -> BurstR
     if let Err(e) = spread.verdict() {
         panic!("{proto} {target}: the load is not spread evenly: {e}");
     }
+    // Trace names exactly the endpoints that answered the burst, and the source a few more
+    // connections show is the one it implies.
+    let from = Host::Pod("client");
+    let rs = c.probe(from, proto, target, &ProbeOpts::count(4));
+    let answered = r.servers.keys().cloned().collect();
+    c.assert_trace_agrees_with_sample("a", from, (proto, target), &answered, &rs);
     r
 }
 

@@ -231,6 +231,8 @@ fn node_a_certificate_cannot_open_node_b_stream_and_b_is_undisturbed() {
         &ProbeOpts::count(6),
     );
     assert_all_ok(&rs, "traffic during the impostor's attempts");
+    let flow = (Proto::Tcp, vip("10.96.0.70:80"));
+    c.assert_traces_agree("b", Host::Pod("client"), flow, &rs);
     impostor.stop().unwrap();
 }
 
@@ -583,4 +585,8 @@ fn rotated_certificates_are_used_by_new_handshakes_without_dropping_or_reapplyin
     c.wait_synced(START);
     // Reconnecting is confirmed by an empty change; nothing is applied again.
     assert_eq!(generation(), generation_before, "rules were re-applied");
+    // Both Trace RPCs answer over the rotated certificates, as traffic goes.
+    let flow = (Proto::Tcp, vip("10.96.0.70:80"));
+    let rs = all_ok(&c, Host::Pod("client"), flow.1, 4);
+    c.assert_traces_agree("a", Host::Pod("client"), flow, &rs);
 }

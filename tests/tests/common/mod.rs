@@ -1077,6 +1077,21 @@ impl Cluster {
         let t = self
             .agent_trace(node, src, target, proto, interface.as_deref())
             .unwrap_or_else(|e| panic!("{e}"));
+        self.assert_traced_agrees(t, node, (from, src), (proto, target), rs)
+    }
+
+    /// The check of [`Cluster::assert_trace_agrees_from`] on a Trace answer `t` of `node`,
+    /// however it was obtained (the agent at another address, the controller).
+    #[track_caller]
+    pub fn assert_traced_agrees(
+        &self,
+        t: Traced,
+        node: &str,
+        (from, src): (Host<'_>, IpAddr),
+        (proto, target): (Proto, SocketAddr),
+        rs: &[ProbeResult],
+    ) -> Traced {
+        assert!(!rs.is_empty(), "no observation to compare Trace with");
         let what = format!("Trace on node {node} of {proto} {src} -> {target}");
         eprintln!(
             "{what}: {} {:?} masquerade={} steps {:#?}",
@@ -1193,5 +1208,187 @@ impl Cluster {
             .into_iter()
             .flat_map(|p| [(p.ipv4.into(), p.name.clone()), (p.ipv6.into(), p.name)])
             .collect()
+    }
+}
+
+/// Trace helpers for the scenarios the ones above do not fit: an agent reached at another
+/// address, a sample too large to probe again, traffic the proxy leaves alone, a drained pod.
+impl Cluster {
+    /// AgentInspect/Trace on `node` through its inspection port at `addr` (e.g. the node's
+    /// own address, the only one an issued certificate names).
+    pub fn agent_trace_at(
+        &self,
+        node: &str,
+        addr: &str,
+        src: IpAddr,
+        target: SocketAddr,
+        proto: Proto,
+        interface: Option<&str>,
+    ) -> Result<Traced, String> {
+        let data = trace_request(None, src, target, proto, interface);
+        let args = ["-d", &data, addr, "kubenft.v1.AgentInspect/Trace"];
+        let (ok, out, err) = self.grpcurl(Host::Node(node), &args);
+        if !ok {
+            return Err(format!("AgentInspect/Trace at {addr} {data}: {err}"));
+        }
+        let v = serde_json::from_str(&out).map_err(|e| format!("Trace output {out:?}: {e}"))?;
+        Ok(Traced::parse(v))
+    }
+
+    /// [`Cluster::assert_trace_agrees`], asking `node`'s agent at `addr`.
+    #[track_caller]
+    pub fn assert_trace_agrees_at(
+        &self,
+        node: &str,
+        addr: &str,
+        from: Host<'_>,
+        (proto, target): (Proto, SocketAddr),
+        rs: &[ProbeResult],
+    ) -> Traced {
+        let src = self.source_of(from, target);
+        let interface = self.interface_into(node, from);
+        let t = self
+            .agent_trace_at(node, addr, src, target, proto, interface.as_deref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.assert_traced_agrees(t, node, (from, src), (proto, target), rs)
+    }
+
+    /// The node a connection from `from` enters first: a pod's node, or the node itself.
+    pub fn entry_node(&self, from: Host<'_>) -> String {
+        match from {
+            Host::Pod(name) => self.lab.pod(name).node,
+            Host::Node(n) => n.to_string(),
+            other => panic!("{other:?} enters no particular node"),
+        }
+    }
+
+    /// The pods a Trace's endpoints are (an address no pod has stays an address).
+    pub fn traced_names(&self, t: &Traced) -> BTreeSet<String> {
+        let names = self.pod_names();
+        t.endpoints
+            .iter()
+            .map(|e| {
+                names
+                    .get(&e.ip())
+                    .cloned()
+                    .unwrap_or_else(|| e.ip().to_string())
+            })
+            .collect()
+    }
+
+    /// For a sample too large to repeat (a burst of thousands of flows that reports who
+    /// answered, not the source each server saw): `node`'s Trace of `from` → `target` is a
+    /// DNAT to exactly the pods in `servers` (everyone who answered the sample), and each of
+    /// the few connections `rs` was answered by one of them, seen from the source Trace
+    /// implies (one of `node`'s addresses when masqueraded, else the client's own).
+    #[track_caller]
+    pub fn assert_trace_agrees_with_sample(
+        &self,
+        node: &str,
+        from: Host<'_>,
+        (proto, target): (Proto, SocketAddr),
+        servers: &BTreeSet<String>,
+        rs: &[ProbeResult],
+    ) -> Traced {
+        assert!(
+            !rs.is_empty(),
+            "no connection to compare Trace's source with"
+        );
+        let src = self.source_of(from, target);
+        let interface = self.interface_into(node, from);
+        let t = self
+            .agent_trace(node, src, target, proto, interface.as_deref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let what = format!("Trace on node {node} of {proto} {src} -> {target}");
+        assert_eq!(t.verdict, "DNAT", "{what}: {:#?}", t.raw);
+        let traced = self.traced_names(&t);
+        assert_eq!(
+            &traced, servers,
+            "{what}: these pods answered the sample, Trace says {traced:?}; {:#?}",
+            t.raw
+        );
+        let mut node_addrs = self.ipv4_addresses(Host::Node(node));
+        node_addrs.extend(self.ipv6_addresses(Host::Node(node)));
+        for r in rs {
+            let (server, client) = match r {
+                ProbeResult::Ok { server, client, .. } => (server, client.ip()),
+                other => panic!("{what}: a connection failed: {other}"),
+            };
+            assert!(traced.contains(server), "{what}: {server} answered");
+            if t.masquerade {
+                assert!(
+                    node_addrs.contains(&client),
+                    "{what}: says masqueraded, but {server} saw {client}; {:#?}",
+                    t.raw
+                );
+            } else {
+                assert_eq!(
+                    client, src,
+                    "{what}: says the source is kept, but {server} saw {client}; {:#?}",
+                    t.raw
+                );
+            }
+        }
+        t
+    }
+
+    /// Connections from `from` (leaving with `src`) that the proxy leaves alone — answered by
+    /// a server of the host itself (not a pod), or refused by a host where nothing listens —
+    /// and `node`'s Trace agrees: not a Service.
+    #[track_caller]
+    pub fn assert_trace_leaves_alone(
+        &self,
+        node: &str,
+        (from, src): (Host<'_>, IpAddr),
+        (proto, target): (Proto, SocketAddr),
+        rs: &[ProbeResult],
+    ) -> Traced {
+        assert!(!rs.is_empty(), "no observation to compare Trace with");
+        let what = format!("Trace on node {node} of {proto} {src} -> {target}");
+        let pods = self.pod_names();
+        for r in rs {
+            let alone = match r {
+                ProbeResult::Ok { server, .. } => !pods.values().any(|p| p == server),
+                ProbeResult::Refused => true,
+                _ => false,
+            };
+            assert!(alone, "{what}: not what a flow left alone sees: {r}");
+        }
+        let interface = self.interface_into(node, from);
+        let t = self
+            .agent_trace(node, src, target, proto, interface.as_deref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.verdict, "NOT_SERVICE",
+            "{what}: observed {}; {:#?}",
+            rs[0], t.raw
+        );
+        t
+    }
+
+    /// After a drain: [`Cluster::assert_trace_agrees`], Trace has no endpoint at `drained`
+    /// (the drained pod's address) and none of the connections `rs` reached that pod.
+    #[track_caller]
+    pub fn assert_trace_drained(
+        &self,
+        node: &str,
+        from: Host<'_>,
+        (proto, target): (Proto, SocketAddr),
+        rs: &[ProbeResult],
+        drained: IpAddr,
+    ) -> Traced {
+        let t = self.assert_trace_agrees(node, from, (proto, target), rs);
+        let at = |e: &SocketAddr| e.ip() == drained;
+        assert!(
+            !t.endpoints.iter().any(at) && !t.hairpin.iter().any(at),
+            "Trace on node {node} still sends {target} to the drained {drained}: {:#?}",
+            t.raw
+        );
+        let pod = self.pod_names().get(&drained).cloned();
+        assert!(
+            pod.is_some() && !rs.iter().any(|r| r.server() == pod.as_deref()),
+            "{drained} ({pod:?}) answered after its drain"
+        );
+        t
     }
 }
