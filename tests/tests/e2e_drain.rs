@@ -17,15 +17,6 @@ use serde_json::{Value, json};
 
 const VIP: &str = "10.96.0.50:80";
 
-/// Now as RFC 3339 (what `endpoints.kubernetes.io/last-change-trigger-time` holds).
-fn rfc3339_now(c: &Cluster) -> String {
-    c.lab
-        .exec_ok(Host::ControlPlane, &["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 /// Service `web` at [`VIP`] over `endpoints` (pod, condition), the slice triggered at
 /// `trigger` when given.
 fn write_web(c: &Cluster, endpoints: &[(&Pod, Cond)], trigger: Option<&str>) {
@@ -228,7 +219,7 @@ fn the_gate_opens_after_every_agent_acked_and_no_new_connection_reaches_the_pod(
         std::thread::sleep(Duration::from_millis(300));
         // The pod is deleted: its endpoint turns terminating, while b's agent is held.
         signal(c.agent("b"), "-STOP");
-        let trigger = rfc3339_now(&c);
+        let trigger = c.rfc3339_now();
         write_web(
             &c,
             &[

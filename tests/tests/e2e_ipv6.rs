@@ -228,15 +228,6 @@ fn per_family(c: &Cluster, node: &str, metric: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// Now as RFC 3339 (what `endpoints.kubernetes.io/last-change-trigger-time` holds).
-fn rfc3339_now(c: &Cluster) -> String {
-    c.lab
-        .exec_ok(Host::ControlPlane, &["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 /// §5.42 (health and metrics): each family is reported on its own. A change to an IPv6-only
 /// Service counts a sync for IPv6 only, one to an IPv4-only Service for IPv4 only
 /// (`kubeproxy_sync_proxy_rules_duration_seconds{ip_family}`); EndpointSlices with a trigger
@@ -255,7 +246,7 @@ fn each_ip_family_reports_its_own_health_and_metrics() {
             .port("http", TCP)
             .endpoints(pods.iter().copied(), Cond::READY)
             .merge(json!({"metadata": {"annotations": {
-                "endpoints.kubernetes.io/last-change-trigger-time": rfc3339_now(&c)
+                "endpoints.kubernetes.io/last-change-trigger-time": c.rfc3339_now()
             }}}));
         if v6 { s.ipv6() } else { s }
     };

@@ -46,15 +46,6 @@ fn count(e: &Exposition, histogram: &str, labels: &[(&str, &str)]) -> f64 {
     value(e, histogram, &format!("{histogram}_count"), labels)
 }
 
-/// Now as RFC 3339 (what `endpoints.kubernetes.io/last-change-trigger-time` holds).
-fn rfc3339_now(c: &Cluster) -> String {
-    c.lab
-        .exec_ok(Host::ControlPlane, &["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn both_metrics_endpoints_serve_the_listed_metrics_and_one_dual_stack_change_is_one_sync() {
     let lab = Cluster::lab(&["a"]);
@@ -67,7 +58,7 @@ fn both_metrics_endpoints_serve_the_listed_metrics_and_one_dual_stack_change_is_
         .port("dns", 53, UDP, Proto::Udp);
     let slices = |pods: &[&Pod]| {
         let trigger = json!({"metadata": {"annotations": {
-            "endpoints.kubernetes.io/last-change-trigger-time": rfc3339_now(&c)
+            "endpoints.kubernetes.io/last-change-trigger-time": c.rfc3339_now()
         }}});
         let v4 = Slice::for_service("dual")
             .port("http", TCP)

@@ -40,6 +40,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Now as RFC 3339, by the lab's clock (what `endpoints.kubernetes.io/last-change-
+    /// trigger-time` holds).
+    pub fn rfc3339_now(&self) -> String {
+        self.lab
+            .exec_ok(Host::ControlPlane, &["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
     /// The kernel handle of `table ip kubenft` on `node` (from `nft -j list tables`). Handles
     /// come from a per-namespace counter, so a deleted and recreated table gets a new one.
     pub fn table_handle(&self, node: &str) -> u64 {
