@@ -7,7 +7,8 @@
 //! runs it → the state is committed and persisted. [`drift`] watches for other programs
 //! touching our tables and has `kubenft_nft::repair` put them back. [`http`] and [`inspect`]
 //! report.
-// Denied everywhere; the one exception is `memory`'s call into glibc, reviewed there.
+// Denied everywhere; the two exceptions, reviewed where they are: `memory`'s call into glibc,
+// and the parent-death signal `nft::monitor` arms in its child.
 #![deny(unsafe_code)]
 
 pub mod addrs;

@@ -598,3 +598,55 @@ fn manifest_directory_renamed_away_keeps_every_service() {
     }
     eprintln!("all served {:?} after the return", back_at.elapsed());
 }
+
+/// The `nft monitor` processes running in `ns`.
+fn nft_monitors(ns: &str) -> Vec<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"nft\0monitor"))
+        })
+        .collect()
+}
+
+/// An agent killed alone, as the OOM killer kills it (not its process group), leaves no
+/// `nft monitor` behind: the kernel ends the monitor with its agent, so crashes do not pile
+/// up monitors each holding a copy of the ruleset.
+#[test]
+fn a_killed_agent_leaves_no_nft_monitor_behind() {
+    let c = Cluster::start(two_node_web("10.96.0.66"));
+    c.wait_synced(START);
+    let ns = c.lab.ns(Host::Node("a")).unwrap();
+    wait_until(START, Duration::from_millis(100), || {
+        Ok::<_, String>(nft_monitors(&ns).len() == 1)
+    })
+    .unwrap_or_else(|e| panic!("agent a runs no nft monitor: {e}"));
+    let agent = c.agent("a");
+    let pid = agent.pid().expect("agent a running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(killed, "kill -KILL {pid}");
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok::<_, String>(nft_monitors(&ns).is_empty())
+    });
+    let left = nft_monitors(&ns);
+    // Reaped either way, so a failure leaves nothing running.
+    agent.kill().unwrap();
+    for p in &left {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+    }
+    assert!(
+        gone.is_ok(),
+        "nft monitor outlived its agent: pids {left:?}"
+    );
+}
