@@ -100,10 +100,8 @@ fn kubectl_kubenft_answers_status_why_trace_drain_and_rejections_in_the_lab() {
     // trace: the client pod's connection to the ClusterIP, as real traffic sees it (both
     // pods answered above): DNAT to both endpoints, the client's source kept.
     let client_ip = c.lab.pod("client").ipv4.to_string();
-    let (ok, out, err) = kubectl_kubenft(
-        &c,
-        &[&controller],
-        &[
+    let trace_to = |port: &str| {
+        let args = [
             "trace",
             "--node",
             "a",
@@ -112,9 +110,11 @@ fn kubectl_kubenft_answers_status_why_trace_drain_and_rejections_in_the_lab() {
             "--destination",
             "10.96.0.95",
             "--port",
-            "80",
-        ],
-    );
+            port,
+        ];
+        kubectl_kubenft(&c, &[&controller], &args)
+    };
+    let (ok, out, err) = trace_to("80");
     assert!(ok, "kubectl kubenft trace failed: {err}");
     let verdict = out.lines().next().unwrap_or_default();
     assert!(verdict.starts_with("DNAT to "), "{out}");
@@ -128,21 +128,7 @@ fn kubectl_kubenft_answers_status_why_trace_drain_and_rejections_in_the_lab() {
         !verdict.contains("masqueraded"),
         "a pod's source is kept: {out}"
     );
-    let (ok, out, _) = kubectl_kubenft(
-        &c,
-        &[&controller],
-        &[
-            "trace",
-            "--node",
-            "a",
-            "--source",
-            &client_ip,
-            "--destination",
-            "10.96.0.95",
-            "--port",
-            "81",
-        ],
-    );
+    let (ok, out, _) = trace_to("81");
     assert!(
         ok && out.starts_with("REJECT"),
         "a port the ClusterIP lacks is refused: {out}"
