@@ -746,11 +746,20 @@ fn the_controllers_http_port_is_bounded() {
             format!("kubenft_controller_http_connections_refused_total{{reason=\"{reason}\"}}");
         assert!(metric(&m, &series) >= 1, "{series}\n{m}");
     }
-    assert!(
+    // Every idle connection was refused at once or held to the header timeout, counted by
+    // reason either way. How many were which depends on how fast the flood opened them
+    // (slots free up at the header timeout), so only the sum is fixed.
+    let refused = |reason: &str| {
         metric(
             &m,
-            "kubenft_controller_http_connections_refused_total{reason=\"connection_limit\"}"
-        ) >= 1900
+            &format!("kubenft_controller_http_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let (limit, timeout) = (refused("connection_limit"), refused("header_timeout"));
+    eprintln!("http port: {limit} refused at the limit, {timeout} timed out");
+    assert!(
+        limit + timeout >= 2000,
+        "2,000 idle connections, {limit} refused at the limit + {timeout} timed out\n{m}"
     );
     agent_stream_undisturbed(&c);
     next_change_applies(&c, "web3", "10.96.0.82", &backends);
