@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::fs;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -489,49 +488,7 @@ fn endpoint_removal_drains_new_connections_and_keeps_established_ones() {
 
     // A long-lived connection through the ClusterIP: socat connects, the script reads the
     // greeting (which pod), waits for the go file, sends a line and records the echo.
-    let dir = c.lab.dir().to_path_buf();
-    let (greet, go, result) = (
-        dir.join("held.greet"),
-        dir.join("held.go"),
-        dir.join("held.result"),
-    );
-    let script = dir.join("held.sh");
-    fs::write(
-        &script,
-        format!(
-            "IFS= read -r g || {{ echo no-greeting > {r}.tmp; mv {r}.tmp {r}; exit 1; }}\n\
-             echo \"$g\" > {g}.tmp && mv {g}.tmp {g}\n\
-             i=0\n\
-             while [ ! -e {go} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
-             echo held-ping\n\
-             if IFS= read -r r; then echo \"echo:$r\" > {r}.tmp; else echo eof > {r}.tmp; fi\n\
-             mv {r}.tmp {r}\n",
-            g = greet.display(),
-            go = go.display(),
-            r = result.display(),
-        ),
-    )
-    .unwrap();
-    let exec = format!("EXEC:sh {}", script.display());
-    c.lab
-        .spawn(
-            "held-conn",
-            Host::Pod("client"),
-            &[
-                "socat",
-                "-T",
-                "20",
-                "TCP:10.96.0.19:80,connect-timeout=2",
-                &exec,
-            ],
-        )
-        .unwrap();
-    let mut greeting = String::new();
-    kubenft_lab::wait_until(Duration::from_secs(5), POLL, || {
-        greeting = fs::read_to_string(&greet).unwrap_or_default();
-        Ok::<_, String>(!greeting.is_empty())
-    })
-    .unwrap_or_else(|e| panic!("held connection never got a greeting: {e}"));
+    let (greeting, held) = hold_connection(&c, Host::Pod("client"), target, None);
     let held_pod = greeting.split_whitespace().next().unwrap().to_string();
     eprintln!("held connection is to {held_pod} ({})", greeting.trim());
 
@@ -573,16 +530,9 @@ fn endpoint_removal_drains_new_connections_and_keeps_established_ones() {
     assert_eq!(t.len(), 2, "the two remaining endpoints serve: {t:?}");
 
     // The established connection still carries data.
-    fs::write(&go, "").unwrap();
-    let mut outcome = String::new();
-    kubenft_lab::wait_until(Duration::from_secs(5), POLL, || {
-        outcome = fs::read_to_string(&result).unwrap_or_default();
-        Ok::<_, String>(!outcome.is_empty())
-    })
-    .unwrap_or_else(|e| panic!("the held connection never completed its exchange: {e}"));
+    let outcome = held.finish();
     assert_eq!(
-        outcome.trim(),
-        "echo:held-ping",
+        outcome, "echo:held-ping",
         "the established connection to {held_pod} was broken by the endpoint removal"
     );
 }

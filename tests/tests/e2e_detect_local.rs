@@ -20,9 +20,7 @@
 
 mod common;
 
-use std::fs;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use common::*;
 use kubenft_lab::manifest::ToJson;
@@ -395,65 +393,6 @@ fn each_detect_local_mode_calls_its_own_sources_local() {
     }
 }
 
-/// A connection held open from `host` to `target` with socat: returns (the greeting it got,
-/// the file that lets it go on, the file its echo lands in).
-fn hold_connection(c: &Cluster, host: Host<'_>, target: SocketAddr) -> (String, HeldConn) {
-    let dir = c.lab.dir().to_path_buf();
-    let held = HeldConn {
-        go: dir.join("held.go"),
-        result: dir.join("held.result"),
-    };
-    let greet = dir.join("held.greet");
-    let script = dir.join("held.sh");
-    fs::write(
-        &script,
-        format!(
-            "IFS= read -r g || {{ echo no-greeting > {r}.tmp; mv {r}.tmp {r}; exit 1; }}\n\
-             echo \"$g\" > {g}.tmp && mv {g}.tmp {g}\n\
-             i=0\n\
-             while [ ! -e {go} ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done\n\
-             echo held-ping\n\
-             if IFS= read -r r; then echo \"echo:$r\" > {r}.tmp; else echo eof > {r}.tmp; fi\n\
-             mv {r}.tmp {r}\n",
-            g = greet.display(),
-            go = held.go.display(),
-            r = held.result.display(),
-        ),
-    )
-    .unwrap();
-    let exec = format!("EXEC:sh {}", script.display());
-    let connect = format!("TCP:{target},connect-timeout=2,sourceport=41070");
-    c.lab
-        .spawn("held-conn", host, &["socat", "-T", "30", &connect, &exec])
-        .unwrap();
-    let mut greeting = String::new();
-    kubenft_lab::wait_until(Duration::from_secs(5), POLL, || {
-        greeting = fs::read_to_string(&greet).unwrap_or_default();
-        Ok::<_, String>(!greeting.is_empty())
-    })
-    .unwrap_or_else(|e| panic!("held connection never got a greeting: {e}"));
-    (greeting.trim().to_string(), held)
-}
-
-struct HeldConn {
-    go: std::path::PathBuf,
-    result: std::path::PathBuf,
-}
-
-impl HeldConn {
-    /// Lets the connection send a line and returns what came back.
-    fn finish(self) -> String {
-        fs::write(&self.go, "").unwrap();
-        let mut outcome = String::new();
-        kubenft_lab::wait_until(Duration::from_secs(5), POLL, || {
-            outcome = fs::read_to_string(&self.result).unwrap_or_default();
-            Ok::<_, String>(!outcome.is_empty())
-        })
-        .unwrap_or_else(|e| panic!("the held connection never completed its exchange: {e}"));
-        outcome.trim().to_string()
-    }
-}
-
 /// NodeCIDR on a node without `spec.podCIDRs`: no detector there (nothing is local, as
 /// kube-proxy's detector for no CIDR), so the node's own connections to a ClusterIP keep their
 /// source. When the Node gets its podCIDRs, node a's settings change in one transaction: new
@@ -492,7 +431,7 @@ fn node_cidr_mode_follows_pod_cidrs_arriving_without_breaking_connections() {
     let s = c.nft("a", &["list", "set", "ip", "kubenft", "local-pod-cidrs"]);
     assert!(!s.contains("elements"), "node a has no podCIDRs: {s}");
 
-    let (greeting, held) = hold_connection(&c, Host::Node("a"), one);
+    let (greeting, held) = hold_connection(&c, Host::Node("a"), one, Some(41070));
     let own_held = format!("web-1 {}:41070", c.lab.node("a").ipv4);
     assert_eq!(greeting, own_held, "the held connection kept its source");
 
@@ -554,7 +493,7 @@ fn switching_the_mode_keeps_the_table_and_established_connections() {
         ip(CLUSTER_ONLY_SRC),
         "ClusterCIDR: ext from the cluster CIDR",
     );
-    let (greeting, held) = hold_connection(&c, Host::External, one);
+    let (greeting, held) = hold_connection(&c, Host::External, one, Some(41070));
     assert_eq!(greeting, format!("web-1 {CLUSTER_ONLY_SRC}:41070"));
     let handle = c.table_handle("a");
 

@@ -808,6 +808,74 @@ pub fn with_traffic<T>(
     })
 }
 
+/// A connection held open from `host` to `target` (from `source_port` if given) with socat:
+/// returns the greeting it got (the server's line) and the handle that lets it send one more
+/// line and read the echo.
+pub fn hold_connection(
+    c: &Cluster,
+    host: Host<'_>,
+    target: SocketAddr,
+    source_port: Option<u16>,
+) -> (String, HeldConn) {
+    let dir = c.lab.dir().to_path_buf();
+    let held = HeldConn {
+        go: dir.join("held.go"),
+        result: dir.join("held.result"),
+    };
+    let greet = dir.join("held.greet");
+    let script = dir.join("held.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "IFS= read -r g || {{ echo no-greeting > {r}.tmp; mv {r}.tmp {r}; exit 1; }}\n\
+             echo \"$g\" > {g}.tmp && mv {g}.tmp {g}\n\
+             i=0\n\
+             while [ ! -e {go} ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done\n\
+             echo held-ping\n\
+             if IFS= read -r r; then echo \"echo:$r\" > {r}.tmp; else echo eof > {r}.tmp; fi\n\
+             mv {r}.tmp {r}\n",
+            g = greet.display(),
+            go = held.go.display(),
+            r = held.result.display(),
+        ),
+    )
+    .unwrap();
+    let exec = format!("EXEC:sh {}", script.display());
+    let mut connect = format!("TCP:{target},connect-timeout=2");
+    if let Some(port) = source_port {
+        connect.push_str(&format!(",sourceport={port}"));
+    }
+    c.lab
+        .spawn("held-conn", host, &["socat", "-T", "30", &connect, &exec])
+        .unwrap();
+    let mut greeting = String::new();
+    wait_until(Duration::from_secs(5), POLL, || {
+        greeting = std::fs::read_to_string(&greet).unwrap_or_default();
+        Ok::<_, String>(!greeting.is_empty())
+    })
+    .unwrap_or_else(|e| panic!("held connection never got a greeting: {e}"));
+    (greeting.trim().to_string(), held)
+}
+
+pub struct HeldConn {
+    go: std::path::PathBuf,
+    result: std::path::PathBuf,
+}
+
+impl HeldConn {
+    /// Lets the connection send a line and returns what came back.
+    pub fn finish(self) -> String {
+        std::fs::write(&self.go, "").unwrap();
+        let mut outcome = String::new();
+        wait_until(Duration::from_secs(5), POLL, || {
+            outcome = std::fs::read_to_string(&self.result).unwrap_or_default();
+            Ok::<_, String>(!outcome.is_empty())
+        })
+        .unwrap_or_else(|e| panic!("the held connection never completed its exchange: {e}"));
+        outcome.trim().to_string()
+    }
+}
+
 /// A long-lived TCP connection from a host: after the greeting it sends a line every 200 ms
 /// and logs each echo (`ok N`) or the failure, until [`HeldTcp::stop`] or 1,500 rounds.
 pub struct HeldTcp {
