@@ -176,6 +176,11 @@ impl AppliedState {
         self.applied().map(Applied::resource)
     }
 
+    /// One applied resource's validated rules.
+    pub fn spec(&self, name: &str) -> Option<&Spec> {
+        self.resources.get(name).map(|a| &a.spec)
+    }
+
     /// One applied resource, decoded.
     pub fn resource(&self, name: &str) -> Option<v1::Resource> {
         self.resources.get(name).map(Applied::resource)

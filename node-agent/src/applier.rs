@@ -181,6 +181,7 @@ impl<N: Nft> Applier<N> {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Self {
+        metrics.no_local_endpoints(&crate::proxy_counts::no_local_endpoints(&state));
         Applier {
             nft,
             table,
@@ -425,9 +426,16 @@ impl<N: Nft> Applier<N> {
                 .iter()
                 .filter_map(|name| state.resource(name))
                 .collect();
+            let old_specs: Vec<_> = touched
+                .iter()
+                .filter_map(|name| state.spec(name).cloned())
+                .collect();
             state.commit(diff, SystemTime::now());
+            let new_specs = touched.iter().filter_map(|name| state.spec(name));
             self.metrics
-                .no_local_endpoints(&crate::proxy_counts::no_local_endpoints(&state));
+                .no_local_endpoints_moved(&crate::proxy_counts::no_local_change(
+                    &old_specs, new_specs,
+                ));
             if let Some(ports) = &self.hc_ports {
                 ports.sync(&hcport::desired(&state));
             }

@@ -498,6 +498,20 @@ impl Metrics {
         }
     }
 
+    /// Moves `kubeproxy_sync_proxy_rules_no_local_endpoints_total` by what a change did.
+    pub fn no_local_endpoints_moved(&self, delta: &[[i64; 2]; 2]) {
+        for f in Family::ALL {
+            for (policy, name) in [(0, "internal"), (1, "external")] {
+                self.no_local_endpoints
+                    .get_or_create(&NoLocalLabels {
+                        ip_family: ip_family(f),
+                        traffic_policy: name,
+                    })
+                    .inc_by(delta[f as usize][policy]);
+            }
+        }
+    }
+
     /// A transaction nft refused.
     pub fn sync_failed(&self, family: Family) {
         self.sync_failures
