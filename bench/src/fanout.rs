@@ -14,7 +14,7 @@
 //! take the machine down.
 
 mod agents;
-mod manifests;
+pub(crate) mod manifests;
 mod pki;
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,8 @@
 //!  6  self-healing     agent library + nft monitor + drift loop in a namespace: cost of
 //!                      the structure check and the element verification, idle CPU with
 //!                      drift detection on, injection → repair per fault kind
+//!  8  programming      suite 5 with 100 and 10,000 other Services in the cluster, through
+//!     at scale         the `dir:` source and a fake API server's watch
 //! ```
 //!
 //! Needs root (network namespaces). Every namespace is named `knb-<pid>-…` (suite 5's lab:
@@ -30,6 +32,7 @@ mod kubeproxy;
 mod netns;
 mod nftrun;
 mod programming;
+mod programming_scale;
 mod report;
 mod workload;
 
@@ -59,7 +62,7 @@ struct Cli {
 struct RunArgs {
     /// Suites to run (1 apply, 2 data plane, 3 fan-out, 4 reconnect storm, 5 programming
     /// latency in the lab, 6 self-healing).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,8")]
     suite: Vec<u32>,
     /// Service counts for suite 1.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000")]
@@ -101,6 +104,12 @@ struct RunArgs {
     /// Pause between suite 5's probe attempts, milliseconds (0: back to back).
     #[arg(long, default_value_t = 1)]
     programming_interval_ms: u64,
+    /// Background Service counts for suite 8 (suite 5's measurement at each size).
+    #[arg(long, value_delimiter = ',', default_value = "100,10000")]
+    scale_sizes: Vec<u32>,
+    /// EndpointSlice changes timed per size and source in suite 8.
+    #[arg(long, default_value_t = 40)]
+    scale_changes: usize,
     /// New connections measured per cell in suite 2.
     #[arg(long, default_value_t = 2000)]
     connections: usize,
@@ -145,6 +154,16 @@ enum Hidden {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Serves a fake API server whose objects come from a directory and stdin (suite 8).
+    #[command(hide = true)]
+    FakeApiserver {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long)]
+        kubeconfig_out: PathBuf,
+    },
     /// Serves a rule set to one agent and reports its ACK (runs in the agent's namespace).
     #[command(hide = true)]
     FakeController {
@@ -179,6 +198,11 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             warmup,
         }) => dataplane::client(target, count, warmup),
         Some(Hidden::Echo { listen }) => dataplane::echo(listen),
+        Some(Hidden::FakeApiserver {
+            listen,
+            manifests,
+            kubeconfig_out,
+        }) => programming_scale::serve_api(listen, manifests, kubeconfig_out).await,
         Some(Hidden::FakeController {
             listen,
             services,
@@ -310,7 +334,20 @@ async fn run_suite(suite: u32, args: &RunArgs) -> anyhow::Result<Vec<Table>> {
             };
             healing::run(&opts).await
         }
-        other => anyhow::bail!("no suite {other} (1-6)"),
+        8 => {
+            let opts = programming_scale::Options {
+                sizes: args.scale_sizes.clone(),
+                changes: args.scale_changes,
+                interval: Duration::from_millis(args.programming_interval_ms),
+                logs: sections_dir(args).join("suite-8-logs"),
+            };
+            let controller = sibling("kubenft-controller", args.controller_bin.as_ref())?;
+            let agent = sibling("kubenft-agent", args.agent_bin.as_ref())?;
+            tokio::task::spawn_blocking(move || programming_scale::run(&opts, &controller, &agent))
+                .await
+                .context("suite 8 panicked")?
+        }
+        other => anyhow::bail!("no suite {other} (1-6, 8)"),
     }
 }
 
@@ -332,7 +369,7 @@ fn write_report(args: &RunArgs) -> anyhow::Result<()> {
         "\nRun `scripts/bench.sh` for every suite, or e.g. `scripts/bench.sh --suite 1,2 --sizes 1000,10000` for a quick run (each suite section names the command that produced it). Last command: `{}`\n\n",
         command_line()
     ));
-    for suite in 1..=6 {
+    for suite in 1..=9 {
         if let Ok(section) =
             std::fs::read_to_string(sections_dir(args).join(format!("suite-{suite}.md")))
         {

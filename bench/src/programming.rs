@@ -41,13 +41,13 @@ use kubenft_lab::{
 use crate::report::{Table, ms, percentile};
 
 /// The name under which this binary acts as the lab's echo server and prober.
-const ECHO_NAME: &str = "kubenft-echo";
+pub(crate) const ECHO_NAME: &str = "kubenft-echo";
 const NODES: [&str; 2] = ["a", "b"];
-const CLIENT: &str = "client";
+pub(crate) const CLIENT: &str = "client";
 const SERVICE: &str = "web";
 const CLUSTER_IP: &str = "10.96.0.10";
 const SERVICE_PORT: u16 = 80;
-const TARGET_PORT: u16 = 8080;
+pub(crate) const TARGET_PORT: u16 = 8080;
 const SERVICE_FILE: &str = "web-service.yaml";
 const SLICE_FILE: &str = "web-slice.yaml";
 /// A change whose new pod has not answered by then fails the suite.
@@ -58,7 +58,7 @@ const STEADY_TIMEOUT: Duration = Duration::from_secs(5);
 /// kernel's 1 s retransmission.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(200);
 /// Upper bound on one probe process's attempts (it is stopped by time long before).
-const MAX_ATTEMPTS: u32 = 100_000;
+pub(crate) const MAX_ATTEMPTS: u32 = 100_000;
 /// Attempts of the streaming probe, and one-shot probe processes, timed for the floor.
 const FLOOR_ATTEMPTS: u32 = 300;
 const FLOOR_PROCESSES: usize = 30;
@@ -145,7 +145,8 @@ pub fn run(opts: &Options, controller: &Path, agent: &Path) -> anyhow::Result<Ve
     for i in 1..=opts.changes {
         let node = NODES[i % 2];
         let pod = lab.add_pod(&format!("web-{i}"), node, &EchoPorts::tcp(&[TARGET_PORT]))?;
-        let change = measure_change(&lab, &probe, &previous, &pod)
+        let write = |pod: &Pod| Ok(lab.write_manifest(SLICE_FILE, &slice(pod))?);
+        let change = measure_change(&probe, &previous, &pod, &write)
             .with_context(|| format!("change {i} (to {} on node {node})", pod.name))
             .map_err(logs)?;
         samples.push(change.took);
@@ -169,10 +170,10 @@ fn bin_dir_path() -> PathBuf {
 
 /// A directory holding the lab's binaries (symlinks) by the names it looks for; removed on
 /// drop.
-struct BinDir(PathBuf);
+pub(crate) struct BinDir(pub(crate) PathBuf);
 
 impl BinDir {
-    fn create(controller: &Path, agent: &Path) -> anyhow::Result<BinDir> {
+    pub(crate) fn create(controller: &Path, agent: &Path) -> anyhow::Result<BinDir> {
         let path = bin_dir_path();
         // A leftover of an earlier process with this pid.
         let _ = std::fs::remove_dir_all(&path);
@@ -199,22 +200,22 @@ impl Drop for BinDir {
     }
 }
 
-fn log_tails(processes: &[&Process]) -> String {
+pub(crate) fn log_tails(processes: &[&Process]) -> String {
     processes.iter().map(|p| p.log_tail(20)).collect()
 }
 
 /// One timed change.
-struct Change {
-    took: Duration,
+pub(crate) struct Change {
+    pub(crate) took: Duration,
     /// Probe attempts that failed (refused, timed out, …) between the write and the answer.
-    failed_attempts: usize,
+    pub(crate) failed_attempts: usize,
 }
 
-fn measure_change(
-    lab: &Lab,
+pub(crate) fn measure_change(
     probe: &dyn Fn(u32, Option<&str>) -> anyhow::Result<StreamProbe>,
     previous: &str,
     pod: &Pod,
+    write: &dyn Fn(&Pod) -> anyhow::Result<()>,
 ) -> anyhow::Result<Change> {
     let probe = probe(MAX_ATTEMPTS, Some(&pod.name))?;
     let deadline = Instant::now() + STEADY_TIMEOUT;
@@ -226,7 +227,7 @@ fn measure_change(
         }
     }
     let started = Instant::now();
-    lab.write_manifest(SLICE_FILE, &slice(pod))?;
+    write(pod)?;
     let deadline = started + CHANGE_TIMEOUT;
     let mut failed_attempts = 0;
     loop {
@@ -247,16 +248,16 @@ fn measure_change(
 }
 
 /// What the probe itself costs, against the already-programmed first pod.
-struct Floor {
+pub(crate) struct Floor {
     /// One attempt, connect → greeting, as the probe times it (ms, sorted).
-    attempt: Vec<f64>,
+    pub(crate) attempt: Vec<f64>,
     /// Between consecutive results as the bench receives them: attempt + pause + delivery.
-    gap: Vec<f64>,
+    pub(crate) gap: Vec<f64>,
     /// One attempt as its own process (`ip netns exec` + `kubenft-echo probe`), start to exit.
-    process: Vec<f64>,
+    pub(crate) process: Vec<f64>,
 }
 
-fn measure_floor(
+pub(crate) fn measure_floor(
     lab: &Lab,
     vip: SocketAddr,
     probe: &dyn Fn(u32, Option<&str>) -> anyhow::Result<StreamProbe>,
@@ -299,13 +300,13 @@ fn measure_floor(
 
 /// A `kubenft-echo probe` running in a namespace; its result lines are read as they come,
 /// each stamped with the time the bench received it.
-struct StreamProbe {
+pub(crate) struct StreamProbe {
     child: Child,
     lines: Receiver<(Instant, String)>,
 }
 
 impl StreamProbe {
-    fn start(
+    pub(crate) fn start(
         echo: &Path,
         ns: &str,
         target: SocketAddr,
@@ -361,11 +362,11 @@ impl Drop for StreamProbe {
     }
 }
 
-fn millis(d: Duration) -> f64 {
+pub(crate) fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn ms_cell(v: f64) -> String {
+pub(crate) fn ms_cell(v: f64) -> String {
     ms(Duration::from_secs_f64(v / 1e3))
 }
 
