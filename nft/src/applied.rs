@@ -2,12 +2,13 @@
 //!
 //! The agent never lists its tables to learn what they hold (too slow at scale); it mirrors
 //! them here, element by element with reference counts, and diffs against this mirror. After
-//! every committed transaction the agent writes [`AppliedState::to_file`] to disk with the
-//! generation that the same transaction stored in the table, so a restarted agent can tell
+//! committed transactions the agent writes [`AppliedState::file_snapshot`] to disk with the
+//! generation that the last transaction stored in the table, so a restarted agent can tell
 //! whether the file still describes the kernel and adopt it without touching nft.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use kubenft_proto::v1;
@@ -93,12 +94,13 @@ impl Created {
 
 /// A resource as received and as understood. The received form is kept protobuf-encoded:
 /// it is read only for inspection, conntrack cleanup and the state file (which is made of
-/// it), and encoded it takes a fraction of the memory of its decoded form.
+/// it), and encoded it takes a fraction of the memory of its decoded form. The encoding is
+/// shared, so that a snapshot for the state file copies pointers, not bytes.
 #[derive(Clone, Debug)]
 pub struct Applied {
     pub name: String,
     pub version: String,
-    encoded: Box<[u8]>,
+    encoded: Arc<[u8]>,
     pub spec: Spec,
 }
 
@@ -107,7 +109,7 @@ impl Applied {
         Applied {
             name: resource.name.clone(),
             version: resource.version.clone(),
-            encoded: resource.encode_to_vec().into_boxed_slice(),
+            encoded: resource.encode_to_vec().into(),
             spec,
         }
     }
@@ -237,19 +239,42 @@ impl AppliedState {
         )
     }
 
-    /// The on-disk form of this state.
+    /// What the on-disk form of this state is made of: the kept encodings, shared (a pointer
+    /// each), so that it is cheap to take under the state's lock and encoded after.
+    pub fn file_snapshot(&self, table: &TableName) -> FileSnapshot {
+        FileSnapshot {
+            table: table.to_string(),
+            generation: self.generation,
+            resources: self.applied().map(|a| a.encoded.clone()).collect(),
+        }
+    }
+}
+
+/// The state's content for its file, taken by [`AppliedState::file_snapshot`].
+#[derive(Debug)]
+pub struct FileSnapshot {
+    table: String,
+    generation: u32,
+    resources: Vec<Arc<[u8]>>,
+}
+
+impl FileSnapshot {
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
     /// Encoded as [`StateFile`] straight from the kept encodings (no resource is decoded or
     /// copied field by field).
-    pub fn to_file(&self, table: &TableName) -> EncodedStateFile {
+    pub fn encode(&self) -> EncodedStateFile {
         use prost::encoding::{WireType, encode_key, encode_varint, string, uint32};
-        let size: usize = self.applied().map(|a| a.encoded.len() + 8).sum();
+        let size: usize = self.resources.iter().map(|r| r.len() + 8).sum();
         let mut bytes = Vec::with_capacity(size + 64);
-        string::encode(1, &table.to_string(), &mut bytes);
+        string::encode(1, &self.table, &mut bytes);
         uint32::encode(2, &self.generation, &mut bytes);
-        for a in self.applied() {
+        for r in &self.resources {
             encode_key(3, WireType::LengthDelimited, &mut bytes);
-            encode_varint(a.encoded.len() as u64, &mut bytes);
-            bytes.extend_from_slice(&a.encoded);
+            encode_varint(r.len() as u64, &mut bytes);
+            bytes.extend_from_slice(r);
         }
         EncodedStateFile {
             generation: self.generation,

@@ -245,13 +245,32 @@ pub async fn run<N: Nft>(cfg: Config, nft: N, cancel: CancellationToken) -> Resu
         node_name: cfg.node_name.clone(),
         tls: cfg.tls.as_ref().map(|t| t.client.clone()),
     };
-    let c = cancel.clone();
+    let (a, c) = (applier.clone(), cancel.clone());
     tasks.spawn(async move {
-        stream::run(stream_cfg, applier, metrics, c).await;
+        stream::run(stream_cfg, a, metrics, c).await;
         Ok(())
     });
-    // The lock is released after every task has stopped (`_lock` outlives `finish`).
-    finish(tasks, &cancel).await
+    // The lock is released after every task has stopped (`_lock` outlives `finish`) and the
+    // last commit's state file is written, so that the next agent on the node adopts it.
+    let result = finish(tasks, &cancel).await;
+    flush_state_file(&applier).await;
+    result
+}
+
+/// How long shutdown waits for the state file to catch up with the last commit.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for the state file, boundedly: a state disk that hangs must not hold the node (the
+/// next agent then reconciles in full, as after a crash).
+async fn flush_state_file<N: Nft>(applier: &Applier<N>) {
+    if tokio::time::timeout(FLUSH_TIMEOUT, applier.flush_state_file())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the state file does not hold the last change yet: the next start reconciles in full"
+        );
+    }
 }
 
 /// Loads the TLS files (the inspection port's, and the client's to check them): an error

@@ -1,5 +1,6 @@
 //! The one owner of the applied state's writes: plans each change, runs it through nft,
-//! commits and persists it, and records health, metrics and logs.
+//! commits it, and records health, metrics and logs; the state file is written after the
+//! ACK ([`crate::persist`]).
 //!
 //! Other tasks (inspection) only read the state, through the shared lock.
 
@@ -13,10 +14,11 @@ use parking_lot::RwLock;
 
 use crate::conntrack;
 use crate::drift::Dataplane;
-use crate::hcport::{self, HealthCheckPorts};
+use crate::hcport::HealthCheckPorts;
 use crate::health::Health;
 use crate::metrics::{ChangeResult, Metrics, transaction_family};
 use crate::nft::{Chain, Nft, NftError, SetId, TableName, Transaction};
+use crate::persist::StateWriter;
 use crate::state::{self, AppliedState};
 use kubenft_nft::diff;
 use kubenft_nft::repair::{self, Damage, RepairKind};
@@ -159,8 +161,9 @@ pub type SharedState = Arc<RwLock<AppliedState>>;
 pub struct Applier<N> {
     nft: Arc<N>,
     table: TableName,
-    state_dir: PathBuf,
     state: SharedState,
+    /// Writes the state file after commits, off the ACK's path.
+    writer: Arc<StateWriter>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// Health-check node ports follow the applied state (None in tests that do not serve them).
@@ -182,11 +185,13 @@ impl<N: Nft> Applier<N> {
         health: Arc<Health>,
     ) -> Self {
         metrics.no_local_endpoints(&crate::proxy_counts::no_local_endpoints(&state));
+        let state = Arc::new(RwLock::new(state));
+        let writer = StateWriter::new(state_dir, table.clone(), state.clone(), health.clone());
         Applier {
             nft,
             table,
-            state_dir,
-            state: Arc::new(RwLock::new(state)),
+            state,
+            writer: Arc::new(writer),
             metrics: metrics.clone(),
             health: health.clone(),
             hc_ports: None,
@@ -347,13 +352,19 @@ impl<N: Nft> Applier<N> {
     /// Serves the health-check node ports the applied state asks for, now and after every
     /// commit. Needs a tokio runtime.
     pub fn with_health_check_ports(mut self, ports: Arc<HealthCheckPorts>) -> Self {
-        ports.sync(&hcport::desired(&self.state.read()));
+        ports.follow_all(&self.state.read());
         self.hc_ports = Some(ports);
         self
     }
 
     pub fn state(&self) -> &SharedState {
         &self.state
+    }
+
+    /// Waits until the state file holds every change committed so far (or writing it
+    /// failed, which `/healthz` reports): changes are ACKed before their state is written.
+    pub async fn flush_state_file(&self) {
+        self.writer.flush().await;
     }
 
     /// Applies one change; `Err` carries the NACK text (nft's stderr verbatim if nft refused).
@@ -406,7 +417,8 @@ impl<N: Nft> Applier<N> {
     }
 
     /// Records a committed diff: the applied state, health-check ports, health, conntrack
-    /// cleanup, metrics, the log line and the state file.
+    /// cleanup, metrics and the log line, each at the cost of the change (this is the ACK's
+    /// path); the state file, which costs the whole table, is written after.
     async fn finish(&self, diff: diff::Diff, change: &v1::Change, elapsed: Duration) {
         self.metrics.synced(
             &diff.tx.changed_families(),
@@ -414,7 +426,7 @@ impl<N: Nft> Applier<N> {
             elapsed.as_secs_f64(),
         );
         let (ops, full) = (diff.tx.element_ops(), diff.full);
-        let (file, cleanup) = {
+        let (generation, cleanup) = {
             let mut state = self.state.write();
             let touched: std::collections::BTreeSet<&str> = change
                 .resources
@@ -437,14 +449,15 @@ impl<N: Nft> Applier<N> {
                     &old_specs, new_specs,
                 ));
             if let Some(ports) = &self.hc_ports {
-                ports.sync(&hcport::desired(&state));
+                ports.follow(&state, touched.iter().copied());
             }
             self.health.set_deleting(state.node().deleting);
             (
-                state.to_file(&self.table),
+                state.generation(),
                 conntrack::cleanup_for(&old, &change.resources),
             )
         };
+        self.writer.request();
         if !cleanup.is_empty() {
             // After the commit, off the ACK's path: new flows already follow the new rules.
             let metrics = self.metrics.clone();
@@ -460,12 +473,11 @@ impl<N: Nft> Applier<N> {
             removed = change.removed.len(),
             element_ops = ops,
             full_reconcile = full,
-            generation = file.generation,
+            generation,
             duration_ms = elapsed.as_secs_f64() * 1e3,
             "applied change"
         );
         self.observe_programming(change);
-        self.persist(file).await;
     }
 
     /// A change refused as a whole: applies it in parts, halving the parts that fail, so
@@ -624,29 +636,6 @@ impl<N: Nft> Applier<N> {
             let elapsed_ms = now_ms.saturating_sub(trigger.unix_ms).max(0);
             self.metrics
                 .network_programmed(family, elapsed_ms as f64 / 1000.0);
-        }
-    }
-
-    /// Writes the state file. A failure only costs a full reconcile after a restart (the
-    /// file's generation will not match the table's), so it is not fatal: it is logged when
-    /// writing starts failing and when it works again (not after every change), and shown
-    /// by `/healthz` while it lasts.
-    async fn persist(&self, file: state::EncodedStateFile) {
-        let dir = self.state_dir.clone();
-        let saved = tokio::task::spawn_blocking(move || state::save(&dir, &file)).await;
-        let error = match saved {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("writing the state file panicked: {e}")),
-        };
-        if self.health.set_persist_error(error.clone()) {
-            match error {
-                Some(error) => tracing::warn!(
-                    %error,
-                    "cannot persist the applied state: a restart will reconcile in full (logged again once it works)"
-                ),
-                None => tracing::info!("the applied state is persisted again"),
-            }
         }
     }
 }

@@ -2,10 +2,12 @@
 //! an HTTP server on its `healthCheckNodePort` that tells load balancers whether this node has
 //! ready local endpoints, exactly as kube-proxy answers (docs/semantics.md row 17).
 //!
-//! Servers follow the applied state: after every commit [`HealthCheckPorts::sync`] opens the
-//! ports that appeared, closes the ones that went away and updates the counts in place.
+//! Servers follow the applied state: after every commit [`HealthCheckPorts::follow`] opens the
+//! ports that appeared, closes the ones that went away and updates the counts in place. It
+//! looks only at the resources the commit touched (an index, [`Wanted`], remembers the rest),
+//! so a change costs what it changes, not the table: it runs before the ACK.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -13,7 +15,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kubenft_nft::rules::{ServicePort, Spec};
+use kubenft_nft::rules::{NodeRules, ServicePort, Spec};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -36,35 +38,149 @@ pub struct Desired {
     pub addresses: Vec<IpAddr>,
 }
 
-/// Reads the health-check ports out of the applied resources. Several ports (and both
-/// families) of one Service share its health-check port; the largest count wins.
+/// Reads the health-check ports out of the applied resources, walking all of them. Several
+/// ports (and both families) of one Service share its health-check port; the largest count
+/// wins. [`Wanted`] keeps the same answer change by change.
 pub fn desired(state: &AppliedState) -> Desired {
     let mut ports: BTreeMap<u16, Target> = BTreeMap::new();
     for applied in state.applied() {
-        let Spec::ServicePort(ServicePort {
-            health_check: Some(hc),
-            ..
-        }) = &applied.spec
-        else {
+        let Some((port, asked)) = asks(&applied.spec) else {
             continue;
         };
-        let target = ports.entry(hc.port.get()).or_insert_with(|| Target {
+        let target = ports.entry(port).or_insert(Target {
+            local_endpoints: 0,
+            ..asked
+        });
+        target.local_endpoints = target.local_endpoints.max(asked.local_endpoints);
+    }
+    Desired {
+        ports,
+        addresses: addresses(state.node()),
+    }
+}
+
+/// The health-check port one resource asks for, and what it would report for it alone.
+fn asks(spec: &Spec) -> Option<(u16, Target)> {
+    let Spec::ServicePort(ServicePort {
+        health_check: Some(hc),
+        ..
+    }) = spec
+    else {
+        return None;
+    };
+    Some((
+        hc.port.get(),
+        Target {
             namespace: hc.namespace.clone(),
             name: hc.service.clone(),
-            local_endpoints: 0,
-        });
-        target.local_endpoints = target.local_endpoints.max(hc.local_ready);
-    }
-    let node = state.node();
-    let addresses = if node.node_port_all_addresses {
+            local_endpoints: hc.local_ready,
+        },
+    ))
+}
+
+/// Where the health-check ports listen: the node's NodePort addresses.
+fn addresses(node: &NodeRules) -> Vec<IpAddr> {
+    if node.node_port_all_addresses {
         vec![
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         ]
     } else {
         node.node_port_ips.clone()
-    };
-    Desired { ports, addresses }
+    }
+}
+
+/// The health-check ports the applied resources ask for, indexed so that a commit updates it
+/// for the resources it touched only. Always equal to [`desired`] of the state it follows.
+#[derive(Debug, Default)]
+pub struct Wanted {
+    /// What each resource asking for a port asks.
+    by_resource: BTreeMap<String, (u16, Target)>,
+    /// The resources asking for each port.
+    by_port: BTreeMap<u16, BTreeSet<String>>,
+    addresses: Vec<IpAddr>,
+}
+
+impl Wanted {
+    /// Everything `state` asks for (a walk over every resource: at start only).
+    pub fn of(state: &AppliedState) -> Wanted {
+        let mut wanted = Wanted {
+            addresses: addresses(state.node()),
+            ..Wanted::default()
+        };
+        for applied in state.applied() {
+            wanted.set(&applied.name, asks(&applied.spec));
+        }
+        wanted
+    }
+
+    /// Takes in a commit that touched `names` (the node's settings included); returns the
+    /// ports whose report changed, or `None` if the addresses did (every port moves).
+    pub fn update<'a>(
+        &mut self,
+        state: &AppliedState,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Option<BTreeSet<u16>> {
+        let mut ports = BTreeSet::new();
+        for name in names {
+            ports.extend(self.set(name, state.spec(name).and_then(asks)));
+        }
+        let addresses = addresses(state.node());
+        if addresses != self.addresses {
+            self.addresses = addresses;
+            return None;
+        }
+        Some(ports)
+    }
+
+    /// Records what one resource asks for now; returns the ports it asked for before and now.
+    fn set(&mut self, name: &str, asked: Option<(u16, Target)>) -> Vec<u16> {
+        let mut ports = Vec::new();
+        if let Some((old, _)) = self.by_resource.remove(name) {
+            if let Some(names) = self.by_port.get_mut(&old) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.by_port.remove(&old);
+                }
+            }
+            ports.push(old);
+        }
+        if let Some((port, target)) = asked {
+            self.by_port
+                .entry(port)
+                .or_default()
+                .insert(name.to_owned());
+            self.by_resource.insert(name.to_owned(), (port, target));
+            ports.push(port);
+        }
+        ports
+    }
+
+    /// What `port` reports: the first resource's (by name) Service, the largest count.
+    pub fn target(&self, port: u16) -> Option<Target> {
+        let mut asking = self.by_port.get(&port)?.iter();
+        let (_, first) = self.by_resource.get(asking.next()?)?;
+        let local_endpoints = asking
+            .filter_map(|name| self.by_resource.get(name))
+            .map(|(_, t)| t.local_endpoints)
+            .fold(first.local_endpoints, u32::max);
+        Some(Target {
+            local_endpoints,
+            ..first.clone()
+        })
+    }
+
+    /// Every port and the addresses, as [`desired`] gives them.
+    pub fn desired(&self) -> Desired {
+        Desired {
+            ports: self
+                .by_port
+                .keys()
+                .filter_map(|&port| Some((port, self.target(port)?)))
+                .collect(),
+            addresses: self.addresses.clone(),
+        }
+    }
 }
 
 struct Running {
@@ -76,6 +192,8 @@ struct Running {
 /// The set of running health-check servers.
 pub struct HealthCheckPorts {
     running: Mutex<BTreeMap<u16, Running>>,
+    /// What the applied state asks for, as last followed.
+    wanted: Mutex<Wanted>,
     health: Arc<Health>,
     shutdown: CancellationToken,
 }
@@ -90,45 +208,92 @@ impl HealthCheckPorts {
     pub fn new(health: Arc<Health>, shutdown: CancellationToken) -> Self {
         HealthCheckPorts {
             running: Mutex::new(BTreeMap::new()),
+            wanted: Mutex::new(Wanted::default()),
             health,
             shutdown,
+        }
+    }
+
+    /// Serves what `state` asks for, from scratch (at start). Must be called inside a tokio
+    /// runtime.
+    pub fn follow_all(&self, state: &AppliedState) {
+        let mut wanted = self.wanted.lock();
+        *wanted = Wanted::of(state);
+        self.sync(&wanted.desired());
+    }
+
+    /// Follows a commit that touched the resources `names`: only their ports are looked at
+    /// (all of them if the node's addresses changed). Must be called inside a tokio runtime.
+    pub fn follow<'a>(&self, state: &AppliedState, names: impl IntoIterator<Item = &'a str>) {
+        let mut wanted = self.wanted.lock();
+        let Some(ports) = wanted.update(state, names) else {
+            self.sync(&wanted.desired());
+            return;
+        };
+        let mut running = self.running.lock();
+        for port in ports {
+            self.sync_port(&mut running, port, wanted.target(port), &wanted.addresses);
         }
     }
 
     /// Brings the running servers to `desired`. Must be called inside a tokio runtime.
     pub fn sync(&self, desired: &Desired) {
         let mut running = self.running.lock();
-        running.retain(|port, r| {
-            let keep = desired.ports.contains_key(port) && r.addresses == desired.addresses;
-            if !keep {
-                tracing::info!(port, "closing health-check node port");
-                r.stop.cancel();
-            }
-            keep
-        });
-        for (&port, target) in &desired.ports {
-            if let Some(r) = running.get(&port) {
-                *r.target.lock() = target.clone();
-                continue;
-            }
-            let shared = Shared {
-                target: Arc::new(Mutex::new(target.clone())),
-                health: self.health.clone(),
-            };
-            let stop = self.shutdown.child_token();
-            for &ip in &desired.addresses {
-                self.serve(SocketAddr::new(ip, port), shared.clone(), stop.clone());
-            }
-            tracing::info!(port, service = %format!("{}/{}", target.namespace, target.name), "opened health-check node port");
-            running.insert(
-                port,
-                Running {
-                    addresses: desired.addresses.clone(),
-                    target: shared.target,
-                    stop,
-                },
-            );
+        let gone: Vec<u16> = running
+            .keys()
+            .filter(|port| !desired.ports.contains_key(port))
+            .copied()
+            .collect();
+        for port in gone {
+            self.sync_port(&mut running, port, None, &desired.addresses);
         }
+        for (&port, target) in &desired.ports {
+            self.sync_port(&mut running, port, Some(target.clone()), &desired.addresses);
+        }
+    }
+
+    /// Brings one port to `target` on `addresses`: opened, updated in place, moved (closed
+    /// and opened again) or closed.
+    fn sync_port(
+        &self,
+        running: &mut BTreeMap<u16, Running>,
+        port: u16,
+        target: Option<Target>,
+        addresses: &[IpAddr],
+    ) {
+        if let Some(r) = running.get(&port) {
+            match &target {
+                Some(t) if r.addresses == addresses => {
+                    *r.target.lock() = t.clone();
+                    return;
+                }
+                _ => {
+                    tracing::info!(port, "closing health-check node port");
+                    r.stop.cancel();
+                    running.remove(&port);
+                }
+            }
+        }
+        let Some(target) = target else {
+            return;
+        };
+        let shared = Shared {
+            target: Arc::new(Mutex::new(target.clone())),
+            health: self.health.clone(),
+        };
+        let stop = self.shutdown.child_token();
+        for &ip in addresses {
+            self.serve(SocketAddr::new(ip, port), shared.clone(), stop.clone());
+        }
+        tracing::info!(port, service = %format!("{}/{}", target.namespace, target.name), "opened health-check node port");
+        running.insert(
+            port,
+            Running {
+                addresses: addresses.to_vec(),
+                target: shared.target,
+                stop,
+            },
+        );
     }
 
     /// The ports being served (for tests and inspection).
@@ -296,6 +461,84 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(closed, "the port is still open");
+    }
+
+    /// The index a commit updates for the resources it touched gives, after every commit,
+    /// what a walk over the whole state gives: ports shared by several resources (the
+    /// first's Service, the largest count), moved, dropped, and new node addresses.
+    #[test]
+    fn the_index_kept_change_by_change_matches_a_full_walk() {
+        use kubenft_nft::transaction::TableName;
+        use kubenft_proto::v1::{self, resource};
+
+        fn lb(name: &str, service: &str, hc: u32, local_ready: u32) -> v1::Resource {
+            let sp = v1::ServicePortRules {
+                namespace: "ns".into(),
+                service: service.into(),
+                port_name: name.rsplit('/').next().unwrap_or_default().into(),
+                protocol: v1::Protocol::Tcp as i32,
+                family: v1::IpFamily::Ipv4 as i32,
+                port: 80,
+                cluster_ip: "10.96.0.10".into(),
+                health_check_node_port: hc,
+                local_ready_endpoints: local_ready,
+                ..Default::default()
+            };
+            v1::Resource::versioned(name.into(), resource::Kind::ServicePort(sp))
+        }
+        fn node(ips: &[&str]) -> v1::Resource {
+            let rules = v1::NodeRules {
+                node_name: "a".into(),
+                node_port_ips: ips.iter().map(|s| (*s).into()).collect(),
+                ..Default::default()
+            };
+            v1::Resource::versioned("node".into(), resource::Kind::Node(rules))
+        }
+        let steps: Vec<(Vec<v1::Resource>, Vec<&str>)> = vec![
+            (
+                vec![
+                    node(&["192.168.50.11"]),
+                    lb("ns/web/b", "web", 30100, 1),
+                    lb("ns/web/a", "web", 30100, 3),
+                    lb("ns/db/a", "db", 30200, 0),
+                ],
+                vec![],
+            ),
+            // One port's count drops: the other port of the Service still reports 3.
+            (vec![lb("ns/web/a", "web", 30100, 0)], vec![]),
+            // A Service moves to another port; another one's port goes away.
+            (vec![lb("ns/db/a", "db", 30300, 2)], vec!["ns/web/b"]),
+            // A port name sorting first takes over the report's Service name.
+            (vec![lb("ns/api/a", "api", 30300, 1)], vec![]),
+            (
+                vec![node(&["192.168.50.11", "192.168.50.12"])],
+                vec!["ns/db/a"],
+            ),
+            (vec![], vec!["ns/web/a", "ns/api/a"]),
+        ];
+        let table = TableName::default();
+        let mut state = AppliedState::unknown(0);
+        let mut wanted = Wanted::of(&state);
+        for (i, (resources, removed)) in steps.into_iter().enumerate() {
+            let change = v1::Change {
+                change_id: i as u64 + 1,
+                resources,
+                removed: removed.iter().map(|s| (*s).to_owned()).collect(),
+                ..Default::default()
+            };
+            let diff = kubenft_nft::diff::diff(&state, &change, &table).unwrap();
+            state.commit(diff, std::time::SystemTime::now());
+            let touched = change
+                .resources
+                .iter()
+                .map(|r| r.name.as_str())
+                .chain(change.removed.iter().map(String::as_str));
+            let moved = wanted.update(&state, touched).is_none();
+            assert_eq!(moved, i == 0 || i == 4, "step {i}: addresses moved");
+            assert_eq!(wanted.desired(), desired(&state), "step {i}");
+        }
+        assert!(wanted.desired().ports.is_empty());
+        assert_eq!(desired(&state).ports.len(), 0);
     }
 
     /// kube-proxy holds a health-check node port until it leaves the node: the agent answers

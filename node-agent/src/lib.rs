@@ -4,7 +4,8 @@
 //! The agent is the I/O shell around [`kubenft_nft`], which decides what to run.
 //! Flow: [`stream`] receives a Change → [`applier`] asks `kubenft_nft::diff` for one
 //! transaction (element diff of rendered resources against the [`state`] mirror) → [`nft`]
-//! runs it → the state is committed and persisted. [`drift`] watches for other programs
+//! runs it → the state is committed, the change ACKed, and the state file written after
+//! ([`persist`]). [`drift`] watches for other programs
 //! touching our tables and has `kubenft_nft::repair` put them back. [`http`] and [`inspect`]
 //! report.
 // Denied everywhere; the two exceptions, reviewed where they are: `memory`'s call into glibc,
@@ -29,6 +30,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod nft;
+pub mod persist;
 pub mod proxy_counts;
 pub mod state;
 pub mod stream;

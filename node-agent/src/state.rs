@@ -107,7 +107,7 @@ pub fn load(dir: &Path) -> Result<Option<StateFile>, StateFileError> {
 
 /// Writes the state file atomically: a reader sees the old file or the new one, never a part.
 /// The header (and its checksum) is made here, on the caller's blocking thread, so that
-/// [`AppliedState::to_file`] stays a concatenation under the state's lock.
+/// [`AppliedState::file_snapshot`] stays a copy of pointers under the state's lock.
 pub fn save(dir: &Path, file: &EncodedStateFile) -> Result<(), StateFileError> {
     let path = state_path(dir);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));

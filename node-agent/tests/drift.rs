@@ -81,6 +81,8 @@ impl Fixture {
             })
             .await
             .unwrap();
+        // Tests restart from its state file, written after the ACK.
+        applier.flush_state_file().await;
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         if heal {

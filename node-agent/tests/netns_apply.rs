@@ -184,7 +184,9 @@ async fn applies_full_then_incremental_and_survives_a_refused_change() {
     let (ok, out, err) = ns.exec(&["nft", "list", "chain", "ip", TABLE, "lb-ip-c-4"]);
     assert!(ok && out.contains("numgen random mod 4"), "{out}{err}");
 
-    // 4. Restart: the state file matches the tables' generation, so it is adopted.
+    // 4. Restart: the state file (written after the ACK) matches the tables' generation, so
+    // it is adopted.
+    applier.flush_state_file().await;
     let generation = applier.state().read().generation();
     assert_eq!(
         nft.generation(&table, Family::V4).await.unwrap(),
@@ -225,4 +227,123 @@ async fn applies_full_then_incremental_and_survives_a_refused_change() {
     assert!(ok);
     assert!(!out.contains(TABLE), "{out}");
     assert!(!dir.0.join("applied.pb").exists());
+}
+
+/// A named pipe in place of the state file's temporary: writing the state file blocks in
+/// `open` until someone reads, as on a disk that hangs. Dropped: read once (which lets the
+/// blocked writer go on) and removed, so later writes make a regular file again.
+struct HangingFile(std::path::PathBuf);
+
+impl HangingFile {
+    fn new(path: std::path::PathBuf) -> HangingFile {
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mkfifo {}", path.display());
+        HangingFile(path)
+    }
+}
+
+impl Drop for HangingFile {
+    fn drop(&mut self) {
+        // Opening a FIFO read-write never blocks on Linux, and counts as its reader.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A state disk that hangs holds back no change, and a restart never takes a state file
+/// that lags behind the kernel for what the kernel holds. Changes are applied and ACKed while
+/// the state file cannot be written; an agent restarted then finds the file a generation
+/// behind its tables' and starts from "unknown" (a full reconcile) instead of adopting it;
+/// once the disk works again the file catches up with the latest change and is adopted.
+#[tokio::test]
+async fn a_hanging_state_disk_holds_back_no_change_and_a_stale_file_is_never_adopted() {
+    if !common::require_root() {
+        return;
+    }
+    let ns = common::Netns::new();
+    let dir = common::TempDir::new();
+    let table = TableName::new(TABLE).unwrap();
+    let nft = Arc::new(NftCli::in_netns(&ns.0));
+    let applier = Applier::new(
+        nft.clone(),
+        table.clone(),
+        dir.0.clone(),
+        AppliedState::unknown(0),
+        Arc::new(Metrics::default()),
+        Arc::new(Health::default()),
+    );
+    applier
+        .handle(&change(1, common::representative(), &[]))
+        .await
+        .unwrap();
+    applier.flush_state_file().await;
+    let written = applier.state().read().generation();
+    use v1::{IpFamily::Ipv4, Protocol::Tcp};
+    let web = |remote: &str| {
+        let eps = vec![
+            common::ep("10.244.1.5", 8080, true),
+            common::ep(remote, 8080, false),
+        ];
+        common::resource(
+            "default/web/TCP/http/IPv4",
+            common::port(Ipv4, Tcp, 80, "10.96.0.10", eps),
+        )
+    };
+    let listing = || {
+        let (ok, out, err) = ns.exec(&["nft", "list", "table", "ip", TABLE]);
+        assert!(ok, "{err}");
+        out
+    };
+
+    // The disk hangs: the next write of the state file blocks.
+    let hanging = HangingFile::new(dir.0.join("applied.pb.tmp"));
+    for (id, remote) in [(2, "10.244.2.99"), (3, "10.244.2.100")] {
+        let handled = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            applier.handle(&change(id, vec![web(remote)], &[])),
+        )
+        .await;
+        handled
+            .expect("the change waited for the state file")
+            .unwrap();
+        assert!(listing().contains(remote), "{remote} not applied");
+    }
+    let kernel = applier.state().read().generation();
+    assert_eq!(
+        nft.generation(&table, Family::V4).await.unwrap(),
+        Some(kernel)
+    );
+
+    // The agent dies now and starts again: its file still describes an older generation.
+    let on_disk = kubenft_agent::state::load(&dir.0).unwrap().unwrap();
+    assert_eq!(on_disk.generation, written);
+    assert_ne!(written, kernel);
+    let restarted = applier::recover(nft.as_ref(), &table, &dir.0).await;
+    assert!(
+        !restarted.is_synced(),
+        "a state file behind the kernel was adopted"
+    );
+    assert!(restarted.hello_applied().is_empty());
+    assert!(restarted.generation() >= kernel, "generations go back");
+
+    // The disk works again: the file catches up with the latest change and is adopted.
+    drop(hanging);
+    applier
+        .handle(&change(4, vec![web("10.244.2.101")], &[]))
+        .await
+        .unwrap();
+    applier.flush_state_file().await;
+    let adopted = applier::recover(nft.as_ref(), &table, &dir.0).await;
+    assert!(adopted.is_synced());
+    assert_eq!(
+        adopted.system_version(),
+        applier.state().read().system_version()
+    );
+    assert!(listing().contains("10.244.2.101"));
 }

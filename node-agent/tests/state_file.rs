@@ -65,6 +65,8 @@ async fn a_damaged_state_file_is_refused_and_the_agent_reconciles_in_full() {
     );
     let resources = vec![common::node_rules(), common::node_endpoints(), web(&[5, 6])];
     first.handle(&change(1, resources.clone())).await.unwrap();
+    // Written after the ACK.
+    first.flush_state_file().await;
     let generation = first.state().read().generation();
     nft.set_generation(Some(generation));
     let good = std::fs::read(state_path(&dir.0)).unwrap();
@@ -111,6 +113,8 @@ async fn a_damaged_state_file_is_refused_and_the_agent_reconciles_in_full() {
         // refills them in one transaction; the table is never deleted.
         let again = applier(&nft, &dir.0, state, Arc::new(Health::default()));
         again.handle(&change(2, resources.clone())).await.unwrap();
+        // Its state file is written before the next damaged one.
+        again.flush_state_file().await;
         let tx = nft.applied().pop().unwrap().to_string();
         assert!(tx.contains("flush "), "{what}: not a full reconcile:\n{tx}");
         assert!(!tx.contains("delete table"), "{what}:\n{tx}");
@@ -155,6 +159,8 @@ async fn an_unwritable_state_dir_is_logged_once_and_changes_still_apply() {
         .await
         .unwrap();
     applier.handle(&change(3, vec![web(&[6])])).await.unwrap();
+    // Written after the ACKs: all three are applied whatever the disk does.
+    applier.flush_state_file().await;
     assert_eq!(nft.applied().len(), 3);
     let error = health.status().persist_error.expect("reported by health");
     assert!(error.contains("blocker"), "{error}");
@@ -169,6 +175,7 @@ async fn an_unwritable_state_dir_is_logged_once_and_changes_still_apply() {
     std::fs::remove_file(&blocker).unwrap();
     applier.handle(&change(4, vec![web(&[7])])).await.unwrap();
     applier.handle(&change(5, vec![web(&[8])])).await.unwrap();
+    applier.flush_state_file().await;
     assert!(health.status().persist_error.is_none());
     assert!(state_path(&state_dir).exists());
     let logs = captured.text();

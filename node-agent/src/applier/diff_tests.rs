@@ -601,6 +601,8 @@ async fn restart_adopts_a_matching_state_file() {
         port_rules("10.96.0.10", vec![ep("10.1.0.1", 8080, false)]),
     );
     f.apply(change(1, vec![r], &[])).await.unwrap();
+    // Written after the ACK.
+    f.applier.flush_state_file().await;
     let table = TableName::default();
     let dir = &f._dir.0;
 
