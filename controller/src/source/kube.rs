@@ -3,13 +3,16 @@
 //! ```text
 //!  watcher(Service)       ─┐  (default_backoff: list, watch, relist on 410, bounded retries)
 //!  watcher(EndpointSlice) ─┼─▶ validate each object ─▶ Cache (Store) ─▶ debounce ─▶ watch::Sender
-//!  watcher(Node)          ─┘                                          (≤20 ms quiet, ≤100 ms total)
+//!  watcher(Node)          ─┘                       (at once after a quiet spell, else ≤20 ms
+//!                                                     quiet, ≤100 ms total)
 //! ```
 //!
 //! Nothing is published until every kind's initial list is complete: a cold cache must never
-//! push an empty rule set (an agent would delete every Service's rules). After that, each burst
-//! of events becomes one published view, so a rolling update that touches many EndpointSlices
-//! costs one replan rather than one per event. Each object is validated once, when it arrives,
+//! push an empty rule set (an agent would delete every Service's rules). After that, a change
+//! that comes after a quiet spell is published at once (waiting would only add its wait to
+//! the programming latency), and a burst of events that follows becomes one published view,
+//! so a rolling update that touches many EndpointSlices costs a replan or two rather than one
+//! per event. Each object is validated once, when it arrives,
 //! and only what it defines is updated. Watch restarts, `410 Gone` and relists are the
 //! watcher's job; here they are logged and counted. During a relist the cache keeps the
 //! previous complete list until the new one is done, so a relist never publishes a partial
@@ -20,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -35,10 +38,16 @@ use crate::metrics::Metrics;
 use kubenft_plan::Inputs;
 use kubenft_plan::model::{Limits, ObjectName, one_line};
 
-/// Quiet time after an event before publishing (more events in it are merged).
+/// Quiet time after an event before publishing (more events in it are merged), when the last
+/// publish was less than this long ago; a change after a longer quiet spell is published at
+/// once.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
 /// The longest a burst of events can delay publishing.
 pub const MAX_DELAY: Duration = Duration::from_millis(100);
+/// Watcher steps already delivered that are taken in with the one awaited, before the next
+/// publish (what a watch sends together is published together); bounded so that a flood
+/// still lets the loop publish and stop.
+const READY_STEPS: usize = 1024;
 /// The label linking an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -395,7 +404,7 @@ async fn publish_loop(
             biased;
             () = shutdown.cancelled() => return,
             () = sleep_until_opt(deadline) => {
-                pending = Debounce::default();
+                pending.published(Instant::now());
                 publish(&cache, tx);
             }
             () = sleep_until_opt(failing.next_expiry()) => {
@@ -403,15 +412,23 @@ async fn publish_loop(
                 metrics.source_health.report(&failing.failures());
             }
             step = steps.next() => {
-                let Some((kind, outcome)) = step else { return };
-                record(kind, &outcome, &mut listed, metrics);
-                if failing.note(kind, &outcome, Instant::now()) {
-                    metrics.source_health.report(&failing.failures());
-                }
-                let visible = outcome.changes_store();
-                cache.apply(kind, outcome);
-                if visible && listed.iter().all(|l| *l) {
-                    pending.touch(Instant::now());
+                let Some(mut step) = step else { return };
+                for _ in 0..READY_STEPS {
+                    let (kind, outcome) = step;
+                    record(kind, &outcome, &mut listed, metrics);
+                    if failing.note(kind, &outcome, Instant::now()) {
+                        metrics.source_health.report(&failing.failures());
+                    }
+                    let visible = outcome.changes_store();
+                    cache.apply(kind, outcome);
+                    if visible && listed.iter().all(|l| *l) {
+                        pending.touch(Instant::now());
+                    }
+                    // An ended stream is seen (and returned on) at the next `select!`.
+                    match steps.next().now_or_never().flatten() {
+                        Some(next) => step = next,
+                        None => break,
+                    }
                 }
             }
         }
@@ -460,11 +477,14 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// When to publish a burst: `DEBOUNCE` after its last event, at most `MAX_DELAY` after its first.
+/// When to publish the changes not yet published: at once if they began after a quiet spell
+/// (nothing published for [`DEBOUNCE`]); otherwise once they pause for [`DEBOUNCE`], at most
+/// [`MAX_DELAY`] after the first of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Debounce {
     first: Option<Instant>,
     last: Option<Instant>,
+    published: Option<Instant>,
 }
 
 impl Debounce {
@@ -474,7 +494,18 @@ impl Debounce {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        Some((self.last? + DEBOUNCE).min(self.first? + MAX_DELAY))
+        let (first, last) = (self.first?, self.last?);
+        if self.published.is_none_or(|p| first >= p + DEBOUNCE) {
+            return Some(first);
+        }
+        Some((last + DEBOUNCE).min(first + MAX_DELAY))
+    }
+
+    fn published(&mut self, now: Instant) {
+        *self = Debounce {
+            published: Some(now),
+            ..Debounce::default()
+        };
     }
 }
 
@@ -483,18 +514,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debounce_waits_for_quiet_but_not_forever() {
+    fn debounce_publishes_a_lone_change_at_once_and_waits_for_a_burst_to_pause() {
         let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut d = Debounce::default();
         assert_eq!(d.deadline(), None);
+        // The first change, and one after a quiet spell: at once.
         d.touch(t0);
-        assert_eq!(d.deadline(), Some(t0 + DEBOUNCE));
-        d.touch(t0 + Duration::from_millis(15));
-        assert_eq!(d.deadline(), Some(t0 + Duration::from_millis(35)));
-        for ms in (30..200).step_by(10) {
-            d.touch(t0 + Duration::from_millis(ms));
+        assert_eq!(d.deadline(), Some(t0));
+        d.published(t0);
+        assert_eq!(d.deadline(), None);
+        // What follows within DEBOUNCE of a publish is a burst: merged until it pauses ...
+        d.touch(ms(5));
+        assert_eq!(d.deadline(), Some(ms(25)));
+        d.touch(ms(15));
+        assert_eq!(d.deadline(), Some(ms(35)));
+        // ... but not forever.
+        for n in (30..200).step_by(10) {
+            d.touch(ms(n));
         }
-        assert_eq!(d.deadline(), Some(t0 + MAX_DELAY));
+        assert_eq!(d.deadline(), Some(ms(5) + MAX_DELAY));
+        d.published(ms(105));
+        d.touch(ms(105) + DEBOUNCE);
+        assert_eq!(d.deadline(), Some(ms(105) + DEBOUNCE));
     }
 
     #[test]
