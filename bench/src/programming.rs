@@ -41,7 +41,7 @@ use kubenft_lab::{
 use crate::report::{Table, ms, percentile};
 
 /// The name under which this binary acts as the lab's echo server and prober.
-const ECHO_NAME: &str = "kubenft-echo";
+pub(crate) const ECHO_NAME: &str = "kubenft-echo";
 const NODES: [&str; 2] = ["a", "b"];
 const CLIENT: &str = "client";
 const SERVICE: &str = "web";
@@ -168,11 +168,11 @@ fn bin_dir_path() -> PathBuf {
 }
 
 /// A directory holding the lab's binaries (symlinks) by the names it looks for; removed on
-/// drop.
-struct BinDir(PathBuf);
+/// drop (suite 9 uses it too).
+pub(crate) struct BinDir(pub(crate) PathBuf);
 
 impl BinDir {
-    fn create(controller: &Path, agent: &Path) -> anyhow::Result<BinDir> {
+    pub(crate) fn create(controller: &Path, agent: &Path) -> anyhow::Result<BinDir> {
         let path = bin_dir_path();
         // A leftover of an earlier process with this pid.
         let _ = std::fs::remove_dir_all(&path);
