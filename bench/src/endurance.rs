@@ -213,12 +213,17 @@ pub fn run(opts: &Options, controller: &Path, agent: &Path) -> anyhow::Result<Ve
     );
     let probes = run.start_probes()?;
     run.wait_answered(&probes).map_err(logs)?;
+    // What the initial sync left: its latencies, and the simulated agents' retries while the
+    // controller was still starting, are no part of the churn's figures.
+    let restarts_at_sync = fleet.shared.restarts.load(Ordering::Relaxed);
+    fleet.shared.last_error.lock().expect("lock").take();
+    fleet.shared.start_counting();
     let outcome = run.churn_and_watch(&procs);
     let end = run.end_flows();
     let bulk_endpoints = run.world.lock().expect("lock").bulk_endpoints();
     let tallies = probe_tallies(&probes);
     drop(probes);
-    let restarts = fleet.shared.restarts.load(Ordering::Relaxed);
+    let restarts = fleet.shared.restarts.load(Ordering::Relaxed) - restarts_at_sync;
     let fleet_error = fleet.shared.last_error.lock().expect("lock").clone();
     drop(fleet);
     let facts = Facts {
@@ -797,6 +802,7 @@ fn series_table(facts: &Facts<'_>, out: &Outcome) -> Table {
         o.secs() / f64::from(ROWS),
         KERNEL_SETTLE.as_secs()
     ));
+    t.note("Conntrack entries on node a are mostly the TCP probes' closed connections in TIME_WAIT (kept 120 s): they level off at the probes' connection rate × 120 s, two minutes into the run.");
     t.note("ACK lag, per window since the previous row: *sim* — from a change's trigger time to a simulated agent's ACK of the Change carrying it (every ACK of every simulated agent, from the Change's trigger times); *all nodes* — the controller's own record of each input change (`ListChanges`, polled every 2 s): from the trigger time to the ACK of the last node whose rule set it changed, the two real agents' nft transactions included.");
     if let Some(why) = &out.stopped {
         t.note(format!("**The run stopped early: {why}.**"));
@@ -904,7 +910,7 @@ fn verdict_table(facts: &Facts<'_>, out: &Outcome) -> Table {
     ));
     if facts.restarts > 0 || facts.fleet_error.is_some() {
         t.note(format!(
-            "Simulated agents: {} stream restarts; last error: {}.",
+            "Simulated agents: {} stream restarts after the initial sync; last error: {}.",
             facts.restarts,
             facts.fleet_error.as_deref().unwrap_or("none")
         ));

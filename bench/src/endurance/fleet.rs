@@ -7,7 +7,7 @@
 //! every socket it opens is in `cp`. The bench talks to it through a request channel.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +32,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 const SEEN_REVISIONS: usize = 4096;
 
 /// What the fleet measured, shared with the bench.
-#[derive(Default)]
 pub struct Shared {
     /// Simulated agents that have received their first full Change.
     pub synced: AtomicU32,
@@ -46,9 +45,36 @@ pub struct Shared {
     /// time to the last node's ACK (drained by each checkpoint).
     pub change_lag: Mutex<Vec<f64>>,
     pub last_error: Mutex<Option<String>>,
+    /// Only changes triggered at or after this (Unix ms) are counted: set when the churn
+    /// starts, so that the initial sync is no part of the latencies.
+    since_ms: AtomicI64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            synced: AtomicU32::new(0),
+            restarts: AtomicU32::new(0),
+            acks: AtomicU64::new(0),
+            ack_lag: Mutex::default(),
+            change_lag: Mutex::default(),
+            last_error: Mutex::default(),
+            since_ms: AtomicI64::new(i64::MAX),
+        }
+    }
 }
 
 impl Shared {
+    /// Counts latencies from now on (of changes triggered from now on), dropping any so far.
+    pub fn start_counting(&self) {
+        self.since_ms.store(unix_ms() as i64, Ordering::Relaxed);
+        self.drain();
+    }
+
+    fn counts(&self, trigger_ms: i64) -> bool {
+        trigger_ms >= self.since_ms.load(Ordering::Relaxed)
+    }
+
     fn error(&self, e: impl std::fmt::Display) {
         *self.last_error.lock().expect("lock") = Some(e.to_string());
     }
@@ -250,7 +276,7 @@ async fn poll_changes(
         };
         let mut lag = shared.change_lag.lock().expect("lock");
         for c in changes {
-            if c.done && c.trigger_unix_ms > 0 && seen.insert(c.revision) {
+            if c.done && shared.counts(c.trigger_unix_ms) && seen.insert(c.revision) {
                 lag.push(c.duration_ms as f64);
             }
         }
@@ -359,11 +385,15 @@ fn record_lag(shared: &Shared, triggers: &[v1::TriggerTime]) {
     if triggers.is_empty() {
         return;
     }
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let now_ms = unix_ms();
     let mut lag = shared.ack_lag.lock().expect("lock");
-    for t in triggers {
+    for t in triggers.iter().filter(|t| shared.counts(t.unix_ms)) {
         lag.push((now_ms - t.unix_ms as f64).max(0.0));
     }
+}
+
+fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
