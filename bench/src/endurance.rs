@@ -511,9 +511,10 @@ impl Run<'_> {
         if let Err(e) = self.wait_settled(SETTLE_TIMEOUT) {
             problems.push(format!("{e:#}"));
         }
+        let expected = expected_of(&self.world.lock().expect("lock"));
         let objects = LAB_NODES
             .iter()
-            .map(|n| self.objects(n, &mut problems))
+            .map(|n| self.objects(n, &expected, &mut problems))
             .collect();
         let flows = observe::flow_count(self.lab, LAB_NODES[0])
             .map_err(|e| problems.push(format!("{e:#}")))
@@ -557,12 +558,19 @@ impl Run<'_> {
     fn objects(
         &self,
         node: &str,
+        expected: &[Expected],
         problems: &mut Vec<String>,
     ) -> (Option<Objects>, Option<Objects>) {
-        let desired = self
-            .fleet
-            .rules(node)
-            .and_then(|r| observe::desired_objects(r.resources));
+        let desired = self.fleet.rules(node).and_then(|r| {
+            // The rule set is the workload's (node a's was checked to settle; b's here).
+            let wrong = mismatches(expected, &r);
+            if wrong > 0 {
+                problems.push(format!(
+                    "{wrong} Service ports of node {node}'s rule set differ from the workload"
+                ));
+            }
+            observe::desired_objects(r.resources)
+        });
         let desired = match desired {
             Ok(d) => d,
             Err(e) => {
@@ -776,6 +784,7 @@ fn series_table(facts: &Facts<'_>, out: &Outcome) -> Table {
     let o = facts.opts;
     let written = out.churn.written.load(Ordering::Relaxed);
     let running = *out.churn.running.lock().expect("lock");
+    let paused: f64 = out.rows.iter().map(|r| r.settle.as_secs_f64()).sum();
     t.note(format!(
         "Lab of network namespaces: the real controller (`--source dir:`, mutual TLS) in `cp`; real agents on nodes a and b applying nft in their namespaces; {} simulated agents (real gRPC streams with mutual TLS, each its own node certificate, ACKing every Change at once) — {} nodes in all. {} Services: {} with one TCP port and 8-12 endpoints at fake addresses spread over all nodes (initially 10 each, {} endpoints at the end), and {TRAFFIC_SERVICES} traffic Services (a TCP and a UDP port) whose 2 endpoints are taken from a pool of {} real pods on nodes a and b. Initial sync of every node: {:.1} s.",
         facts.sims,
@@ -787,7 +796,7 @@ fn series_table(facts: &Facts<'_>, out: &Outcome) -> Table {
         facts.initial_sync.as_secs_f64()
     ));
     t.note(format!(
-        "Churn: {:.0} EndpointSlice changes/s asked, {written} written in {:.0} s of churn ({:.1}/s achieved{}). Each rewrites one Service's slice file (atomic rename): a bulk Service's endpoint replaced by a fresh address, or one added or removed; every {}th change swaps one endpoint of a traffic Service (in turn) for another pool pod. Each slice carries its write time as `endpoints.kubernetes.io/last-change-trigger-time`.",
+        "Churn: {:.0} EndpointSlice changes/s asked, {written} written in {:.0} s of churn ({:.1}/s achieved{}; the checkpoints paused it {paused:.0} s in all). Each rewrites one Service's slice file (atomic rename): a bulk Service's endpoint replaced by a fresh address, or one added or removed; every {}th change swaps one endpoint of a traffic Service (in turn) for another pool pod. Each slice carries its write time as `endpoints.kubernetes.io/last-change-trigger-time`.",
         o.rate,
         running.as_secs_f64(),
         written as f64 / running.as_secs_f64().max(1e-9),
