@@ -10,6 +10,8 @@
 #   scripts/bench.sh --suite 5 --programming-changes 100
 #   scripts/bench.sh --suite 6                        # self-healing (--heal-sizes, --heal-injections)
 #   scripts/bench.sh --suite 4 --tls on                # suites 3/4: TLS only (default: both)
+#   scripts/bench.sh --suite 9                        # endurance: 30 min of churn (not in the default set)
+#   scripts/bench.sh --suite 9 --endurance-secs 120    # its smoke test
 #
 # Each suite's latest tables are kept in target/kubenft-bench/suite-N.md and BENCHMARKS.md is
 # rebuilt from all of them, so suites may be run separately.

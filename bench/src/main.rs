@@ -15,6 +15,10 @@
 //!                      drift detection on, injection → repair per fault kind
 //!  8  programming      suite 5 with 100 and 10,000 other Services in the cluster, through
 //!     at scale         the `dir:` source and a fake API server's watch
+//!  9  endurance        in the lab, 30 minutes of endpoint churn against the real controller,
+//!                      2 real agents and simulated ones: memory, nft objects, conntrack
+//!                      entries, descriptors and child processes must not leak (not in the
+//!                      default set: `--suite 9`, `--endurance-secs`)
 //! ```
 //!
 //! Needs root (network namespaces). Every namespace is named `knb-<pid>-…` (suite 5's lab:
@@ -26,6 +30,7 @@
 mod agent_apply;
 mod agent_rss;
 mod dataplane;
+mod endurance;
 mod fanout;
 mod healing;
 mod kubeproxy;
@@ -61,7 +66,8 @@ struct Cli {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Suites to run (1 apply, 2 data plane, 3 fan-out, 4 reconnect storm, 5 programming
-    /// latency in the lab, 6 self-healing).
+    /// latency in the lab, 6 self-healing, 8 programming latency at scale, 9 endurance: 30
+    /// minutes, so never by default).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,8")]
     suite: Vec<u32>,
     /// Service counts for suite 1.
@@ -110,6 +116,21 @@ struct RunArgs {
     /// EndpointSlice changes timed per size and source in suite 8.
     #[arg(long, default_value_t = 40)]
     scale_changes: usize,
+    /// Suite 9's churn duration, seconds (a short run, e.g. 120, is a smoke test).
+    #[arg(long, default_value_t = 1800)]
+    endurance_secs: u64,
+    /// Suite 9's EndpointSlice changes per second.
+    #[arg(long, default_value_t = 20.0)]
+    endurance_rate: f64,
+    /// Suite 9's Services.
+    #[arg(long, default_value_t = 1000)]
+    endurance_services: u32,
+    /// Suite 9's nodes: the lab's 2 real ones and simulated agents for the rest.
+    #[arg(long, default_value_t = 50)]
+    endurance_nodes: u32,
+    /// Pause between suite 9's traffic probe attempts, milliseconds.
+    #[arg(long, default_value_t = 250)]
+    endurance_probe_interval_ms: u64,
     /// New connections measured per cell in suite 2.
     #[arg(long, default_value_t = 2000)]
     connections: usize,
@@ -347,7 +368,21 @@ async fn run_suite(suite: u32, args: &RunArgs) -> anyhow::Result<Vec<Table>> {
                 .await
                 .context("suite 8 panicked")?
         }
-        other => anyhow::bail!("no suite {other} (1-6, 8)"),
+        9 => {
+            let opts = endurance::Options {
+                duration: Duration::from_secs(args.endurance_secs),
+                rate: args.endurance_rate,
+                services: args.endurance_services,
+                nodes: args.endurance_nodes,
+                probe_interval: Duration::from_millis(args.endurance_probe_interval_ms),
+            };
+            let controller = sibling("kubenft-controller", args.controller_bin.as_ref())?;
+            let agent = sibling("kubenft-agent", args.agent_bin.as_ref())?;
+            tokio::task::spawn_blocking(move || endurance::run(&opts, &controller, &agent))
+                .await
+                .context("suite 9 panicked")?
+        }
+        other => anyhow::bail!("no suite {other} (1-6, 8, 9)"),
     }
 }
 

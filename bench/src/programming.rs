@@ -169,7 +169,7 @@ fn bin_dir_path() -> PathBuf {
 }
 
 /// A directory holding the lab's binaries (symlinks) by the names it looks for; removed on
-/// drop.
+/// drop (suites 8 and 9 use it too).
 pub(crate) struct BinDir(pub(crate) PathBuf);
 
 impl BinDir {

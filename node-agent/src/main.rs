@@ -14,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    kubenft_agent::memory::keep_large_buffers_mapped();
     let args = Args::parse();
     init_logging(args.log_format);
     let nft = NftCli::from_env();
